@@ -1,0 +1,152 @@
+"""DeviceProfile: what hardware the engine runs on, probed once at engine start."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+
+GiB = 1 << 30
+
+
+@dataclass
+class DeviceProfile:
+    kind: str  # "cuda", "rocm", "mps", "xpu", "cpu"
+    name: str
+    torch_device: str  # what torch.device() takes: "cuda:0", "mps", "cpu"
+    total_vram: int = 0  # bytes; 0 on CPU
+    free_vram: int = 0
+    total_ram: int = 0
+    free_ram: int = 0
+    threads: int = 1
+    bf16: bool = False
+    fp16: bool = False
+    fp8: bool = False
+    capability: str = ""
+    torch_version: str = ""
+    torch_build: str = ""
+    vram_budget: int = 0  # bytes the engine may use on the device; 0 = no cap
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in ("cuda", "rocm", "mps", "xpu")
+
+    def label(self) -> str:
+        """Short text for the status bar, e.g. 'CUDA · NVIDIA RTX 4090 · 24 GiB'."""
+        if self.kind == "cpu":
+            return f"CPU · {self.threads} threads"
+        size = f" · {self.total_vram / GiB:.0f} GiB" if self.total_vram else ""
+        return f"{self.kind.upper()} · {self.name}{size}"
+
+    def compute_dtype(self) -> str:
+        """The dtype a model runs in by default on this device."""
+        if self.kind == "cpu":
+            return "float32"
+        return "bfloat16" if self.bf16 else "float16"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["label"] = self.label()
+        return d
+
+
+def ram_info() -> tuple[int, int]:
+    """(total, available) system RAM in bytes, without psutil."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if ":" in line}
+        return info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
+    except OSError:
+        pass
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        size = os.sysconf("SC_PAGE_SIZE")
+        return pages * size, 0
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MiB', '6G', '1.5GB', '123' -> bytes. Raises ValueError with a usable message."""
+    s = text.strip().lower().replace(" ", "")
+    units = {"gib": GiB, "gb": 10**9, "g": GiB, "mib": 1 << 20, "mb": 10**6, "m": 1 << 20, "kib": 1024, "kb": 1000, "k": 1024, "b": 1, "": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            number = s[: len(s) - len(unit)] if unit else s
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value < 0:
+                break
+            return int(value * units[unit])
+    raise ValueError(f"cannot read {text!r} as a size: write it like 4GiB or 512MiB")
+
+
+def probe(override: str = "auto", vram_budget: int = 0, reserve: int = 0) -> DeviceProfile:
+    """Probe the best device (or the one named by `override`: auto, cuda, cuda:1, mps, xpu, cpu)."""
+    import torch
+
+    total_ram, free_ram = ram_info()
+    common = dict(
+        total_ram=total_ram,
+        free_ram=free_ram,
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        torch_build=_torch_build(torch),
+    )
+    want = override.lower()
+    if want in ("auto", "cuda") or want.startswith("cuda:"):
+        if torch.cuda.is_available():
+            index = int(want.split(":")[1]) if ":" in want else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"no CUDA device {index}: {torch.cuda.device_count()} found")
+            props = torch.cuda.get_device_properties(index)
+            free, total = torch.cuda.mem_get_info(index)
+            rocm = getattr(torch.version, "hip", None) is not None
+            major, minor = props.major, props.minor
+            budget = vram_budget or max(0, total - reserve)
+            return DeviceProfile(
+                kind="rocm" if rocm else "cuda",
+                name=props.name,
+                torch_device=f"cuda:{index}",
+                total_vram=total,
+                free_vram=free,
+                bf16=torch.cuda.is_bf16_supported(),
+                fp16=True,
+                fp8=(not rocm) and (major, minor) >= (8, 9),
+                capability=f"{major}.{minor}",
+                vram_budget=min(budget, total),
+                **common,
+            )
+        if want != "auto":
+            raise ValueError("CUDA was asked for but torch sees no CUDA device; pick 'auto' or 'cpu' in Settings")
+    if want in ("auto", "mps"):
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return DeviceProfile(kind="mps", name="Apple GPU", torch_device="mps", total_vram=total_ram,
+                                 free_vram=free_ram, bf16=True, fp16=True, vram_budget=vram_budget, **common)
+        if want == "mps":
+            raise ValueError("MPS was asked for but is not available on this machine")
+    if want in ("auto", "xpu"):
+        xpu = getattr(torch, "xpu", None)
+        if xpu is not None and xpu.is_available():
+            props = xpu.get_device_properties(0)
+            total = getattr(props, "total_memory", 0)
+            return DeviceProfile(kind="xpu", name=props.name, torch_device="xpu:0", total_vram=total,
+                                 free_vram=total, bf16=True, fp16=True, vram_budget=vram_budget or total, **common)
+        if want == "xpu":
+            raise ValueError("XPU was asked for but is not available on this machine")
+    if want not in ("auto", "cpu", "cuda", "mps", "xpu") and not want.startswith("cuda:"):
+        raise ValueError(f"unknown device {override!r}: use auto, cuda, cuda:N, mps, xpu or cpu")
+    return DeviceProfile(kind="cpu", name=platform.processor() or platform.machine(), torch_device="cpu",
+                         bf16=True, fp16=False, vram_budget=0, **common)
+
+
+def _torch_build(torch) -> str:
+    if getattr(torch.version, "hip", None):
+        return f"ROCm {torch.version.hip}"
+    if torch.version.cuda:
+        return f"CUDA {torch.version.cuda}"
+    return "CPU"
