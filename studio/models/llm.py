@@ -1,0 +1,562 @@
+"""One config-driven decoder-only transformer for the LLM families we run natively.
+
+gpt-fast style: `LLMConfig` (plus a small table of named configs), a few small modules,
+a static KV cache that is a plain module with two buffers, and a builder that makes the
+model on the meta device and loads weights with `load_state_dict(assign=True)`.
+
+Module names follow Hugging Face key names (model.layers.N.self_attn.q_proj, ...) so a
+Hugging Face state dict loads without remapping. Families covered, all chosen by config
+data: LLaMA 2/3.x (incl. llama3 rope scaling), Mistral (sliding window), Qwen2/2.5 (qkv
+bias), Qwen3 (q/k RMSNorm), Gemma 1/2/3 (scaled embedding, (1+w) RMSNorm, GeLU-tanh,
+soft-capping, sandwich norms, alternating sliding/global layers, local rope base), Phi-3
+(fused qkv_proj / gate_up_proj kept fused, partial rotary, longrope).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from studio.engine.context import UserError
+
+# model_type -> family behaviour. Gemma variants differ in norms and attention extras.
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
+)
+
+
+@dataclass
+class LLMConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear"|"longrope", ...}
+    local_rope_theta: float | None = None  # Gemma3 sliding layers use their own base
+    local_rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
+    attention_bias: bool = False  # Qwen2: q/k/v carry a bias (o_proj never does there)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3, Gemma3: RMSNorm over head_dim on q and k before rope
+    gemma_norm: bool = False  # RMSNorm scales by (1 + w), computed in fp32
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(hidden)
+    sandwich_norm: bool = False  # Gemma2/3: post-attention, pre- and post-feedforward norms
+    activation: str = "silu"  # "silu", "gelu_tanh", "gelu"
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (Gemma)
+    sliding_window: int | None = None
+    layer_types: list = field(default_factory=list)  # per layer: "full_attention" | "sliding_attention"
+    fused_qkv: bool = False  # Phi-3
+    fused_gate_up: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.n_layers
+
+    @classmethod
+    def from_name(cls, name: str) -> LLMConfig:
+        if name not in CONFIGS:
+            raise KeyError(f"unknown LLM config {name!r}; known: {', '.join(sorted(CONFIGS))}")
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> LLMConfig:
+        """Read a Hugging Face config.json dict (old rope_theta/rope_scaling or new rope_parameters)."""
+        mt = cfg.get("model_type", "")
+        if mt == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            cfg, mt = {**cfg["text_config"], "model_type": "gemma3_text"}, "gemma3_text"
+        if mt not in SUPPORTED_MODEL_TYPES:
+            arch = ", ".join(cfg.get("architectures") or []) or "no architectures field"
+            raise UserError(
+                "unsupported",
+                f"This model's architecture is {mt or 'missing'!r} ({arch}); Studio runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}. Pick a model of one of those families.",
+            )
+        gemma = mt.startswith("gemma")
+        n_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        n_layers = int(cfg["num_hidden_layers"])
+        head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+        global_rope, local_rope = _rope_params(cfg, mt)
+        act = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu")
+        sliding = cfg.get("sliding_window")
+        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        layer_types = list(cfg.get("layer_types") or [])
+        if not layer_types:
+            if mt == "gemma2":
+                layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+            elif mt == "gemma3_text":
+                pattern = int(cfg.get("sliding_window_pattern", 6))
+                layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                               for i in range(n_layers)]
+            elif mt in ("qwen2", "qwen3") and sliding:
+                first = int(cfg.get("max_window_layers", n_layers))
+                layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+            else:
+                layer_types = ["sliding_attention" if sliding else "full_attention"] * n_layers
+        if not sliding:
+            layer_types = ["full_attention"] * n_layers
+        qpas = cfg.get("query_pre_attn_scalar") if mt in ("gemma2", "gemma3_text") else None
+        return cls(
+            model_type=mt,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=head_dim,
+            intermediate_size=int(cfg["intermediate_size"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+            rope_theta=float(global_rope.get("rope_theta", 10000.0)),
+            rope_scaling=_scaling_only(global_rope),
+            local_rope_theta=float(local_rope["rope_theta"]) if local_rope else None,
+            local_rope_scaling=_scaling_only(local_rope) if local_rope else None,
+            partial_rotary_factor=float(global_rope.get("partial_rotary_factor",
+                                                        cfg.get("partial_rotary_factor", 1.0))),
+            # Qwen2 hard-codes q/k/v biases and no o_proj bias; the others follow attention_bias.
+            attention_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=mt in ("qwen3", "gemma3_text"),
+            gemma_norm=gemma,
+            embed_scale=gemma,
+            sandwich_norm=mt in ("gemma2", "gemma3_text"),
+            activation=_activation(act),
+            attn_softcap=cfg.get("attn_logit_softcapping") if mt in ("gemma2", "gemma3_text") else None,
+            final_softcap=cfg.get("final_logit_softcapping") if mt in ("gemma2", "gemma3_text") else None,
+            query_pre_attn_scalar=float(qpas) if qpas else None,
+            sliding_window=int(sliding) if sliding else None,
+            layer_types=layer_types,
+            fused_qkv=mt == "phi3",
+            fused_gate_up=mt == "phi3",
+        )
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _rope_params(cfg: dict, mt: str) -> tuple[dict, dict | None]:
+    """(global, local) rope dicts with rope_theta and scaling keys, from either config format."""
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
+        glob = dict(rp.get("full_attention") or {})
+        local = dict(rp["sliding_attention"]) if rp.get("sliding_attention") else None
+        glob.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        if local is not None:
+            local.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10000.0))
+        return glob, local if mt == "gemma3_text" else None
+    glob = dict(rp) if isinstance(rp, dict) else dict(cfg.get("rope_scaling") or {})
+    glob.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0 if mt == "gemma3_text" else 10000.0))
+    if "type" in glob and "rope_type" not in glob:
+        glob["rope_type"] = glob.pop("type")
+    if glob.get("rope_type") in ("su", "yarn") and mt == "phi3":
+        glob["rope_type"] = "longrope"
+    if mt == "phi3" and "original_max_position_embeddings" in cfg:
+        glob.setdefault("original_max_position_embeddings", cfg["original_max_position_embeddings"])
+    local = None
+    if mt == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
+    return glob, local
+
+
+def _scaling_only(params: dict | None) -> dict | None:
+    if not params or params.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+
+
+def _activation(name: str) -> str:
+    if name in ("silu", "swish"):
+        return "silu"
+    if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"):
+        return "gelu_tanh"
+    if name == "gelu":
+        return "gelu"
+    raise UserError("unsupported", f"activation {name!r} is not supported (silu, gelu, gelu_pytorch_tanh are)")
+
+
+# Named configs for benchmarks and tests (real models load from their config.json instead).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, n_layers=32, n_heads=32,
+                       n_kv_heads=8, head_dim=128, intermediate_size=14336, norm_eps=1e-5,
+                       max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, n_layers=32, n_heads=32,
+                       n_kv_heads=32, head_dim=128, intermediate_size=11008, norm_eps=1e-5),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9,
+                         n_kv_heads=3, head_dim=64, intermediate_size=1536, norm_eps=1e-5,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    "tiny-llama": dict(model_type="llama", vocab_size=256, hidden_size=64, n_layers=2, n_heads=4,
+                       n_kv_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=512),
+}
+
+
+# ---------------------------------------------------------------------------
+# Rotary embeddings: tables precomputed once per cache size.
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None, max_seq_len: int,
+                  max_position_embeddings: int) -> tuple[Tensor, float]:
+    """Inverse frequencies (dim/2,) and the cos/sin multiplier, as Hugging Face computes them."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "longrope":
+        original = int(scaling["original_max_position_embeddings"])
+        factor = scaling.get("factor") or max_position_embeddings / original
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        # Hugging Face switches to the long factors once the sequence outgrows the original
+        # context; with a static cache we decide once, from the cache length.
+        ext = scaling["long_factor"] if max_seq_len > original else scaling["short_factor"]
+        base = theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+        return 1.0 / (torch.tensor(ext, dtype=torch.float32) * base), float(attn)
+    raise UserError("unsupported", f"rope scaling {kind!r} is not supported (default, linear, llama3, longrope are)")
+
+
+def rope_tables(dim: int, theta: float, scaling: dict | None, max_seq_len: int,
+                max_position_embeddings: int) -> tuple[Tensor, Tensor]:
+    inv, mult = rope_inv_freq(dim, theta, scaling, max_seq_len, max_position_embeddings)
+    t = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv)  # (T, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, dim): Hugging Face's rotate_half layout
+    return emb.cos() * mult, emb.sin() * mult
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, D); cos/sin (T, R) with R <= D (partial rotary leaves the rest untouched)."""
+    r = cos.shape[-1]
+    rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+    half = r // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rest is None else torch.cat([out, rest], dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# Modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, gemma: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:  # Gemma multiplies in fp32 and stores w - 1
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static cache: two buffers (B, H_kv, T_max, D) written in place at `input_pos`."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LLMConfig, sliding: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        if c.fused_qkv:
+            self.qkv_proj = nn.Linear(c.hidden_size, q_dim + 2 * kv_dim, bias=c.attention_bias)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, q_dim, bias=c.attention_bias)
+            self.k_proj = nn.Linear(c.hidden_size, kv_dim, bias=c.attention_bias)
+            self.v_proj = nn.Linear(c.hidden_size, kv_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(q_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps, c.gemma_norm)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps, c.gemma_norm)
+        self.fused = c.fused_qkv
+        self.qk_norm = c.qk_norm
+        self.sliding = sliding
+        self.scale = (c.query_pre_attn_scalar ** -0.5) if c.query_pre_attn_scalar else c.head_dim ** -0.5
+        self.softcap = c.attn_softcap
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor,
+                kv_len: int | None) -> Tensor:
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert self.kv_cache is not None, "call setup_caches() before forward()"
+        k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S, D)
+        if kv_len is not None:  # eager decode reads only the filled part of the cache
+            k_all, v_all, mask = k_all[:, :, :kv_len], v_all[:, :, :kv_len], mask[:, :kv_len]
+        # GQA without repeating K/V: fold the query heads of a group into the query axis.
+        rep = self.n_heads // self.n_kv
+        S = k_all.shape[2]
+        qg = q.reshape(B, self.n_kv, rep * T, self.head_dim)  # (B, H_kv, rep*T, D)
+        mg = mask.unsqueeze(0).expand(rep, T, S).reshape(rep * T, S)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mg, scale=self.scale)
+        else:  # Gemma2 caps attention logits: SDPA cannot, so the plain path
+            s = (qg @ k_all.transpose(-1, -2)) * self.scale
+            s = torch.tanh(s / self.softcap) * self.softcap
+            s = s.masked_fill(~mg, float("-inf"))
+            y = torch.softmax(s.float(), dim=-1).to(q.dtype) @ v_all
+        y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, q_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LLMConfig) -> None:
+        super().__init__()
+        if c.fused_gate_up:
+            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+            self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.fused = c.fused_gate_up
+        self.activation = c.activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.activation == "silu":
+            gate = F.silu(gate)
+        else:
+            gate = F.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.down_proj(gate * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: LLMConfig, layer_type: str) -> None:
+        super().__init__()
+        self.sliding = layer_type == "sliding_attention"
+        self.self_attn = Attention(c, self.sliding)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
+        self.sandwich = c.sandwich_norm
+        if c.sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor,
+                kv_len: int | None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Named `model` inside LLM so parameter names match Hugging Face keys."""
+
+    def __init__(self, c: LLMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, t) for t in c.layer_types)
+        self.norm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
+
+
+class LLM(nn.Module):
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.max_batch = -1
+        self.max_seq_len = -1
+
+    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Allocate the KV caches and rope tables for sequences up to `max_seq_len` tokens."""
+        c = self.config
+        ref = self.model.norm.weight
+        dtype = dtype or ref.dtype
+        device = device or ref.device
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(max_batch, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device)
+        rot = int(c.head_dim * c.partial_rotary_factor)
+        cos, sin = rope_tables(rot, c.rope_theta, c.rope_scaling, max_seq_len, c.max_position_embeddings)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        if c.local_rope_theta is not None:
+            cos, sin = rope_tables(rot, c.local_rope_theta, c.local_rope_scaling, max_seq_len,
+                                   c.max_position_embeddings)
+        self.register_buffer("local_cos", cos.to(device), persistent=False)
+        self.register_buffer("local_sin", sin.to(device), persistent=False)
+        self.register_buffer("key_index", torch.arange(max_seq_len, device=device), persistent=False)
+        scale = torch.tensor(c.hidden_size ** 0.5 if c.embed_scale else 1.0)
+        self.register_buffer("embed_mult", scale.to(device=device, dtype=dtype), persistent=False)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None,
+                last_only: bool = False) -> Tensor:
+        """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) (or (B, 1, V) with last_only).
+
+        `kv_len` (eager only): attend to cache entries [0, kv_len) instead of the whole cache.
+        """
+        c = self.config
+        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        if c.embed_scale:
+            x = x * self.embed_mult.to(x.dtype)
+        pos = input_pos.unsqueeze(-1)  # (T, 1)
+        keys = self.key_index.unsqueeze(0)  # (1, S)
+        causal = keys <= pos  # (T, S)
+        if c.sliding_window:
+            windowed = causal & (keys > pos - c.sliding_window)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, R)
+        lcos, lsin = self.local_cos[input_pos], self.local_sin[input_pos]
+        for layer in self.model.layers:
+            if layer.sliding:
+                x = layer(x, lcos, lsin, windowed, input_pos, kv_len)
+            else:
+                x = layer(x, cos, sin, causal, input_pos, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.model.norm(x))
+        if c.final_softcap:
+            logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
+        return logits
+
+
+# ---------------------------------------------------------------------------
+# What a loader hands over (HF folder or GGUF), and building the module from it.
+
+@dataclass
+class LoadedLLM:
+    """A model read from disk, not yet built: config, weights, tokenizer and chat metadata."""
+
+    config: dict  # Hugging Face style config.json dict
+    state_dict: dict  # Hugging Face key names -> Tensor or QuantWeight
+    tokenizer: Any  # tokenizers.Tokenizer
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    stop_token_ids: list = field(default_factory=list)
+    add_bos: bool = False
+    generation_defaults: dict = field(default_factory=dict)  # temperature, top_p, ... from the model
+    source: str = ""  # the path it came from
+
+
+def _is_quant(w: Any) -> bool:
+    return not isinstance(w, Tensor) and hasattr(w, "dequantize") and hasattr(w, "to_module")
+
+
+def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> LLM:
+    """Build on the meta device, then assign the weights. Quantized Linear weights stay packed."""
+    c = loaded_config if isinstance(loaded_config, LLMConfig) else LLMConfig.from_hf(loaded_config)
+    with torch.device("meta"):
+        model = LLM(c)
+    modules = dict(model.named_modules())
+    plain: dict[str, Tensor] = {}
+    skip_bias: set[str] = set()
+    tie = c.tie_word_embeddings or "lm_head.weight" not in state_dict
+    for name, w in state_dict.items():
+        if not _is_quant(w):
+            continue
+        owner = name.rsplit(".", 1)[0]
+        mod = modules.get(owner)
+        if isinstance(mod, nn.Linear):
+            bias = state_dict.get(owner + ".bias")
+            qmod = w.to_module(None if bias is None else bias.to(device=device, dtype=dtype))
+            _set_submodule(model, owner, qmod.to(device))
+            skip_bias.add(owner + ".bias")
+        elif isinstance(mod, nn.Embedding):
+            plain[name] = w.dequantize(dtype)
+            if tie:  # a tied head reads the packed data: 4x fewer bytes per token than fp32
+                _set_submodule(model, "lm_head", w.to_module(None).to(device))
+    for name, w in state_dict.items():
+        if _is_quant(w) or name in skip_bias or name.endswith("rotary_emb.inv_freq"):
+            continue
+        plain[name] = w
+    plain = {k: v.to(device=device, dtype=dtype) for k, v in plain.items()}
+    expected = set(model.state_dict())
+    head_packed = not isinstance(model.lm_head, nn.Linear)
+    missing = sorted(k for k in expected - set(plain)
+                     if not (k == "lm_head.weight" and (tie or head_packed)))
+    quant_keys = {k for k, w in state_dict.items() if _is_quant(w)} | skip_bias
+    unexpected = sorted(set(plain) - expected - quant_keys)
+    if missing or unexpected:
+        raise UserError("bad_model", f"The weights do not fit a {c.model_type} model of this config: "
+                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                        f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+                        "The file may be damaged or converted wrongly; download it again.")
+    model.load_state_dict(plain, strict=False, assign=True)
+    if isinstance(model.lm_head, nn.Linear) and "lm_head.weight" not in plain:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    return model
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the weights occupy (parameters and persistent buffers, packed or not)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "cache" not in n]:
+        if t.device.type == "meta" or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
