@@ -1,0 +1,408 @@
+"""Chat: one assistant answer, streamed token by token.
+
+run_chat resolves the model (bundled default, a .gguf file or a Hugging Face folder),
+keeps it warm in ctx.models, renders the chat template, fits the prompt into the context,
+prefills, then decodes with sampling. Text streams through ctx.token as it is decoded;
+cancel is checked before every token. On CUDA the one-token decode step runs under
+torch.compile(mode="reduce-overhead") (CUDA graphs); elsewhere it runs eagerly and
+attends only to the filled part of the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.engine.context import JobContext, UserError
+from studio.engine.sampling import Sampler, SamplingParams
+from studio.models.llm import LLM, LoadedLLM, build_llm, weight_bytes
+from studio.protocol import ChatJob
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 8192  # tokens; settings["chat_context_length"] changes it
+CPU_CACHE_STEP = 256  # on CPU the KV cache grows in steps of this many positions
+ROLES = ("system", "user", "assistant")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ChatModel:
+    """A built model with its tokenizer and chat metadata, kept warm between jobs."""
+
+    model: LLM
+    tokenizer: Any
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    stop_ids: set
+    add_bos: bool
+    context_length: int
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+    nbytes: int
+    generation_defaults: dict = field(default_factory=dict)
+    compiled_step: Callable | None = None
+    compile_failed: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Finding and loading the model
+
+def resolve_model(spec: str) -> tuple[Path, str]:
+    """A job's `model` -> (path, "gguf" | "hf"). Chosen by file content, not by file name."""
+    if not spec:
+        from studio.models.bundled import default_chat_model
+
+        return default_chat_model(), "gguf"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError("model_not_found", f"No model at {spec!r}. Give the path to a .gguf file or a Hugging "
+                        "Face model folder, or leave the model empty for the bundled SmolLM2.")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, "hf"
+        ggufs = sorted(p for p in path.iterdir() if p.is_file() and _magic(p) == b"GGUF")
+        if len(ggufs) == 1:
+            return ggufs[0], "gguf"
+        raise UserError("bad_model", f"{path} is neither a Hugging Face model folder (no config.json) nor a "
+                        f"folder with exactly one GGUF file ({len(ggufs)} found). Choose the model file itself.")
+    magic = _magic(path)
+    if magic == b"GGUF":
+        return path, "gguf"
+    if path.name == "config.json" or magic[:1] == b"{":
+        return path.parent, "hf"
+    raise UserError("bad_model", f"{path.name} is not a GGUF file (it starts with {magic!r}). For a safetensors "
+                    "LLM choose its whole folder (config.json, tokenizer.json and weights).")
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4)
+    except OSError as exc:
+        raise UserError("model_not_found", f"Cannot read {path}: {exc}") from None
+
+
+def choose_dtype(requested: str, device_profile: Any) -> tuple[torch.dtype, bool]:
+    """(compute dtype, dequantize?) "auto" keeps quantized weights packed; a named dtype unpacks them."""
+    if requested == "auto":
+        name = device_profile.compute_dtype() if device_profile is not None else "float32"
+        return DTYPES.get(name, torch.float32), False
+    if requested not in DTYPES:
+        raise UserError("bad_input", f"dtype {requested!r} is not one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[requested], True
+
+
+def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dtype, dequantize: bool,
+                    context_limit: int, progress: Callable[[int, int, str], None]) -> ChatModel:
+    total = 3
+    progress(0, total, "loading")
+    if kind == "gguf":
+        from studio.models.gguf_llm import load_gguf_llm
+
+        loaded: LoadedLLM = load_gguf_llm(path)
+    else:
+        from studio.models.hf_loader import load_hf_folder
+
+        loaded = load_hf_folder(path)
+    progress(1, total, "loading")
+    state = loaded.state_dict
+    if dequantize:
+        state = {k: (v.dequantize(dtype) if hasattr(v, "dequantize") else v) for k, v in state.items()}
+    model = build_llm(loaded.config, state, dtype=dtype, device=device)
+    progress(2, total, "loading")
+    stop = set(loaded.stop_token_ids)
+    eos_id = loaded.tokenizer.token_to_id(loaded.eos_token) if loaded.eos_token else None
+    if eos_id is not None:
+        stop.add(eos_id)
+    ctx_len = min(model.config.max_position_embeddings, context_limit)
+    if device.type == "cuda":  # one static cache of the full context: CUDA graphs need fixed shapes
+        model.setup_caches(1, ctx_len, dtype, device)
+    cm = ChatModel(model=model, tokenizer=loaded.tokenizer, chat_template=loaded.chat_template,
+                   bos_token=loaded.bos_token, eos_token=loaded.eos_token, stop_ids=stop,
+                   add_bos=loaded.add_bos, context_length=ctx_len, device=device, dtype=dtype,
+                   name=str(path), nbytes=weight_bytes(model),
+                   generation_defaults=dict(loaded.generation_defaults))
+    progress(3, total, "loading")
+    return cm
+
+
+def ensure_cache(cm: ChatModel, needed: int) -> None:
+    if cm.model.max_seq_len >= needed:
+        return
+    size = min(cm.context_length, -(-needed // CPU_CACHE_STEP) * CPU_CACHE_STEP)
+    cm.model.setup_caches(1, size, cm.dtype, cm.device)
+
+
+# ---------------------------------------------------------------------------
+# Prompt
+
+def check_messages(job: ChatJob) -> list[dict]:
+    msgs: list[dict] = []
+    if job.system:
+        msgs.append({"role": "system", "content": job.system})
+    if not job.messages:
+        raise UserError("bad_input", "The conversation is empty: send at least one user message.")
+    for i, m in enumerate(job.messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError("bad_input", f"Message {i} must be {{'role': 'user'|'assistant'|'system', "
+                            f"'content': text}}; got {str(m)[:80]!r}.")
+        msgs.append({"role": m["role"], "content": m["content"]})
+    return msgs
+
+
+def render_prompt(cm: ChatModel, messages: list[dict]) -> str:
+    if not cm.chat_template:
+        # No template shipped: a plain transcript the model can at least continue.
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:"
+    import jinja2
+
+    from studio.models.chat_template import render_chat
+
+    try:
+        return render_chat(cm.chat_template, messages, bos_token=cm.bos_token, eos_token=cm.eos_token,
+                           add_generation_prompt=True)
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
+        raise UserError("bad_input", f"The model's chat template refused this conversation: {exc}. "
+                        "Check that user and assistant turns alternate.") from None
+
+
+def encode_prompt(cm: ChatModel, text: str) -> list[int]:
+    ids = cm.tokenizer.encode(text, add_special_tokens=False).ids
+    if cm.add_bos and cm.bos_token and not text.startswith(cm.bos_token):
+        bos = cm.tokenizer.token_to_id(cm.bos_token)
+        if bos is not None:
+            ids = [bos, *ids]
+    return ids
+
+
+def fit_prompt(cm: ChatModel, messages: list[dict], max_tokens: int, overflow: str) -> tuple[list[int], int]:
+    """(prompt ids, number of turns dropped). Room is kept for min(max_tokens, context/2) new tokens."""
+    limit = cm.context_length
+    reserve = min(max_tokens, limit // 2)
+    ids = encode_prompt(cm, render_prompt(cm, messages))
+    if len(ids) + reserve <= limit:
+        return ids, 0
+    if overflow == "error":
+        raise UserError("context_full", f"The conversation is {len(ids)} tokens and the answer needs room for "
+                        f"{reserve} more, but this model's context holds {limit}. Start a new chat, shorten "
+                        "the messages or lower max tokens, or choose 'truncate' to drop the oldest turns.")
+    msgs = list(messages)
+    dropped = 0
+    while len(ids) + reserve > limit:
+        turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
+        if len(turns) <= 1:
+            raise UserError("context_full", f"Even the last message alone is {len(ids)} tokens, too long for "
+                            f"this model's context of {limit} with {reserve} tokens left for the answer. "
+                            "Shorten the message or the system prompt.")
+        del msgs[turns[0]]
+        dropped += 1
+        # a conversation must not open with an assistant turn (many templates refuse it)
+        while True:
+            turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
+            if len(turns) > 1 and msgs[turns[0]]["role"] == "assistant":
+                del msgs[turns[0]]
+                dropped += 1
+            else:
+                break
+        ids = encode_prompt(cm, render_prompt(cm, msgs))
+    return ids, dropped
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+
+def _decode_one(model: LLM, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return model(token, pos, last_only=True)
+
+
+def compiled_step(cm: ChatModel) -> Callable | None:
+    """The CUDA-graph decode step, built once per loaded model (None where eager is used)."""
+    if cm.device.type != "cuda" or cm.compile_failed:
+        return None
+    if cm.compiled_step is None:
+        cm.compiled_step = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True)
+    return cm.compiled_step
+
+
+@torch.inference_mode()
+def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int, choose: Callable[[torch.Tensor], int],
+                    stop_ids: set | frozenset = frozenset(), step: Callable | None = None,
+                    on_fallback: Callable[[Exception], None] | None = None) -> Iterator[int]:
+    """Prefill `prompt`, then yield up to `max_new_tokens` tokens (a stop token is yielded, then ends).
+
+    The cache must hold len(prompt) + max_new_tokens positions. `step(model, token, pos)`
+    replaces the eager decode step (the compiled one keeps static shapes: whole-cache mask);
+    if it fails to compile, decoding goes on eagerly and `on_fallback` hears why.
+    Nothing runs between a yield and the next request, so a consumer that stops asking
+    stops the model within one token.
+    """
+    device = model.key_index.device
+    T = len(prompt)
+    if T + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"cache holds {model.max_seq_len} positions, need {T + max_new_tokens}")
+    tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    logits = model(tokens, torch.arange(T, device=device), kv_len=T, last_only=True)  # (1, 1, V)
+    tok_buf = torch.zeros((1, 1), dtype=torch.long, device=device)  # reused: no per-token allocation
+    pos_buf = torch.zeros((1,), dtype=torch.long, device=device)
+    for i in range(max_new_tokens):
+        tok = choose(logits[0, -1])
+        yield tok
+        if tok in stop_ids or i == max_new_tokens - 1:
+            return
+        pos = T + i
+        tok_buf.fill_(tok)
+        pos_buf.fill_(pos)
+        if step is not None:
+            try:
+                logits = step(model, tok_buf, pos_buf)
+            except Exception as exc:  # noqa: BLE001 - only compiler failures are swallowed, below
+                if not _is_compile_error(exc):
+                    raise
+                # The compiler could not handle this model (e.g. a packed-weight module):
+                # redo this step eagerly; it rewrites the same cache slot.
+                log.warning("compiled decode step failed (%s); decoding eagerly", exc)
+                step = None
+                if on_fallback is not None:
+                    on_fallback(exc)
+        if step is None:
+            logits = model(tok_buf, pos_buf, kv_len=pos + 1, last_only=True)
+
+
+class StopFilter:
+    """Holds back text that may be the start of a stop string; cuts the text at the first stop."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """New decoded text -> (text safe to show, stopped?)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:  # longest tail of pending that begins some stop string
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def run_chat(job: ChatJob, ctx: JobContext) -> dict:
+    """Answer the conversation in `job`, streaming text through ctx.token. Returns the summary."""
+    from studio.models.tokenizer import IncrementalDecoder
+
+    if job.overflow not in ("error", "truncate"):
+        raise UserError("bad_input", f"overflow must be 'error' or 'truncate', got {job.overflow!r}.")
+    if not isinstance(job.max_tokens, int) or job.max_tokens < 1:
+        raise UserError("bad_input", f"max_tokens must be at least 1, got {job.max_tokens!r}.")
+    if not all(isinstance(s, str) for s in job.stop):
+        raise UserError("bad_input", "stop must be a list of strings.")
+    params = SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, min_p=job.min_p,
+                            repetition_penalty=job.repetition_penalty, presence_penalty=job.presence_penalty,
+                            seed=job.seed)
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise UserError("bad_input", f"{exc}.") from None
+    messages = check_messages(job)
+
+    path, kind = resolve_model(job.model)
+    device = torch.device(ctx.device.torch_device if ctx.device is not None else "cpu")
+    dtype, dequantize = choose_dtype(job.dtype, ctx.device)
+    limit = int(ctx.settings.get("chat_context_length", DEFAULT_CONTEXT))
+    key = f"llm:{path.resolve()}:{device}:{dtype}:{'dequant' if dequantize else 'packed'}:{limit}"
+    cm: ChatModel = ctx.models.get_or_load(
+        key, lambda: load_chat_model(path, kind, device, dtype, dequantize, limit, ctx.progress),
+        nbytes=lambda m: m.nbytes)
+
+    t_start = time.perf_counter()
+    prompt, dropped = fit_prompt(cm, messages, job.max_tokens, job.overflow)
+    max_new = min(job.max_tokens, cm.context_length - len(prompt))
+    ensure_cache(cm, len(prompt) + max_new)
+    sampler = Sampler(params, cm.model.config.vocab_size, device)
+
+    def choose(logits: torch.Tensor) -> int:
+        tok = sampler(logits)
+        sampler.observe(tok)
+        return tok
+
+    decoder = IncrementalDecoder(cm.tokenizer, skip_special=True)
+    stops = StopFilter(list(job.stop))
+    pieces: list[str] = []
+
+    def emit(text: str) -> None:
+        if text:
+            pieces.append(text)
+            ctx.token(text)
+
+    ctx.cancel.check()
+    step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
+    finish, completion, ttft, t_first = "length", 0, 0.0, 0.0
+    tokens = generate_tokens(cm.model, prompt, max_new, choose, cm.stop_ids, step,
+                             on_fallback=lambda exc: setattr(cm, "compile_failed", True))
+    cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
+    try:
+        for tok in tokens:
+            if completion == 0:
+                t_first = time.perf_counter()
+                ttft = t_first - t_start
+            if tok in cm.stop_ids:
+                finish = "stop"
+                break
+            completion += 1
+            text, cut = stops.feed(decoder.push(tok))
+            emit(text)
+            if cut:
+                finish = "stop"
+                break
+            if ctx.cancel.cancelled:
+                emit(stops.flush())  # the text so far reaches the user before the job ends
+                ctx.cancel.check()
+        if not cut:
+            text, cut = stops.feed(decoder.flush())
+            emit(text)
+            finish = "stop" if cut else finish
+            emit("" if cut else stops.flush())
+    finally:
+        tokens.close()
+    t_end = time.perf_counter()
+    decode_time = t_end - t_first if completion > 1 else 0.0
+    return {
+        "text": "".join(pieces),
+        "prompt_tokens": len(prompt),
+        "completion_tokens": completion,
+        "ttft_s": round(ttft, 4),
+        "tokens_per_s": round((completion - 1) / decode_time, 2) if decode_time > 0 else 0.0,
+        "model": cm.name,
+        "finish_reason": finish,
+        "context_length": cm.context_length,
+        "seed": sampler.seed,
+        "dropped_turns": dropped,
+    }
+
+
+def _is_compile_error(exc: Exception) -> bool:
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
