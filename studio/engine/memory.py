@@ -1,0 +1,607 @@
+"""The placement manager: the ONLY place that moves weights between RAM and the device.
+
+A job names its components (UNet, text encoders, VAE, ...) and their sizes; `estimate_job`
+picks the fastest policy that fits the VRAM budget and says why. `MemoryManager` holds the
+registered modules, accounts the bytes each one occupies on the device against the budget,
+and makes a component ready with `use(name)`, evicting least-recently-used ones to RAM only
+until enough is free. Accounting is plain arithmetic on byte counts, so a budget such as
+`--vram-budget 4GiB` simulates a small card on any machine, including in tests on a CPU.
+
+Policies, fastest first:
+  RESIDENT       everything on the device at once
+  MODEL_OFFLOAD  whole components moved to the device when used, LRU-evicted to RAM
+  BLOCK_STREAM   weights in pinned RAM, one block on the device at a time, the next prefetched
+  SEQUENTIAL     per-layer streaming: minimum VRAM, slowest
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import gc
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from studio.engine.context import UserError
+from studio.engine.device import DeviceProfile
+from studio.engine.offload import BlockStreamer, find_blocks, leaf_blocks, tensor_bytes
+
+GiB = 1 << 30
+T = TypeVar("T")
+
+# Without the real module we assume a streamed component splits into this many equal blocks,
+# and that its largest single layer is this fraction of it (SDXL UNet: ~1/90; CLIP-G: ~1/11
+# because of its token embedding, but an embedding lookup is tiny next to the rest of the job).
+DEFAULT_BLOCKS = 16
+DEFAULT_LEAF_FRACTION = 1 / 64
+
+
+class Policy(enum.Enum):
+    RESIDENT = "resident"
+    MODEL_OFFLOAD = "model_offload"
+    BLOCK_STREAM = "block_stream"
+    SEQUENTIAL = "sequential"
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
+
+    def more_frugal(self) -> Policy | None:
+        """The next policy down the ladder, or None at the bottom."""
+        i = _ORDER.index(self)
+        return _ORDER[i + 1] if i + 1 < len(_ORDER) else None
+
+
+_ORDER = (Policy.RESIDENT, Policy.MODEL_OFFLOAD, Policy.BLOCK_STREAM, Policy.SEQUENTIAL)
+_LABELS = {
+    Policy.RESIDENT: "all resident",
+    Policy.MODEL_OFFLOAD: "model offload",
+    Policy.BLOCK_STREAM: "block streaming",
+    Policy.SEQUENTIAL: "sequential offload",
+}
+
+
+def fmt_bytes(n: int | float) -> str:
+    """4.8 GiB / 300 MiB / 12 KiB: the unit users see in messages and the panel."""
+    n = float(n)
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def estimate_module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each shared tensor counted once (works on meta)."""
+    seen: set[int] = set()
+    total = 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
+@dataclass(frozen=True)
+class ComponentShape:
+    """What the planner knows of one component: its size and how finely it can be streamed."""
+
+    bytes: int
+    block_bytes: tuple[int, ...] = ()  # streamable blocks; their sum may be < bytes (the rest stays resident)
+    largest_leaf: int = 0  # biggest single layer, for sequential offload
+
+    def stream_need(self) -> int:
+        """Device bytes while block-streaming: the non-block rest + the running block + the prefetched one."""
+        blocks = self.block_bytes or (self.bytes // DEFAULT_BLOCKS,) * DEFAULT_BLOCKS
+        rest = max(0, self.bytes - sum(blocks))
+        return rest + 2 * max(blocks)
+
+    def sequential_need(self) -> int:
+        leaf = self.largest_leaf or int(self.bytes * DEFAULT_LEAF_FRACTION)
+        return 2 * leaf
+
+    @classmethod
+    def of(cls, module: nn.Module, blocks: list[nn.Module] | None = None) -> ComponentShape:
+        blocks = find_blocks(module) if blocks is None else blocks
+        leaves = leaf_blocks(module)
+        return cls(
+            bytes=estimate_module_bytes(module),
+            block_bytes=tuple(estimate_module_bytes(b) for b in blocks),
+            largest_leaf=max((sum(tensor_bytes(t) for t in _direct_tensors(m)) for m in leaves), default=0),
+        )
+
+
+def _direct_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters(recurse=False)
+    yield from module.buffers(recurse=False)
+
+
+@dataclass
+class Plan:
+    """The placement chosen for one job, with the numbers behind it."""
+
+    policy: Policy  # the most frugal policy any component uses
+    per_component: dict[str, Policy]
+    reason: str
+    vram_needed: int  # peak device bytes under this plan, activations included
+    ram_needed: int  # bytes of weights held in CPU RAM (pinned for streamed components)
+    vram_budget: int | None  # None: no cap (CPU)
+    ram_available: int
+    activations: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, ComponentShape] = field(default_factory=dict)
+    vae_tiles: bool = False  # the pipeline should decode in tiles (set on an OOM retry)
+
+    def needs_text(self) -> str:
+        """'needs 2.1 GiB VRAM + 6.9 GiB RAM; has 4.0 GiB VRAM budget + 31.2 GiB RAM'."""
+        return _needs_text(self.vram_needed, self.ram_needed, self.vram_budget, self.ram_available)
+
+    def more_frugal(self) -> Plan | None:
+        """Every component one step down the ladder, tiled VAE on; None when nothing is left to give."""
+        moved = {name: p.more_frugal() or p for name, p in self.per_component.items()}
+        if moved == self.per_component and self.vae_tiles:
+            return None
+        vram, ram = _needs(self.shapes, moved, self.activations)
+        policy = max(moved.values(), key=_ORDER.index, default=Policy.SEQUENTIAL)
+        changed = ", ".join(f"{n}: {p.label}" for n, p in moved.items())
+        return replace(self, policy=policy, per_component=moved, vram_needed=vram, ram_needed=ram,
+                       vae_tiles=True, reason=f"retrying more frugally ({changed}; tiled VAE)")
+
+
+def _needs_text(vram: int, ram: int, budget: int | None, ram_available: int) -> str:
+    has_vram = "no VRAM cap" if budget is None else f"{fmt_bytes(budget)} VRAM budget"
+    has_ram = f" + {fmt_bytes(ram_available)} RAM" if ram_available else ""
+    return f"needs {fmt_bytes(vram)} VRAM + {fmt_bytes(ram)} RAM; has {has_vram}{has_ram}"
+
+
+def _device_need(shape: ComponentShape, policy: Policy) -> int:
+    if policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD):
+        return shape.bytes
+    if policy is Policy.BLOCK_STREAM:
+        return min(shape.bytes, shape.stream_need())
+    return min(shape.bytes, shape.sequential_need())
+
+
+def _needs(shapes: Mapping[str, ComponentShape], policies: Mapping[str, Policy],
+           activations: Mapping[str, int]) -> tuple[int, int]:
+    """(peak VRAM, RAM) for per-component policies. Components run one after another."""
+    if all(p is Policy.RESIDENT for p in policies.values()):
+        vram = sum(s.bytes for s in shapes.values()) + max(activations.values(), default=0)
+        return vram, 0
+    vram = max((_device_need(shapes[n], p) + activations.get(n, 0) for n, p in policies.items()), default=0)
+    # Offloaded and streamed weights live in RAM between uses.
+    return vram, sum(shapes[n].bytes for n, p in policies.items() if p is not Policy.RESIDENT)
+
+
+def plan_job(
+    components: Mapping[str, int | ComponentShape],
+    activations_bytes: int | Mapping[str, int],
+    budget: int | None,
+    ram_available: int = 0,
+) -> Plan:
+    """Choose the fastest placement that fits `budget`; raise UserError('out_of_memory') when none does.
+
+    `activations_bytes` is one peak for the whole job or a peak per component (a VAE decode at
+    1024² needs far more than a UNet step). Components are assumed to run one at a time.
+    """
+    shapes = {n: c if isinstance(c, ComponentShape) else ComponentShape(int(c)) for n, c in components.items()}
+    if isinstance(activations_bytes, Mapping):
+        acts = {n: int(activations_bytes.get(n, 0)) for n in shapes}
+    else:
+        acts = dict.fromkeys(shapes, int(activations_bytes))
+    sizes = " + ".join(f"{n} {fmt_bytes(s.bytes)}" for n, s in shapes.items())
+
+    def make(per: dict[str, Policy], reason: str) -> Plan:
+        vram, ram = _needs(shapes, per, acts)
+        policy = max(per.values(), key=_ORDER.index, default=Policy.RESIDENT)
+        return Plan(policy, per, reason, vram, ram, budget, ram_available, acts, shapes)
+
+    if budget is None:
+        return make(dict.fromkeys(shapes, Policy.RESIDENT), f"{sizes}: no VRAM budget applies, every component stays resident")
+    resident = make(dict.fromkeys(shapes, Policy.RESIDENT), "")
+    if resident.vram_needed <= budget:
+        resident.reason = f"{sizes} fit the {fmt_bytes(budget)} budget with activations; all resident"
+        return resident
+
+    per: dict[str, Policy] = {}
+    for name, shape in shapes.items():
+        for policy in _ORDER[1:]:
+            if _device_need(shape, policy) + acts[name] <= budget:
+                per[name] = policy
+                break
+        else:
+            best = shape.sequential_need() + acts[name]
+            plan = make(dict.fromkeys(shapes, Policy.SEQUENTIAL), "")
+            raise UserError(
+                "out_of_memory",
+                f"{name} cannot run in the {fmt_bytes(budget)} VRAM budget even one layer at a time "
+                f"(needs {fmt_bytes(best)} with activations): {plan.needs_text()}; "
+                "try a smaller image size, a quantized model (int8/int4), or a larger --vram-budget",
+            )
+    plan = make(per, "")
+    if ram_available and plan.ram_needed > ram_available:
+        raise UserError(
+            "out_of_memory",
+            f"{sizes} do not fit the {fmt_bytes(budget)} VRAM budget and the weights do not fit in RAM "
+            f"either: {plan.needs_text()}; try a quantized model (int8/int4) or close other programs",
+        )
+    how = {
+        Policy.MODEL_OFFLOAD: "loading {} one at a time",
+        Policy.BLOCK_STREAM: "streaming {} blocks",
+        Policy.SEQUENTIAL: "streaming {} layer by layer",
+    }
+    parts = []
+    for policy in _ORDER[1:]:
+        names = [n for n, p in per.items() if p is policy]
+        if names:
+            parts.append(how[policy].format(", ".join(names)))
+    plan.reason = (f"{sizes} (+ {fmt_bytes(max(acts.values(), default=0))} activations) exceed the "
+                   f"{fmt_bytes(budget)} budget; " + "; ".join(parts))
+    return plan
+
+
+# ---------------------------------------------------------------------------
+# The manager: registered modules, byte accounting, LRU.
+
+
+@dataclass
+class _Entry:
+    name: str
+    module: nn.Module
+    policy: Policy
+    shape: ComponentShape
+    blocks: list[nn.Module] | None
+    on_device: bool = False
+    in_use: int = 0
+    last_used: int = 0
+    streamer: BlockStreamer | None = None
+
+    def device_bytes(self) -> int:
+        return _device_need(self.shape, self.policy)
+
+
+class MemoryManager:
+    """Owns every registered model's placement. Thread-safe: the server thread reads `status()`."""
+
+    def __init__(self, profile: DeviceProfile, budget_bytes: int | None = None, *,
+                 on_notice: Callable[[str], None] | None = None) -> None:
+        self.profile = profile
+        self.device = torch.device(profile.torch_device)
+        if budget_bytes is not None:
+            self.budget: int | None = int(budget_bytes)
+        elif profile.vram_budget:
+            self.budget = profile.vram_budget
+        elif profile.total_vram and profile.kind != "mps":  # MPS shares RAM; no separate card to budget
+            self.budget = profile.total_vram
+        else:
+            self.budget = None
+        self.on_notice = on_notice or (lambda text: None)
+        self._entries: dict[str, _Entry] = {}
+        self._activations: dict[str, int] = {}
+        self._clock = itertools.count(1)
+        self._lock = threading.RLock()
+
+    # -- planning ----------------------------------------------------------
+    def estimate_job(self, components: Mapping[str, int | ComponentShape],
+                     activations_bytes: int | Mapping[str, int] = 0) -> Plan:
+        """plan_job against this manager's budget; registered names use their measured block sizes."""
+        shaped = {n: self._entries[n].shape if n in self._entries and not isinstance(c, ComponentShape) else c
+                  for n, c in components.items()}
+        return plan_job(shaped, activations_bytes, self.budget, self.profile.total_ram)
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Switch registered components to the plan's policies (offloading those that change)."""
+        with self._lock:
+            self._activations = dict(plan.activations)
+            for name, policy in plan.per_component.items():
+                if name in self._entries:
+                    self.set_policy(name, policy)
+
+    # -- registry ----------------------------------------------------------
+    def register(self, name: str, module: nn.Module, policy: Policy = Policy.MODEL_OFFLOAD,
+                 *, blocks: list[nn.Module] | None = None) -> None:
+        """Hand a module (on the CPU) to the manager. `blocks` are its streamable units (default: found)."""
+        with self._lock:
+            if name in self._entries:
+                self.unload(name)
+            module.to("cpu")
+            shape = ComponentShape.of(module, blocks)
+            self._entries[name] = _Entry(name, module, policy, shape, blocks)
+
+    def set_policy(self, name: str, policy: Policy) -> None:
+        with self._lock:
+            entry = self._entries[name]
+            if entry.policy is not policy:
+                if entry.in_use:
+                    raise RuntimeError(f"cannot change the policy of {name} while it runs")
+                self._offload(entry)
+                entry.policy = policy
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def policy_of(self, name: str) -> Policy:
+        return self._entries[name].policy
+
+    def on_device(self, name: str) -> bool:
+        """Whether the component currently holds its device bytes (whole, or its streaming window)."""
+        with self._lock:
+            return self._entries[name].on_device
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(e.device_bytes() for e in self._entries.values() if e.on_device)
+
+    @property
+    def free(self) -> int | None:
+        return None if self.budget is None else self.budget - self.used
+
+    # -- placement ---------------------------------------------------------
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[nn.Module]:
+        """Make a component ready on the device for the duration of the block; it stays warm after."""
+        with self._lock:
+            entry = self._entries[name]
+            if not entry.on_device:
+                self._fit(entry)
+                self._load(entry)
+            entry.in_use += 1
+            entry.last_used = next(self._clock)
+        try:
+            yield entry.module
+        finally:
+            with self._lock:
+                entry.in_use -= 1
+
+    def offload(self, name: str | None = None) -> list[str]:
+        """Move one component (or all idle ones) back to RAM, keeping it registered."""
+        with self._lock:
+            entries = [self._entries[name]] if name is not None else list(self._entries.values())
+            moved = [e.name for e in entries if e.on_device and not e.in_use]
+            for e in entries:
+                if not e.in_use:
+                    self._offload(e)
+        self.free_cache()
+        return moved
+
+    def unload(self, name: str | None = None) -> list[str]:
+        """Forget one component (or all): off the device, hooks removed, references dropped."""
+        with self._lock:
+            names = list(self._entries) if name is None else [name] if name in self._entries else []
+            for n in names:
+                entry = self._entries[n]
+                if entry.in_use:
+                    raise UserError("bad_input", f"{n} is in use by the running job; cancel it first, then unload")
+                self._offload(entry)
+                del self._entries[n]
+        self.free_cache()
+        return names
+
+    def free_cache(self) -> None:
+        """Return freed device memory to the driver so the next allocation (or another app) can have it."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+    def _room_for(self, entry: _Entry) -> int:
+        return entry.device_bytes() + self._activations.get(entry.name, 0)
+
+    def _fit(self, entry: _Entry) -> None:
+        """Evict least-recently-used idle components until `entry` fits; demote it if nothing else helps."""
+        if self.budget is None:
+            return
+        while self.used + self._room_for(entry) > self.budget:
+            idle = [e for e in self._entries.values() if e.on_device and not e.in_use and e is not entry]
+            if not idle:
+                break
+            victim = min(idle, key=lambda e: e.last_used)
+            self._offload(victim)
+        while self.used + self._room_for(entry) > self.budget:
+            lower = entry.policy.more_frugal()
+            if lower is None:
+                busy = [e.name for e in self._entries.values() if e.on_device]
+                raise UserError(
+                    "out_of_memory",
+                    f"{entry.name} needs {fmt_bytes(self._room_for(entry))} of VRAM even layer by layer; "
+                    f"{fmt_bytes(self.used)} of the {fmt_bytes(self.budget)} budget is held by "
+                    f"{', '.join(busy) or 'nothing'}; try a quantized model or a larger --vram-budget",
+                )
+            self.on_notice(f"{entry.name} does not fit the {fmt_bytes(self.budget)} VRAM budget with "
+                           f"{entry.policy.label}; switching to {lower.label}")
+            entry.policy = lower
+
+    def _load(self, entry: _Entry) -> None:
+        if entry.policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD):
+            entry.module.to(self.device)
+        else:
+            blocks = entry.blocks if entry.policy is Policy.BLOCK_STREAM else None
+            if entry.policy is Policy.BLOCK_STREAM and blocks is None:
+                blocks = find_blocks(entry.module)
+            if entry.policy is Policy.SEQUENTIAL:
+                entry.streamer = BlockStreamer.sequential(entry.module, self.device)
+            else:
+                entry.streamer = BlockStreamer(entry.module, blocks or [], self.device)
+            entry.streamer.attach()
+        entry.on_device = True
+
+    def _offload(self, entry: _Entry) -> None:
+        if not entry.on_device:
+            return
+        if entry.streamer is not None:
+            entry.streamer.detach()
+            entry.streamer = None
+        else:
+            entry.module.to("cpu")
+        entry.on_device = False
+
+    # -- reporting ---------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The device/memory/models part of an `engine_status` event."""
+        gpu = self.device.type != "cpu"
+        with self._lock:
+            models = []
+            ram_used = 0
+            for e in self._entries.values():
+                whole_on_device = e.on_device and e.policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD)
+                where = "VRAM" if whole_on_device and gpu else "RAM"
+                if where == "RAM":
+                    ram_used += e.shape.bytes
+                models.append({"key": e.name, "bytes": e.shape.bytes, "where": where, "policy": e.policy.value,
+                               "vram_bytes": e.device_bytes() if e.on_device else 0})
+            used = self.used
+        budget = self.budget or 0
+        return {
+            "device": self.profile.to_dict(),
+            "memory": {"budget": budget, "used": used, "free": max(0, budget - used), "ram_used": ram_used},
+            "models": models,
+        }
+
+
+# ---------------------------------------------------------------------------
+# OOM: retry once, more frugally; then fail with numbers.
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS and older builds raise RuntimeError('... out of memory')."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def run_with_oom_retry(fn: Callable[[Plan], T], manager: MemoryManager, plan: Plan,
+                       on_retry: Callable[[str], None] | None = None) -> T:
+    """Run `fn(plan)`; on a device OOM free what we can, step every component down once and retry.
+
+    `on_retry` gets the sentence the user should see. A second OOM becomes
+    UserError('out_of_memory') with the numbers of the frugal plan.
+    """
+    manager.apply_plan(plan)
+    try:
+        return fn(plan)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_oom(exc):
+            raise
+    # Here, outside the except block, the exception's traceback (and the activations its frames
+    # hold) is already gone, so emptying the allocator's cache actually frees them.
+    manager.offload()
+    frugal = plan.more_frugal()
+    if frugal is None:
+        raise UserError("out_of_memory", f"ran out of VRAM with {plan.policy.label}, the most frugal placement: "
+                        f"{plan.needs_text()}; try a smaller size, a quantized model or closing other GPU programs")
+    (on_retry or manager.on_notice)(f"ran out of VRAM with {plan.policy.label}; retrying with {frugal.policy.label}")
+    manager.apply_plan(frugal)
+    try:
+        return fn(frugal)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_oom(exc):
+            raise
+    manager.offload()
+    raise UserError(
+        "out_of_memory",
+        f"ran out of VRAM again with {frugal.policy.label}: {frugal.needs_text()}; "
+        "try a smaller image size, fewer frames, a quantized model (int8/int4), or close other GPU programs",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Quantization as a per-model choice: swap Linear layers for weight-only quantized ones.
+
+QUANT_MODES = ("int8", "int4", "fp8")
+
+
+@dataclass
+class QuantSummary:
+    mode: str
+    replaced: list[str]
+    skipped: dict[str, str]  # layer name -> why it kept full precision
+    bytes_before: int
+    bytes_after: int
+
+
+def quantize_model(module: nn.Module, mode: str,
+                   skip: Callable[[str, nn.Linear], bool] | None = None) -> QuantSummary:
+    """Replace every nn.Linear of `module` (in place) by a weight-only quantized module.
+
+    int8 (per channel) and int4 (group-wise) come from studio.engine.quant; fp8 is e4m3 storage with
+    per-channel scales (Fp8Linear). `skip(name, linear)` keeps chosen layers in full precision; layers
+    whose shape the format cannot take (e.g. in_features not a multiple of the int4 group) are kept too.
+    """
+    if mode not in QUANT_MODES:
+        raise UserError("bad_input", f"unknown quantization {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if mode == "fp8":
+        from studio.engine.offload import Fp8Linear, fp8_supported
+
+        if not fp8_supported():
+            raise UserError("unsupported", "this PyTorch build cannot store float8 weights; choose int8 or int4")
+
+        def convert(lin: nn.Linear) -> nn.Module:
+            return Fp8Linear.from_linear(lin)
+    else:
+        try:
+            from studio.engine import quant
+        except ImportError as exc:
+            raise UserError("unsupported", f"{mode} quantization is not available in this build ({exc})") from exc
+
+        def convert(lin: nn.Linear) -> nn.Module:
+            return quant.quantize_linear(lin.weight.detach(), mode).to_module(lin.bias)
+
+    before = estimate_module_bytes(module)
+    replaced: list[str] = []
+    skipped: dict[str, str] = {}
+    # Collect first: replacing children while iterating named_modules would revisit new ones.
+    targets = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
+    parents = dict(module.named_modules())
+    for name, lin in targets:
+        if skip is not None and skip(name, lin):
+            skipped[name] = "kept in full precision on request"
+            continue
+        try:
+            new = convert(lin)
+        except ValueError as exc:  # a shape the format cannot take
+            skipped[name] = str(exc)
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(parents[parent_name], attr, new)
+        replaced.append(name)
+    return QuantSummary(mode, replaced, skipped, before, estimate_module_bytes(module))
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return _first_tensor(next(iter(out.values())))
+    raise TypeError(f"cannot compare outputs of type {type(out).__name__}")
+
+
+@torch.no_grad()
+def memory_report(original: nn.Module, quantized: nn.Module, sample_input: Any) -> dict[str, Any]:
+    """Bytes saved by quantization and the error it costs, on a fixed input (for `studio models info`).
+
+    `sample_input` is a tensor or a tuple of positional arguments.
+    """
+    args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
+    ref = _first_tensor(original(*args)).float()
+    out = _first_tensor(quantized(*args)).float()
+    err = (out - ref).abs()
+    scale = ref.abs().max().clamp(min=1e-12)
+    before, after = estimate_module_bytes(original), estimate_module_bytes(quantized)
+    return {
+        "bytes_original": before,
+        "bytes_quantized": after,
+        "bytes_saved": before - after,
+        "ratio": after / before if before else 1.0,
+        "max_abs_error": float(err.max()),
+        "mean_abs_error": float(err.mean()),
+        "relative_error": float(err.max() / scale),  # max error against the largest output magnitude
+    }
