@@ -1,0 +1,196 @@
+"""Detection from headers only: every family and layout, on header-only sparse files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from library_fixtures import (
+    FLUX,
+    SAFETENSORS_CASES,
+    SDXL_UNET,
+    STRING,
+    U32,
+    smollm2_gguf,
+    write_gguf,
+    write_safetensors,
+)
+
+from studio.library.detect import detect
+from studio.library.headers import read_header
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("name", sorted(SAFETENSORS_CASES))
+def test_detects_family_variant_role_and_layout_from_marker_keys(tmp_path, name):
+    shapes, (family, variant, role, layout) = SAFETENSORS_CASES[name]
+    # the file name says nothing: detection must come from the header
+    det = detect(write_safetensors(tmp_path / "model.safetensors", shapes))
+    assert (det.family, det.variant, det.role, det.layout) == (family, variant, role, layout), det
+    assert det.markers, "a detection must say which keys decided it"
+
+
+def test_file_name_is_never_used(tmp_path):
+    shapes, _ = SAFETENSORS_CASES["flux_dev"]
+    det = detect(write_safetensors(tmp_path / "sd15-pruned-emaonly.safetensors", shapes))
+    assert det.family == "flux"
+
+
+def test_flux_dev_and_schnell_differ_only_by_guidance_in(tmp_path):
+    dev = detect(write_safetensors(tmp_path / "a.safetensors", {**FLUX, "guidance_in.in_layer.weight": (3072, 256)}))
+    schnell = detect(write_safetensors(tmp_path / "b.safetensors", FLUX))
+    assert dev.variant == "dev" and schnell.variant == "schnell"
+    assert "guidance_in.in_layer.weight" in dev.markers
+
+
+def test_sd2_without_hints_reports_unknown_prediction_defaulting_to_v(tmp_path):
+    det = detect(write_safetensors(tmp_path / "m.safetensors", SAFETENSORS_CASES["sd21_ldm"][0]))
+    assert det.prediction == "v?"
+    assert any("v or eps: unknown" in n and "default v for 768" in n for n in det.notes)
+
+
+def test_sd2_metadata_hint_decides_prediction(tmp_path):
+    shapes = SAFETENSORS_CASES["sd21_ldm"][0]
+    v = detect(write_safetensors(tmp_path / "v.safetensors", shapes,
+                                 metadata={"modelspec.architecture": "stable-diffusion-v2-768-v"}))
+    eps = detect(write_safetensors(tmp_path / "e.safetensors", shapes, metadata={"prediction_type": "epsilon"}))
+    assert v.prediction == "v" and eps.prediction == "eps"
+
+
+def test_parameter_count_dtype_and_estimates_follow_the_header(tmp_path):
+    shapes = {**SDXL_UNET, "big": (1000, 1000)}
+    det = detect(write_safetensors(tmp_path / "m.safetensors", shapes, dtype="F32"))
+    params = sum(__import__("math").prod(s) for s in shapes.values())
+    assert det.params == params and det.dtype == "F32"
+    # fp32 weights run in half precision on a GPU; the CPU holds them as stored
+    assert det.vram_bytes == params * 2 + int(1.5 * GiB)
+    assert det.ram_bytes > params * 4
+
+
+def test_fp8_text_encoder_reports_its_dtype(tmp_path):
+    det = detect(write_safetensors(tmp_path / "t5.safetensors", SAFETENSORS_CASES["t5xxl"][0], dtype="F8_E4M3"))
+    assert det.family == "t5" and det.dtype == "F8_E4M3"
+    assert "flux" in det.compatible
+
+
+def test_unrecognised_file_says_what_was_seen(tmp_path):
+    det = detect(write_safetensors(tmp_path / "m.safetensors", {"foo.bar.weight": (3, 3), "foo.baz": (2,)}))
+    assert det.role == "unknown" and not det.recognised
+    assert "2 tensors" in det.notes[0] and "foo.bar (1)" in det.notes[0] and "set the family" in det.notes[0]
+
+
+def test_lora_without_a_known_base_asks_for_the_family(tmp_path):
+    det = detect(write_safetensors(tmp_path / "m.safetensors", {"something.lora_A.weight": (4, 77)}))
+    assert det.role == "lora" and det.family == "unknown" and "set the family" in det.notes[0]
+
+
+def test_real_smollm2_gguf_is_a_llama_llm_with_q4_1_quantization():
+    det = detect(smollm2_gguf())
+    assert (det.family, det.role, det.format, det.dtype) == ("llama", "llm", "gguf", "Q4_1")
+    assert 134_000_000 < det.params < 135_000_000
+    assert "general.architecture=llama" in det.markers
+    # weights (~94 MiB) + fp16 KV cache for 4096 tokens (30 layers x 3 kv heads x 64) + buffers
+    weights = sum(t.nbytes for t in read_header(smollm2_gguf()).tensors.values())
+    assert det.vram_bytes == weights + 2 * 30 * 3 * 64 * 4096 * 2 + (256 << 20)
+
+
+@pytest.mark.parametrize("arch,family", [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gemma2", "gemma2"),
+                                         ("gemma3", "gemma3"), ("phi3", "phi3"), ("llama", "llama")])
+def test_gguf_llm_families_come_from_general_architecture(tmp_path, arch, family):
+    p = write_gguf(tmp_path / "m.gguf", {"general.architecture": (STRING, arch), "general.file_type": (U32, 15),
+                                         f"{arch}.block_count": (U32, 2)},
+                   {"token_embd.weight": ((1000, 64), "Q8_0"), "blk.0.attn_q.weight": ((64, 256), "Q4_K")})
+    det = detect(p)
+    assert (det.family, det.role, det.dtype) == (family, "llm", "Q4_K_M")
+
+
+def test_gguf_diffusion_model_is_detected_from_its_tensor_names(tmp_path):
+    p = write_gguf(tmp_path / "flux.gguf", {"general.architecture": (STRING, "flux")},
+                   {"double_blocks.0.img_attn.norm.key_norm.scale": ((128,), "F32"),
+                    "img_in.weight": ((3072, 64), "F16"), "guidance_in.in_layer.weight": ((3072, 256), "Q8_0"),
+                    "double_blocks.0.img_attn.qkv.weight": ((9216, 3072), "Q8_0")})
+    det = detect(p)
+    assert (det.family, det.variant, det.role, det.format, det.dtype) == ("flux", "dev", "diffusion_model",
+                                                                          "gguf", "Q8_0")
+
+
+def test_diffusers_sdxl_pipeline_folder(tmp_path):
+    root = tmp_path / "sdxl"
+    (root / "unet").mkdir(parents=True)
+    (root / "scheduler").mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (root / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    write_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors",
+                      SAFETENSORS_CASES["sdxl_unet_diffusers"][0])
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    det = detect(root)
+    assert (det.family, det.variant, det.role, det.format) == ("sdxl", "base", "checkpoint", "diffusers")
+    assert det.prediction == "eps"
+    assert "model_index.json _class_name=StableDiffusionXLPipeline" in det.markers
+
+
+def test_diffusers_sd2_folder_takes_v_prediction_from_the_scheduler(tmp_path):
+    root = tmp_path / "sd2"
+    (root / "unet").mkdir(parents=True)
+    (root / "scheduler").mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (root / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    write_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors",
+                      {"conv_in.weight": (320, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3),
+                       "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": (320, 1024)})
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    det = detect(root)
+    assert (det.family, det.prediction) == ("sd2", "v")
+    assert not any("v or eps" in n for n in det.notes)
+
+
+def test_diffusers_flux_folder_variant_from_transformer_config(tmp_path):
+    root = tmp_path / "flux"
+    (root / "transformer").mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (root / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": False}))
+    shapes = dict(SAFETENSORS_CASES["flux_dev_diffusers"][0])
+    shapes.pop("time_text_embed.guidance_embedder.linear_1.weight")
+    # sharded like the real repo
+    half = len(shapes) // 2
+    items = list(shapes.items())
+    write_safetensors(root / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors", dict(items[:half]))
+    write_safetensors(root / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors", dict(items[half:]))
+    det = detect(root)
+    assert (det.family, det.variant, det.role) == ("flux", "schnell", "checkpoint")
+
+
+def test_hf_llm_folder_with_shards(tmp_path):
+    root = tmp_path / "qwen"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64, "max_position_embeddings": 1024}))
+    write_safetensors(root / "model-00001-of-00002.safetensors", {"model.embed_tokens.weight": (1000, 64)}, "BF16")
+    write_safetensors(root / "model-00002-of-00002.safetensors",
+                      {"model.layers.0.self_attn.q_proj.weight": (64, 64)}, "BF16")
+    (root / "model.safetensors.index.json").write_text("{}")
+    det = detect(root)
+    assert (det.family, det.role, det.format, det.dtype) == ("qwen2", "llm", "hf", "BF16")
+    assert det.params == 1000 * 64 + 64 * 64
+    assert "model_type=qwen2" in det.markers
+    assert det.vram_bytes == det.params * 2 + 2 * 2 * 2 * 16 * 1024 * 2 + (256 << 20)
+
+
+def test_llm_weights_without_config_are_an_llm_of_unknown_family(tmp_path):
+    det = detect(write_safetensors(tmp_path / "m.safetensors", {"model.embed_tokens.weight": (100, 8),
+                                                                 "model.layers.0.self_attn.q_proj.weight": (8, 8)}))
+    assert det.role == "llm" and det.family == "unknown"
+
+
+def test_torch_pickle_checkpoint_is_detected_from_key_names_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = {"model.diffusion_model." + k: torch.zeros(s)
+          for k, s in {"input_blocks.0.0.weight": (4, 4, 1, 1), "out.2.weight": (4, 4, 1, 1)}.items()}
+    sd["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = torch.zeros(320, 768)
+    sd["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "x.ckpt")
+    det = detect(tmp_path / "x.ckpt")
+    assert (det.family, det.role, det.format) == ("sd1", "checkpoint", "pytorch-pickle")
+    assert any("weights_only=True" in n for n in det.notes)
