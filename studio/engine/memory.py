@@ -105,6 +105,13 @@ class ComponentShape:
         leaf = self.largest_leaf or int(self.bytes * DEFAULT_LEAF_FRACTION)
         return 2 * leaf
 
+    def scaled(self, nbytes: int) -> ComponentShape:
+        """The same structure at another size (e.g. measured in fp32, run in bf16)."""
+        if not self.bytes:
+            return ComponentShape(nbytes)
+        f = nbytes / self.bytes
+        return ComponentShape(nbytes, tuple(int(b * f) for b in self.block_bytes), int(self.largest_leaf * f))
+
     @classmethod
     def of(cls, module: nn.Module, blocks: list[nn.Module] | None = None) -> ComponentShape:
         blocks = find_blocks(module) if blocks is None else blocks
@@ -214,12 +221,11 @@ def plan_job(
                 per[name] = policy
                 break
         else:
-            best = shape.sequential_need() + acts[name]
             plan = make(dict.fromkeys(shapes, Policy.SEQUENTIAL), "")
             raise UserError(
                 "out_of_memory",
-                f"{name} cannot run in the {fmt_bytes(budget)} VRAM budget even one layer at a time "
-                f"(needs {fmt_bytes(best)} with activations): {plan.needs_text()}; "
+                f"{name} cannot run in the {fmt_bytes(budget)} VRAM budget even one layer at a time: "
+                f"{plan.needs_text()}; "
                 "try a smaller image size, a quantized model (int8/int4), or a larger --vram-budget",
             )
     plan = make(per, "")
@@ -235,7 +241,7 @@ def plan_job(
         Policy.SEQUENTIAL: "streaming {} layer by layer",
     }
     parts = []
-    for policy in _ORDER[1:]:
+    for policy in reversed(_ORDER[1:]):  # the notable news first: what streams
         names = [n for n, p in per.items() if p is policy]
         if names:
             parts.append(how[policy].format(", ".join(names)))
@@ -288,9 +294,13 @@ class MemoryManager:
     # -- planning ----------------------------------------------------------
     def estimate_job(self, components: Mapping[str, int | ComponentShape],
                      activations_bytes: int | Mapping[str, int] = 0) -> Plan:
-        """plan_job against this manager's budget; registered names use their measured block sizes."""
-        shaped = {n: self._entries[n].shape if n in self._entries and not isinstance(c, ComponentShape) else c
-                  for n, c in components.items()}
+        """plan_job against this manager's budget.
+
+        A byte count given for a registered component keeps that size but takes its block structure
+        from the measured module, so streaming needs are exact rather than the default guess.
+        """
+        shaped = {n: self._entries[n].shape.scaled(int(c)) if n in self._entries and not isinstance(c, ComponentShape)
+                  else c for n, c in components.items()}
         return plan_job(shaped, activations_bytes, self.budget, self.profile.total_ram)
 
     def apply_plan(self, plan: Plan) -> None:
