@@ -1,0 +1,203 @@
+"""LLM prefill/decode speed: ours (eager and CUDA-graph compiled) vs transformers, same run, same weights.
+
+    python benchmarks/bench_llm.py                 # GPU: Llama-3-8B architecture, random bf16 weights
+    python benchmarks/bench_llm.py --tiny          # CPU smoke run of the whole script on a tiny config
+    python benchmarks/bench_llm.py --cpu-smollm2   # the bundled SmolLM2-135M Q4_1 chat model on CPU
+
+Decode is memory-bound: tokens/s <= copy bandwidth / weight bytes read per token. The script
+measures the bandwidth with a large device copy and prints decode as a fraction of that bound.
+Needs only torch, transformers, safetensors and studio. Prints one JSON line of results last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from studio.engine.pipelines.chat import _decode_one, generate_tokens
+from studio.engine.sampling import greedy
+from studio.models.llm import LLM, LLMConfig
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy, counting the read and the write."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    return 2 * src.numel() * 4 * reps / (time.perf_counter() - t)
+
+
+def random_model(cfg: LLMConfig, dtype: torch.dtype, device: torch.device) -> LLM:
+    with torch.device("meta"):
+        model = LLM(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02, generator=g)
+            else:
+                p.fill_(0.0 if cfg.gemma_norm else 1.0) if "norm" in name else p.zero_()
+    return model.eval()
+
+
+def bytes_per_token(model: LLM) -> int:
+    """Weights read for one decoded token: everything but the embedding table (one row is read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.model.embed_tokens.weight
+    if model.lm_head.weight is not emb:
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def time_decode(model: LLM, prompt: list[int], new: int, device: torch.device, step=None) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) for greedy decoding of `new` tokens."""
+    stamps = []
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in generate_tokens(model, prompt, new, greedy, step=step):
+        stamps.append(time.perf_counter())  # greedy() calls .item(): the stamp follows the GPU
+    prefill = stamps[0] - t0
+    return prefill, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def hf_reference(model: LLM, cfg: LLMConfig, dtype: torch.dtype, device: torch.device):
+    """A transformers LlamaForCausalLM sharing our weight tensors (no copy)."""
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(model.state_dict(), assign=True, strict=False)
+    # inv_freq is a non-persistent buffer, still on meta: build the rotary module for real
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(device)
+    return hf.eval()
+
+
+def time_hf(hf, prompt: list[int], new: int, device: torch.device, **kw) -> float:
+    ids = torch.tensor([prompt], device=device)
+    gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
+    hf.generate(ids, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up (and compile)
+    sync(device)
+    t = time.perf_counter()
+    out = hf.generate(ids, **gen)
+    sync(device)
+    return (out.shape[1] - len(prompt)) / (time.perf_counter() - t)
+
+
+def bench_synthetic(args: argparse.Namespace) -> dict:
+    device = torch.device("cpu" if args.tiny else args.device)
+    dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)
+    cfg = LLMConfig.from_name("tiny-llama" if args.tiny else args.config)
+    prompt_len, new = (16, 16) if args.tiny else (args.prompt, args.new)
+    model = random_model(cfg, dtype, device)
+    model.setup_caches(1, prompt_len + new)
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    bw = copy_bandwidth(device, (64 << 20) if args.tiny else (2 << 30))
+    per_tok = bytes_per_token(model)
+    bound = bw / per_tok
+    res: dict = {"mode": "tiny" if args.tiny else "synthetic", "config": "tiny-llama" if args.tiny else args.config,
+                 "dtype": str(dtype).removeprefix("torch."), "prompt": prompt_len, "new": new,
+                 "weight_gb_per_token": round(per_tok / 1e9, 3), "copy_gb_s": round(bw / 1e9, 1),
+                 "bound_tok_s": round(bound, 1)}
+    time_decode(model, prompt, 4, device)  # warm up kernels
+    prefill, eager = time_decode(model, prompt, new, device)
+    res.update(prefill_tok_s=round(prompt_len / prefill, 1), ours_eager_tok_s=round(eager, 2),
+               ours_eager_fraction_of_bound=round(eager / bound, 3))
+    print(f"ours eager: prefill {prompt_len / prefill:.0f} tok/s, decode {eager:.2f} tok/s "
+          f"({eager / bound:.1%} of the {bound:.0f} tok/s bound)", flush=True)
+    if device.type == "cuda" and not args.no_compile:
+        step = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True)
+        t = time.perf_counter()
+        time_decode(model, prompt, 8, device, step=step)  # compile and capture
+        res["compile_s"] = round(time.perf_counter() - t, 1)
+        _, compiled = time_decode(model, prompt, new, device, step=step)
+        res.update(ours_compiled_tok_s=round(compiled, 2), ours_compiled_fraction_of_bound=round(compiled / bound, 3))
+        print(f"ours compiled: decode {compiled:.2f} tok/s ({compiled / bound:.1%} of bound)", flush=True)
+    if not args.no_hf:
+        hf = hf_reference(model, cfg, dtype, device)
+        res["hf_eager_tok_s"] = round(time_hf(hf, prompt, new, device), 2)
+        print(f"transformers eager: decode {res['hf_eager_tok_s']} tok/s", flush=True)
+        if device.type == "cuda" and not args.no_compile:
+            try:
+                hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+                res["hf_static_compiled_tok_s"] = round(time_hf(hf, prompt, new, device,
+                                                                cache_implementation="static"), 2)
+                print(f"transformers static cache + compile: {res['hf_static_compiled_tok_s']} tok/s", flush=True)
+            except Exception as exc:  # noqa: BLE001 - a reference that fails is reported, not fatal
+                res["hf_static_compiled_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return res
+
+
+def bench_cpu_smollm2(args: argparse.Namespace) -> dict:
+    from studio.engine.context import JobContext, ModelCache
+    from studio.engine.device import probe
+    from studio.engine.pipelines.chat import load_chat_model, resolve_model, run_chat
+    from studio.protocol import ChatJob
+
+    path, kind = resolve_model("")
+    t = time.perf_counter()
+    cm = load_chat_model(path, kind, torch.device("cpu"), torch.float32, False, 8192, lambda *a: None)
+    load_s = time.perf_counter() - t
+    cache = ModelCache()
+    cache.put("bench", cm)
+    dev = probe("cpu")
+    ctx = JobContext(job_id="bench", device=dev, models=cache)
+    ctx.models.get_or_load = lambda key, load, nbytes=None: cm  # reuse the model loaded above
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    run_chat(ChatJob(messages=question, temperature=0.0, max_tokens=8), ctx)  # warm up
+    answer = run_chat(ChatJob(messages=question, temperature=0.0, max_tokens=32), ctx)
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    long = run_chat(ChatJob(messages=story, temperature=0.0, max_tokens=args.new), ctx)
+    print(f"SmolLM2 on CPU: load {load_s:.2f} s, answer {answer['text']!r}", flush=True)
+    return {"mode": "cpu-smollm2", "load_s": round(load_s, 2), "ttft_s": answer["ttft_s"],
+            "answer": answer["text"], "decode_tok_s": long["tokens_per_s"],
+            "decode_tokens": long["completion_tokens"], "threads": torch.get_num_threads(),
+            "weight_mb": round(cm.nbytes / 1e6, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the script end to end")
+    ap.add_argument("--cpu-smollm2", action="store_true", help="the bundled SmolLM2 on CPU")
+    ap.add_argument("--config", default="llama-3-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with torch.inference_mode(mode=False):
+        res = bench_cpu_smollm2(args) if args.cpu_smollm2 else bench_synthetic(args)
+    device_name = (torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny
+                   and not args.cpu_smollm2 else platform.processor() or platform.machine())
+    res.update(device=device_name, torch=torch.__version__,
+               date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""run_chat end to end on a tiny random Hugging Face folder (and the bundled SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from studio.engine.context import JobCancelled, JobContext, ModelCache, UserError  # noqa: E402
+from studio.engine.device import probe  # noqa: E402
+from studio.engine.pipelines.chat import StopFilter, run_chat  # noqa: E402
+from studio.protocol import ChatJob  # noqa: E402
+
+VOCAB = 128
+N_SPECIAL = 5  # <unk> <s> </s> <|im_start|> <|im_end|>
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_folder(path):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=256, eos_token_id=4, bos_token_id=1)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+        # Special tokens never win (logit 0 against the max of ~120 random logits), so the
+        # answers run to max_tokens.
+        ref.lm_head.weight[:N_SPECIAL] = 0
+    ref.save_pretrained(path)
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    words = specials + ["system", "user", "assistant"] + [f"w{i}" for i in range(VOCAB - 8)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("tiny_chat"))
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ModelCache()  # shared: the model loads once for the whole file, as in the engine
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return probe("cpu")
+
+
+class Recorder:
+    def __init__(self, cache, cpu, settings=None, cancel_after: int | None = None):
+        self.tokens: list[str] = []
+        self.progress: list[tuple] = []
+        self.cancel_after = cancel_after
+        self.ctx = JobContext(job_id="t", device=cpu, models=cache, on_token=self._token,
+                              on_progress=lambda s, t, stage: self.progress.append((s, t, stage)),
+                              settings=settings or {})
+
+    def _token(self, text: str) -> None:
+        self.tokens.append(text)
+        if self.cancel_after is not None and len(self.tokens) >= self.cancel_after:
+            self.ctx.cancel.set()
+
+
+def job(folder, **kw) -> ChatJob:
+    base = dict(messages=[{"role": "user", "content": "w1 w2 w3"}], model=str(folder), temperature=0.0,
+                max_tokens=12)
+    return ChatJob(**{**base, **kw})
+
+
+def test_tokens_stream_and_join_to_the_result_text(folder, cache, cpu):
+    rec = Recorder(cache, cpu)
+    out = run_chat(job(folder), rec.ctx)
+    assert len(rec.tokens) == 12 and "".join(rec.tokens) == out["text"]
+    assert out["completion_tokens"] == 12 and out["finish_reason"] == "length"
+    assert out["prompt_tokens"] == len("<|im_start|> user w1 w2 w3 <|im_end|> <|im_start|> assistant".split())
+    assert out["model"] == str(folder) and out["context_length"] == 256
+    assert out["ttft_s"] > 0 and out["tokens_per_s"] > 0
+
+
+def test_model_loads_once_with_progress_then_stays_warm(folder, cpu):
+    shared = ModelCache()
+    first, second = Recorder(shared, cpu), Recorder(shared, cpu)
+    run_chat(job(folder, max_tokens=2), first.ctx)
+    run_chat(job(folder, max_tokens=2), second.ctx)
+    assert [p for p in first.progress if p[2] == "loading"][-1] == (3, 3, "loading")
+    assert not [p for p in second.progress if p[2] == "loading"]
+
+
+def test_same_seed_same_answer_other_seed_other_answer(folder, cache, cpu):
+    def text(seed):
+        return run_chat(job(folder, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed),
+                        Recorder(cache, cpu).ctx)
+    a, b, c = text(7), text(7), text(8)
+    assert a["text"] == b["text"] and a["seed"] == 7
+    assert a["text"] != c["text"]
+
+
+def test_stop_string_ends_the_answer_and_is_not_emitted(folder, cache, cpu):
+    full = run_chat(job(folder), Recorder(cache, cpu).ctx)["text"]
+    words = full.split()
+    stop = next(w for i, w in enumerate(words) if i >= 3 and w not in words[:i])
+    cut = full[:full.index(stop)]
+    rec = Recorder(cache, cpu)
+    out = run_chat(job(folder, stop=[stop, "never-there"]), rec.ctx)
+    assert out["text"] == cut and "".join(rec.tokens) == cut
+    assert out["finish_reason"] == "stop"
+
+
+def test_stop_filter_holds_back_a_partial_stop_across_tokens():
+    f = StopFilter(["END"])
+    assert f.feed("abc E") == ("abc ", False)
+    assert f.feed("N") == ("", False)
+    assert f.feed("x") == ("ENx", False)
+    assert f.feed(" yy EN") == (" yy ", False)
+    assert f.feed("D tail") == ("", True)
+
+
+def test_stop_token_from_generation_config_ends_the_answer_unshown(folder, tmp_path, cache, cpu):
+    import shutil
+
+    first_word = run_chat(job(folder), Recorder(cache, cpu).ctx)["text"].split()[0]
+    copy = tmp_path / "eos"
+    shutil.copytree(folder, copy)
+    vocab = json.loads((copy / "tokenizer.json").read_text())["model"]["vocab"]
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [4, vocab[first_word]]}))
+    out = run_chat(job(copy), Recorder(ModelCache(), cpu).ctx)
+    assert out["finish_reason"] == "stop" and out["text"] == "" and out["completion_tokens"] == 0
+
+
+def test_max_tokens_bounds_the_answer(folder, cache, cpu):
+    out = run_chat(job(folder, max_tokens=5), Recorder(cache, cpu).ctx)
+    assert out["completion_tokens"] == 5 and out["finish_reason"] == "length"
+
+
+def test_cancel_stops_within_one_token_after_streaming_the_text(folder, cache, cpu):
+    rec = Recorder(cache, cpu, cancel_after=3)
+    with pytest.raises(JobCancelled):
+        run_chat(job(folder, max_tokens=50), rec.ctx)
+    assert len(rec.tokens) == 3
+
+
+def test_context_overflow_error_says_sizes_and_what_to_do(folder, cache, cpu):
+    long = " ".join(f"w{i % 100}" for i in range(80))
+    rec = Recorder(cache, cpu, settings={"chat_context_length": 64})
+    with pytest.raises(UserError) as err:
+        run_chat(job(folder, messages=[{"role": "user", "content": long}], max_tokens=8), rec.ctx)
+    assert err.value.kind == "context_full"
+    assert "64" in err.value.message and "truncate" in err.value.message
+
+
+def test_context_overflow_truncate_drops_oldest_turns(folder, cache, cpu):
+    turn = " ".join(f"w{i}" for i in range(20))
+    msgs = []
+    for _ in range(3):
+        msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": turn}]
+    msgs.append({"role": "user", "content": "w1 w2"})
+    rec = Recorder(cache, cpu, settings={"chat_context_length": 64})
+    out = run_chat(job(folder, messages=msgs, system="w9", max_tokens=8, overflow="truncate"), rec.ctx)
+    assert out["dropped_turns"] >= 4 and out["prompt_tokens"] + 8 <= 64
+    assert out["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("fields, kind", [
+    (dict(messages=[]), "bad_input"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "bad_input"),
+    (dict(messages=[{"role": "user", "content": 3}]), "bad_input"),
+    (dict(temperature=-1.0), "bad_input"),
+    (dict(top_p=0.0), "bad_input"),
+    (dict(max_tokens=0), "bad_input"),
+    (dict(overflow="shrink"), "bad_input"),
+    (dict(dtype="int3"), "bad_input"),
+    (dict(model="/nonexistent/model.gguf"), "model_not_found"),
+])
+def test_bad_input_is_a_user_error(folder, cache, cpu, fields, kind):
+    with pytest.raises(UserError) as err:
+        run_chat(job(folder, **fields), Recorder(cache, cpu).ctx)
+    assert err.value.kind == kind
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path, cache, cpu):
+    bogus = tmp_path / "notes.gguf"
+    bogus.write_bytes(b"hello, not a model")
+    with pytest.raises(UserError) as err:
+        run_chat(job(bogus), Recorder(cache, cpu).ctx)
+    assert err.value.kind == "bad_model" and "not a GGUF" in err.value.message
+
+
+def test_bundled_smollm2_answers_the_capital_of_france(cache, cpu):
+    pytest.importorskip("studio.models.bundled")
+    rec = Recorder(cache, cpu)
+    out = run_chat(ChatJob(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                           temperature=0.0, max_tokens=24), rec.ctx)
+    assert "Paris" in out["text"], out["text"]
+    assert out["finish_reason"] in ("stop", "length") and out["completion_tokens"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_decode_matches_cpu_greedy(folder, cache, cpu):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    expected = run_chat(job(folder, max_tokens=24), Recorder(cache, cpu).ctx)["text"]
+    gpu = probe("cuda")
+    rec = Recorder(ModelCache(), gpu)
+    out = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)
+    assert out["text"] == expected
+    again = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)  # replays the captured graph
+    assert again["text"] == expected
