@@ -1,0 +1,188 @@
+"""Dequantization of every GGML type we read, and the int8 / int4 weight-only Linear modules."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from studio.engine.quant import (
+    GGUFWeight,
+    Int4Linear,
+    Int8Linear,
+    quantize_int4,
+    quantize_int8,
+    quantize_linear,
+)
+from studio.models.gguf_dequant import GGML_TYPE_BY_NAME, dequantize
+
+QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# Byte offsets of the float16 scale fields in each K-quant block (the rest is any bit pattern).
+K_HALF_FIELDS = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def _random_k_blocks(name: str, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    t = GGML_TYPE_BY_NAME[name]
+    blocks = rng.integers(0, 256, (n_blocks, t.type_size), dtype=np.uint8)
+    for off in K_HALF_FIELDS[name]:  # finite scales: random bytes there could be inf/nan
+        blocks[:, off:off + 2] = rng.uniform(-0.05, 0.05, (n_blocks, 1)).astype(np.float16).view(np.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("name", QUANTIZABLE)
+def test_dequant_matches_gguf_reference_for_quantized_random_data(name):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 256)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[name]
+    raw = x.astype(np.float16).view(np.uint8) if name == "F16" else gguf_quantize(x, qtype)
+    ref = gguf_dequantize(raw, qtype)
+    ours = dequantize(torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8)), qtype.value, (6, 256))
+    assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("name", K_QUANTS)
+def test_dequant_matches_gguf_reference_for_random_k_quant_blocks(name):
+    rng = np.random.default_rng(2)
+    blocks = _random_k_blocks(name, 12, rng)
+    qtype = gguf.GGMLQuantizationType[name]
+    ref = gguf_dequantize(blocks, qtype).reshape(3, 1024)
+    ours = dequantize(torch.from_numpy(blocks), qtype.value, (3, 1024))
+    assert torch.equal(ours, torch.from_numpy(ref.astype(np.float32)))
+
+
+def test_f32_dequant_is_a_view_of_the_bytes():
+    x = torch.randn(4, 8)
+    raw = x.view(torch.uint8)
+    assert torch.equal(dequantize(raw, 0, (4, 8)), x)
+
+
+# --- modules -------------------------------------------------------------------------------------
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("backend,tol", [("dequant", 1e-6), ("int_mm", 2e-4), ("int8pack", 2e-2)])
+def test_int8_linear_matches_float_matmul_of_its_dequantized_weight(backend, tol):
+    torch.manual_seed(0)
+    qw = quantize_int8(torch.randn(96, 64) * 0.05)
+    bias = torch.randn(96)
+    mod = Int8Linear(qw.q, qw.scale, bias, backend=backend)
+    x = torch.randn(2, 3, 64)
+    ref = x @ qw.dequantize().T + bias
+    y = mod(x)
+    assert y.shape == (2, 3, 96) and y.dtype == torch.float32
+    # bf16 kernels (int8pack) round activations to 8 bits of mantissa: 2e-2 of the largest output
+    assert _rel(y, ref) < tol
+
+
+@pytest.mark.parametrize("backend,tol", [("dequant", 1e-6), ("int4pack", 2e-2)])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_linear_matches_float_matmul_of_its_dequantized_weight(backend, tol, group):
+    torch.manual_seed(0)
+    qw = quantize_int4(torch.randn(64, 256) * 0.05, group)
+    mod = Int4Linear(qw.packed, qw.scale, qw.zero, group, bias=None, backend=backend)
+    x = torch.randn(5, 256)
+    assert _rel(mod(x), x @ qw.dequantize().T) < tol
+
+
+def test_default_backends_run_and_agree_with_the_float_path():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    x = torch.randn(1, 128)
+    for mode in ("int8", "int4-32"):
+        qw = quantize_linear(w, mode)
+        assert _rel(qw.to_module()(x), x @ qw.dequantize().T) < 2e-2
+
+
+def test_int8_quantization_error_is_within_half_a_step_per_channel():
+    torch.manual_seed(0)
+    w = torch.randn(128, 64) * torch.rand(128, 1)  # rows of very different scale
+    qw = quantize_int8(w)
+    bound = w.abs().amax(1, keepdim=True) / 254 * (1 + 1e-5)
+    assert ((qw.dequantize() - w).abs() <= bound).all()
+    assert qw.nbytes == 128 * 64 + 128 * 4
+
+
+def test_int4_quantization_error_is_within_half_a_step_per_group():
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+    for group in (32, 64, 128):
+        qw = quantize_int4(w, group)
+        g = w.view(32, -1, group)
+        bound = ((g.amax(-1) - g.amin(-1)) / 30 * (1 + 1e-4) + 1e-6).repeat_interleave(group, dim=1)
+        assert ((qw.dequantize() - w).abs() <= bound).all()
+
+
+def test_int4_rejects_rows_that_are_not_whole_groups():
+    with pytest.raises(ValueError, match="divisible"):
+        quantize_int4(torch.randn(4, 48), 32)
+
+
+def test_all_zero_rows_quantize_to_zero():
+    w = torch.zeros(4, 64)
+    assert torch.equal(quantize_int8(w).dequantize(), w)
+    assert torch.equal(quantize_int4(w, 32).dequantize(), w)
+
+
+# --- GGUF blocks to modules ----------------------------------------------------------------------
+
+def _gguf_weight(x: np.ndarray, name: str) -> tuple[GGUFWeight, torch.Tensor]:
+    qtype = gguf.GGMLQuantizationType[name]
+    raw = np.ascontiguousarray(gguf_quantize(x, qtype)).view(np.uint8)
+    ref = torch.from_numpy(gguf_dequantize(raw, qtype).astype(np.float32))
+    return GGUFWeight(torch.from_numpy(raw), qtype.value, x.shape), ref
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_q4_blocks_map_exactly_to_int4_group_32(name):
+    x = np.random.default_rng(3).standard_normal((48, 128)).astype(np.float32)
+    gw, ref = _gguf_weight(x, name)
+    q4 = gw.to_int4()
+    assert q4.group_size == 32
+    # w = (q - 8) d + (m + 8 d) equals d q + m up to one float rounding of (m + 8 d)
+    assert (q4.dequantize() - ref).abs().max() < 1e-6 * ref.abs().max()
+    mod = gw.to_module(torch.zeros(48))
+    assert isinstance(mod, Int4Linear)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q5_1"])
+def test_other_blocks_requantize_to_int8_with_small_extra_error(name):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 256)).astype(np.float32) * 0.02
+    gw, ref = _gguf_weight(x, name)
+    mod = gw.to_module()
+    assert isinstance(mod, Int8Linear)
+    requant = mod.q.float() * mod.scale[:, None]
+    # per-channel int8 error: at most half a step of the row's range; rms ~1% of the weights' rms
+    assert ((requant - ref).abs() <= ref.abs().amax(1, keepdim=True) / 254 * 1.0001).all()
+    assert float((requant - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.02
+
+
+def test_k_quant_weight_to_module_computes_its_dequantized_matmul():
+    rng = np.random.default_rng(5)
+    blocks = _random_k_blocks("Q4_K", 8, rng)  # 4 rows of 512
+    gw = GGUFWeight(torch.from_numpy(blocks).view(4, -1), GGML_TYPE_BY_NAME["Q4_K"].id, (4, 512))
+    x = torch.randn(3, 512)
+    ref = x @ gw.dequantize().T
+    assert _rel(gw.to_module(mode="float")(x), ref) < 1e-6
+    assert _rel(gw.to_module()(x), ref) < 3e-2  # int8 requant + bf16 kernel
+    assert torch.equal(gw.rows(torch.tensor([[2, 0]])), gw.dequantize()[[2, 0]].unsqueeze(0))
+
+
+def test_requantizing_real_smollm2_q4_1_weights_costs_little():
+    """The bundled model's Q4_1 matrices: exact int4, and what int8 requantization would add."""
+    from studio.models.bundled import default_chat_model
+    from studio.models.gguf_llm import load_gguf_llm
+
+    sd = load_gguf_llm(default_chat_model()).state_dict
+    w = sd["model.layers.0.mlp.down_proj.weight"]
+    assert isinstance(w, GGUFWeight) and w.type_name == "Q4_1" and w.shape == (576, 1536)
+    ref = w.dequantize()
+    assert (w.to_int4().dequantize() - ref).abs().max() < 1e-6 * ref.abs().max()
+    err = w.to_int8().dequantize() - ref
+    assert float(err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.03
