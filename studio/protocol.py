@@ -154,7 +154,7 @@ def decode(frame: bytes, allowed: dict[str, dict[str, tuple]] | None = None) -> 
         raise ProtocolError("header has no message type")
     sizes = header.pop("payloads", [])
     if not isinstance(sizes, list) or len(sizes) > MAX_PAYLOADS:
-        raise ProtocolError("payloads must be a list of at most %d sizes" % MAX_PAYLOADS)
+        raise ProtocolError(f"payloads must be a list of at most {MAX_PAYLOADS} sizes")
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
         raise ProtocolError("payload sizes must be non-negative integers")
     if end + sum(sizes) != len(frame):

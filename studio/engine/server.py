@@ -1,0 +1,337 @@
+"""The engine process: accept one authenticated client, queue its jobs, run them on one worker.
+
+Threads:
+  main    reads frames from the client and answers control messages at once
+          (status, ping, cancel), so they work while a job runs;
+  worker  takes jobs from the queue in order and runs the pipeline for each;
+  stdin   watches the parent: when the GUI or CLI that started us dies, its end of
+          our stdin closes and we exit instead of lingering as an orphan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+from studio import __version__, protocol
+from studio.engine.context import CancelToken, JobCancelled, JobContext, ModelCache, UserError
+from studio.protocol import Message, ProtocolError
+
+log = logging.getLogger("studio.engine")
+
+# Previews are for eyes: more than this many per second only costs bandwidth.
+PREVIEW_MIN_INTERVAL_S = 0.1
+
+
+@dataclass
+class QueuedJob:
+    job_id: str
+    job: Any
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+
+def _pipelines() -> dict[str, Callable[[Any, JobContext], dict]]:
+    """Job kind -> pipeline function. Imported lazily: a pipeline's imports cost seconds."""
+
+    def selftest(job, ctx):
+        from studio.engine.pipelines.selftest import run_selftest
+
+        return run_selftest(job, ctx)
+
+    def chat(job, ctx):
+        from studio.engine.pipelines.chat import run_chat
+
+        return run_chat(job, ctx)
+
+    def image(job, ctx):
+        from studio.engine.pipelines.image import run_image
+
+        return run_image(job, ctx)
+
+    def video(job, ctx):
+        try:
+            from studio.engine.pipelines.video import run_video
+        except ImportError:
+            raise UserError("unsupported", "Video generation is not available in this version of Studio yet.") from None
+        return run_video(job, ctx)
+
+    return {"selftest": selftest, "chat": chat, "image": image, "video": video}
+
+
+class Engine:
+    def __init__(self, conn: Connection, device_override: str = "auto", vram_budget: int = 0,
+                 reserve: int = 0, settings: dict | None = None) -> None:
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self._queue: collections.deque[QueuedJob] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: QueuedJob | None = None
+        self._stop = False
+        self.models = ModelCache()
+        self.settings = settings or {}
+        self.pipelines = _pipelines()
+        from studio.engine.device import probe
+
+        try:
+            self.device = probe(device_override, vram_budget=vram_budget, reserve=reserve)
+        except ValueError as exc:
+            # A stale device override (a removed GPU) must not leave the user without an engine.
+            self.device = probe("auto", vram_budget=vram_budget, reserve=reserve)
+            self.device.extra["warning"] = f"{exc}; using {self.device.label()} instead"
+
+    # -- sending ---------------------------------------------------------------
+    def send(self, type_: str, payloads: list[bytes] | None = None, **fields: Any) -> None:
+        frame = protocol.encode(protocol.make(type_, payloads, **fields))
+        with self._send_lock:
+            try:
+                self.conn.send_bytes(frame)
+            except (OSError, EOFError, ValueError):
+                # The client is gone; the main loop notices and shuts down.
+                self._stop = True
+
+    def error(self, job_id: str | None, kind: str, message: str, detail: str = "") -> None:
+        self.send("error", job_id=job_id, kind=kind, message=message, detail=detail)
+
+    # -- main loop -------------------------------------------------------------
+    def serve(self) -> None:
+        worker = threading.Thread(target=self._work, name="studio-worker", daemon=True)
+        worker.start()
+        self.send("welcome", engine_version=__version__, pid=os.getpid())
+        while not self._stop:
+            try:
+                frame = self.conn.recv_bytes(protocol.MAX_FRAME_BYTES)
+            except (EOFError, OSError):
+                break
+            try:
+                msg = protocol.decode(frame, protocol.CLIENT_MESSAGES)
+            except ProtocolError as exc:
+                self.error(None, "protocol", f"Rejected a malformed message: {exc}")
+                continue
+            try:
+                self._handle(msg)
+            except Exception as exc:  # a bug in a handler must not kill the engine
+                log.exception("handler failed")
+                self.error(msg.get("job_id"), "internal", f"The engine could not handle {msg.type}: {exc}",
+                           traceback.format_exc())
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._stop = True
+            if self._running:
+                self._running.cancel.set()
+            self._cond.notify_all()
+
+    def _handle(self, msg: Message) -> None:
+        match msg.type:
+            case "hello" | "ping":
+                if msg.type == "ping":
+                    self.send("pong", seq=msg["seq"])
+            case "submit":
+                self._submit(msg["job_id"], msg["job"])
+            case "cancel":
+                self._cancel(msg["job_id"])
+            case "status":
+                self.send_status()
+            case "unload":
+                dropped = self.models.unload(msg["model"])
+                self._free_memory()
+                self.send("unloaded", models=dropped)
+                self.send_status()
+            case "shutdown":
+                self._stop = True
+
+    def _submit(self, job_id: str, data: dict) -> None:
+        try:
+            job = protocol.job_from_dict(data)
+        except ProtocolError as exc:
+            self.error(job_id, "bad_input", str(exc))
+            return
+        if job.kind not in self.pipelines:
+            self.error(job_id, "unsupported", f"This engine cannot run {job.kind} jobs.")
+            return
+        with self._cond:
+            if any(q.job_id == job_id for q in self._queue) or (self._running and self._running.job_id == job_id):
+                self.error(job_id, "bad_input", f"job id {job_id} is already queued")
+                return
+            self._queue.append(QueuedJob(job_id, job))
+            position = len(self._queue) - 1 + (1 if self._running else 0)
+            self._cond.notify_all()
+        self.send("accepted", job_id=job_id, position=position)
+
+    def _cancel(self, job_id: str) -> None:
+        with self._cond:
+            if self._running and self._running.job_id == job_id:
+                self._running.cancel.set()  # the worker reports `cancelled` at its next check
+                return
+            for queued in list(self._queue):
+                if queued.job_id == job_id:
+                    self._queue.remove(queued)
+                    break
+            else:
+                return  # already finished: nothing to do
+        self.send("cancelled", job_id=job_id)
+
+    def send_status(self) -> None:
+        with self._cond:
+            queue = [q.job_id for q in self._queue]
+            running = self._running.job_id if self._running else None
+        self.send("engine_status", device=self.device.to_dict(), memory=self._memory(), models=self.models.summary(),
+                  queue=queue, running=running)
+
+    def _memory(self) -> dict:
+        from studio.engine.device import ram_info
+
+        total_ram, free_ram = ram_info()
+        info: dict[str, Any] = {"ram_total": total_ram, "ram_free": free_ram, "rss": _rss_bytes(),
+                                "budget": self.device.vram_budget}
+        if self.device.kind in ("cuda", "rocm"):
+            import torch
+
+            index = torch.device(self.device.torch_device).index or 0
+            free, total = torch.cuda.mem_get_info(index)
+            info.update(vram_total=total, vram_free=free, vram_used=torch.cuda.memory_allocated(index))
+        return info
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.kind in ("cuda", "rocm"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # -- worker ----------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                item = self._queue.popleft()
+                self._running = item
+            try:
+                self._run(item)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _run(self, item: QueuedJob) -> None:
+        job_id = item.job_id
+        last_preview = [0.0]
+
+        def on_preview(data: bytes, mime: str, width: int, height: int) -> None:
+            now = time.monotonic()
+            if now - last_preview[0] >= PREVIEW_MIN_INTERVAL_S:
+                last_preview[0] = now
+                self.send("preview", [data], job_id=job_id, mime=mime, width=width, height=height)
+
+        ctx = JobContext(
+            job_id=job_id,
+            device=self.device,
+            cancel=item.cancel,
+            models=self.models,
+            on_progress=lambda step, total, stage: self.send("progress", job_id=job_id, step=int(step),
+                                                             total=int(total), stage=stage),
+            on_token=lambda text: self.send("token", job_id=job_id, text=text),
+            on_preview=on_preview,
+            settings=self.settings,
+        )
+        self.send("started", job_id=job_id)
+        try:
+            item.cancel.check()
+            result = self.pipelines[item.job.kind](item.job, ctx)
+        except JobCancelled:
+            self.send("cancelled", job_id=job_id)
+        except UserError as exc:
+            self.error(job_id, exc.kind, exc.message, exc.detail)
+        except MemoryError:
+            self._free_memory()
+            self.error(job_id, "out_of_memory", "The engine ran out of RAM. Close other programs, pick a smaller "
+                       "model or a quantized one, and try again.", traceback.format_exc())
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+                self._free_memory()
+                self.error(job_id, "out_of_memory", "The GPU ran out of memory. Lower the resolution or batch, set a "
+                           "smaller VRAM budget in Settings so Studio offloads, or pick a quantized model.",
+                           traceback.format_exc())
+            else:
+                log.exception("job %s failed", job_id)
+                self.error(job_id, "internal", f"The job failed: {type(exc).__name__}: {exc}", traceback.format_exc())
+        else:
+            self.send("result", job_id=job_id, result=result)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _watch_parent() -> None:
+    """Exit when our stdin closes: the process that started us is gone."""
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="studio engine", description="Studio engine process (started by the app)")
+    parser.add_argument("--address", required=True, help="socket path (Unix) or pipe name (Windows)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--vram-budget", default="")
+    parser.add_argument("--reserve", default="")
+    parser.add_argument("--settings-json", default="{}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s", stream=sys.stderr)
+
+    import json
+
+    from studio.engine.device import parse_size
+
+    # The authkey arrives as the first line on stdin, never on the command line or in the environment.
+    key_line = sys.stdin.buffer.readline().strip()
+    if len(key_line) < 32:
+        print("engine: no authkey on stdin", file=sys.stderr)
+        return 2
+    authkey = bytes.fromhex(key_line.decode())
+    family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
+    listener = Listener(args.address, family=family, authkey=authkey)
+    if family == "AF_UNIX":
+        os.chmod(args.address, 0o600)
+    threading.Thread(target=_watch_parent, name="studio-parent-watch", daemon=True).start()
+    while True:
+        try:
+            conn = listener.accept()
+            break
+        except Exception as exc:  # wrong authkey or a stray connection: refuse it, keep listening
+            log.warning("refused a connection: %s", exc)
+    listener.close()
+    engine = Engine(conn, args.device, parse_size(args.vram_budget) if args.vram_budget else 0,
+                    parse_size(args.reserve) if args.reserve else 0, json.loads(args.settings_json))
+    engine.serve()
+    conn.close()
+    os._exit(0)  # worker threads may be inside torch; don't wait for them
+
+
+if __name__ == "__main__":
+    sys.exit(main())

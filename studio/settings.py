@@ -1,0 +1,70 @@
+"""User settings: one JSON file, written atomically, with defaults for anything missing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from studio.paths import Paths
+
+log = logging.getLogger("studio.settings")
+
+
+@dataclass
+class Settings:
+    model_folders: list[str] = field(default_factory=list)  # scanned for models (ComfyUI, A1111, HF cache...)
+    outputs_folder: str = ""  # "" = the platform's Pictures/Studio
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps, xpu
+    vram_budget: str = ""  # "" = all of it (minus the reserve); e.g. "6GiB"
+    vram_reserve: str = "1GiB"  # left free for the desktop and other apps
+    theme: str = "system"  # system, light, dark
+    window_geometry: str = ""  # hex of QWidget.saveGeometry()
+    window_state: str = ""
+    last_tab: int = 2  # Chat: the one thing that works with no model installed
+
+    @classmethod
+    def load(cls, paths: Paths) -> Settings:
+        path = settings_path(paths)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            # Keep the damaged file for the user; start from defaults rather than refuse to open.
+            log.warning("settings file %s is unreadable (%s); using defaults", path, exc)
+            try:
+                path.replace(path.with_suffix(".json.broken"))
+            except OSError:
+                pass
+            return cls()
+        known = {f.name: f for f in fields(cls)}
+        clean = {}
+        for key, value in data.items() if isinstance(data, dict) else ():
+            if key in known and isinstance(value, type(getattr(cls(), key))):
+                clean[key] = value
+        return cls(**clean)
+
+    def save(self, paths: Paths) -> None:
+        path = settings_path(paths)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(asdict(self), fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def outputs_path(self, paths: Paths) -> Path:
+        return Path(self.outputs_folder).expanduser() if self.outputs_folder else paths.outputs
+
+
+def settings_path(paths: Paths) -> Path:
+    return paths.config / "settings.json"

@@ -1,0 +1,48 @@
+"""Shared fixtures. One engine process for the whole session; every test gets a private STUDIO_HOME."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Tests never touch the user's real folders: everything lives under one temp home per session.
+_SESSION_HOME = tempfile.mkdtemp(prefix="studio-test-home-")
+os.environ["STUDIO_HOME"] = _SESSION_HOME
+atexit.register(shutil.rmtree, _SESSION_HOME, True)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def studio_home() -> str:
+    return _SESSION_HOME
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """One real engine subprocess over the real socket, shared by the session's engine tests."""
+    from studio.client import EngineClient, EngineOptions
+    from studio.paths import Paths
+
+    client = EngineClient(Paths.default(), EngineOptions(device="cpu", hang_timeout_s=60))
+    client.start()
+    yield client
+    client.close()
