@@ -308,3 +308,62 @@ def test_rescan_notices_a_changed_file(lib, home):
     os.utime(f, (1, 1))
     r = scan(lib, [home / "m"])
     assert r.updated == ["x"] and lib.get("x").family == "flux" and lib.get("x").sha256 is None
+
+
+# --- the `studio models` command -----------------------------------------------------------------
+
+def cli(*argv: str) -> int:
+    from studio.cli_models import main
+    return main(list(argv))
+
+
+def test_cli_info_prints_family_role_params_estimates_and_markers(home, capsys):
+    from library_fixtures import smollm2_gguf
+    assert cli("info", str(smollm2_gguf())) == 0
+    out = capsys.readouterr().out
+    assert "family:      llama" in out and "role:        llm" in out and "dtype:       Q4_1" in out
+    assert "parameters:  134.5M" in out and "VRAM to run" in out and "general.architecture=llama" in out
+
+
+def test_cli_info_json_is_one_object(home, capsys):
+    import json
+    f = model(home / "flux.safetensors", "flux_dev")
+    assert cli("info", str(f), "--json") == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["family"], d["variant"], d["role"]) == ("flux", "dev", "diffusion_model")
+
+
+def test_cli_add_list_remove_round_trip(home, capsys):
+    import json
+    f = model(home / "m" / "sd.safetensors")
+    assert cli("add", str(f), "--family", "sd2") == 0
+    assert cli("list", "--json") == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    (entry,) = json.loads(out)["models"]
+    assert entry["name"] == "sd" and entry["effective_family"] == "sd2"
+    assert cli("list", "--role", "lora") == 0
+    assert "no models yet" in capsys.readouterr().out
+    assert cli("list") == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:5] == ["NAME", "FAMILY", "VARIANT", "ROLE", "SIZE"] and "sd2" in table
+    assert cli("remove", "sd") == 0
+    assert f.exists() and "file kept" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_on_stderr_with_exit_code_2(home, capsys):
+    bad = home / "bad.safetensors"
+    bad.write_bytes((10**9).to_bytes(8, "little") + b"{}")  # header length larger than the file
+    assert cli("info", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("studio models: ") and err.count("\n") == 1
+    assert cli("remove", "nothing") == 2
+    assert "no model named 'nothing'" in capsys.readouterr().err
+    assert cli("scan", str(home / "nope")) == 2
+    assert cli("add", str(home / "missing.gguf")) == 2
+
+
+def test_cli_scan_reports_what_it_found(home, capsys):
+    m = comfy_tree(home)
+    assert cli("scan", str(m)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("8 added") and "  + sd15" in out

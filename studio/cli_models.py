@@ -1,0 +1,166 @@
+"""`studio models ...`: inspect, add, list, remove and scan models. Imports neither torch nor Qt.
+
+Also runs standalone: `python -m studio.cli_models info FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from studio.library.detect import ROLES, Detection, detect
+from studio.library.headers import HeaderError
+from studio.library.library import Library, LibraryError, ModelEntry
+from studio.library.scan import default_locations, scan
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `models` and its sub-commands on an argparse sub-parser set."""
+    p = subparsers.add_parser("models", help="inspect, add, list, remove and scan models",
+                              description="Model library: what a file is, and which models Studio knows.")
+    sub = p.add_subparsers(dest="models_command", metavar="COMMAND")
+    sub.required = True
+    info = sub.add_parser("info", help="what a model file or folder is (reads headers only)")
+    info.add_argument("file", metavar="FILE")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    add = sub.add_parser("add", help="register a model (in place by default)")
+    add.add_argument("path", metavar="PATH")
+    how = add.add_mutually_exclusive_group()
+    how.add_argument("--copy", action="store_true", help="copy it into Studio's models folder")
+    how.add_argument("--link", action="store_true", help="symlink it into Studio's models folder")
+    add.add_argument("--family", metavar="F", help="override the detected family")
+    add.add_argument("--name", help="name in the library (default: the file name)")
+    add.add_argument("--json", action="store_true")
+    ls = sub.add_parser("list", help="installed models")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--role", choices=ROLES, metavar="R", help="only this role: " + ", ".join(ROLES))
+    rm = sub.add_parser("remove", help="forget a model; its file stays unless --delete-file")
+    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("--delete-file", action="store_true", help="also delete the file from disk")
+    sc = sub.add_parser("scan", help="register models from folders other tools use")
+    sc.add_argument("folders", nargs="*", metavar="FOLDER",
+                    help="folders to scan (default: ComfyUI, A1111, HF cache, LM Studio, Ollama if present)")
+    sc.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute a parsed `models` command. Returns the exit code (2 on a user error)."""
+    try:
+        match args.models_command:
+            case "info":
+                det = detect(args.file)
+                _out(args, det.to_dict(), lambda: _format_detection(det))
+                return 0
+            case "add":
+                mode = "copy" if args.copy else "link" if args.link else "inplace"
+                with Library() as lib:
+                    e = lib.add(args.path, mode=mode, family=args.family, name=args.name)
+                _out(args, e.to_dict(), lambda: f"added {e.name!r}: {_describe(e)}\n  {e.path}")
+            case "list":
+                with Library() as lib:
+                    entries = lib.list(role=args.role)
+                _out(args, {"models": [e.to_dict() for e in entries]}, lambda: _table(entries))
+            case "remove":
+                with Library() as lib:
+                    e = lib.remove(args.name, delete_file=args.delete_file)
+                kept = "file deleted" if args.delete_file else "file kept"
+                print(f"removed {e.name!r} ({kept}: {e.path})")
+            case "scan":
+                folders = args.folders or default_locations()
+                if not folders:
+                    raise LibraryError("no known model folders on this machine; pass the folders to scan")
+                absent = [str(f) for f in folders if not Path(f).expanduser().is_dir()]
+                if absent:
+                    raise LibraryError(f"not a folder: {', '.join(absent)}; pass folders that hold models")
+                with Library() as lib:
+                    report = scan(lib, folders)
+                _out(args, {"added": report.added, "updated": report.updated, "missing": report.missing,
+                            "returned": report.returned, "unchanged": report.unchanged,
+                            "errors": [{"path": p, "message": m} for p, m in report.errors]},
+                     lambda: _format_scan(report))
+            case _:
+                raise LibraryError(f"unknown models command {args.models_command!r}")
+    except (HeaderError, LibraryError, OSError) as e:
+        print(f"studio models: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(e: Exception) -> str:
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if isinstance(e, OSError) and e.filename:
+        text = f"{e.filename}: {text}"
+    return " ".join(text.split())
+
+
+def _out(args: argparse.Namespace, obj: dict, human: Any) -> None:
+    print(json.dumps(obj, default=str) if getattr(args, "json", False) else human())
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def human_count(n: int) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def _format_detection(d: Detection) -> str:
+    rows = [("family", d.family), ("variant", d.variant or "-"), ("role", d.role.replace("_", " ")),
+            ("format", f"{d.format} ({d.layout})" if d.layout else d.format), ("dtype", d.dtype or "-"),
+            ("parameters", f"{human_count(d.params)} ({d.params:,})"), ("file size", human_bytes(d.file_size)),
+            ("RAM to run", f"~{human_bytes(d.ram_bytes)} (CPU)"),
+            ("VRAM to run", f"~{human_bytes(d.vram_bytes)} (fully on GPU)")]
+    if d.prediction:
+        rows.append(("prediction", d.prediction))
+    if d.compatible:
+        rows.append(("works with", ", ".join(d.compatible)))
+    lines = [f"{k + ':':<12} {v}" for k, v in rows]
+    lines.append("matched:     " + (", ".join(d.markers[:8]) or "-") + (" ..." if len(d.markers) > 8 else ""))
+    lines += [f"note:        {n}" for n in d.notes]
+    return "\n".join(lines)
+
+
+def _describe(e: ModelEntry) -> str:
+    fam = e.effective_family + (f" (detected {e.family})" if e.family_override else "")
+    return f"{fam} {e.variant} {e.role.replace('_', ' ')}, {human_bytes(e.size)}"
+
+
+def _table(entries: list[ModelEntry]) -> str:
+    if not entries:
+        return "no models yet: `studio models add FILE` or `studio models scan FOLDER`"
+    head = ("NAME", "FAMILY", "VARIANT", "ROLE", "SIZE", "WHERE")
+    rows = [(e.name.replace("\n", " "), e.effective_family, e.variant, e.role, human_bytes(e.size),
+             "MISSING " + str(e.path) if e.missing else str(e.path)) for e in entries]
+    widths = [min(40, max(len(r[i]) for r in [head, *rows])) for i in range(5)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    return "\n".join(fmt.format(*(c[:40] if i < 5 else c for i, c in enumerate(r))) for r in [head, *rows])
+
+
+def _format_scan(r: Any) -> str:
+    lines = [r.summary()]
+    lines += [f"  + {n}" for n in r.added] + [f"  ~ {n}" for n in r.updated]
+    lines += [f"  - {n} (missing)" for n in r.missing] + [f"  ! {p}: {m}" for p, m in r.errors]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="studio")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(["models", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
