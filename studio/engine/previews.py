@@ -1,0 +1,201 @@
+"""Live previews: latent -> small RGB image every step.
+
+The cheap path is a per-family linear map from latent channels to RGB (one matmul per step,
+always on). When the user has installed a TAESD decoder for the family, `TAESD` gives a
+sharper preview for a few milliseconds on a GPU.
+
+Both take the latent in the diffusion model's space (after the VAE scale/shift, and for Wan
+after its per-channel normalisation), i.e. the sampler's `denoised`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+# Latent -> RGB factors, (C, 3) plus an RGB bias, applied as rgb = latent . factors + bias, giving
+# roughly [-1, 1]. Values from ComfyUI's comfy/latent_formats.py (classes SD15, SDXL, SD3, Flux,
+# Wan21), fitted by its authors on real VAE decodes; they are measured data, not code.
+LATENT_RGB: dict[str, tuple[list[list[float]], list[float]]] = {
+    "sd1": ([[0.3512, 0.2297, 0.3227],
+             [0.3250, 0.4974, 0.2350],
+             [-0.2829, 0.1762, 0.2721],
+             [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
+    "sdxl": ([[0.3651, 0.4232, 0.4341],
+              [-0.2533, -0.0042, 0.1068],
+              [0.1076, 0.1111, -0.0362],
+              [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
+    "sd3": ([[-0.0922, -0.0175, 0.0749],
+             [0.0311, 0.0633, 0.0954],
+             [0.1994, 0.0927, 0.0458],
+             [0.0856, 0.0339, 0.0902],
+             [0.0587, 0.0272, -0.0496],
+             [-0.0006, 0.1104, 0.0309],
+             [0.0978, 0.0306, 0.0427],
+             [-0.0042, 0.1038, 0.1358],
+             [-0.0194, 0.0020, 0.0669],
+             [-0.0488, 0.0130, -0.0268],
+             [0.0922, 0.0988, 0.0951],
+             [-0.0278, 0.0524, -0.0542],
+             [0.0332, 0.0456, 0.0895],
+             [-0.0069, -0.0030, -0.0810],
+             [-0.0596, -0.0465, -0.0293],
+             [-0.1448, -0.1463, -0.1189]], [0.2394, 0.2135, 0.1925]),
+    "flux": ([[-0.0346, 0.0244, 0.0681],
+              [0.0034, 0.0210, 0.0687],
+              [0.0275, -0.0668, -0.0433],
+              [-0.0174, 0.0160, 0.0617],
+              [0.0859, 0.0721, 0.0329],
+              [0.0004, 0.0383, 0.0115],
+              [0.0405, 0.0861, 0.0915],
+              [-0.0236, -0.0185, -0.0259],
+              [-0.0245, 0.0250, 0.1180],
+              [0.1008, 0.0755, -0.0421],
+              [-0.0515, 0.0201, 0.0011],
+              [0.0428, -0.0012, -0.0036],
+              [0.0817, 0.0765, 0.0749],
+              [-0.1264, -0.0522, -0.1103],
+              [-0.0280, -0.0881, -0.0499],
+              [-0.1262, -0.0982, -0.0778]], [-0.0329, -0.0718, -0.0851]),
+    "wan": ([[-0.1299, -0.1692, 0.2932],
+             [0.0671, 0.0406, 0.0442],
+             [0.3568, 0.2548, 0.1747],
+             [0.0372, 0.2344, 0.1420],
+             [0.0313, 0.0189, -0.0328],
+             [0.0296, -0.0956, -0.0665],
+             [-0.3477, -0.4059, -0.2925],
+             [0.0166, 0.1902, 0.1975],
+             [-0.0412, 0.0267, -0.1364],
+             [-0.1293, 0.0740, 0.1636],
+             [0.0680, 0.3019, 0.1128],
+             [0.0032, 0.0581, 0.0639],
+             [-0.1251, 0.0927, 0.1699],
+             [0.0060, -0.0633, 0.0005],
+             [0.3477, 0.2275, 0.2950],
+             [0.1984, 0.0913, 0.1861]], [-0.1835, -0.0868, -0.3360]),
+}
+LATENT_RGB["sd2"] = LATENT_RGB["sd1"]  # same VAE and scale
+VIDEO_FAMILIES = {"wan"}
+
+
+def _frame(latent: torch.Tensor, family: str, frame: int) -> torch.Tensor:
+    """Pick the first batch item (and one frame of a video latent): -> (C, h, w)."""
+    video = family in VIDEO_FAMILIES
+    if latent.ndim == (5 if video else 4):
+        latent = latent[0]
+    if video:
+        if latent.ndim != 4:
+            raise ValueError(f"a {family} latent is (B, C, T, h, w) or (C, T, h, w), got {tuple(latent.shape)}")
+        latent = latent[:, frame]
+    if latent.ndim != 3:
+        raise ValueError(f"an image latent is (B, C, h, w) or (C, h, w), got {tuple(latent.shape)}")
+    return latent
+
+
+def latent_to_rgb(latent: torch.Tensor, family: str, frame: int = 0) -> np.ndarray:
+    """(B, C, h, w) / (C, h, w) latent (video: (B, C, T, h, w), one frame) -> uint8 (h, w, 3)."""
+    if family not in LATENT_RGB:
+        raise ValueError(f"no preview factors for {family!r}: known are {', '.join(sorted(LATENT_RGB))}")
+    factors, bias = LATENT_RGB[family]
+    z = _frame(latent.detach(), family, frame).float()
+    if z.shape[0] != len(factors):
+        raise ValueError(f"{family} previews expect {len(factors)} latent channels, got {z.shape[0]}")
+    weight = torch.tensor(factors, dtype=torch.float32, device=z.device)  # (C, 3)
+    rgb = torch.einsum("chw,cr->hwr", z, weight) + torch.tensor(bias, device=z.device)  # (h, w, 3) in ~[-1, 1]
+    return _to_uint8(rgb)
+
+
+def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """(h, w, 3) in [-1, 1] -> uint8 numpy."""
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def rgb_to_jpeg(rgb: np.ndarray, max_side: int = 256, quality: int = 80) -> tuple[bytes, int, int]:
+    """uint8 (H, W, 3) -> (JPEG bytes, width, height), shrunk so the longer side is at most max_side."""
+    img = Image.fromarray(rgb, "RGB")
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), img.width, img.height
+
+
+def preview_jpeg(latent: torch.Tensor, family: str, max_side: int = 256, taesd: TAESD | None = None) -> bytes:
+    """The JPEG the engine sends as a `preview` event: TAESD when given, else the linear projection."""
+    rgb = taesd.to_rgb(latent, family) if taesd is not None else latent_to_rgb(latent, family)
+    return rgb_to_jpeg(rgb, max_side)[0]
+
+
+# ---------------------------------------------------------------- TAESD (madebyollin/taesd decoder)
+
+
+def _conv(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+
+
+class TAESDBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(_conv(channels, channels), nn.ReLU(), _conv(channels, channels), nn.ReLU(),
+                                  _conv(channels, channels))
+        self.skip = nn.Identity()
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class TAESD(nn.Module):
+    """Tiny AutoEncoder decoder: (B, C, h, w) model-space latent -> (B, 3, 8h, 8w) image in [0, 1].
+
+    Module indices follow diffusers' `decoder.layers.N`; the original taesd files number the same
+    layers from 1 (index 0 there is the input clamp, which we apply in forward).
+    """
+
+    def __init__(self, latent_channels: int = 4, channels: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv(latent_channels, channels), nn.ReLU()]
+        for level in range(4):
+            final = level == 3
+            layers += [TAESDBlock(channels) for _ in range(1 if final else 3)]
+            if not final:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(channels, channels, bias=False)]
+        layers.append(_conv(channels, 3))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(torch.tanh(z / 3) * 3)
+
+    @torch.no_grad()
+    def to_rgb(self, latent: torch.Tensor, family: str = "sd1", frame: int = 0) -> np.ndarray:
+        """Same contract as latent_to_rgb: one image as uint8 (8h, 8w, 3)."""
+        p = next(self.parameters())
+        z = _frame(latent.detach(), family, frame)[None].to(p.device, p.dtype)
+        img = self(z)[0].float()  # (3, H, W) in [0, 1]
+        return _to_uint8(img.permute(1, 2, 0) * 2 - 1)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> TAESD:
+        """Load a TAESD/TAESDXL/TAESD3/TAEF1 decoder from the diffusers layout (`decoder.layers.N.*`),
+        a full taesd file (`decoder.N.*`) or a decoder-only taesd file (`N.*`)."""
+        out = {}
+        for key, tensor in sd.items():
+            if m := re.match(r"decoder\.layers\.(\d+)\.(.*)", key):
+                index, rest = int(m[1]), m[2]
+            elif m := re.match(r"(?:decoder\.|taesd_decoder\.)?(\d+)\.(.*)", key):
+                index, rest = int(m[1]) - 1, m[2]  # original numbering starts with the clamp at 0
+            else:
+                continue  # encoder weights or metadata of a full TAESD file
+            out[f"layers.{index}.{rest}"] = tensor
+        if "layers.0.weight" not in out:
+            raise ValueError("not a TAESD decoder: no first conv (decoder.layers.0 / 1.weight) in the file")
+        latent_channels, channels = int(out["layers.0.weight"].shape[1]), int(out["layers.0.weight"].shape[0])
+        with torch.device("meta"):
+            model = cls(latent_channels, channels)
+        model.load_state_dict(out, strict=True, assign=True)
+        return model.eval()
