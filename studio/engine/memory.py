@@ -540,12 +540,13 @@ def quantize_model(module: nn.Module, mode: str,
                    skip: Callable[[str, nn.Linear], bool] | None = None) -> QuantSummary:
     """Replace every nn.Linear of `module` (in place) by a weight-only quantized module.
 
-    int8 (per channel) and int4 (group-wise) come from studio.engine.quant; fp8 is e4m3 storage with
+    int8 (per channel) and int4 (group-wise, default group 64) come from studio.engine.quant; fp8 is e4m3 storage with
     per-channel scales (Fp8Linear). `skip(name, linear)` keeps chosen layers in full precision; layers
     whose shape the format cannot take (e.g. in_features not a multiple of the int4 group) are kept too.
     """
-    if mode not in QUANT_MODES:
-        raise UserError("bad_input", f"unknown quantization {mode!r}: choose one of {', '.join(QUANT_MODES)}")
+    if mode not in QUANT_MODES and mode not in ("int4-32", "int4-64", "int4-128"):
+        raise UserError("bad_input", f"unknown quantization {mode!r}: choose one of {', '.join(QUANT_MODES)} "
+                        "(int4 takes a group size too: int4-32, int4-64, int4-128)")
     if mode == "fp8":
         from studio.engine.offload import Fp8Linear, fp8_supported
 
@@ -572,6 +573,10 @@ def quantize_model(module: nn.Module, mode: str,
     for name, lin in targets:
         if skip is not None and skip(name, lin):
             skipped[name] = "kept in full precision on request"
+            continue
+        if mode == "int8" and lin.in_features % 16:
+            # torch 2.13's packed int8 CPU kernel crashes the process on such shapes; a tiny layer anyway.
+            skipped[name] = f"in_features {lin.in_features} is not a multiple of 16"
             continue
         try:
             new = convert(lin)
