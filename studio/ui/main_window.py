@@ -1,0 +1,349 @@
+"""The main window: Image, Video and Chat tabs, the engine status bar, settings, model drops."""
+
+from __future__ import annotations
+
+import logging
+
+from PySide6.QtCore import QByteArray, Qt, QUrl, Signal
+from PySide6.QtGui import QAction, QDesktopServices, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QDockWidget,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio import __version__
+from studio.client import EngineOptions
+from studio.paths import Paths
+from studio.settings import Settings
+from studio.ui.engine_qt import QtEngine
+from studio.ui.settings_dialog import SettingsDialog
+from studio.ui.theme import app_icon, apply_theme
+
+log = logging.getLogger("studio.ui")
+
+GiB = 1 << 30
+
+STATE_TEXT = {
+    "starting": ("#d9a441", "Engine starting…"),
+    "ready": ("#4caf50", "Engine ready"),
+    "busy": ("#e8704f", "Engine busy"),
+    "restarting": ("#d9a441", "Engine restarting after a crash…"),
+    "stopped": ("#d9534f", "Engine stopped"),
+}
+
+
+class EmptyState(QWidget):
+    """What a tab shows before it has anything to do: what it is for and the next step."""
+
+    def __init__(self, title: str, body: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        t = QLabel(title)
+        t.setObjectName("EmptyTitle")
+        t.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        b = QLabel(body)
+        b.setObjectName("EmptyBody")
+        b.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        b.setWordWrap(True)
+        b.setEnabled(False)
+        layout = QVBoxLayout(self)
+        layout.addStretch()
+        layout.addWidget(t)
+        layout.addWidget(b)
+        layout.addStretch()
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(device=settings.device, vram_budget=settings.vram_budget, reserve=settings.vram_reserve)
+
+
+class MainWindow(QMainWindow):
+    files_dropped = Signal(list)  # local paths dropped on the window
+
+    def __init__(self, paths: Paths, settings: Settings, engine: QtEngine | None = None) -> None:
+        super().__init__()
+        self.paths = paths
+        self.settings = settings
+        self.engine = engine or QtEngine(paths, engine_options(settings), self)
+        self.library = self._open_library()
+        self.setWindowTitle("Studio")
+        self.setWindowIcon(app_icon())
+        self.setAcceptDrops(True)
+        self.resize(1280, 820)
+
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.image_tab = self._make_image_tab()
+        self.video_tab = self._make_video_tab()
+        self.chat_tab = self._make_chat_tab()
+        self.tabs.addTab(self.image_tab, "Image")
+        self.tabs.addTab(self.video_tab, "Video")
+        self.tabs.addTab(self.chat_tab, "Chat")
+        self.setCentralWidget(self.tabs)
+
+        self._build_status_bar()
+        self._build_docks()
+        self._build_menus()
+        self.engine.state_changed.connect(self._on_state)
+        self.engine.status_changed.connect(self._on_status)
+        self._on_state(self.engine.state, "")
+        self._restore_geometry()
+
+    def _open_library(self):
+        from studio.library.library import Library, LibraryError
+
+        try:
+            return Library(self.paths.data / "library.db", self.paths.models)
+        except LibraryError as exc:
+            # The window still opens (Chat works on the bundled model); the user sees why models are missing.
+            QMessageBox.warning(self, "Model library unavailable", str(exc))
+            return None
+
+    # -- tabs ------------------------------------------------------------------------
+    def _make_image_tab(self) -> QWidget:
+        try:
+            from studio.ui.image_tab import ImageTab
+        except ImportError:
+            return EmptyState("Image", "Drop a Stable Diffusion checkpoint (.safetensors) here to install it, "
+                              "then describe the picture you want.")
+        return ImageTab(self.engine, self.paths, self.settings, self)
+
+    def _make_video_tab(self) -> QWidget:
+        try:
+            from studio.ui.video_tab import VideoTab
+        except ImportError:
+            return EmptyState("Video", "Drop a Wan 2.x model file here to install it. Video generation needs a GPU "
+                              "with 8 GiB or more to be practical.")
+        return VideoTab(self.engine, self.paths, self.settings, self)
+
+    def _make_chat_tab(self) -> QWidget:
+        try:
+            from studio.ui.chat.chat_tab import ChatTab
+        except ImportError:
+            return EmptyState("Chat", "Chat with the bundled SmolLM2 model from the command line: "
+                              "studio chat \"your question\". Drop a .gguf file here to add another model.")
+        return ChatTab(self.engine, self.paths, self.settings, self)
+
+    # -- status bar ------------------------------------------------------------------
+    def _build_status_bar(self) -> None:
+        bar = self.statusBar()
+        self.state_label = QLabel()
+        self.state_label.setObjectName("EngineState")
+        self.device_label = QLabel("Device: probing…")
+        self.device_label.setObjectName("DeviceLabel")
+        self.memory_label = QLabel("")
+        self.memory_label.setObjectName("MemoryLabel")
+        bar.addPermanentWidget(self.memory_label)
+        bar.addPermanentWidget(self.device_label)
+        bar.addPermanentWidget(self.state_label)
+
+    def _on_state(self, state: str, detail: str) -> None:
+        color, text = STATE_TEXT.get(state, ("#888", state))
+        self.state_label.setText(f"<span style='color:{color}'>●</span> {text}")
+        self.state_label.setToolTip(detail or text)
+        self.state_label.setProperty("state", state)
+        if detail and state in ("restarting", "stopped"):
+            self.statusBar().showMessage(detail, 15000)
+
+    def _on_status(self, status: dict) -> None:
+        device = status.get("device", {})
+        self.device_label.setText(device.get("label", "?"))
+        warning = device.get("extra", {}).get("warning")
+        self.device_label.setToolTip(warning or f"torch {device.get('torch_version', '?')} "
+                                                f"({device.get('torch_build', '?')})")
+        mem = status.get("memory", {})
+        parts = []
+        if mem.get("vram_total"):
+            used = mem["vram_total"] - mem.get("vram_free", 0)
+            parts.append(f"VRAM {used / GiB:.1f}/{mem['vram_total'] / GiB:.1f} GiB")
+        if mem.get("rss"):
+            parts.append(f"engine RAM {mem['rss'] / GiB:.2f} GiB")
+        models = status.get("models", [])
+        if models:
+            parts.append(f"{len(models)} model{'s' if len(models) != 1 else ''} loaded")
+        self.memory_label.setText(" · ".join(parts))
+        if self.memory_panel is not None:
+            self.memory_panel.update_status(status)
+
+    # -- docks ---------------------------------------------------------------------------
+    def _build_docks(self) -> None:
+        self.models_panel = None
+        self.memory_panel = None
+        self.models_dock = None
+        self.memory_dock = None
+        if self.library is not None:
+            from studio.ui.models_panel import ModelsPanel
+
+            self.models_panel = ModelsPanel(self.library, parent=self)
+            self.models_dock = self._dock("Models", self.models_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        try:
+            from studio.ui.memory_panel import MemoryPanel
+        except ImportError:
+            MemoryPanel = None  # noqa: N806
+        if MemoryPanel is not None:
+            self.memory_panel = MemoryPanel(self)
+            self.memory_panel.unload_all_requested.connect(lambda: self.engine.unload(None))
+            self.memory_dock = self._dock("Memory", self.memory_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+
+    def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(f"{title}Dock")
+        dock.setWidget(widget)
+        self.addDockWidget(area, dock)
+        dock.hide()
+        return dock
+
+    # -- menus -----------------------------------------------------------------------------
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        self._action(file_menu, "&Add model…", self.add_model_dialog, QKeySequence.StandardKey.Open)
+        self._action(file_menu, "Open &outputs folder", self.open_outputs)
+        file_menu.addSeparator()
+        self._action(file_menu, "&Settings…", self.open_settings, QKeySequence("Ctrl+,"))
+        file_menu.addSeparator()
+        self._action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+
+        view = self.menuBar().addMenu("&View")
+        for i, name in enumerate(("Image", "Video", "Chat")):
+            self._action(view, name, lambda i=i: self.tabs.setCurrentIndex(i), QKeySequence(f"Ctrl+{i + 1}"))
+        view.addSeparator()
+        if self.models_dock is not None:
+            act = self.models_dock.toggleViewAction()
+            act.setShortcut(QKeySequence("Ctrl+M"))
+            view.addAction(act)
+        if self.memory_dock is not None:
+            view.addAction(self.memory_dock.toggleViewAction())
+
+        engine = self.menuBar().addMenu("&Engine")
+        self._action(engine, "Run device &self-test", self.run_selftest)
+        self._action(engine, "&Unload all models", lambda: self.engine.unload(None))
+        self._action(engine, "&Restart engine", lambda: self.engine.restart(engine_options(self.settings)))
+
+        help_menu = self.menuBar().addMenu("&Help")
+        self._action(help_menu, "&About Studio", self.about)
+
+    def _action(self, menu, text: str, slot, shortcut=None) -> QAction:
+        act = QAction(text, self)
+        if shortcut is not None:
+            act.setShortcut(shortcut)
+        act.triggered.connect(slot)
+        menu.addAction(act)
+        return act
+
+    def open_outputs(self) -> None:
+        folder = self.settings.outputs_path(self.paths)
+        folder.mkdir(parents=True, exist_ok=True)
+        QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+    def add_model_dialog(self) -> None:
+        from PySide6.QtWidgets import QFileDialog
+
+        files, _ = QFileDialog.getOpenFileNames(self, "Add models", "",
+                                                "Models (*.safetensors *.gguf *.sft);;All files (*)")
+        if files:
+            self.install_paths(files)
+
+    def install_paths(self, paths: list[str]) -> None:
+        self.files_dropped.emit(paths)
+        if self.models_panel is not None:
+            self.models_panel.installer.install(paths)
+            if self.models_dock is not None:
+                self.models_dock.show()
+        else:
+            self.statusBar().showMessage("The model library could not be opened, so models cannot be installed; "
+                                         "see the warning shown at start.", 10000)
+
+    def run_selftest(self) -> None:
+        from studio.protocol import SelfTestJob
+
+        job_id = self.engine.submit(SelfTestJob())
+        self.statusBar().showMessage("Running the device self-test…")
+
+        def on_message(msg) -> None:
+            if msg.get("job_id") != job_id:
+                return
+            if msg.type == "result":
+                r = msg["result"]
+                self.statusBar().showMessage(f"Self-test on {r['device_label']}: {r['tflops']:.2f} TFLOP/s "
+                                             f"({r['dtype']}), {'correct' if r['ok'] else 'WRONG RESULTS'}", 20000)
+            elif msg.type == "error":
+                self.statusBar().showMessage(f"Self-test failed: {msg['message']}", 20000)
+            else:
+                return
+            self.engine.message.disconnect(on_message)
+
+        self.engine.message.connect(on_message)
+
+    def open_settings(self) -> None:
+        dialog = SettingsDialog(self.settings, self)
+        if dialog.exec() != SettingsDialog.DialogCode.Accepted:
+            return
+        new = dialog.result_settings()
+        if new is None:
+            return
+        engine_changed = (new.device, new.vram_budget, new.vram_reserve) != (
+            self.settings.device, self.settings.vram_budget, self.settings.vram_reserve)
+        theme_changed = new.theme != self.settings.theme
+        self.settings = new
+        self.save_settings()
+        if theme_changed:
+            apply_theme(QApplication.instance(), new.theme)
+        if engine_changed:
+            self.engine.restart(engine_options(new))
+
+    def about(self) -> None:
+        QMessageBox.about(self, "About Studio", f"<b>Studio {__version__}</b><br>Local, private image, video and "
+                          "chat generation on your own hardware.<br>Nothing leaves this computer.")
+
+    # -- drag and drop -----------------------------------------------------------------------
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802 (Qt name)
+        if any(url.isLocalFile() for url in event.mimeData().urls()):
+            event.acceptProposedAction()
+            self.statusBar().showMessage("Drop to install models…")
+        else:
+            event.ignore()
+
+    def dragLeaveEvent(self, event) -> None:  # noqa: N802
+        self.statusBar().clearMessage()
+
+    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802
+        paths = [url.toLocalFile() for url in event.mimeData().urls() if url.isLocalFile()]
+        if paths:
+            event.acceptProposedAction()
+            self.install_paths(paths)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def _restore_geometry(self) -> None:
+        if self.settings.window_geometry:
+            self.restoreGeometry(QByteArray.fromHex(self.settings.window_geometry.encode()))
+        if self.settings.window_state:
+            self.restoreState(QByteArray.fromHex(self.settings.window_state.encode()))
+        if 0 <= self.settings.last_tab < self.tabs.count():
+            self.tabs.setCurrentIndex(self.settings.last_tab)
+
+    def save_settings(self) -> None:
+        self.settings.window_geometry = bytes(self.saveGeometry().toHex()).decode()
+        self.settings.window_state = bytes(self.saveState().toHex()).decode()
+        self.settings.last_tab = self.tabs.currentIndex()
+        try:
+            self.settings.save(self.paths)
+        except OSError as exc:
+            self.statusBar().showMessage(f"Could not save settings: {exc}", 10000)
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        self.save_settings()
+        for tab in (self.image_tab, self.video_tab, self.chat_tab):
+            shutdown = getattr(tab, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        if self.models_panel is not None:
+            self.models_panel.installer.stop()
+        self.engine.close()
+        if self.library is not None:
+            self.library.close()
+        super().closeEvent(event)

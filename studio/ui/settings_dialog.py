@@ -1,0 +1,138 @@
+"""Settings: model folders, outputs folder, device, VRAM budget and reserve, theme."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.engine.device import parse_size  # torch-free: torch is imported inside probe() only
+from studio.settings import Settings
+
+DEVICES = ["auto", "cpu", "cuda", "cuda:1", "mps", "xpu"]
+THEMES = ["system", "light", "dark"]
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, settings: Settings, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Settings")
+        self.setMinimumWidth(520)
+        self._original = settings
+
+        self.folders = QListWidget()
+        self.folders.addItems(settings.model_folders)
+        self.folders.setToolTip("Folders Studio scans for models: a ComfyUI or A1111 models folder, "
+                                "the Hugging Face cache, LM Studio's models folder...")
+        add = QPushButton("Add folder…")
+        add.clicked.connect(self._add_folder)
+        remove = QPushButton("Remove")
+        remove.clicked.connect(lambda: [self.folders.takeItem(self.folders.row(i)) for i in self.folders.selectedItems()])
+        folder_buttons = QHBoxLayout()
+        folder_buttons.addWidget(add)
+        folder_buttons.addWidget(remove)
+        folder_buttons.addStretch()
+        folder_box = QVBoxLayout()
+        folder_box.addWidget(self.folders)
+        folder_box.addLayout(folder_buttons)
+
+        self.outputs = QLineEdit(settings.outputs_folder)
+        self.outputs.setPlaceholderText("Pictures/Studio")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse_outputs)
+        outputs_row = QHBoxLayout()
+        outputs_row.addWidget(self.outputs)
+        outputs_row.addWidget(browse)
+
+        self.device = QComboBox()
+        self.device.setEditable(True)
+        self.device.addItems(DEVICES)
+        self.device.setCurrentText(settings.device)
+        self.budget = QLineEdit(settings.vram_budget)
+        self.budget.setPlaceholderText("all of it, e.g. 6GiB")
+        self.reserve = QLineEdit(settings.vram_reserve)
+        self.reserve.setPlaceholderText("e.g. 1GiB")
+        self.theme = QComboBox()
+        self.theme.addItems(THEMES)
+        self.theme.setCurrentText(settings.theme)
+
+        self.error = QLabel()
+        self.error.setStyleSheet("color: #d9534f;")
+        self.error.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Model folders", folder_box)
+        form.addRow("Outputs folder", outputs_row)
+        form.addRow("Device", self.device)
+        form.addRow("VRAM budget", self.budget)
+        form.addRow("VRAM reserve", self.reserve)
+        form.addRow("Theme", self.theme)
+        hint = QLabel("Changing the device or memory settings restarts the engine.")
+        hint.setEnabled(False)
+
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self._accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(hint)
+        layout.addWidget(self.error)
+        layout.addWidget(buttons)
+
+    def _add_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Add a model folder")
+        if folder and not self.folders.findItems(folder, _exact()):
+            self.folders.addItem(folder)
+
+    def _browse_outputs(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Outputs folder", self.outputs.text())
+        if folder:
+            self.outputs.setText(folder)
+
+    def result_settings(self) -> Settings | None:
+        """The edited settings, or None with the error shown when a field is invalid."""
+        for name, field in (("VRAM budget", self.budget), ("VRAM reserve", self.reserve)):
+            text = field.text().strip()
+            if text:
+                try:
+                    parse_size(text)
+                except ValueError as exc:
+                    self.error.setText(f"{name}: {exc}")
+                    field.setFocus()
+                    return None
+        device = self.device.currentText().strip() or "auto"
+        if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+            self.error.setText(f"Device {device!r} is not one of auto, cpu, cuda, cuda:N, mps, xpu.")
+            return None
+        return dataclasses.replace(
+            self._original,
+            model_folders=[self.folders.item(i).text() for i in range(self.folders.count())],
+            outputs_folder=self.outputs.text().strip(),
+            device=device,
+            vram_budget=self.budget.text().strip(),
+            vram_reserve=self.reserve.text().strip(),
+            theme=self.theme.currentText(),
+        )
+
+    def _accept(self) -> None:
+        if self.result_settings() is not None:
+            self.accept()
+
+
+def _exact():
+    from PySide6.QtCore import Qt
+
+    return Qt.MatchFlag.MatchExactly

@@ -1,0 +1,105 @@
+"""The window with a real engine: three tabs, the status bar reaches ready, settings persist."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest  # noqa: E402
+
+from studio.paths import Paths  # noqa: E402
+from studio.settings import Settings  # noqa: E402
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    from studio.ui.main_window import MainWindow
+
+    paths = Paths.default().ensure()
+    settings = Settings.load(paths)
+    settings.device = "cpu"
+    win = MainWindow(paths, settings)
+    qtbot.addWidget(win)
+    yield win
+    win.close()
+
+
+def test_window_opens_with_image_video_and_chat_tabs(window):
+    assert [window.tabs.tabText(i) for i in range(window.tabs.count())] == ["Image", "Video", "Chat"]
+    assert window.tabs.currentIndex() == 2  # Chat: works with the bundled model, nothing to install
+
+
+def test_status_bar_reaches_ready_from_a_real_engine(window, qtbot):
+    window.engine.start()
+    qtbot.waitUntil(lambda: window.state_label.property("state") == "ready", timeout=60000)
+    assert "Engine ready" in window.state_label.text()
+    qtbot.waitUntil(lambda: window.device_label.text().startswith("CPU"), timeout=20000)
+    assert "threads" in window.device_label.text()
+
+
+def test_selftest_from_the_menu_reports_throughput(window, qtbot):
+    window.engine.start()
+    qtbot.waitUntil(lambda: window.state_label.property("state") == "ready", timeout=60000)
+    window.run_selftest()
+    qtbot.waitUntil(lambda: "TFLOP/s" in window.statusBar().currentMessage(), timeout=60000)
+    assert "correct" in window.statusBar().currentMessage()
+
+
+def test_settings_and_geometry_persist_across_launches(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    from studio.ui.main_window import MainWindow
+
+    paths = Paths.default().ensure()
+    settings = Settings.load(paths)
+    settings.vram_budget = "6GiB"
+    settings.model_folders = ["/somewhere/ComfyUI/models"]
+    win = MainWindow(paths, settings)
+    qtbot.addWidget(win)
+    win.resize(700, 500)
+    win.tabs.setCurrentIndex(1)
+    win.close()
+
+    again = Settings.load(paths)
+    assert again.vram_budget == "6GiB" and again.model_folders == ["/somewhere/ComfyUI/models"]
+    assert again.last_tab == 1 and again.window_geometry
+    win2 = MainWindow(paths, again)
+    qtbot.addWidget(win2)
+    assert win2.tabs.currentIndex() == 1
+    assert (win2.width(), win2.height()) == (700, 500)
+    win2.close()
+
+
+def test_settings_dialog_refuses_a_bad_budget(qtbot):
+    from studio.ui.settings_dialog import SettingsDialog
+
+    dialog = SettingsDialog(Settings())
+    qtbot.addWidget(dialog)
+    dialog.budget.setText("lots")
+    assert dialog.result_settings() is None
+    assert "4GiB" in dialog.error.text()
+    dialog.budget.setText("4GiB")
+    assert dialog.result_settings().vram_budget == "4GiB"
+
+
+def test_a_damaged_settings_file_is_kept_aside_and_defaults_are_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    paths = Paths.default().ensure()
+    (paths.config / "settings.json").write_text("{not json")
+    assert Settings.load(paths) == Settings()
+    assert (paths.config / "settings.json.broken").read_text() == "{not json"
+
+
+def test_gui_process_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, os; os.environ['QT_QPA_PLATFORM']='offscreen';"
+            "from PySide6.QtWidgets import QApplication; app = QApplication([]);"
+            "from studio.ui.main_window import MainWindow; from studio.paths import Paths;"
+            "from studio.settings import Settings; w = MainWindow(Paths.default(), Settings());"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
