@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
                      lambda: _format_scan(report))
             case _:
                 raise LibraryError(f"unknown models command {args.models_command!r}")
+    except BrokenPipeError:  # output piped into `head`: not an error
+        return 0
     except (HeaderError, LibraryError, OSError) as e:
         print(f"studio models: {_one_line(e)}", file=sys.stderr)
         return 2

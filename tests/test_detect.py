@@ -194,3 +194,22 @@ def test_torch_pickle_checkpoint_is_detected_from_key_names_only(tmp_path):
     det = detect(tmp_path / "x.ckpt")
     assert (det.family, det.role, det.format) == ("sd1", "checkpoint", "pytorch-pickle")
     assert any("weights_only=True" in n for n in det.notes)
+
+
+def test_diffusers_vae_folder_is_told_apart_by_its_scaling_factor(tmp_path):
+    from library_fixtures import KL_VAE
+    for scale, variant, compatible in ((0.13025, "sdxl", ["sdxl"]), (0.18215, "sd", ["sd1", "sd2"])):
+        root = tmp_path / variant
+        root.mkdir()
+        (root / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "scaling_factor": scale}))
+        write_safetensors(root / "diffusion_pytorch_model.safetensors", KL_VAE)
+        det = detect(root)
+        assert (det.family, det.variant, det.role, det.compatible) == ("vae-kl-f8", variant, "vae", compatible)
+
+
+@pytest.mark.parametrize("vocab,family", [(32128, "t5"), (256384, "umt5")])
+def test_gguf_t5_encoders_are_text_encoders(tmp_path, vocab, family):
+    p = write_gguf(tmp_path / "t5.gguf", {"general.architecture": (STRING, "t5encoder")},
+                   {"token_embd.weight": ((vocab, 64), "Q8_0"), "enc.blk.0.attn_q.weight": ((64, 64), "Q8_0")})
+    det = detect(p)
+    assert (det.family, det.role) == (family, "text_encoder")

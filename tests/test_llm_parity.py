@@ -176,3 +176,19 @@ def test_sharded_folder_loads_all_shards(tmp_path):
     assert (folder / "model.safetensors.index.json").is_file()
     loaded = load_hf_folder(folder)
     assert set(loaded.state_dict) == set(ref.state_dict()) - {"lm_head.weight"}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_fused_projections_give_the_same_logits(tmp_path, family):
+    _, folder = make_folder(tmp_path, family)
+    loaded = load_hf_folder(folder)
+    plain = build_llm(loaded.config, loaded.state_dict)
+    fused = build_llm(loaded.config, loaded.state_dict, fuse=True)
+    assert fused.config.fused_qkv and hasattr(fused.model.layers[0].self_attn, "qkv_proj")
+    seq = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        outs = []
+        for m in (plain, fused):
+            m.setup_caches(1, 16)
+            outs.append(m(seq, torch.arange(16)))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5

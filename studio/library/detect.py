@@ -368,8 +368,12 @@ def detect_header(h: ModelHeader) -> Detection:
         det = _detect_pipeline(h)
     elif h.format == "hf" or (h.format == "gguf" and _gguf_arch(h) in LLM_FAMILIES):
         det = _detect_llm(h)
+    elif h.format == "gguf" and _gguf_arch(h) in ("t5", "t5encoder"):
+        det = _detect_gguf_t5(h)
     else:
         det = _detect_tensors(h)
+        if det.role == "vae" and h.format == "diffusers":
+            _vae_from_config(det, h.config)
     _fill_stats(det, h)
     det.notes.extend(n for n in h.notes if n not in det.notes)
     return det
@@ -430,6 +434,28 @@ def _prediction(det: Detection, h: ModelHeader, k: _Keys) -> None:
                          "override the prediction if images come out grey or noisy")
     elif det.family in ("sd1", "sdxl", "pixart", "cogvideox"):
         det.prediction = "v" if det.family == "cogvideox" else "eps"
+
+
+# diffusers VAE configs carry the latent scaling factor, which is what tells same-shaped VAEs apart.
+_VAE_SCALES = {0.18215: ("sd", ["sd1", "sd2"]), 0.13025: ("sdxl", ["sdxl"]), 1.5305: ("sd3", ["sd3"]),
+               0.3611: ("flux", ["flux"])}
+
+
+def _vae_from_config(det: Detection, config: dict) -> None:
+    scale = config.get("scaling_factor")
+    hit = _VAE_SCALES.get(round(scale, 5)) if isinstance(scale, (int, float)) else None
+    if hit:
+        det.variant, det.compatible = hit[0], list(hit[1])
+        det.markers.append(f"config scaling_factor={scale}")
+        det.notes = [n for n in det.notes if "same shapes" not in n]
+
+
+def _detect_gguf_t5(h: ModelHeader) -> Detection:
+    vocab = h.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in h.tensors else 0
+    umt5 = vocab >= 250000
+    return Detection("umt5" if umt5 else "t5", "xxl", "text_encoder", "gguf", "gguf",
+                     compatible=["wan"] if umt5 else ["sd3", "flux", "pixart", "ltxv", "cogvideox", "mochi"],
+                     markers=[f"general.architecture={_gguf_arch(h)}", f"token_embd.weight vocab {vocab}"])
 
 
 def _gguf_arch(h: ModelHeader) -> str:

@@ -15,7 +15,7 @@ soft-capping, sandwich norms, alternating sliding/global layers, local rope base
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -275,11 +275,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        fp32 = x.dtype == torch.float32  # skip no-op casts: they cost dispatch time per token
+        h = x if fp32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:  # Gemma multiplies in fp32 and stores w - 1
-            return (h * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * h.type_as(x)
+            h = h * (1.0 + self.weight.float())
+            return h if fp32 else h.type_as(x)
+        return self.weight * (h if fp32 else h.type_as(x))
 
 
 class KVCache(nn.Module):
@@ -334,17 +336,16 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         assert self.kv_cache is not None, "call setup_caches() before forward()"
         k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S, D)
         if kv_len is not None:  # eager decode reads only the filled part of the cache
-            k_all, v_all, mask = k_all[:, :, :kv_len], v_all[:, :, :kv_len], mask[:, :kv_len]
-        # GQA without repeating K/V: fold the query heads of a group into the query axis.
+            k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+        # GQA without repeating K/V: fold the query heads of a group into the query axis;
+        # `mask` comes folded the same way: (rep*T, S).
         rep = self.n_heads // self.n_kv
-        S = k_all.shape[2]
         qg = q.reshape(B, self.n_kv, rep * T, self.head_dim)  # (B, H_kv, rep*T, D)
-        mg = mask.unsqueeze(0).expand(rep, T, S).reshape(rep * T, S)
+        mg = mask
         if self.softcap is None:
             y = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mg, scale=self.scale)
         else:  # Gemma2 caps attention logits: SDPA cannot, so the plain path
@@ -408,7 +409,8 @@ class Backbone(nn.Module):
 
     def __init__(self, c: LLMConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # _weight skips the random init: on the meta device that init alone took ~2 s (torch refs)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(c, t) for t in c.layer_types)
         self.norm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
 
@@ -455,13 +457,19 @@ class LLM(nn.Module):
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         if c.embed_scale:
             x = x * self.embed_mult.to(x.dtype)
+        T = tokens.shape[1]
         pos = input_pos.unsqueeze(-1)  # (T, 1)
-        keys = self.key_index.unsqueeze(0)  # (1, S)
+        keys = self.key_index if kv_len is None else self.key_index[:kv_len]
+        keys = keys.unsqueeze(0)  # (1, S)
+        rep = c.n_heads // c.n_kv_heads
         causal = keys <= pos  # (T, S)
-        if c.sliding_window:
-            windowed = causal & (keys > pos - c.sliding_window)
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, R)
-        lcos, lsin = self.local_cos[input_pos], self.local_sin[input_pos]
+        windowed = causal & (keys > pos - c.sliding_window) if c.sliding_window else causal
+        # fold the query heads of a GQA group into the query axis, as Attention does with q
+        causal = causal.unsqueeze(0).expand(rep, T, -1).reshape(rep * T, -1)  # (rep*T, S)
+        windowed = windowed.unsqueeze(0).expand(rep, T, -1).reshape(rep * T, -1)
+        dt = x.dtype
+        cos, sin = self.rope_cos[input_pos].to(dt), self.rope_sin[input_pos].to(dt)  # (T, R)
+        lcos, lsin = self.local_cos[input_pos].to(dt), self.local_sin[input_pos].to(dt)
         for layer in self.model.layers:
             if layer.sliding:
                 x = layer(x, lcos, lsin, windowed, input_pos, kv_len)
@@ -498,12 +506,64 @@ def _is_quant(w: Any) -> bool:
     return not isinstance(w, Tensor) and hasattr(w, "dequantize") and hasattr(w, "to_module")
 
 
+def _concat_rows(ws: list) -> Any:
+    """Stack Linear weights along out_features, exactly, or None where no exact form exists."""
+    if all(isinstance(w, Tensor) for w in ws):
+        return torch.cat(ws, dim=0)
+    if not all(_is_quant(w) and hasattr(w, "raw") and hasattr(w, "type_id") for w in ws):
+        return None
+    from studio.engine.quant import GGUFWeight, quantize_int8
+
+    k = ws[0].shape[1]
+    if len({w.type_id for w in ws}) == 1:  # GGUF rows are independent blocks: concatenation is exact
+        return GGUFWeight(torch.cat([w.raw for w in ws], dim=0), ws[0].type_id, (sum(w.shape[0] for w in ws), k))
+    if any(w.type_name in ("Q4_0", "Q4_1") for w in ws):
+        return None  # those stay exact int4; mixing them with others would requantize them
+    # The others become per-channel int8 one way or the other; per-row scales make it identical.
+    return quantize_int8(torch.cat([w.dequantize() for w in ws], dim=0))
+
+
+def fuse_projections(c: LLMConfig, state_dict: dict) -> tuple[LLMConfig, dict]:
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj: two matmuls per layer instead of five.
+
+    On CPU decode most of the time per token is spent per matmul call, so fewer, larger
+    calls are faster. Returns the inputs unchanged if some layer cannot be fused exactly.
+    """
+    if c.fused_qkv and c.fused_gate_up:
+        return c, state_dict
+    out = dict(state_dict)
+    for i in range(c.n_layers):
+        groups = []
+        if not c.fused_qkv:
+            groups.append((f"model.layers.{i}.self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+        if not c.fused_gate_up:
+            groups.append((f"model.layers.{i}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
+        for base, parts, fused in groups:
+            w = _concat_rows([out[f"{base}{p}.weight"] for p in parts])
+            biases = [out.get(f"{base}{p}.bias") for p in parts]
+            if w is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
+                return c, state_dict
+            for p in parts:
+                out.pop(f"{base}{p}.weight")
+                out.pop(f"{base}{p}.bias", None)
+            out[f"{base}{fused}.weight"] = w
+            if biases[0] is not None:
+                out[f"{base}{fused}.bias"] = torch.cat(biases)
+    return replace(c, fused_qkv=True, fused_gate_up=True), out
+
+
 def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> LLM:
-    """Build on the meta device, then assign the weights. Quantized Linear weights stay packed."""
+              device: torch.device | str = "cpu", fuse: bool = False) -> LLM:
+    """Build on the meta device, then assign the weights. Quantized Linear weights stay packed.
+
+    fuse=True stacks q/k/v and gate/up into one Linear each (see fuse_projections).
+    """
     c = loaded_config if isinstance(loaded_config, LLMConfig) else LLMConfig.from_hf(loaded_config)
+    if fuse:
+        c, state_dict = fuse_projections(c, state_dict)
     with torch.device("meta"):
         model = LLM(c)
+    expected = set(model.state_dict())  # before packed modules replace any Linear
     modules = dict(model.named_modules())
     plain: dict[str, Tensor] = {}
     skip_bias: set[str] = set()
@@ -527,11 +587,10 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
             continue
         plain[name] = w
     plain = {k: v.to(device=device, dtype=dtype) for k, v in plain.items()}
-    expected = set(model.state_dict())
     head_packed = not isinstance(model.lm_head, nn.Linear)
-    missing = sorted(k for k in expected - set(plain)
-                     if not (k == "lm_head.weight" and (tie or head_packed)))
     quant_keys = {k for k, w in state_dict.items() if _is_quant(w)} | skip_bias
+    missing = sorted(k for k in expected - set(plain) - quant_keys
+                     if not (k == "lm_head.weight" and (tie or head_packed)))
     unexpected = sorted(set(plain) - expected - quant_keys)
     if missing or unexpected:
         raise UserError("bad_model", f"The weights do not fit a {c.model_type} model of this config: "

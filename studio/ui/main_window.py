@@ -127,7 +127,7 @@ class MainWindow(QMainWindow):
         except ImportError:
             return EmptyState("Chat", "Chat with the bundled SmolLM2 model from the command line: "
                               "studio chat \"your question\". Drop a .gguf file here to add another model.")
-        return ChatTab(self.engine, self.paths, self.settings, self)
+        return ChatTab(self.engine, self.paths, self.settings, self, library=self.library)
 
     # -- status bar ------------------------------------------------------------------
     def _build_status_bar(self) -> None:

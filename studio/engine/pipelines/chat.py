@@ -117,7 +117,7 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
     state = loaded.state_dict
     if dequantize:
         state = {k: (v.dequantize(dtype) if hasattr(v, "dequantize") else v) for k, v in state.items()}
-    model = build_llm(loaded.config, state, dtype=dtype, device=device)
+    model = build_llm(loaded.config, state, dtype=dtype, device=device, fuse=True)
     progress(2, total, "loading")
     stop = set(loaded.stop_token_ids)
     eos_id = loaded.tokenizer.token_to_id(loaded.eos_token) if loaded.eos_token else None
