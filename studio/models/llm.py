@@ -579,9 +579,10 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
             _set_submodule(model, owner, qmod.to(device))
             skip_bias.add(owner + ".bias")
         elif isinstance(mod, nn.Embedding):
-            plain[name] = w.dequantize(dtype)
+            table = w.dequantize(torch.float32)
+            plain[name] = table
             if tie:  # a tied head reads the packed data: 4x fewer bytes per token than fp32
-                _set_submodule(model, "lm_head", w.to_module(None).to(device))
+                _set_submodule(model, "lm_head", _packed_head(w, table).to(device))
     for name, w in state_dict.items():
         if _is_quant(w) or name in skip_bias or name.endswith("rotary_emb.inv_freq"):
             continue
@@ -602,6 +603,16 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
     return model
+
+
+def _packed_head(w: Any, table: Tensor) -> nn.Module:
+    """The tied output head from a quantized embedding. Types without an exact int4 form
+    become per-channel int8 (as GGUFWeight.to_module does), reusing the dequantized table."""
+    if getattr(w, "type_name", None) in (None, "Q4_0", "Q4_1"):
+        return w.to_module(None)
+    from studio.engine.quant import quantize_int8
+
+    return quantize_int8(table).to_module(None)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
