@@ -211,3 +211,18 @@ def test_panel_module_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr
+
+
+def test_stop_abandons_hashing_quietly_so_the_window_can_close(qtbot, lib, tmp_path):
+    import time
+    inst = DropInstaller(lib, hash_files=True)
+    failed = []
+    inst.failed.connect(lambda p, m: failed.append(m))
+    big = write_safetensors(tmp_path / "big.safetensors", {**SAFETENSORS_CASES["vae_sd"][0], "x": (40000, 40000)})
+    with qtbot.waitSignal(inst.finished, timeout=10000):
+        inst.install([str(big)])  # 3.2 GB declared: hashing it takes seconds
+    t = time.perf_counter()
+    assert inst.stop(wait_ms=5000)
+    assert time.perf_counter() - t < 2.0
+    qtbot.wait(50)
+    assert failed == [] and lib.get("big").sha256 is None

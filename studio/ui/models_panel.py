@@ -131,10 +131,14 @@ class DropInstaller(QObject):
     def wait(self, msecs: int = 30000) -> bool:
         return self.pool.waitForDone(msecs)
 
-    def stop(self) -> None:
-        """Abandon hashing in progress (installs already recorded stay recorded)."""
+    def stop(self, wait_ms: int = 5000) -> bool:
+        """Drop queued installs, abandon hashing, and wait for the running one (before closing the library).
+
+        Installs already recorded stay recorded; a copy in progress finishes or cleans up its temp file.
+        """
         self._stop.set()
         self.pool.clear()
+        return self.pool.waitForDone(wait_ms)
 
     def _install_one(self, path: str) -> None:
         self.started.emit(path)
@@ -148,6 +152,8 @@ class DropInstaller(QObject):
             if self.hash_files and entry.sha256 is None and not self._stop.is_set():
                 self.hashed.emit(path, self.library.hash_entry(entry.id, stop=self._stop))
         except (HeaderError, LibraryError) as e:
+            if self._stop.is_set():
+                return  # shutting down: hashing was abandoned on purpose
             self.failed.emit(path, str(e))
         except OSError as e:
             self.failed.emit(path, f"{path}: cannot read ({e.strerror or e})")
