@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -25,5 +26,22 @@ def run_gui(argv: list[str] | None = None) -> int:
     apply_theme(app, settings.theme)
     window = MainWindow(paths, settings)
     window.show()
+    if os.environ.get("STUDIO_EXIT_WHEN_READY"):
+        _exit_when_ready(app, window)
     window.engine.start()
     return app.exec()
+
+
+def _exit_when_ready(app, window) -> None:
+    """For CI and packaging checks: close once the engine is ready (exit 0) or has failed (exit 1)."""
+    from PySide6.QtCore import QTimer
+
+    def on_state(state: str, detail: str) -> None:
+        if state == "ready":
+            print(f"studio: window open, engine ready on {window.engine.client.engine_pid}", flush=True)
+            QTimer.singleShot(300, window.close)
+        elif state == "stopped" and detail:
+            print(f"studio: engine failed: {detail}", file=sys.stderr, flush=True)
+            app.exit(1)
+
+    window.engine.state_changed.connect(on_state)
