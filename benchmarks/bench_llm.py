@@ -190,8 +190,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    with torch.inference_mode(mode=False):
-        res = bench_cpu_smollm2(args) if args.cpu_smollm2 else bench_synthetic(args)
+    res = bench_cpu_smollm2(args) if args.cpu_smollm2 else bench_synthetic(args)
     device_name = (torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny
                    and not args.cpu_smollm2 else platform.processor() or platform.machine())
     res.update(device=device_name, torch=torch.__version__,

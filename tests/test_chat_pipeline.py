@@ -219,5 +219,7 @@ def test_cuda_compiled_decode_matches_cpu_greedy(folder, cache, cpu):
     rec = Recorder(ModelCache(), gpu)
     out = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)
     assert out["text"] == expected
+    cm = rec.ctx.models.get(rec.ctx.models.summary()[0]["key"])
+    assert cm.compiled_step is not None and not cm.compile_failed
     again = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)  # replays the captured graph
     assert again["text"] == expected
