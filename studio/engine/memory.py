@@ -418,11 +418,12 @@ class MemoryManager:
             lower = entry.policy.more_frugal()
             if lower is None:
                 busy = [e.name for e in self._entries.values() if e.on_device]
+                held = (f"; {fmt_bytes(self.used)} of it is held by {', '.join(busy)}, which are running"
+                        if busy else "")
                 raise UserError(
                     "out_of_memory",
-                    f"{entry.name} needs {fmt_bytes(self._room_for(entry))} of VRAM even layer by layer; "
-                    f"{fmt_bytes(self.used)} of the {fmt_bytes(self.budget)} budget is held by "
-                    f"{', '.join(busy) or 'nothing'}; try a quantized model or a larger --vram-budget",
+                    f"{entry.name} needs {fmt_bytes(self._room_for(entry))} of VRAM even layer by layer, and the "
+                    f"budget is {fmt_bytes(self.budget)}{held}; try a quantized model or a larger --vram-budget",
                 )
             self.on_notice(f"{entry.name} does not fit the {fmt_bytes(self.budget)} VRAM budget with "
                            f"{entry.policy.label}; switching to {lower.label}")
