@@ -187,6 +187,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.backend = backend
         self._kernel: dict[str, tuple[Tensor, Tensor]] = {}
+        if self.packed.device.type == "cpu" and backend in ("auto", "int4pack"):
+            self._kernel_weight(self.packed.device)  # pack now, so the first token doesn't pay for it
 
     def _kernel_weight(self, device: torch.device) -> tuple[Tensor, Tensor]:
         key = str(device)
