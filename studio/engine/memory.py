@@ -430,17 +430,22 @@ class MemoryManager:
             entry.policy = lower
 
     def _load(self, entry: _Entry) -> None:
-        if entry.policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD):
-            entry.module.to(self.device)
-        else:
-            blocks = entry.blocks if entry.policy is Policy.BLOCK_STREAM else None
-            if entry.policy is Policy.BLOCK_STREAM and blocks is None:
-                blocks = find_blocks(entry.module)
-            if entry.policy is Policy.SEQUENTIAL:
-                entry.streamer = BlockStreamer.sequential(entry.module, self.device)
+        try:
+            if entry.policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD):
+                entry.module.to(self.device)
+            elif entry.policy is Policy.SEQUENTIAL:
+                entry.streamer = BlockStreamer.sequential(entry.module, self.device).attach()
             else:
-                entry.streamer = BlockStreamer(entry.module, blocks or [], self.device)
-            entry.streamer.attach()
+                blocks = entry.blocks if entry.blocks is not None else find_blocks(entry.module)
+                entry.streamer = BlockStreamer(entry.module, blocks, self.device).attach()
+        except BaseException:
+            # A real OOM halfway through a move leaves some weights on the device: take them back,
+            # so the retry starts from a clean slate.
+            if entry.streamer is not None:
+                entry.streamer.detach()
+                entry.streamer = None
+            entry.module.to("cpu")
+            raise
         entry.on_device = True
 
     def _offload(self, entry: _Entry) -> None:

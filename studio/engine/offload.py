@@ -167,19 +167,23 @@ class BlockStreamer:
     def attach(self) -> BlockStreamer:
         if self.attached:
             return self
-        for b in self._blocks:
-            b.host = [self._home(_get(s)) for s in b.slots]
-            for s, h in zip(b.slots, b.host, strict=True):
-                _set(s, h)
-            b.handles = [
-                b.module.register_forward_pre_hook(self._make_pre(b)),
-                b.module.register_forward_hook(self._make_post(b), always_call=True),
-            ]
-        # detach() shares storage with the CPU tensors as they are now, before `.data` is swapped.
-        self._resident_host = [_get(s).detach() for s in self._resident]
-        for s in self._resident:
-            _set(s, _get(s).to(self.device))
-        self.attached = True
+        self.attached = True  # from here on detach() can undo a partial attach (e.g. an OOM)
+        try:
+            for b in self._blocks:
+                b.host = [self._home(_get(s)) for s in b.slots]
+                for s, h in zip(b.slots, b.host, strict=True):
+                    _set(s, h)
+                b.handles = [
+                    b.module.register_forward_pre_hook(self._make_pre(b)),
+                    b.module.register_forward_hook(self._make_post(b), always_call=True),
+                ]
+            # detach() shares storage with the CPU tensors as they are now, before `.data` is swapped.
+            self._resident_host = [_get(s).detach() for s in self._resident]
+            for s in self._resident:
+                _set(s, _get(s).to(self.device))
+        except BaseException:
+            self.detach()
+            raise
         return self
 
     def detach(self) -> None:
@@ -194,10 +198,13 @@ class BlockStreamer:
                 h.remove()
             b.handles = []
             self._drop(b)
-            for s, h in zip(b.slots, b.host, strict=True):
-                _set(s, h)
-        for s, h in zip(self._resident, self._resident_host, strict=True):
-            _set(s, h.to("cpu"))
+            if b.host:
+                for s, h in zip(b.slots, b.host, strict=True):
+                    _set(s, h)
+        if self._resident_host:
+            for s, h in zip(self._resident, self._resident_host, strict=True):
+                _set(s, h.to("cpu"))
+        self._resident_host = []
         self._pending = None
         self.attached = False
 
