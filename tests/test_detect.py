@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from library_fixtures import (
@@ -212,4 +213,116 @@ def test_gguf_t5_encoders_are_text_encoders(tmp_path, vocab, family):
     p = write_gguf(tmp_path / "t5.gguf", {"general.architecture": (STRING, "t5encoder")},
                    {"token_embd.weight": ((vocab, 64), "Q8_0"), "enc.blk.0.attn_q.weight": ((64, 64), "Q8_0")})
     det = detect(p)
+    assert (det.family, det.role) == (family, "text_encoder")
+
+
+# diffusers' own single-file detector, as an independent check of our fixtures and tables.
+_DIFFUSERS_NAMES = {"sd15_ldm": "v1", "sd21_ldm": "v2", "sdxl_base_ldm": "xl_base", "sdxl_refiner_ldm": "xl_refiner",
+                    "sd3_medium_ckpt": "sd3", "sd35_large": "sd35_large", "sd35_medium": "sd35_medium",
+                    "flux_dev": "flux-dev", "flux_schnell_comfy": "flux-schnell", "sana_1600m": "sana",
+                    "wan_t2v_1_3b": "wan-t2v-1.3B", "wan21_i2v_14b": "wan-i2v-14B", "ltxv_2b_ckpt": "ltx-video",
+                    "mochi": "mochi-1-preview", "controlnet_sd15_ldm": "controlnet",
+                    "controlnet_sdxl_diffusers": "controlnet_xl_small"}
+
+
+@pytest.mark.parametrize("name", sorted(_DIFFUSERS_NAMES))
+def test_our_detection_agrees_with_diffusers_single_file_detector(tmp_path, name):
+    torch = pytest.importorskip("torch")
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    shapes, _ = SAFETENSORS_CASES[name]
+    assert sfu.infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()}) == \
+        _DIFFUSERS_NAMES[name]
+    assert detect(write_safetensors(tmp_path / "m.safetensors", shapes)).recognised
+
+
+# Real module key names: tiny diffusers / transformers models built on the meta device (no memory),
+# their state_dict names and shapes written as a header. Guards our diffusers-layout tables against
+# drifting from the library that defines the layout.
+_TINY_DIFFUSERS = {
+    "UNet2DConditionModel": (dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                                  attention_head_dim=8, norm_num_groups=8), ("sd1", "diffusion_model")),
+    "FluxTransformer2DModel": (dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+                               ("flux", "diffusion_model")),
+    "SD3Transformer2DModel": (dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                   pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16),
+                              ("sd3", "diffusion_model")),
+    "WanTransformer3DModel": (dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                   out_channels=16, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1,
+                                   rope_max_seq_len=32), ("wan", "diffusion_model")),
+    "LTXVideoTransformer3DModel": (dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                        cross_attention_dim=16, num_layers=1, caption_channels=16),
+                                   ("ltxv", "diffusion_model")),
+    "CogVideoXTransformer3DModel": (dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                         text_embed_dim=16, time_embed_dim=4, num_layers=1, sample_width=8,
+                                         sample_height=8, sample_frames=9), ("cogvideox", "diffusion_model")),
+    "MochiTransformer3DModel": (dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                     pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4),
+                                ("mochi", "diffusion_model")),
+    "PixArtTransformer2DModel": (dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                      caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=16,
+                                      norm_type="ada_norm_single"), ("pixart", "diffusion_model")),
+    "SanaTransformer2DModel": (dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                                    attention_head_dim=8, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                    cross_attention_dim=16, caption_channels=16, sample_size=8),
+                               ("sana", "diffusion_model")),
+    "AutoencoderKL": (dict(block_out_channels=(8,), norm_num_groups=8, latent_channels=4), ("vae-kl-f8", "vae")),
+    "AutoencoderTiny": (dict(), ("taesd", "vae")),
+    "AutoencoderKLWan": (dict(base_dim=8, z_dim=16, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False]),
+                         ("wan-vae", "vae")),
+    "ControlNetModel": (dict(layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=768,
+                             attention_head_dim=8, conditioning_embedding_out_channels=(16, 32)),
+                        ("sd1", "controlnet")),
+}
+
+
+def _header_of(module):
+    from studio.library.headers import ModelHeader, TensorInfo
+    tensors = {k: TensorInfo("F32", tuple(v.shape), 0) for k, v in module.state_dict().items()}
+    return ModelHeader(Path("tiny"), "safetensors", 0, tensors)
+
+
+@pytest.mark.parametrize("cls", sorted(_TINY_DIFFUSERS))
+def test_diffusers_module_key_layouts_are_recognised(cls):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from studio.library.detect import detect_header
+    config, (family, role) = _TINY_DIFFUSERS[cls]
+    with torch.device("meta"):
+        module = getattr(diffusers, cls)(**config)
+    det = detect_header(_header_of(module))
+    assert (det.family, det.role) == (family, role), det
+    if role == "diffusion_model":
+        assert det.layout == "diffusers"
+
+
+@pytest.mark.parametrize("cls,width,layers,family", [("CLIPTextModel", 768, 1, "clip-l"),
+                                                     ("CLIPTextModelWithProjection", 1280, 2, "clip-g")])
+def test_transformers_clip_text_encoders_are_recognised(cls, width, layers, family):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from studio.library.detect import detect_header
+    cfg = transformers.CLIPTextConfig(hidden_size=width, intermediate_size=32, num_hidden_layers=layers,
+                                      num_attention_heads=2, projection_dim=width)
+    with torch.device("meta"):
+        module = getattr(transformers, cls)(cfg)
+    det = detect_header(_header_of(module))
+    assert (det.family, det.role, det.variant) == (family, "text_encoder", f"{layers} layers")
+
+
+@pytest.mark.parametrize("cls,cfg_cls,vocab,family", [("T5EncoderModel", "T5Config", 32128, "t5"),
+                                                      ("UMT5EncoderModel", "UMT5Config", 256384, "umt5")])
+def test_transformers_t5_encoders_are_recognised(cls, cfg_cls, vocab, family):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from studio.library.detect import detect_header
+    cfg = getattr(transformers, cfg_cls)(d_model=64, d_ff=32, num_layers=2, num_heads=2, d_kv=8, vocab_size=vocab)
+    with torch.device("meta"):
+        module = getattr(transformers, cls)(cfg)
+    det = detect_header(_header_of(module))
     assert (det.family, det.role) == (family, "text_encoder")

@@ -264,9 +264,12 @@ def _taesd(k: _Keys) -> tuple[str, str, list[str], list[str]] | None:
 
 
 def _text_encoder(k: _Keys) -> tuple[str, str, list[str], list[str]] | None:
-    if k.has("text_model.encoder.layers.0.self_attn.q_proj.weight"):
-        width = k.dim("text_model.embeddings.token_embedding.weight", 1)
-        layers = k.count(r"text_model\.encoder\.layers\.(\d+)\.")
+    # HF CLIP: "text_model." in files; transformers 5 drops it in memory; SD3 bundles add more prefix.
+    tok = k.find(r"(.*\.)?embeddings\.token_embedding\.weight")
+    p = tok[: -len("embeddings.token_embedding.weight")] if tok else ""
+    if tok and k.has(p + "encoder.layers.0.self_attn.q_proj.weight"):
+        width = k.dim(tok, 1)
+        layers = k.count(re.escape(p) + r"encoder\.layers\.(\d+)\.")
     elif k.has("transformer.resblocks.0.attn.in_proj_weight", "token_embedding.weight"):
         width, layers = k.dim("token_embedding.weight", 1), k.count(r"transformer\.resblocks\.(\d+)\.")
     elif k.has("encoder.block.0.layer.0.SelfAttention.q.weight"):
@@ -355,6 +358,10 @@ def _controlnet(k: _Keys) -> tuple[str, str] | None:
 # ---------------------------------------------------------------------------
 # Putting it together.
 
+# Keys only diffusers-layout transformers / UNets have.
+_DIFFUSERS_MARKERS = ("conv_in.weight", "x_embedder.weight", "pos_embed.pos_embed", "proj_in.weight",
+                      "patch_embed.proj.weight", "pos_frequencies", "caption_projection.linear_1.weight",
+                      "condition_embedder.time_embedder.linear_1.weight", "transformer_blocks.0.attn1.to_q.weight")
 _COMPONENT_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.", "vae.")
 
 
@@ -397,8 +404,7 @@ def _detect_tensors(h: ModelHeader) -> Detection:
             role = "checkpoint" if prefixed and parts else "diffusion_model"
             if prefixed:
                 layout = "ldm-checkpoint" if parts else "comfyui-prefixed"
-            elif k.has("conv_in.weight") or "transformer_blocks.0.attn1.to_q.weight" in k.shapes or \
-                    "x_embedder.weight" in k.shapes or "condition_embedder.time_embedder.linear_1.weight" in k.shapes:
+            elif any(m in k.shapes for m in _DIFFUSERS_MARKERS):
                 layout = "diffusers"
             det = Detection(family, variant, role, h.format, layout, markers=k.used, notes=list(notes))
             if parts:
@@ -410,6 +416,9 @@ def _detect_tensors(h: ModelHeader) -> Detection:
         hit = fn(k)
         if hit:
             family, variant, compatible, notes = hit
+            if role == "vae" and any(key.startswith(("encoder.down_blocks.", "encoder.mid_block.", "encoder.layers."))
+                                     for key in k.shapes):
+                layout = "diffusers"
             return Detection(family, variant, role, h.format, layout, compatible=compatible, markers=k.used,
                              notes=notes)
     if _looks_like_llm(h):
