@@ -270,3 +270,96 @@ def test_parser_reads_metadata_and_tensor_table(f32_file):
     assert g.tensors["token_embd.weight"].shape == (VOCAB, HIDDEN)
     assert g.tensors["blk.0.ffn_down.weight"].shape == (HIDDEN, FFN)
     assert g.metadata["tokenizer.ggml.token_type"].dtype == np.int32
+
+
+# --- other architectures: names, config and norm conventions as llama.cpp's converter writes them ---
+
+def _other_arch_model(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if arch == "qwen2":
+        cfg, cls = tf.Qwen2Config(**common, rope_theta=10000.0), tf.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg, cls = tf.Qwen3Config(**common, head_dim=16, rope_theta=10000.0), tf.Qwen3ForCausalLM
+    elif arch == "phi3":
+        cfg, cls = tf.Phi3Config(**{**common, "num_key_value_heads": HEADS}, rope_theta=10000.0,
+                                 pad_token_id=0), tf.Phi3ForCausalLM
+    elif arch == "gemma":
+        cfg, cls = tf.GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=16,
+                                  rope_theta=10000.0), tf.GemmaForCausalLM
+    elif arch == "gemma2":
+        cfg, cls = tf.Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=16, query_pre_attn_scalar=16,
+                                   sliding_window=4, rope_theta=10000.0), tf.Gemma2ForCausalLM
+    else:  # gemma3
+        cfg, cls = tf.Gemma3TextConfig(**{**common, "tie_word_embeddings": True, "num_hidden_layers": 6}, head_dim=16,
+                                       query_pre_attn_scalar=16, sliding_window=4, rope_theta=1e6,
+                                       rope_local_base_freq=10000.0), tf.Gemma3ForCausalLM
+    torch.manual_seed(1)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if "norm" in name else 0.1))
+    return model
+
+
+def write_other_arch_gguf(path, arch: str, model) -> None:
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(1e6 if arch == "gemma3" else 10000.0)  # as _other_arch_model sets them
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    if arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_float32("gemma2.attn_logit_softcapping", cfg.attn_logit_softcapping)
+        w.add_float32("gemma2.final_logit_softcapping", cfg.final_logit_softcapping)
+    tokens, types, merges = tiny_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stem, suffix = key.rsplit(".", 1)
+        a = t.detach().float().numpy().copy()
+        if arch.startswith("gemma") and stem.endswith("norm"):
+            a = a + 1  # llama.cpp stores Gemma's (1 + w) norm scale
+        w.add_tensor(f"{names.get_name(stem)}.{suffix}", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"])
+def test_other_architectures_load_to_hf_weights_and_same_logits(tmp_path, arch):
+    from studio.models.llm import build_llm
+
+    model = _other_arch_model(arch)
+    path = tmp_path / f"{arch}.gguf"
+    write_other_arch_gguf(path, arch, model)
+    loaded = load_gguf_llm(path)
+    ref = {k: v for k, v in model.state_dict().items()
+           if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    assert set(loaded.state_dict) == set(ref)
+    for k, v in ref.items():
+        assert torch.allclose(loaded.state_dict[k].float(), v, atol=1e-6), k  # Gemma: (w + 1) - 1
+    ids = torch.tensor([[5, 77, 260, 3, 199, 42, 8, 11]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    ours = _logits(build_llm(loaded.config, loaded.state_dict), ids)
+    assert (ours - expected).abs().max() < 1e-4
