@@ -283,7 +283,7 @@ def test_torch_zip_checkpoint_keys_and_shapes_are_read_without_torch_load(tmp_pa
 
 def test_folder_without_a_model_says_so(tmp_path):
     (tmp_path / "readme.txt").write_text("hi")
-    with pytest.raises(HeaderError, match="no model here"):
+    with pytest.raises(HeaderError, match="not a model folder.*studio models scan"):
         read_folder(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(HeaderError, match="no weight files"):
@@ -295,3 +295,9 @@ def test_unknown_file_type_says_what_studio_reads(tmp_path):
     p.write_bytes(b"hello, this is not a model at all")
     with pytest.raises(HeaderError, match="not a safetensors, GGUF or PyTorch file"):
         read_header(p)
+
+
+def test_gguf_string_array_of_absurd_length_is_refused_before_looping():
+    kv = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 1 << 30)
+    with pytest.raises(HeaderError, match="limit"):
+        _gg(kv + b"\0" * 64, size=1 << 40)  # the file claims to be big enough; the count is still refused

@@ -23,6 +23,7 @@ MAX_SAFETENSORS_HEADER = 100 << 20  # real headers are a few MiB at most
 MAX_GGUF_STRING = 64 << 20
 MAX_GGUF_NDIMS = 8
 MAX_GGUF_ARRAY_DEPTH = 4
+MAX_GGUF_OBJECT_ARRAY = 1 << 24  # string arrays: the largest vocabularies are ~260k entries
 MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds only structure; real ones are < 10 MiB
 
 
@@ -215,6 +216,9 @@ class _Reader:
             if count * _GGUF_MIN_SIZE[etype] > self.left:
                 raise HeaderError(f"{self.name}: {what} claims {count} elements, more than the file can "
                                   "hold; the file is corrupt")
+            if etype not in _GGUF_SCALARS and count > MAX_GGUF_OBJECT_ARRAY:
+                raise HeaderError(f"{self.name}: {what} claims {count} strings or arrays (limit "
+                                  f"{MAX_GGUF_OBJECT_ARRAY}); the file is corrupt")
             if etype in _GGUF_SCALARS:  # one read for the whole array, not one per element
                 fmt = _GGUF_SCALARS[etype]
                 raw = self.read(count * struct.calcsize(fmt), what)
@@ -468,8 +472,8 @@ def read_folder(folder: Path | str) -> ModelHeader:
             raise HeaderError(f"{folder}: has a config.json but no weight files next to it; "
                               "finish the download or pick the folder that holds the weights")
         return head
-    raise HeaderError(f"{folder}: no model here (no model_index.json, config.json or weights); "
-                      "drop a model file or a diffusers / Hugging Face model folder")
+    raise HeaderError(f"{folder}: not a model folder (no model_index.json or config.json); drop a model "
+                      "file or a diffusers / Hugging Face folder, or use `studio models scan` for a folder of models")
 
 
 def read_header(path: Path | str) -> ModelHeader:
