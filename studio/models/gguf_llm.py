@@ -265,7 +265,10 @@ def gguf_config(g: GGUFFile) -> dict:
     if arch.startswith("gemma"):
         cfg["hidden_activation"] = "gelu_pytorch_tanh"
         cfg["tie_word_embeddings"] = True  # Gemma has no separate head; the file never carries one
-        cfg["query_pre_attn_scalar"] = head_dim
+        # GGUF has no field for it; llama.cpp knows the 27B models (46 / 62 layers) scale
+        # attention by hidden / heads instead of head_dim, and so do their HF configs.
+        big = (arch, n_layers) in (("gemma2", 46), ("gemma3", 62))
+        cfg["query_pre_attn_scalar"] = hidden // n_heads if big else head_dim
     if arch == "gemma2":
         cfg["attn_logit_softcapping"] = get("attn_logit_softcapping", 50.0)
         cfg["final_logit_softcapping"] = get("final_logit_softcapping", 30.0)
@@ -283,6 +286,12 @@ def gguf_config(g: GGUFFile) -> dict:
         orig = get("rope.scaling.original_context_length")
         if orig:
             cfg["original_max_position_embeddings"] = int(orig)
+        if "rope_factors_long.weight" in g.tensors and "rope_factors_short.weight" in g.tensors:
+            def factors(name: str) -> list[float]:
+                info = g.tensors[name]
+                return dequantize(g.raw(name), info.type_id, info.shape).tolist()
+            cfg["rope_scaling"] = {"rope_type": "longrope", "long_factor": factors("rope_factors_long.weight"),
+                                   "short_factor": factors("rope_factors_short.weight")}
     return cfg
 
 
@@ -318,6 +327,10 @@ _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"
 _GEMMA2_BLOCK = {**_BLOCK, "ffn_norm": "pre_feedforward_layernorm",
                  "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 _PHI3_BLOCK = {**_BLOCK, "ffn_up": "mlp.gate_up_proj"}  # Phi-3's ffn_up is the fused gate+up
+
+
+# Tensors that hold rope parameters, not weights; gguf_config reads them.
+_CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def hf_name(arch: str, name: str) -> str | None:
@@ -357,9 +370,7 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
     for name, info in g.tensors.items():
         key = hf_name(arch, name)
         if key is None:
-            if name != "rope_freqs.weight" and not name.startswith(("rope_factors", "blk.")):
-                unknown.append(name)
-            elif name.startswith("blk."):
+            if name not in _CONFIG_TENSORS:  # those were read into the config
                 unknown.append(name)
             continue
         raw = g.raw(name)  # (rows, row_bytes)
