@@ -367,3 +367,19 @@ def test_cli_scan_reports_what_it_found(home, capsys):
     assert cli("scan", str(m)) == 0
     out = capsys.readouterr().out
     assert out.startswith("8 added") and "  + sd15" in out
+
+
+def test_scanning_a_diffusers_folder_registers_it_as_one_model(lib, home):
+    import json
+    root = home / "sdxl-diffusers"
+    (root / "unet").mkdir(parents=True)
+    (root / "vae").mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (root / "unet" / "config.json").write_text("{}")
+    (root / "vae" / "config.json").write_text('{"scaling_factor": 0.13025}')
+    model(root / "unet" / "diffusion_pytorch_model.safetensors", "sdxl_unet_diffusers")
+    model(root / "vae" / "diffusion_pytorch_model.safetensors", "vae_sd")
+    for folder in (root, home):
+        r = scan(lib, [folder])
+        assert not r.errors, r.errors
+        assert [(e.name, e.role, e.format) for e in lib.list()] == [("sdxl-diffusers", "checkpoint", "diffusers")]

@@ -86,7 +86,7 @@ def iter_models(root: Path, errors: list[tuple[str, str]]) -> Iterator[Path]:
         seen.add((st.st_dev, st.st_ino))
         names = set(filenames)
         # A Hugging Face snapshot or a diffusers / HF model folder is one model: don't look inside.
-        if d != root and _is_model_folder(d, names):
+        if _is_model_folder(d, names):
             dirnames[:] = []
             yield d
             continue
