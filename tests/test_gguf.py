@@ -363,3 +363,27 @@ def test_other_architectures_load_to_hf_weights_and_same_logits(tmp_path, arch):
         expected = model(ids).logits
     ours = _logits(build_llm(loaded.config, loaded.state_dict), ids)
     assert (ours - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_rope_scaling_is_recovered_from_stored_rope_freqs(factor):
+    import math
+
+    from studio.models.gguf_llm import _llama3_scaling
+
+    # what llama.cpp's convert_hf_to_gguf stores for Llama 3.1 / 3.2 (float32 rope_freqs.weight)
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    stored = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < 8192 / 4.0:
+            stored.append(1.0)
+        elif wavelen > 8192 / 1.0:
+            stored.append(factor)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            stored.append(1 / ((1 - smooth) / factor + smooth))
+    got = _llama3_scaling(torch.tensor(stored, dtype=torch.float32), 128, 500000.0)
+    assert got == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+    assert _llama3_scaling(torch.linspace(1, 3, 64), 128, 500000.0) is None
