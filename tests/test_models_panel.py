@@ -226,3 +226,16 @@ def test_stop_abandons_hashing_quietly_so_the_window_can_close(qtbot, lib, tmp_p
     assert time.perf_counter() - t < 2.0
     qtbot.wait(50)
     assert failed == [] and lib.get("big").sha256 is None
+
+
+def test_install_card_says_when_a_dropped_file_duplicates_an_installed_one(qtbot, lib, tmp_path):
+    shapes = {"encoder.conv_in.weight": (8, 3, 3, 3), "encoder.conv_out.weight": (8, 8, 3, 3),
+              "decoder.conv_out.weight": (3, 8, 3, 3)}
+    a = write_safetensors(tmp_path / "a" / "vae.safetensors", shapes)
+    b = write_safetensors(tmp_path / "b" / "vae-copy.safetensors", shapes)
+    p = ModelsPanel(lib, DropInstaller(lib, hash_files=True))
+    qtbot.addWidget(p)
+    with qtbot.waitSignals([p.installer.hashed, p.installer.hashed], timeout=10000):
+        p.installer.install([str(a), str(b)])
+    assert "Same file as “vae”" in p.card(str(b)).status.text()
+    p.installer.wait()

@@ -203,6 +203,9 @@ class InstallCard(QFrame):
         lines += [str(n) for n in d.get("notes", [])[:3]]
         self.status.setText("\n".join(lines))
 
+    def add_note(self, text: str) -> None:
+        self.status.setText(self.status.text() + "\n" + text)
+
     def set_failed(self, message: str) -> None:
         self.state = "failed"
         self.bar.hide()
@@ -291,6 +294,7 @@ class ModelsPanel(QWidget):
         self.installer.progress.connect(self._card_progress)
         self.installer.finished.connect(self._card_finished)
         self.installer.failed.connect(self._card_failed)
+        self.installer.hashed.connect(self._card_hashed)
         self.setAcceptDrops(True)
         self.refresh()
 
@@ -478,6 +482,15 @@ class ModelsPanel(QWidget):
         if c is not None:
             c.set_finished(result)
         self.refresh()
+
+    def _card_hashed(self, path: str, sha256: str) -> None:
+        """Tell the user at once when a dropped file is a copy of one they already have."""
+        c = self.card(path)
+        mine = Path(path).resolve()
+        same = [e.name for group in self.library.find_duplicates() for e in group
+                if e.sha256 == sha256 and e.path != mine]
+        if c is not None and same:
+            c.add_note("Same file as " + ", ".join(f"“{n}”" for n in same) + ": you may remove one copy")
 
     def _card_failed(self, path: str, message: str) -> None:
         c = self.card(path)
