@@ -387,3 +387,23 @@ def test_llama3_rope_scaling_is_recovered_from_stored_rope_freqs(factor):
     assert got == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
     assert _llama3_scaling(torch.linspace(1, 3, 64), 128, 500000.0) is None
+
+
+def test_random_corruption_of_the_header_gives_a_user_error_or_a_clean_load(tmp_path, f32_file):
+    import random
+
+    data = f32_file.read_bytes()
+    rng = random.Random(0)
+    bad = tmp_path / "flipped.gguf"
+    outcomes = set()
+    for _ in range(150):
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(0, 6000)] = rng.randrange(256)  # header, metadata, vocabulary, tensor table
+        bad.write_bytes(bytes(b))
+        try:
+            load_gguf_llm(bad)
+            outcomes.add("loaded")
+        except UserError as e:
+            outcomes.add(e.kind)
+    assert outcomes <= {"loaded", "bad_model", "unsupported"} and "bad_model" in outcomes

@@ -230,6 +230,9 @@ def gguf_config(g: GGUFFile) -> dict:
     except TypeError:
         raise _bad(g.path, f"it lacks {arch}.embedding_length, attention.head_count or block_count") from None
     n_kv = get("attention.head_count_kv", n_heads)
+    if isinstance(n_kv, int) and (min(hidden, n_heads, n_layers, n_kv) <= 0 or n_heads % n_kv):
+        raise _bad(g.path, f"its header has impossible sizes (hidden {hidden}, {n_heads} heads, "
+                   f"{n_kv} key/value heads, {n_layers} layers)")
     # Per-layer lists (some files store one value per layer) collapse when uniform.
     if isinstance(n_kv, list):
         n_kv = max(n_kv)
@@ -346,6 +349,40 @@ def hf_name(arch: str, name: str) -> str | None:
     return None
 
 
+def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Per-layer key suffix -> the shape the config implies (checked so a corrupt header is caught here)."""
+    h, d, f = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    return {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q), "self_attn.qkv_proj.weight": (q + 2 * kv, h),
+            "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+            "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+            "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+            "mlp.gate_up_proj.weight": (2 * f, h), "input_layernorm.weight": (h,)}
+
+
+def _check_shapes(g: GGUFFile, arch: str, cfg: dict) -> None:
+    expected = _expected_shapes(cfg)
+    top = {"model.embed_tokens.weight": (cfg["vocab_size"], cfg["hidden_size"]),
+           "lm_head.weight": (cfg["vocab_size"], cfg["hidden_size"]), "model.norm.weight": (cfg["hidden_size"],)}
+    for name, info in g.tensors.items():
+        key = hf_name(arch, name)
+        if key is None:
+            continue
+        parts = key.split(".")
+        if key in top:
+            want = top[key]
+        elif parts[:2] == ["model", "layers"]:
+            if not parts[2].isdigit() or int(parts[2]) >= cfg["num_hidden_layers"]:
+                raise _bad(g.path, f"tensor {name} is for a layer the header does not have "
+                           f"({cfg['num_hidden_layers']} layers)")
+            want = expected.get(".".join(parts[3:]))
+        else:
+            want = None
+        if want is not None and tuple(info.shape) != want:
+            raise _bad(g.path, f"tensor {name} has shape {tuple(info.shape)} but the header implies {want}")
+
+
 def _unpermute_rows(w: Tensor, n_head: int) -> Tensor:
     """Undo llama.cpp's Q/K row order (it interleaves each head's rotary halves for its rope kernel).
 
@@ -362,8 +399,12 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
     keep_quantized=False dequantizes every quantized tensor to float32 (F32/F16/BF16 stay as stored).
     """
     g = read_gguf(path)
-    config = gguf_config(g)
+    try:
+        config = gguf_config(g)
+    except (TypeError, ValueError, KeyError) as e:  # a number stored as text, a missing tensor, ...
+        raise _bad(g.path, f"its metadata is inconsistent ({type(e).__name__}: {e})") from None
     arch = g.metadata["general.architecture"]
+    _check_shapes(g, arch, config)
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     state: dict[str, Tensor | QuantWeight] = {}
     unknown: list[str] = []

@@ -61,13 +61,13 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     if len(types) != len(tokens):
         raise ValueError(f"{len(tokens)} tokens but {len(types)} token types")
     arch = meta.get("general.architecture", "")
-    if kind == "gpt2":
-        tok = _byte_level(meta, tokens)
-    elif kind == "llama":
-        tok = _sentencepiece(meta, tokens, types, arch)
-    else:
+    if kind not in ("gpt2", "llama"):
         raise ValueError(f"tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-    _add_specials(tok, tokens, types, byte_level=kind == "gpt2")
+    try:
+        tok = _byte_level(meta, tokens) if kind == "gpt2" else _sentencepiece(meta, tokens, types, arch)
+        _add_specials(tok, tokens, types, byte_level=kind == "gpt2")
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exception for bad vocabularies
+        raise ValueError(f"its vocabulary is inconsistent ({e})") from None
     return tok
 
 
