@@ -111,7 +111,7 @@ class MainWindow(QMainWindow):
         except ImportError:
             return EmptyState("Image", "Drop a Stable Diffusion checkpoint (.safetensors) here to install it, "
                               "then describe the picture you want.")
-        return ImageTab(self.engine, self.paths, self.settings, self)
+        return ImageTab(self.engine, self.paths, self.settings, self, library=self.library)
 
     def _make_video_tab(self) -> QWidget:
         try:
@@ -119,7 +119,7 @@ class MainWindow(QMainWindow):
         except ImportError:
             return EmptyState("Video", "Drop a Wan 2.x model file here to install it. Video generation needs a GPU "
                               "with 8 GiB or more to be practical.")
-        return VideoTab(self.engine, self.paths, self.settings, self)
+        return VideoTab(self.engine, self.paths, self.settings, self, library=self.library)
 
     def _make_chat_tab(self) -> QWidget:
         try:
