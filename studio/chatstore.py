@@ -82,11 +82,11 @@ class SearchHit:
 
 _V1 = """
 CREATE TABLE threads (
-    id INTEGER PRIMARY KEY, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0, system TEXT NOT NULL DEFAULT '', model TEXT NOT NULL DEFAULT '',
     settings TEXT NOT NULL DEFAULT '{}', deleted REAL);
 CREATE TABLE messages (
-    id INTEGER PRIMARY KEY, thread_id INTEGER NOT NULL REFERENCES threads(id) ON DELETE CASCADE,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, thread_id INTEGER NOT NULL REFERENCES threads(id) ON DELETE CASCADE,
     position INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL, status TEXT NOT NULL,
     created REAL NOT NULL, stats TEXT NOT NULL DEFAULT '{}', error TEXT NOT NULL DEFAULT '{}');
 CREATE INDEX messages_thread ON messages(thread_id, position);

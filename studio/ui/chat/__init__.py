@@ -1,0 +1,1 @@
+"""The Chat tab: thread list, streaming message view, per-thread settings, search, export/import."""

@@ -1,0 +1,690 @@
+"""The Chat tab: threads on the left, the conversation in the middle, this chat's settings on the right.
+
+State lives in ChatStore (SQLite); this class only wires the store, the engine and the widgets.
+A streaming answer is appended to a buffer as tokens arrive; a 30 ms timer paints the buffer
+(at most one repaint per tick whatever the token rate) and saves it every 250 ms, so a crash
+loses at most a quarter of a second of text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSplitter,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.chatstore import ChatStore, ChatStoreError, Thread, move_aside
+from studio.paths import Paths
+from studio.protocol import ChatJob, Message
+from studio.settings import Settings
+from studio.ui.chat.composer import Composer
+from studio.ui.chat.message_view import MessageView, is_dark
+from studio.ui.chat.settings_panel import SettingsPanel
+from studio.ui.chat.style import stylesheet
+from studio.ui.chat.thread_list import ThreadList
+
+PAINT_INTERVAL_MS = 30
+SAVE_INTERVAL_S = 0.25
+ENGINE_GONE = ("engine_crashed", "engine_hung", "engine_stopped", "engine_failed")
+JOB_FIELDS = {f.name for f in dataclasses.fields(ChatJob)}
+BUNDLED_LABEL = "SmolLM2 135M (bundled)"
+
+
+@dataclass
+class Stream:
+    """One answer being generated."""
+
+    job_id: str
+    thread_id: int
+    msg_id: int
+    parts: list[str] = field(default_factory=list)
+    dirty: bool = False  # text the screen has not shown yet
+    unsaved: bool = False  # text the database has not got yet
+    saved_at: float = 0.0
+    paint_after: float = 0.0  # long answers repaint less often so a repaint never eats the frame budget
+    started: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class ProblemPage(QWidget):
+    """What the tab shows when the chat database cannot be opened: what happened, what to do."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        layout = QVBoxLayout(self)
+        layout.addStretch()
+        self.title = QLabel()
+        self.title.setObjectName("EmptyTitle")
+        self.title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.body = QLabel()
+        self.body.setWordWrap(True)
+        self.body.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.body.setMaximumWidth(640)
+        layout.addWidget(self.title)
+        layout.addWidget(self.body, 0, Qt.AlignmentFlag.AlignHCenter)
+        row = QHBoxLayout()
+        row.addStretch()
+        self.retry_button = QPushButton("Try again")
+        self.move_button = QPushButton("Move the file aside and start a new history")
+        row.addWidget(self.retry_button)
+        row.addWidget(self.move_button)
+        row.addStretch()
+        layout.addLayout(row)
+        layout.addStretch()
+
+
+class ChatTab(QWidget):
+    answer_finished = Signal(int, str)  # message id, final status (done / stopped / error / interrupted)
+
+    def __init__(self, engine: Any, paths: Paths, settings: Settings, parent: QWidget | None = None,
+                 library: Any = None) -> None:
+        super().__init__(parent)
+        self.engine = engine
+        self.paths = paths
+        self.settings = settings
+        self.library = library
+        self.db_path = paths.data / "chats.db"
+        self.store: ChatStore | None = None
+        self.thread_id: int | None = None
+        self.streams: dict[str, Stream] = {}
+        self.ui_updates = 0  # repaints of streaming text (tests check answers arrive incrementally)
+        self.error: ChatStoreError | None = None
+
+        self.pages = QStackedWidget(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.pages)
+        self.problem = ProblemPage()
+        self.problem.retry_button.clicked.connect(self.open_store)
+        self.problem.move_button.clicked.connect(self.move_database_aside)
+        self.pages.addWidget(self.problem)
+        self.pages.addWidget(self._build_main())
+
+        self._paint_timer = QTimer(self)
+        self._paint_timer.setInterval(PAINT_INTERVAL_MS)
+        self._paint_timer.timeout.connect(self._paint)
+        self._undo_timer = QTimer(self)
+        self._undo_timer.setSingleShot(True)
+        self._undo_timer.timeout.connect(self._hide_notice)
+        self._undo_thread: int | None = None
+        self._shortcuts()
+        self.engine.message.connect(self._on_engine_message)
+        self.setStyleSheet(stylesheet(is_dark()))
+        self.open_store()
+
+    # -- layout -------------------------------------------------------------------------------------
+    def _build_main(self) -> QWidget:
+        self.sidebar = ThreadList()
+        self.sidebar.new_requested.connect(self.new_chat)
+        self.sidebar.thread_selected.connect(self.open_thread)
+        self.sidebar.rename_requested.connect(self.rename_thread)
+        self.sidebar.pin_requested.connect(self.pin_thread)
+        self.sidebar.delete_requested.connect(self.delete_thread)
+        self.sidebar.export_requested.connect(self._export_dialog)
+        self.sidebar.import_requested.connect(self._import_dialog)
+        self.sidebar.search_changed.connect(self.search)
+        self.sidebar.hit_chosen.connect(self.open_message)
+
+        center = QWidget()
+        center.setObjectName("ChatCenter")
+        col = QVBoxLayout(center)
+        col.setContentsMargins(0, 0, 0, 0)
+        col.setSpacing(0)
+        header = QFrame()
+        header.setObjectName("ChatHeader")
+        hl = QHBoxLayout(header)
+        hl.setContentsMargins(16, 8, 12, 8)
+        self.title_label = QLabel("New chat")
+        self.title_label.setObjectName("ChatTitle")
+        hl.addWidget(self.title_label, 1)
+        hl.addWidget(QLabel("Model"))
+        self.model_combo = QComboBox()
+        self.model_combo.setMinimumContentsLength(22)
+        self.model_combo.setToolTip("The model that answers in this chat. Add models from the Models panel.")
+        self.model_combo.activated.connect(self._on_model_chosen)
+        hl.addWidget(self.model_combo)
+        self.settings_button = QPushButton("Settings")
+        self.settings_button.setCheckable(True)
+        self.settings_button.setToolTip("System prompt and sampling for this chat")
+        hl.addWidget(self.settings_button)
+        col.addWidget(header)
+
+        self.view_stack = QStackedWidget()
+        self.empty_hint = QLabel("Ask anything.\n\nThe model runs on this computer; nothing you type leaves it.")
+        self.empty_hint.setObjectName("EmptyBody")
+        self.empty_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.empty_hint.setEnabled(False)
+        self.view = MessageView()
+        self.view.edit_submitted.connect(self.edit_message)
+        self.view.regenerate.connect(self.regenerate)
+        self.view_stack.addWidget(self.empty_hint)
+        self.view_stack.addWidget(self.view)
+        col.addWidget(self.view_stack, 1)
+
+        self.notice = QFrame()
+        self.notice.setObjectName("Notice")
+        nl = QHBoxLayout(self.notice)
+        nl.setContentsMargins(14, 6, 8, 6)
+        self.notice_label = QLabel()
+        self.notice_label.setWordWrap(True)
+        nl.addWidget(self.notice_label, 1)
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.clicked.connect(self.undo_delete)
+        nl.addWidget(self.undo_button)
+        close = QPushButton("✕")
+        close.setFlat(True)
+        close.setFixedWidth(28)
+        close.clicked.connect(self._hide_notice)
+        nl.addWidget(close)
+        self.notice.hide()
+        col.addWidget(self.notice)
+
+        box = QFrame()
+        box.setObjectName("ComposerBox")
+        bl = QVBoxLayout(box)
+        bl.setContentsMargins(16, 8, 16, 10)
+        bl.setSpacing(6)
+        row = QHBoxLayout()
+        self.input = Composer()
+        self.input.submitted.connect(self.send)
+        row.addWidget(self.input, 1)
+        self.send_button = QPushButton("Send")
+        self.send_button.setObjectName("SendButton")
+        self.send_button.setToolTip("Send (Enter)")
+        self.send_button.clicked.connect(self._send_or_stop)
+        row.addWidget(self.send_button, 0, Qt.AlignmentFlag.AlignBottom)
+        bl.addLayout(row)
+        foot = QHBoxLayout()
+        self.context_label = QLabel("Context: nothing used yet")
+        self.context_label.setObjectName("ContextLabel")
+        self.context_bar = QProgressBar()
+        self.context_bar.setObjectName("ContextBar")
+        self.context_bar.setTextVisible(False)
+        self.context_bar.setFixedSize(120, 6)
+        self.context_bar.setRange(0, 1)
+        self.context_bar.setValue(0)
+        foot.addWidget(self.context_label)
+        foot.addWidget(self.context_bar)
+        foot.addStretch()
+        hint = QLabel("Shift+Enter new line · Esc stops · Ctrl+N new chat")
+        hint.setObjectName("ContextLabel")
+        foot.addWidget(hint)
+        bl.addLayout(foot)
+        col.addWidget(box)
+
+        self.settings_panel = SettingsPanel()
+        self.settings_panel.changed.connect(self._on_settings_changed)
+        self.settings_panel.hide()
+        self.settings_button.toggled.connect(self.settings_panel.setVisible)
+
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.setChildrenCollapsible(False)
+        split.addWidget(self.sidebar)
+        split.addWidget(center)
+        split.addWidget(self.settings_panel)
+        split.setStretchFactor(1, 1)
+        split.setSizes([240, 800, 280])
+        self.sidebar.setMinimumWidth(190)
+        return split
+
+    def _shortcuts(self) -> None:
+        def add(seq: str, slot, context=Qt.ShortcutContext.WindowShortcut) -> None:
+            sc = QShortcut(QKeySequence(seq), self)
+            sc.setContext(context)
+            sc.activated.connect(slot)
+
+        add("Ctrl+N", self.new_chat)
+        add("Ctrl+F", self.focus_search)
+        add("Esc", self.stop, Qt.ShortcutContext.WidgetWithChildrenShortcut)
+
+    def changeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        from PySide6.QtCore import QEvent
+
+        if event.type() == QEvent.Type.PaletteChange and self.store is not None:
+            self.setStyleSheet(stylesheet(is_dark()))
+            if self.thread_id is not None:  # code blocks are drawn with the palette's shades
+                self.open_thread(self.thread_id)
+        super().changeEvent(event)
+
+    # -- the database ---------------------------------------------------------------------------------
+    def open_store(self) -> bool:
+        if self.store is not None:
+            return True
+        try:
+            self.store = ChatStore(self.db_path)
+        except ChatStoreError as exc:
+            self._show_problem(exc)
+            return False
+        self.error = None
+        self.pages.setCurrentIndex(1)
+        threads = self.store.threads()
+        self.refresh_models()
+        self._refresh_threads()
+        if threads:
+            self.open_thread(threads[0].id)
+        else:
+            self._show_thread(None)
+        if self.store.backup_path is not None:
+            self.show_notice(f"The chat history was upgraded; the old copy is kept at {self.store.backup_path}.")
+        return True
+
+    def _show_problem(self, exc: ChatStoreError) -> None:
+        self.error = exc
+        titles = {"corrupt": "The chat history cannot be read", "locked": "The chat history is in use",
+                  "newer": "The chat history is from a newer Studio"}
+        self.problem.title.setText(titles.get(exc.kind, "The chat history cannot be opened"))
+        body = exc.message
+        if exc.kind == "corrupt":
+            body += ("\n\nYou can keep it for recovery: “Move the file aside” renames it with today's date "
+                     "(nothing is deleted) and starts an empty history in its place.")
+        self.problem.body.setText(body)
+        self.problem.move_button.setVisible(exc.kind == "corrupt")
+        self.pages.setCurrentIndex(0)
+
+    def move_database_aside(self) -> Path | None:
+        """Only on the user's request: rename the unreadable file (never delete it), then start fresh."""
+        try:
+            moved = move_aside(self.db_path)
+        except OSError as exc:
+            self.problem.body.setText(f"Could not rename {self.db_path}: {exc}. Move it yourself and try again.")
+            return None
+        if self.open_store():
+            self.show_notice(f"The unreadable chat history was kept as {moved}.")
+        return moved
+
+    # -- threads ------------------------------------------------------------------------------------------
+    def _refresh_threads(self) -> None:
+        self.sidebar.set_threads(self.store.threads(), self.thread_id)
+
+    def new_chat(self) -> Thread | None:
+        if self.store is None:
+            return None
+        if self.thread_id is not None and not self.store.messages(self.thread_id):
+            self.input.setFocus()  # already on an empty chat: reuse it rather than pile up blank ones
+            return self.store.thread(self.thread_id)
+        self.settings_panel.flush()
+        t = self.store.create_thread()
+        self.thread_id = t.id
+        self._refresh_threads()
+        self._show_thread(t)
+        self.input.setFocus()
+        return t
+
+    def open_thread(self, thread_id: int) -> None:
+        if self.store is None:
+            return
+        if self.thread_id is not None and self.thread_id != thread_id:
+            self.settings_panel.flush()
+        try:
+            t = self.store.thread(thread_id)
+        except KeyError:
+            return
+        self.thread_id = thread_id
+        self._show_thread(t)
+        item = self.sidebar.item_for(thread_id)
+        if item is not None and self.sidebar.threads.currentItem() is not item:
+            self.sidebar._filling = True
+            self.sidebar.threads.setCurrentItem(item)
+            self.sidebar._filling = False
+
+    def _show_thread(self, t: Thread | None) -> None:
+        msgs = self.store.messages(t.id) if t is not None else []
+        self.title_label.setText(t.title if t is not None else "New chat")
+        self.view.set_messages(msgs, self.busy)
+        for s in self.streams.values():  # an answer still streaming here shows its latest text, not the saved one
+            if t is not None and s.thread_id == t.id and s.msg_id in self.view.bubbles:
+                self.view.bubbles[s.msg_id].set_streaming_text(s.text)
+        self.view_stack.setCurrentWidget(self.view if msgs else self.empty_hint)
+        self.settings_panel.load(t.system if t else "", t.settings if t else {})
+        self._select_model(t.model if t else "")
+        self._update_busy()
+        self._update_context()
+
+    def rename_thread(self, thread_id: int, title: str) -> None:
+        self.store.update_thread(thread_id, title=title)
+        self._refresh_threads()
+        if thread_id == self.thread_id:
+            self.title_label.setText(title)
+
+    def pin_thread(self, thread_id: int, pinned: bool) -> None:
+        self.store.update_thread(thread_id, pinned=pinned)
+        self._refresh_threads()
+
+    def delete_thread(self, thread_id: int) -> None:
+        for s in list(self.streams.values()):
+            if s.thread_id == thread_id:
+                self.engine.cancel(s.job_id)
+        title = self.store.thread(thread_id).title
+        self.store.delete_thread(thread_id)
+        self._undo_thread = thread_id
+        if thread_id == self.thread_id:
+            rest = self.store.threads()
+            self.thread_id = None
+            if rest:
+                self.open_thread(rest[0].id)
+            else:
+                self._show_thread(None)
+        self._refresh_threads()
+        self.show_notice(f"Deleted “{title}”.", undo=True)
+
+    def undo_delete(self) -> None:
+        if self._undo_thread is None:
+            return
+        self.store.undelete_thread(self._undo_thread)
+        tid, self._undo_thread = self._undo_thread, None
+        self._hide_notice()
+        self._refresh_threads()
+        self.open_thread(tid)
+
+    def show_notice(self, text: str, undo: bool = False) -> None:
+        self.notice_label.setText(text)
+        self.undo_button.setVisible(undo)
+        self.notice.show()
+        self._undo_timer.start(10000 if undo else 15000)
+
+    def _hide_notice(self) -> None:
+        self.notice.hide()
+        self._undo_thread = None
+
+    # -- model and settings ----------------------------------------------------------------------------------
+    def refresh_models(self) -> None:
+        current = self.model_combo.currentData()
+        self.model_combo.clear()
+        self.model_combo.addItem(BUNDLED_LABEL, "")
+        if self.library is not None:
+            for e in self.library.list(role="llm"):
+                self.model_combo.addItem(e.name + (" (missing)" if e.missing else ""), str(e.path))
+                self.model_combo.setItemData(self.model_combo.count() - 1, str(e.path), Qt.ItemDataRole.ToolTipRole)
+        self._select_model(current or "")
+
+    def _select_model(self, model: str) -> None:
+        i = self.model_combo.findData(model)
+        if i < 0:  # the thread's model is no longer installed: say so rather than silently switch
+            self.model_combo.addItem(f"{Path(model).name} (not installed)", model)
+            i = self.model_combo.count() - 1
+        self.model_combo.setCurrentIndex(i)
+
+    def _on_model_chosen(self, index: int) -> None:
+        if self.thread_id is not None:
+            self.store.update_thread(self.thread_id, model=self.model_combo.itemData(index))
+
+    def _on_settings_changed(self, system: str, values: dict) -> None:
+        if self.store is not None and self.thread_id is not None:
+            self.store.update_thread(self.thread_id, system=system, settings=values)
+
+    def showEvent(self, event) -> None:  # noqa: N802
+        super().showEvent(event)
+        if self.store is not None:
+            self.refresh_models()  # models installed since the last visit appear
+
+    # -- sending and streaming --------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """True while the open thread has an answer streaming."""
+        return self._stream_for(self.thread_id) is not None
+
+    def _stream_for(self, thread_id: int | None) -> Stream | None:
+        return next((s for s in self.streams.values() if s.thread_id == thread_id), None)
+
+    def _send_or_stop(self) -> None:
+        if self.busy:
+            self.stop()
+        else:
+            self.send()
+
+    def send(self) -> int | None:
+        """Send the input as a user message and start the answer; returns the answer's message id."""
+        text = self.input.toPlainText().strip()
+        if not text or self.store is None or self.busy:
+            return None
+        if self.thread_id is None:
+            self.new_chat()
+        tid = self.thread_id
+        self.settings_panel.flush()
+        user = self.store.add_message(tid, "user", text)
+        self.input.clear()
+        if self.store.thread(tid).title == "New chat":
+            first = text.splitlines()[0]
+            self.rename_thread(tid, first[:48] + ("…" if len(first) > 48 else ""))
+        else:
+            self._refresh_threads()
+        self.view_stack.setCurrentWidget(self.view)
+        self.view.add(user)
+        return self._generate(tid)
+
+    def _generate(self, thread_id: int, overflow: str = "error") -> int:
+        t = self.store.thread(thread_id)
+        history = [{"role": m.role, "content": m.content} for m in self.store.messages(thread_id)
+                   if m.content and m.status != "error"]
+        answer = self.store.add_message(thread_id, "assistant", "", status="streaming")
+        sampling = {k: v for k, v in t.settings.items() if k in JOB_FIELDS}
+        job = ChatJob(messages=history, model=t.model, system=t.system, overflow=overflow, **sampling)
+        job_id = self.engine.submit(job)
+        now = time.monotonic()
+        self.streams[job_id] = Stream(job_id, thread_id, answer.id, saved_at=now)
+        if thread_id == self.thread_id:
+            bubble = self.view.add(answer)
+            bubble.status_label.setText("waiting for the engine…")
+            self._update_busy()
+        return answer.id
+
+    def stop(self) -> None:
+        s = self._stream_for(self.thread_id)
+        if s is not None:
+            self.engine.cancel(s.job_id)
+
+    def regenerate(self, message_id: int) -> int | None:
+        """Answer again from just before this assistant message (Regenerate and Retry)."""
+        if self.store is None or self.busy:
+            return None
+        m = self.store.message(message_id)
+        overflow = "truncate" if m.error.get("kind") == "context_full" else "error"
+        self.store.delete_from(m.thread_id, m.position)
+        self.view.remove_from(m.position)
+        return self._generate(m.thread_id, overflow)
+
+    def regenerate_last(self) -> int | None:
+        msgs = self.store.messages(self.thread_id) if self.thread_id is not None else []
+        if msgs and msgs[-1].role == "assistant":
+            return self.regenerate(msgs[-1].id)
+        return None
+
+    def edit_message(self, message_id: int, text: str) -> int | None:
+        """Replace a user message and continue the chat from it (later messages are dropped)."""
+        if self.store is None or self.busy:
+            return None
+        m = self.store.message(message_id)
+        self.store.update_message(message_id, content=text)
+        self.store.delete_from(m.thread_id, m.position + 1)
+        self.view.remove_from(m.position + 1)
+        self.view.bubbles[message_id].update_message(self.store.message(message_id))
+        return self._generate(m.thread_id)
+
+    def _on_engine_message(self, msg: Message) -> None:
+        s = self.streams.get(msg.get("job_id") or "")
+        if s is None:
+            return
+        if msg.type == "token":
+            s.parts.append(msg["text"])
+            s.dirty = True
+            if not self._paint_timer.isActive():
+                self._paint_timer.start()
+        elif msg.type == "started":
+            s.started = True
+            self._set_bubble_status(s, "typing…")
+        elif msg.type == "progress" and not s.parts:
+            self._set_bubble_status(s, f"{msg['stage']}…")
+        elif msg.type == "result":
+            r = dict(msg["result"])
+            text = r.pop("text", s.text)
+            self._finish(s, "done", text, stats=r)
+        elif msg.type == "cancelled":
+            self._finish(s, "stopped", s.text)
+        elif msg.type == "error":
+            kind = msg["kind"]
+            status = "interrupted" if kind in ENGINE_GONE else "error"
+            self._finish(s, status, s.text, error={"kind": kind, "message": msg["message"]})
+
+    def _set_bubble_status(self, s: Stream, text: str) -> None:
+        b = self.view.bubbles.get(s.msg_id) if s.thread_id == self.thread_id else None
+        if b is not None:
+            b.status_label.setText(text)
+            b.status_label.show()
+
+    def _paint(self) -> None:
+        now = time.monotonic()
+        for s in self.streams.values():
+            if s.dirty and now >= s.paint_after:
+                b = self.view.bubbles.get(s.msg_id) if s.thread_id == self.thread_id else None
+                if b is not None:
+                    t0 = time.monotonic()
+                    b.set_streaming_text(s.text)
+                    self.ui_updates += 1
+                    # Re-rendering grows with the answer; keep it under a quarter of the wall time.
+                    s.paint_after = now + 3 * (time.monotonic() - t0)
+                s.dirty = False
+                s.unsaved = True
+            if s.unsaved and now - s.saved_at >= SAVE_INTERVAL_S:
+                self.store.update_message(s.msg_id, content=s.text)
+                s.saved_at = now
+                s.unsaved = False
+        if not any(s.dirty or s.unsaved for s in self.streams.values()):
+            self._paint_timer.stop()
+
+    def _finish(self, s: Stream, status: str, text: str, stats: dict | None = None,
+                error: dict | None = None) -> None:
+        self.streams.pop(s.job_id, None)
+        self.store.update_message(s.msg_id, content=text, status=status, stats=stats or {}, error=error or {})
+        if s.thread_id == self.thread_id and s.msg_id in self.view.bubbles:
+            self.view.bubbles[s.msg_id].update_message(self.store.message(s.msg_id))
+            self._update_busy()
+            self._update_context()
+        self.answer_finished.emit(s.msg_id, status)
+
+    def _update_busy(self) -> None:
+        busy = self.busy
+        self.send_button.setText("Stop" if busy else "Send")
+        self.send_button.setToolTip("Stop the answer (Esc)" if busy else "Send (Enter)")
+        self.send_button.setProperty("stop", busy)
+        self.send_button.style().unpolish(self.send_button)
+        self.send_button.style().polish(self.send_button)
+        self.view.refresh_actions(busy)
+
+    def _update_context(self) -> None:
+        msgs = self.store.messages(self.thread_id) if self.store is not None and self.thread_id is not None else []
+        last = next((m.stats for m in reversed(msgs) if m.stats.get("context_length")), None)
+        if last is None:
+            self.context_label.setText("Context: nothing used yet")
+            self.context_bar.setRange(0, 1)
+            self.context_bar.setValue(0)
+            return
+        used, total = last["prompt_tokens"] + last["completion_tokens"], last["context_length"]
+        self.context_label.setText(f"Context: {used:,} / {total:,} tokens")
+        self.context_bar.setRange(0, total)
+        self.context_bar.setValue(min(used, total))
+        self.context_bar.setToolTip(f"{used / total:.0%} of this model's context is used by this chat")
+
+    # -- search ---------------------------------------------------------------------------------------------------
+    def focus_search(self) -> None:
+        self.sidebar.search.setFocus()
+        self.sidebar.search.selectAll()
+
+    def search(self, text: str) -> list:
+        hits = self.store.search(text) if self.store is not None and text.strip() else []
+        if text.strip():
+            self.sidebar.set_hits(hits)
+        return hits
+
+    def open_message(self, thread_id: int, message_id: int) -> None:
+        self.open_thread(thread_id)
+        # Layouts settle on the next turn of the event loop; scroll once the bubbles have their heights.
+        QTimer.singleShot(30, self.view, lambda: self.view.jump_to(message_id))
+
+    # -- export / import -------------------------------------------------------------------------------------------
+    def export_thread(self, thread_id: int, path: str | Path, fmt: str) -> Path:
+        path = Path(path)
+        if fmt == "json":
+            text = json.dumps(self.store.export_json(thread_id), indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = self.store.export_markdown(thread_id)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".chat-export-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def import_file(self, path: str | Path) -> Thread | None:
+        """A JSON export becomes a new thread; a bad file leaves everything as it was and says why."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            t = self.store.import_json(data)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            self.show_notice(f"Could not import {Path(path).name}: {exc}")
+            return None
+        self.thread_id = t.id
+        self._refresh_threads()
+        self.open_thread(t.id)
+        self.show_notice(f"Imported “{t.title}” as a new chat.")
+        return t
+
+    def _export_dialog(self, thread_id: int, fmt: str) -> None:
+        t = self.store.thread(thread_id)
+        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in t.title).strip() or "chat"
+        ext = "md" if fmt == "md" else "json"
+        path, _ = QFileDialog.getSaveFileName(self, "Export chat", str(Path.home() / f"{safe}.{ext}"),
+                                              "Markdown (*.md)" if fmt == "md" else "JSON (*.json)")
+        if path:
+            try:
+                self.show_notice(f"Exported to {self.export_thread(thread_id, path, fmt)}.")
+            except OSError as exc:
+                self.show_notice(f"Could not export: {exc}. Choose another folder.")
+
+    def _import_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import chat", str(Path.home()), "Studio chat (*.json)")
+        if path:
+            self.import_file(path)
+
+    # -- closing ------------------------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Save what is streaming, mark it interrupted, forget deleted threads, close the database."""
+        if self.store is None:
+            return
+        self.settings_panel.flush()
+        for s in list(self.streams.values()):
+            self.engine.cancel(s.job_id)
+            self.store.update_message(s.msg_id, content=s.text, status="interrupted",
+                                      error={"kind": "app_closed", "message": "Studio was closed during this answer."})
+        self.streams.clear()
+        self._paint_timer.stop()
+        self.store.purge_deleted()
+        self.store.close()
+        self.store = None
+        self.engine.message.disconnect(self._on_engine_message)

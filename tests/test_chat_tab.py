@@ -1,0 +1,288 @@
+"""The Chat tab against the real engine and the bundled SmolLM2: streaming, stop, regenerate, persistence,
+search, export/import, an engine killed mid-answer, and corrupt or locked databases."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sqlite3  # noqa: E402
+
+import pytest  # noqa: E402
+from PySide6.QtCore import Qt  # noqa: E402
+
+from studio.paths import Paths  # noqa: E402
+from studio.settings import Settings  # noqa: E402
+
+LONG_PROMPT = "Write a long story about a dragon who learns to bake bread."
+
+
+@pytest.fixture(scope="module")
+def qt_engine(qapp):
+    from studio.client import EngineOptions
+    from studio.ui.engine_qt import QtEngine
+
+    engine = QtEngine(Paths.default(), EngineOptions(device="cpu", hang_timeout_s=60))
+    engine.start()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def paths(tmp_path):
+    return dataclasses.replace(Paths.default(), data=tmp_path / "data").ensure()
+
+
+def make_tab(qtbot, engine, paths):
+    from studio.ui.chat.chat_tab import ChatTab
+
+    tab = ChatTab(engine, paths, Settings())
+    qtbot.addWidget(tab)
+    tab.resize(1000, 700)
+    tab.show()
+    return tab
+
+
+@pytest.fixture
+def tab(qtbot, qt_engine, paths):
+    t = make_tab(qtbot, qt_engine, paths)
+    yield t
+    t.shutdown()
+
+
+def greedy(tab, max_tokens: int) -> None:
+    """This chat's settings, set through the settings panel as a user would."""
+    tab.new_chat()
+    tab.settings_panel.fields["temperature"].setValue(0.0)
+    tab.settings_panel.fields["max_tokens"].setValue(max_tokens)
+    tab.settings_panel.flush()
+
+
+def type_and_enter(qtbot, tab, text: str) -> None:
+    qtbot.keyClicks(tab.input, text)
+    qtbot.keyClick(tab.input, Qt.Key.Key_Return)
+
+
+def wait_finished(qtbot, tab, timeout: int = 60000) -> tuple[int, str]:
+    with qtbot.waitSignal(tab.answer_finished, timeout=timeout) as blocker:
+        pass
+    return tuple(blocker.args)
+
+
+def wait_streaming(qtbot, tab, updates: int = 3) -> None:
+    start = tab.ui_updates
+    qtbot.waitUntil(lambda: tab.ui_updates >= start + updates, timeout=60000)
+
+
+def test_enter_sends_and_the_answer_streams_in_then_survives_a_new_tab(qtbot, qt_engine, paths):
+    tab = make_tab(qtbot, qt_engine, paths)
+    greedy(tab, 48)
+    qtbot.keyClicks(tab.input, "What is the capital of France?")
+    qtbot.keyClick(tab.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    assert tab.input.toPlainText().endswith("\n")  # Shift+Enter is a newline, not a send
+    with qtbot.waitSignal(tab.answer_finished, timeout=60000) as blocker:
+        qtbot.keyClick(tab.input, Qt.Key.Key_Return)
+        assert tab.input.toPlainText() == "" and tab.busy and tab.send_button.text() == "Stop"
+    msg_id, status = blocker.args
+    assert status == "done"
+    assert tab.ui_updates >= 2  # painted as it grew, not once at the end
+    m = tab.store.message(msg_id)
+    assert "Paris" in m.content and m.stats["completion_tokens"] > 0
+    bubble = tab.view.bubbles[msg_id]
+    assert "tok/s" in bubble.stats_label.text() and "first token" in bubble.stats_label.text()
+    assert tab.context_label.text().startswith("Context: ") and "/ 8,192 tokens" in tab.context_label.text()
+    assert tab.send_button.text() == "Send"
+    title = tab.store.thread(tab.thread_id).title
+    assert title.startswith("What is the capital of France?")
+    tab.shutdown()
+
+    again = make_tab(qtbot, qt_engine, paths)
+    try:
+        assert again.sidebar.threads.item(0).text() == title and again.title_label.text() == title
+        assert [b.msg.role for b in again.view.bubbles.values()] == ["user", "assistant"]
+        assert "Paris" in again.view.bubbles[msg_id].body.toPlainText()
+    finally:
+        again.shutdown()
+
+
+def test_stop_mid_answer_keeps_the_partial_text_and_regenerate_answers_again(qtbot, tab):
+    greedy(tab, 400)
+    type_and_enter(qtbot, tab, LONG_PROMPT)
+    wait_streaming(qtbot, tab)
+    with qtbot.waitSignal(tab.answer_finished, timeout=30000) as blocker:
+        qtbot.keyClick(tab.input, Qt.Key.Key_Escape)
+    msg_id, status = blocker.args
+    m = tab.store.message(msg_id)
+    assert status == "stopped" and m.status == "stopped" and len(m.content) > 10
+    assert tab.view.bubbles[msg_id].status_label.text() == "stopped"
+    assert tab.view.bubbles[msg_id].regen_button.isVisible()
+
+    tab.settings_panel.fields["max_tokens"].setValue(24)
+    tab.settings_panel.flush()
+    with qtbot.waitSignal(tab.answer_finished, timeout=60000) as blocker:
+        tab.view.bubbles[msg_id].regen_button.click()
+    new_id, status = blocker.args
+    msgs = tab.store.messages(tab.thread_id)
+    assert status == "done" and new_id != msg_id
+    assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].id == new_id
+    assert msgs[1].stats["completion_tokens"] <= 24
+
+
+def test_editing_a_user_message_drops_what_followed_and_continues(qtbot, tab):
+    greedy(tab, 16)
+    type_and_enter(qtbot, tab, "Name a fruit.")
+    wait_finished(qtbot, tab)
+    user_id = tab.store.messages(tab.thread_id)[0].id
+    bubble = tab.view.bubbles[user_id]
+    bubble.edit_button.click()
+    bubble.editor.setPlainText("What is the capital of France?")
+    with qtbot.waitSignal(tab.answer_finished, timeout=60000) as blocker:
+        bubble._submit_edit()
+    msgs = tab.store.messages(tab.thread_id)
+    assert [(m.role, m.id == blocker.args[0]) for m in msgs] == [("user", False), ("assistant", True)]
+    assert msgs[0].content == "What is the capital of France?" and "Paris" in msgs[1].content
+
+
+def test_search_finds_a_word_and_jumps_to_the_message(qtbot, tab):
+    store = tab.store
+    t1 = store.create_thread("Volcanoes")
+    target = store.add_message(t1.id, "user", "Tell me about the eruption of Krakatoa in 1883.")
+    store.add_message(store.create_thread("Other").id, "user", "Something unrelated")
+    tab._refresh_threads()
+    qtbot.keyClick(tab, Qt.Key.Key_F, Qt.KeyboardModifier.ControlModifier)
+    assert tab.sidebar.search.hasFocus()
+    qtbot.keyClicks(tab.sidebar.search, "krakat")
+    assert tab.sidebar.results.count() == 1
+    item = tab.sidebar.results.item(0)
+    assert "Volcanoes" in item.text() and "[Krakatoa]" in item.text()
+    tab.sidebar.results.itemClicked.emit(item)
+    assert tab.thread_id == t1.id
+    qtbot.waitUntil(lambda: tab.view.bubbles[target.id].property("highlight") is True, timeout=2000)
+    tab.sidebar.search.clear()
+    assert tab.sidebar.stack.currentWidget() is tab.sidebar.threads
+
+
+def test_export_and_import_round_trip_as_a_new_thread(qtbot, tab, tmp_path):
+    store = tab.store
+    t = store.create_thread("Exported", system="Be brief.")
+    store.add_message(t.id, "user", "Show me Python")
+    store.add_message(t.id, "assistant", "Here:\n\n```python\nprint('hi')\n```")
+    md = tab.export_thread(t.id, tmp_path / "chat.md", "md").read_text()
+    assert "# Exported" in md and "```python\nprint('hi')\n```" in md
+    path = tab.export_thread(t.id, tmp_path / "chat.json", "json")
+    imported = tab.import_file(path)
+    assert imported is not None and imported.id != t.id and tab.thread_id == imported.id
+    assert [(m.role, m.content) for m in store.messages(imported.id)] == [
+        (m.role, m.content) for m in store.messages(t.id)]
+    assert len(store.threads()) == 2
+    (tmp_path / "bad.json").write_text("{not json")
+    assert tab.import_file(tmp_path / "bad.json") is None
+    assert "Could not import bad.json" in tab.notice_label.text() and len(store.threads()) == 2
+
+
+def test_code_blocks_render_as_boxes_whose_copy_link_copies_the_code(qtbot, tab):
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QGuiApplication
+
+    store = tab.store
+    t = store.create_thread("Code")
+    store.add_message(t.id, "user", "code please")
+    a = store.add_message(t.id, "assistant", "Sure, **bold** first:\n\n```py\nx = 1\nprint(x)\n```\nDone.")
+    tab._refresh_threads()
+    tab.open_thread(t.id)
+    body = tab.view.bubbles[a.id].body
+    text = body.toPlainText()
+    assert "bold" in text and "**" not in text and "```" not in text and "Copy" in text
+    body.anchorClicked.emit(QUrl("copy:0"))
+    assert QGuiApplication.clipboard().text() == "x = 1\nprint(x)"
+
+
+def test_delete_hides_the_thread_and_undo_brings_it_back(qtbot, tab):
+    t = tab.store.create_thread("Keep me")
+    tab.store.add_message(t.id, "user", "hello")
+    tab._refresh_threads()
+    tab.delete_thread(t.id)
+    assert tab.sidebar.item_for(t.id) is None and tab.notice.isVisible() and tab.undo_button.isVisible()
+    tab.undo_button.click()
+    assert tab.sidebar.item_for(t.id) is not None and tab.thread_id == t.id
+
+
+def test_killing_the_engine_mid_answer_keeps_the_partial_answer_marked_interrupted(qtbot, qt_engine, tab, paths):
+    greedy(tab, 400)
+    type_and_enter(qtbot, tab, LONG_PROMPT)
+    wait_streaming(qtbot, tab)
+    stream = next(iter(tab.streams.values()))
+    raw = sqlite3.connect(str(paths.data / "chats.db"))
+
+    def saved() -> str:
+        return raw.execute("SELECT content FROM messages WHERE id=?", (stream.msg_id,)).fetchone()[0]
+
+    qtbot.waitUntil(lambda: len(saved()) > 20, timeout=10000)  # saved while it streams, not only at the end
+    with qtbot.waitSignal(tab.answer_finished, timeout=30000) as blocker:
+        qt_engine.client.kill_engine()
+    msg_id, status = blocker.args
+    m = tab.store.message(msg_id)
+    assert status == "interrupted" and m.status == "interrupted" and len(m.content) >= len(saved()) > 20
+    assert m.error["kind"] == "engine_crashed"
+    bubble = tab.view.bubbles[msg_id]
+    assert bubble.status_label.text() == "interrupted"
+    assert bubble.error_box.isVisible() and bubble.retry_button.text() == "Retry"
+    assert "stopped in the middle" in bubble.error_label.text()
+    raw.close()
+
+    tab.settings_panel.fields["max_tokens"].setValue(24)
+    tab.settings_panel.flush()
+    type_and_enter(qtbot, tab, "What is the capital of France?")
+    _, status = wait_finished(qtbot, tab, timeout=90000)  # the client restarts the engine
+    assert status == "done" and "Paris" in tab.store.messages(tab.thread_id)[-1].content
+
+
+def test_a_corrupt_database_is_explained_and_only_moved_aside_when_asked(qtbot, qt_engine, paths):
+    db = paths.data / "chats.db"
+    db.write_bytes(b"definitely not sqlite " * 500)
+    before = db.read_bytes()
+    tab = make_tab(qtbot, qt_engine, paths)
+    try:
+        assert tab.pages.currentWidget() is tab.problem
+        assert "cannot be read" in tab.problem.title.text()
+        assert "not a SQLite database" in tab.problem.body.text() and "has not changed it" in tab.problem.body.text()
+        assert db.read_bytes() == before
+        tab.problem.move_button.click()
+        moved = list(paths.data.glob("chats.db.unreadable-*"))
+        assert len(moved) == 1 and moved[0].read_bytes() == before
+        assert tab.pages.currentIndex() == 1 and str(moved[0]) in tab.notice_label.text()
+    finally:
+        tab.shutdown()
+
+
+def test_a_locked_database_is_explained_and_opens_on_retry_with_nothing_lost(qtbot, qt_engine, paths):
+    from studio.chatstore import ChatStore
+
+    store = ChatStore(paths.data / "chats.db")
+    store.add_message(store.create_thread("Precious").id, "user", "do not lose me")
+    store.close()
+    other = sqlite3.connect(str(paths.data / "chats.db"), isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    tab = make_tab(qtbot, qt_engine, paths)
+    try:
+        assert tab.pages.currentWidget() is tab.problem and "in use" in tab.problem.title.text()
+        assert "locked by another program" in tab.problem.body.text()
+        assert not tab.problem.move_button.isVisible()
+        other.execute("ROLLBACK")
+        other.close()
+        tab.problem.retry_button.click()
+        assert tab.pages.currentIndex() == 1 and tab.title_label.text() == "Precious"
+        assert [b.msg.content for b in tab.view.bubbles.values()] == ["do not lose me"]
+    finally:
+        tab.shutdown()
+
+
+def test_export_json_is_valid_json_with_the_format_marker(tab, tmp_path):
+    t = tab.store.create_thread("J")
+    tab.store.add_message(t.id, "user", "hi")
+    data = json.loads(tab.export_thread(t.id, tmp_path / "j.json", "json").read_text())
+    assert data["format"] == "studio-chat" and data["messages"][0]["content"] == "hi"
