@@ -1,0 +1,1 @@
+"""Pieces of the Image tab: prompt boxes, parameters, init image and mask, preview, gallery."""
