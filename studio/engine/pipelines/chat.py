@@ -360,14 +360,16 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
 
     ctx.cancel.check()
     step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
-    finish, completion, ttft, t_first = "length", 0, 0.0, 0.0
+    finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
     tokens = generate_tokens(cm.model, prompt, max_new, choose, cm.stop_ids, step,
                              on_fallback=lambda exc: setattr(cm, "compile_failed", True))
     cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
     try:
         for tok in tokens:
-            if completion == 0:
-                t_first = time.perf_counter()
+            t_last = time.perf_counter()
+            sampled += 1
+            if sampled == 1:
+                t_first = t_last
                 ttft = t_first - t_start
             if tok in cm.stop_ids:
                 finish = "stop"
@@ -388,14 +390,13 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
             emit("" if cut else stops.flush())
     finally:
         tokens.close()
-    t_end = time.perf_counter()
-    decode_time = t_end - t_first if completion > 1 else 0.0
+    decode_time = t_last - t_first  # `sampled - 1` decode steps, prefill excluded
     return {
         "text": "".join(pieces),
         "prompt_tokens": len(prompt),
         "completion_tokens": completion,
         "ttft_s": round(ttft, 4),
-        "tokens_per_s": round((completion - 1) / decode_time, 2) if decode_time > 0 else 0.0,
+        "tokens_per_s": round((sampled - 1) / decode_time, 2) if decode_time > 0 else 0.0,
         "model": cm.name,
         "finish_reason": finish,
         "context_length": cm.context_length,
