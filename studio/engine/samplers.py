@@ -9,15 +9,19 @@ Every sampler is `sample_<name>(model, x, sigmas, *, callback, generator, cancel
 - `sigmas` is the schedule, descending and normally ending in 0 (shape (steps + 1,)).
 - `callback(step, total, x, denoised)` is called after each step, step counting 1..total.
 - `cancel()` is called before each step; it raises (JobCancelled) to stop.
+- Keep x in float32 (the net casts its own input): the step arithmetic runs in x's dtype,
+  and bf16 is too coarse for sigma scalings.
 - Noise comes from `generator` (a torch.Generator), drawn in step order with
   `torch.randn(x.shape, generator=generator)`, the same calls diffusers makes, so seeds
   reproduce and the tests can compare with diffusers draw for draw.
 
-The SDE samplers (DPM++ 2M SDE, DPM++ SDE) take plain Gaussian noise per step instead of
-k-diffusion's Brownian tree (ComfyUI does the same with its default CPU noise sampler):
-each increment is N(0, 1) and independent, which is what the solver assumes within a
-step; we give up only the property that two step counts share one noise path. A caller
-may pass `noise_sampler(sigma, sigma_next) -> tensor` to use any other source.
+The SDE samplers (DPM++ 2M SDE, DPM++ SDE) draw plain Gaussian noise per call instead of
+k-diffusion's Brownian tree (torchsde), as diffusers' sde-dpmsolver++ does. Each draw has
+the right N(0, 1) marginal; what is lost is the tree's coupling: DPM++ SDE's two draws in a
+step (for [sigma, sigma_mid] and [sigma, sigma_next]) are independent here rather than
+correlated, and one seed does not give one noise path across step counts. So seeds do not
+reproduce A1111/ComfyUI SDE images exactly (they use the tree). A caller may pass
+`noise_sampler(sigma, sigma_next) -> tensor` to use any other source, a Brownian tree included.
 """
 
 from __future__ import annotations
