@@ -299,13 +299,14 @@ class ImageTab(QWidget):
         job = result.get("job") if isinstance(result.get("job"), dict) else (job_to_dict(self.job) if self.job else {})
         model = str(result.get("model", ""))
         seconds = float(result.get("seconds", 0.0) or 0.0)
-        # Add the batch oldest first so the first image ends up selected at the front.
+        count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
+        took = f"{seconds:.1f} s" if seconds < 60 else format_seconds(seconds)
+        self._finish(f"Done: {count} in {took}" if seconds else f"Done: {count}")
+        # Add the batch last first so the first image ends up at the front, selected and shown.
         for info in reversed(images):
             self.gallery.add(GalleryItem(str(info["path"]), int(info.get("seed", -1)), int(info.get("width", 0)),
                                          int(info.get("height", 0)), dict(job), model, seconds),
                              select=info is images[0])
-        count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
-        self._finish(f"Done: {count} in {format_seconds(seconds)}" if seconds else f"Done: {count}")
         self.save_state()
 
     def _show_item(self, item: GalleryItem) -> None:

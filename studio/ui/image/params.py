@@ -353,10 +353,15 @@ class ParamsPanel(QWidget):
         self.size_combo.blockSignals(True)
         self.size_combo.clear()
         for w, h in presets:
-            self.size_combo.addItem(f"{w} × {h}", (w, h))
+            self.size_combo.addItem(f"{w} × {h}", f"{w}x{h}")  # a string: Qt does not round-trip tuples
         self.size_combo.addItem("Custom", CUSTOM)
         self.size_combo.blockSignals(False)
         self.set_size(*(keep if keep in presets else presets[0]))
+
+    def offered_sizes(self) -> list[tuple[int, int]]:
+        """The presets in the Size box now."""
+        data = [self.size_combo.itemData(i) for i in range(self.size_combo.count())]
+        return [tuple(map(int, d.split("x"))) for d in data if d != CUSTOM]
 
     def set_size(self, width: int, height: int) -> None:
         self.width_spin.setValue(snap8(width))
@@ -368,12 +373,11 @@ class ParamsPanel(QWidget):
 
     def _on_preset(self, index: int) -> None:
         data = self.size_combo.itemData(index)
-        if isinstance(data, tuple):
-            self.set_size(*data)
+        if isinstance(data, str) and data != CUSTOM:
+            self.set_size(*map(int, data.split("x")))
 
     def _sync_preset(self) -> None:
-        size = (self.width_spin.value(), self.height_spin.value())
-        i = self.size_combo.findData(size)
+        i = self.size_combo.findData(f"{self.width_spin.value()}x{self.height_spin.value()}")
         self.size_combo.blockSignals(True)
         self.size_combo.setCurrentIndex(i if i >= 0 else self.size_combo.count() - 1)
         self.size_combo.blockSignals(False)
