@@ -99,6 +99,13 @@ def test_default_backends_run_and_agree_with_the_float_path():
         assert _rel(qw.to_module()(x), x @ qw.dequantize().T) < 2e-2
 
 
+def test_int4_shapes_the_packed_kernel_cannot_tile_fall_back_to_dequant():
+    torch.manual_seed(0)
+    qw = quantize_int4(torch.randn(24, 96), 32)  # 24 rows: not a multiple of 16
+    x = torch.randn(2, 96)
+    assert _rel(qw.to_module()(x), x @ qw.dequantize().T) < 1e-6
+
+
 def test_int8_quantization_error_is_within_half_a_step_per_channel():
     torch.manual_seed(0)
     w = torch.randn(128, 64) * torch.rand(128, 1)  # rows of very different scale
@@ -163,15 +170,30 @@ def test_other_blocks_requantize_to_int8_with_small_extra_error(name):
     assert float((requant - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.02
 
 
-def test_k_quant_weight_to_module_computes_its_dequantized_matmul():
+@pytest.mark.parametrize("name,module", [("Q4_K", Int4Linear), ("Q5_K", Int8Linear), ("Q6_K", Int8Linear),
+                                         ("Q3_K", Int8Linear), ("Q2_K", Int8Linear)])
+def test_k_quant_weight_to_module_computes_its_dequantized_matmul(name, module):
     rng = np.random.default_rng(5)
-    blocks = _random_k_blocks("Q4_K", 8, rng)  # 4 rows of 512
-    gw = GGUFWeight(torch.from_numpy(blocks).view(4, -1), GGML_TYPE_BY_NAME["Q4_K"].id, (4, 512))
+    blocks = _random_k_blocks(name, 32, rng)  # 16 rows of 512
+    gw = GGUFWeight(torch.from_numpy(blocks).view(16, -1), GGML_TYPE_BY_NAME[name].id, (16, 512))
     x = torch.randn(3, 512)
     ref = x @ gw.dequantize().T
     assert _rel(gw.to_module(mode="float")(x), ref) < 1e-6
-    assert _rel(gw.to_module()(x), ref) < 3e-2  # int8 requant + bf16 kernel
+    mod = gw.to_module()
+    assert isinstance(mod, module)
+    assert _rel(mod(x), ref) < 3e-2  # int8 requant and/or the bf16 kernel
     assert torch.equal(gw.rows(torch.tensor([[2, 0]])), gw.dequantize()[[2, 0]].unsqueeze(0))
+
+
+def test_q4_k_blocks_map_exactly_to_int4_group_32():
+    rng = np.random.default_rng(6)
+    blocks = _random_k_blocks("Q4_K", 32, rng)
+    qtype = gguf.GGMLQuantizationType.Q4_K
+    ref = torch.from_numpy(gguf_dequantize(blocks, qtype).reshape(16, 512).astype(np.float32))
+    gw = GGUFWeight(torch.from_numpy(blocks).view(16, -1), qtype.value, (16, 512))
+    q4 = gw.to_int4()
+    assert q4.group_size == 32
+    assert (q4.dequantize() - ref).abs().max() < 1e-6 * ref.abs().max()
 
 
 def test_requantizing_real_smollm2_q4_1_weights_costs_little():

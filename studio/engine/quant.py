@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from studio.models.gguf_dequant import GGML_TYPES, dequantize
+from studio.models.gguf_dequant import GGML_TYPES, dequantize, k_scale_min
 
 
 class QuantWeight(ABC):
@@ -187,7 +187,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.backend = backend
         self._kernel: dict[str, tuple[Tensor, Tensor]] = {}
-        if self.packed.device.type == "cpu" and backend in ("auto", "int4pack"):
+        # The packed kernels tile N by 16 (CPU) / 8 (CUDA) and K by 32; other shapes use dequant.
+        self._kernel_shape_ok = self.out_features % 16 == 0 and self.in_features % 32 == 0
+        if self.packed.device.type == "cpu" and backend in ("auto", "int4pack") and self._kernel_shape_ok:
             self._kernel_weight(self.packed.device)  # pack now, so the first token doesn't pay for it
 
     def _kernel_weight(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -195,17 +197,19 @@ class Int4Linear(nn.Module):
         if key not in self._kernel:
             # (K/group, N, 2) scale-and-zero table in the kernel's activation dtype
             sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            k = self.in_features
+            inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2  # K must be a multiple of 16 x this
             if device.type == "cpu":
-                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_int4(self.packed), 2)
+                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_int4(self.packed), inner_k_tiles)
             else:
-                w = torch.ops.aten._convert_weight_to_int4pack(self.packed, 8)
+                w = torch.ops.aten._convert_weight_to_int4pack(self.packed, inner_k_tiles)
             self._kernel = {key: (w, sz)}  # keep one device's copy only
         return self._kernel[key]
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         backend = self.backend
         if backend == "auto":
-            backend = "int4pack" if x.device.type in ("cpu", "cuda") else "dequant"
+            backend = "int4pack" if x.device.type in ("cpu", "cuda") and self._kernel_shape_ok else "dequant"
         if backend == "int4pack":
             w, sz = self._kernel_weight(x.device)
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -278,7 +282,9 @@ class GGUFWeight(QuantWeight):
         return out.reshape(*ids.shape, self.shape[1])
 
     def to_int4(self) -> Int4Weight:
-        """Q4_0 / Q4_1 -> int4 group 32, exactly (same nibbles, same scales)."""
+        """Q4_0 / Q4_1 / Q4_K -> int4 group 32, exactly (same nibbles, same scales up to one rounding)."""
+        if self.type_name == "Q4_K":
+            return self._q4_k_to_int4()
         if self.type_name not in ("Q4_0", "Q4_1"):
             raise ValueError(f"{self.type_name} has no exact int4 form")
         n = self.shape[0]
@@ -294,15 +300,29 @@ class GGUFWeight(QuantWeight):
         q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, -1)  # GGUF: low nibbles first, per block
         return Int4Weight(_pack_int4(q), d, zero, 32)
 
+    def _q4_k_to_int4(self) -> Int4Weight:
+        # A Q4_K super-block is 8 sub-blocks of 32 with w = (d * sc_j) q - dmin * m_j, q in 0..15:
+        # int4 group 32 with scale = d * sc_j and zero = 8 scale - dmin * m_j.
+        n = self.shape[0]
+        blocks = self.raw.reshape(-1, GGML_TYPES[self.type_id].type_size)  # (N * K/256, 144)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()  # (B, 1)
+        dmin = blocks[:, 2:4].contiguous().view(torch.float16).float()
+        sc, mn = k_scale_min(blocks[:, 4:16])  # (B, 8) each
+        shifts = torch.tensor([0, 4], dtype=torch.uint8, device=blocks.device).view(1, 1, 2, 1)
+        q = ((blocks[:, 16:].reshape(-1, 4, 1, 32) >> shifts) & 0x0F).reshape(n, -1)  # (N, K), value order
+        scale = (d * sc).reshape(n, -1)  # (N, K/32)
+        zero = 8 * scale - (dmin * mn).reshape(n, -1)
+        return Int4Weight(_pack_int4(q), scale, zero, 32)
+
     def to_int8(self) -> Int8Weight:
-        # Q8_0's per-32 scales, the K-quants' and Q5's sub-block scales have no exact per-channel
+        # Q8_0's per-32 scales, Q5's and the other K-quants' sub-block scales have no exact per-channel
         # int8 form: dequantize and requantize per output channel. Measured on SmolLM2-135M: the
         # extra error is small next to the format's own (see tests/test_quant.py).
         return quantize_int8(self.dequantize())
 
     def to_module(self, bias: Tensor | None = None, mode: str | None = None) -> nn.Module:
-        """mode None picks per type: Q4_0/Q4_1 -> exact int4 (fastest on CPU and CUDA), others -> int8."""
-        mode = mode or ("int4" if self.type_name in ("Q4_0", "Q4_1") else "int8")
+        """mode None picks per type: Q4_0/Q4_1/Q4_K -> exact int4 (fastest on CPU and CUDA), others -> int8."""
+        mode = mode or ("int4" if self.type_name in ("Q4_0", "Q4_1", "Q4_K") else "int8")
         if mode == "int4":
             return self.to_int4().to_module(bias)
         if mode == "int8":

@@ -127,7 +127,7 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, QK_K)
 
 
-def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """12 packed bytes -> 8 six-bit scales and 8 six-bit mins, each (n, 8) float32."""
     n = sc.shape[0]
     sc = sc.reshape(n, 3, 4)
@@ -140,7 +140,7 @@ def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = k_scale_min(b[:, 4:16])
     q = (_shifted(b[:, 16:], [0, 4], 32) & 0x0F).reshape(n, 8, 32).float()
     return ((d * sc).view(n, 8, 1) * q - (dmin * mn).view(n, 8, 1)).reshape(n, QK_K)
 
@@ -148,7 +148,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = k_scale_min(b[:, 4:16])
     qh, qs = b[:, 16:48], b[:, 48:]
     ql = (_shifted(qs, [0, 4], 32) & 0x0F).reshape(n, 8, 32)
     hi = (_shifted(qh, list(range(8)), 32) & 1).reshape(n, 8, 32)
