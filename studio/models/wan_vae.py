@@ -1,0 +1,420 @@
+"""The Wan 2.1 causal 3D VAE: video (B, 3, 1 + 4k, H, W) <-> latents (B, 16, 1 + k, H/8, W/8).
+
+Every temporal convolution is causal (padded with two zero frames in front), so an output frame
+depends only on the frames up to it. That makes decoding in time chunks exact: each causal conv
+keeps the last two frames it has seen in a `state` dict (keyed by the module) and prepends them
+to the next chunk, and the temporal up/down samplers remember whether they have seen the first
+frame (which stands for one image and is never resampled in time). Decoding one latent frame at a
+time, as the reference does, or all at once gives the same video to float rounding; the chunk
+size only trades memory for speed.
+
+Module names follow diffusers' AutoencoderKLWan (`encoder.down_blocks.0.conv1.weight`,
+`decoder.up_blocks.0.resnets.0.norm1.gamma`); `convert_original` maps the original Wan layout
+(`encoder.downsamples.0.residual.0.gamma`, `decoder.upsamples.3.resample.1.weight`, `conv1`,
+`conv2`) onto it. Latents are normalised per channel with the published mean / std.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from studio.engine.context import UserError
+from studio.engine.tiling import tiled_decode_3d
+
+State = dict  # module -> cached frames / flags, one per video being encoded or decoded
+
+WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+             3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    in_channels: int = 3
+    out_channels: int = 3
+    latents_mean: tuple[float, ...] = WAN21_MEAN
+    latents_std: tuple[float, ...] = WAN21_STD
+
+    @property
+    def time_scale(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def scale(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], **overrides) -> WanVAEConfig:
+        """Shapes -> config for a state dict in our (diffusers) layout; run `normalize_state_dict` first."""
+        if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
+            raise UserError("bad_model", "This file holds no Wan video VAE (no encoder/decoder input convs): "
+                            "pick the Wan 2.1 VAE file (wan_2.1_vae.safetensors or Wan2.1_VAE.pth).")
+        z = int(sd["decoder.conv_in.weight"].shape[1])
+        if z != 16 or any(".avg_shortcut." in k for k in sd):
+            raise UserError("unsupported", f"This is a {z}-channel Wan VAE (Wan 2.2 TI2V 5B uses a 48-channel VAE); "
+                            "only the 16-channel Wan 2.1 VAE is supported so far. Use the Wan 2.1 VAE with "
+                            "Wan 2.1 and Wan 2.2 14B models.")
+        base = int(sd["encoder.conv_in.weight"].shape[0])
+        dims, temporal, res = [], [], 0
+        level: list[int] = []
+        for i in range(1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))):
+            if f"encoder.down_blocks.{i}.conv1.weight" in sd:
+                level.append(int(sd[f"encoder.down_blocks.{i}.conv1.weight"].shape[0]))
+            else:  # a resampler closes a level
+                temporal.append(f"encoder.down_blocks.{i}.time_conv.weight" in sd)
+                dims.append(level[-1])
+                res, level = len(level), []
+        dims.append(level[-1])
+        cfg = cls(base_dim=base, z_dim=z, dim_mult=tuple(d // base for d in dims), num_res_blocks=res or len(level),
+                  temporal_downsample=tuple(temporal), in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
+                  out_channels=int(sd["decoder.conv_out.weight"].shape[0]))
+        return replace(cfg, **overrides)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded causally in time (2 * pad frames in front, none behind), with a frame cache.
+
+    With a `state`, the last two input frames are kept and put in front of the next call's input,
+    so calling it chunk by chunk equals one call on the whole sequence.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+        super().__init__(cin, cout, kernel, stride=stride, padding=0)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        self.time_pad = 2 * pt
+        self.space_pad = (pw, pw, ph, ph)
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        pad = self.time_pad
+        if pad and state is not None:
+            prev = state.get(self)
+            if prev is not None:
+                x = torch.cat([prev, x], dim=2)
+                pad -= prev.shape[2]
+            state[self] = x[:, :, -2:].clone()
+        return super().forward(F.pad(x, (*self.space_pad, pad, 0)))
+
+
+class RMSNorm(nn.Module):
+    """x / ||x|| over channels (axis 1) * sqrt(C) * gamma: an RMS norm in F.normalize's form."""
+
+    def __init__(self, dim: int, video: bool = True) -> None:
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if video else torch.ones(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cin)
+        self.conv1 = CausalConv3d(cin, cout, 3, padding=1)
+        self.norm2 = RMSNorm(cout)
+        self.conv2 = CausalConv3d(cout, cout, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        h = self.conv1(F.silu(self.norm1(x)), state)
+        h = self.conv2(F.silu(self.norm2(h)), state)
+        return skip + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (frames never see each other)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, video=False)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = x.transpose(1, 2).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(y)).reshape(b * t, 1, 3 * c, h * w).transpose(2, 3)  # (BT, 1, HW, 3C)
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        y = self.proj(y).reshape(b, t, c, h, w).transpose(1, 2)
+        return x + y
+
+
+def _per_frame(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D module to every frame of (B, C, T, H, W)."""
+    b, _, t = x.shape[:3]
+    y = fn(x.transpose(1, 2).flatten(0, 1))
+    return y.unflatten(0, (b, t)).transpose(1, 2)
+
+
+class Resample(nn.Module):
+    """Spatial x2 down/up-sampling, plus a causal temporal x2 for the "3d" modes.
+
+    The first frame of a video is never resampled in time: downsample3d keeps it and then takes
+    stride-2 windows (f0 f1 f2), (f2 f3 f4), ...; upsample3d keeps it and turns every later frame
+    into two through a conv with 2C outputs.
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0)) if mode == "upsample3d" else None
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if mode == "downsample3d" else None
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self._time_up(x, state)
+        x = _per_frame(self.resample, x)
+        if self.mode == "downsample3d":
+            x = self._time_down(x, state)
+        return x
+
+    def _time_up(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        head, rest = (x[:, :, :0], x) if state.get(self) else (x[:, :, :1], x[:, :, 1:])
+        state[self] = True
+        if rest.shape[2] == 0:
+            return head
+        b, c, t, h, w = rest.shape
+        pairs = self.time_conv(rest, state).reshape(b, 2, c, t, h, w)  # channels [first | second] of each pair
+        pairs = pairs.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        return torch.cat([head, pairs], dim=2)
+
+    def _time_down(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        prev = state.get(self)
+        state[self] = x[:, :, -1:].clone()
+        if prev is None:  # first chunk: f0 as is, then windows over the chunk itself
+            return torch.cat([x[:, :, :1], self.time_conv(x)], dim=2) if x.shape[2] >= 3 else x[:, :, :1]
+        return self.time_conv(torch.cat([prev, x], dim=2))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        x = self.resnets[0](x, state)
+        return self.resnets[1](self.attentions[0](x), state)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, layers: int, mode: str | None) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(ResidualBlock(cin if i == 0 else cout, cout) for i in range(layers))
+        self.upsamplers = nn.ModuleList([Resample(cout, mode)]) if mode else None
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x, state)
+        return x if self.upsamplers is None else self.upsamplers[0](x, state)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        last = len(cfg.dim_mult) - 1
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            for j in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(cin if j == 0 else cout, cout))
+            if i != last:
+                blocks.append(Resample(cout, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        x = self.conv_in(x, state)
+        for block in self.down_blocks:
+            x = block(x, state)
+        x = self.mid_block(x, state)
+        return self.conv_out(F.silu(self.norm_out(x)), state)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig) -> None:
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.base_dim * m for m in (mult[-1], *reversed(mult))]
+        temporal_up = tuple(reversed(cfg.temporal_downsample))
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0])
+        last = len(mult) - 1
+        self.up_blocks = nn.ModuleList(
+            # every upsampler halves the channels, so later blocks take half of the level's width
+            UpBlock(dims[i] // 2 if i > 0 else dims[i], dims[i + 1], cfg.num_res_blocks + 1,
+                    None if i == last else ("upsample3d" if temporal_up[i] else "upsample2d"))
+            for i in range(len(mult))
+        )
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, state: State) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z, state), state)
+        for block in self.up_blocks:
+            x = block(x, state)
+        return self.conv_out(F.silu(self.norm_out(x)), state)
+
+
+# ---------------------------------------------------------------- the VAE
+
+
+class WanVAE(nn.Module):
+    """encode: video (B, 3, 1+4k, H, W) in [-1, 1] -> (mean, logvar) each (B, 16, 1+k, H/8, W/8);
+    decode: raw latents -> video in [-1, 1]. `normalize` / `denormalize` go to and from the
+    diffusion model's latent space (per-channel mean and std)."""
+
+    def __init__(self, cfg: WanVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x: torch.Tensor, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the first frame alone, then `chunk` frames (a multiple of 4) at a time."""
+        frames, ts = x.shape[2], self.cfg.time_scale
+        if (frames - 1) % ts or chunk % ts:
+            raise UserError("bad_input", f"A Wan video has 1 + {ts}k frames (got {frames}): use "
+                            f"{1 + (frames - 1) // ts * ts} or {1 + ((frames - 1) // ts + 1) * ts} frames.")
+        state: State = {}
+        outs = [self.encoder(x[:, :, :1], state)]
+        for start in range(1, frames, chunk):
+            outs.append(self.encoder(x[:, :, start:start + chunk], state))
+        h = self.quant_conv(torch.cat(outs, dim=2))
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
+        """Decode `chunk` latent frames per step (None: all at once); same result, different peak memory."""
+        z = self.post_quant_conv(z)
+        state: State = {}
+        step = z.shape[2] if chunk is None else chunk
+        outs = [self.decoder(z[:, :, s:s + step], state) for s in range(0, z.shape[2], step)]
+        return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
+
+    def tiled_decode(self, z: torch.Tensor, tile_latent: int | None = 32, overlap: int = 8,
+                     chunk: int | None = 1) -> torch.Tensor:
+        """Decode in overlapping spatial tiles (each chunked in time exactly) blended linearly."""
+        return tiled_decode_3d(lambda t: self.decode(t, chunk), z, tile_latent=tile_latent, overlap=overlap,
+                               scale=self.cfg.scale, time_chunk=None, time_scale=self.cfg.time_scale)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(self.cfg.latents_mean, device=like.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.cfg.latents_std, device=like.device, dtype=torch.float32).view(shape)
+        return mean, std
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(z)
+        return ((z.float() - mean) / std).to(z.dtype)
+
+    def denormalize(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return (latent.float() * std + mean).to(latent.dtype)
+
+
+# ---------------------------------------------------------------- layouts and loading
+
+PREFIXES = ("vae.", "first_stage_model.")
+_RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight", "residual.2.bias": "conv1.bias",
+             "residual.3.gamma": "norm2.gamma", "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
+             "shortcut.weight": "conv_shortcut.weight", "shortcut.bias": "conv_shortcut.bias"}
+
+
+def is_original_layout(sd: dict[str, torch.Tensor]) -> bool:
+    return "encoder.conv1.weight" in sd or any(k.startswith("decoder.upsamples.") for k in sd)
+
+
+def _block_key(rest: str) -> str:
+    return _RESIDUAL.get(rest, rest)
+
+
+def convert_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Wan VAE keys -> diffusers layout. The decoder's flat `upsamples` list is regrouped:
+    residual blocks go into the current up block, and a resampler closes it."""
+    out: dict[str, torch.Tensor] = {}
+    up_entries: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for key, t in sd.items():
+        side, _, rest = key.partition(".")
+        if key.startswith(("conv1.", "conv2.")):
+            out[("quant_conv." if side == "conv1" else "post_quant_conv.") + rest] = t
+        elif m := re.match(r"(encoder|decoder)\.conv1\.(.*)", key):
+            out[f"{m[1]}.conv_in.{m[2]}"] = t
+        elif m := re.match(r"(encoder|decoder)\.head\.(0\.gamma|2\.weight|2\.bias)$", key):
+            out[f"{m[1]}." + {"0.gamma": "norm_out.gamma", "2.weight": "conv_out.weight", "2.bias": "conv_out.bias"}[
+                m[2]]] = t
+        elif m := re.match(r"(encoder|decoder)\.middle\.(\d)\.(.*)", key):
+            i = int(m[2])
+            where = "attentions.0" if i == 1 else f"resnets.{i // 2}"
+            out[f"{m[1]}.mid_block.{where}.{_block_key(m[3])}"] = t
+        elif m := re.match(r"encoder\.downsamples\.(\d+)\.(.*)", key):
+            out[f"encoder.down_blocks.{m[1]}.{_block_key(m[2])}"] = t
+        elif m := re.match(r"decoder\.upsamples\.(\d+)\.(.*)", key):
+            up_entries.setdefault(int(m[1]), []).append((m[2], t))
+        else:
+            out[key] = t
+    level, res = 0, 0
+    for idx in sorted(up_entries):
+        entries = up_entries[idx]
+        if any(rest.startswith(("resample.", "time_conv.")) for rest, _ in entries):
+            for rest, t in entries:
+                out[f"decoder.up_blocks.{level}.upsamplers.0.{rest}"] = t
+            level, res = level + 1, 0
+        else:
+            for rest, t in entries:
+                out[f"decoder.up_blocks.{level}.resnets.{res}.{_block_key(rest)}"] = t
+            res += 1
+    return out
+
+
+def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported layout -> ours: diffusers, original Wan (`Wan2.1_VAE.pth`, ComfyUI's wan_2.1_vae)."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix + "encoder.") for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    return convert_original(sd) if is_original_layout(sd) else sd
+
+
+def load_wan_vae(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> WanVAE:
+    """Build on the meta device and take the tensors as they are (copies only for a dtype/device change)."""
+    sd = normalize_state_dict(sd)
+    cfg = WanVAEConfig.from_state_dict(sd)
+    with torch.device("meta"):
+        vae = WanVAE(cfg)
+    if dtype is not None or device is not None:
+        sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in sd.items()}
+    missing, unexpected = vae.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError("bad_model", "The weights do not fit the Wan VAE (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}): the file is damaged or of another kind.")
+    return vae.eval()
