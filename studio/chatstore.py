@@ -28,6 +28,9 @@ EXPORT_VERSION = 1
 # interrupted (the engine or the app died while it streamed).
 STATUSES = ("streaming", "done", "stopped", "error", "interrupted")
 
+INTERRUPTED_ON_EXIT = {"kind": "app_closed", "message": "Studio stopped before this answer was finished; "
+                       "the text so far is kept. Retry answers again."}
+
 DEFAULT_SETTINGS: dict[str, Any] = {
     "temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0,
     "presence_penalty": 0.0, "seed": None, "max_tokens": 1024,
@@ -165,7 +168,8 @@ class ChatStore:
             self._migrate(version)
         # Anything still streaming was cut off when the app or the engine last stopped.
         with self._tx():
-            c.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+            c.execute("UPDATE messages SET status='interrupted', error=? WHERE status='streaming'",
+                      (json.dumps(INTERRUPTED_ON_EXIT),))
             c.execute("DELETE FROM threads WHERE deleted IS NOT NULL")  # undo only lasts one session
 
     def _version(self) -> int:

@@ -51,7 +51,7 @@ def test_an_answer_still_streaming_when_the_app_died_reopens_as_interrupted(db):
     # No close: the process "dies" with the row still marked streaming.
     s2 = ChatStore(db)
     m = s2.message(a.id)
-    assert (m.content, m.status) == ("Once upon a", "interrupted")
+    assert (m.content, m.status, m.error["kind"]) == ("Once upon a", "interrupted", "app_closed")
 
 
 def test_pinned_threads_come_first_then_most_recent(db):

@@ -20,25 +20,20 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QComboBox,
     QFileDialog,
-    QFrame,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
     QSplitter,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from studio.chatstore import ChatStore, ChatStoreError, Thread, move_aside
+from studio.chatstore import INTERRUPTED_ON_EXIT, ChatStore, ChatStoreError, Thread, move_aside
 from studio.paths import Paths
 from studio.protocol import ChatJob, Message
 from studio.settings import Settings
-from studio.ui.chat.composer import Composer
-from studio.ui.chat.message_view import MessageView, is_dark
+from studio.ui.chat.chat_pane import ChatPane
+from studio.ui.chat.message_view import is_dark
+from studio.ui.chat.problem_page import ProblemPage
 from studio.ui.chat.settings_panel import SettingsPanel
 from studio.ui.chat.style import stylesheet
 from studio.ui.chat.thread_list import ThreadList
@@ -67,34 +62,6 @@ class Stream:
     @property
     def text(self) -> str:
         return "".join(self.parts)
-
-
-class ProblemPage(QWidget):
-    """What the tab shows when the chat database cannot be opened: what happened, what to do."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        layout = QVBoxLayout(self)
-        layout.addStretch()
-        self.title = QLabel()
-        self.title.setObjectName("EmptyTitle")
-        self.title.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.body = QLabel()
-        self.body.setWordWrap(True)
-        self.body.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.body.setMaximumWidth(640)
-        layout.addWidget(self.title)
-        layout.addWidget(self.body, 0, Qt.AlignmentFlag.AlignHCenter)
-        row = QHBoxLayout()
-        row.addStretch()
-        self.retry_button = QPushButton("Try again")
-        self.move_button = QPushButton("Move the file aside and start a new history")
-        row.addWidget(self.retry_button)
-        row.addWidget(self.move_button)
-        row.addStretch()
-        layout.addLayout(row)
-        layout.addStretch()
 
 
 class ChatTab(QWidget):
@@ -149,92 +116,20 @@ class ChatTab(QWidget):
         self.sidebar.search_changed.connect(self.search)
         self.sidebar.hit_chosen.connect(self.open_message)
 
-        center = QWidget()
-        center.setObjectName("ChatCenter")
-        col = QVBoxLayout(center)
-        col.setContentsMargins(0, 0, 0, 0)
-        col.setSpacing(0)
-        header = QFrame()
-        header.setObjectName("ChatHeader")
-        hl = QHBoxLayout(header)
-        hl.setContentsMargins(16, 8, 12, 8)
-        self.title_label = QLabel("New chat")
-        self.title_label.setObjectName("ChatTitle")
-        hl.addWidget(self.title_label, 1)
-        hl.addWidget(QLabel("Model"))
-        self.model_combo = QComboBox()
-        self.model_combo.setMinimumContentsLength(22)
-        self.model_combo.setToolTip("The model that answers in this chat. Add models from the Models panel.")
+        self.pane = ChatPane()
+        pane = self.pane
+        # The pane's widgets by their short names: the controller and the tests reach them directly.
+        for name in ("title_label", "model_combo", "settings_button", "view_stack", "empty_hint", "view", "notice",
+                     "notice_label", "undo_button", "input", "send_button", "context_label", "context_bar"):
+            setattr(self, name, getattr(pane, name))
         self.model_combo.activated.connect(self._on_model_chosen)
-        hl.addWidget(self.model_combo)
-        self.settings_button = QPushButton("Settings")
-        self.settings_button.setCheckable(True)
-        self.settings_button.setToolTip("System prompt and sampling for this chat")
-        hl.addWidget(self.settings_button)
-        col.addWidget(header)
-
-        self.view_stack = QStackedWidget()
-        self.empty_hint = QLabel("Ask anything.\n\nThe model runs on this computer; nothing you type leaves it.")
-        self.empty_hint.setObjectName("EmptyBody")
-        self.empty_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.empty_hint.setEnabled(False)
-        self.view = MessageView()
         self.view.edit_submitted.connect(self.edit_message)
         self.view.regenerate.connect(self.regenerate)
-        self.view_stack.addWidget(self.empty_hint)
-        self.view_stack.addWidget(self.view)
-        col.addWidget(self.view_stack, 1)
-
-        self.notice = QFrame()
-        self.notice.setObjectName("Notice")
-        nl = QHBoxLayout(self.notice)
-        nl.setContentsMargins(14, 6, 8, 6)
-        self.notice_label = QLabel()
-        self.notice_label.setWordWrap(True)
-        nl.addWidget(self.notice_label, 1)
-        self.undo_button = QPushButton("Undo")
         self.undo_button.clicked.connect(self.undo_delete)
-        nl.addWidget(self.undo_button)
-        close = QPushButton("✕")
-        close.setFlat(True)
-        close.setFixedWidth(28)
-        close.clicked.connect(self._hide_notice)
-        nl.addWidget(close)
-        self.notice.hide()
-        col.addWidget(self.notice)
-
-        box = QFrame()
-        box.setObjectName("ComposerBox")
-        bl = QVBoxLayout(box)
-        bl.setContentsMargins(16, 8, 16, 10)
-        bl.setSpacing(6)
-        row = QHBoxLayout()
-        self.input = Composer()
+        pane.close_notice.clicked.connect(self._hide_notice)
         self.input.submitted.connect(self.send)
-        row.addWidget(self.input, 1)
-        self.send_button = QPushButton("Send")
-        self.send_button.setObjectName("SendButton")
-        self.send_button.setToolTip("Send (Enter)")
         self.send_button.clicked.connect(self._send_or_stop)
-        row.addWidget(self.send_button, 0, Qt.AlignmentFlag.AlignBottom)
-        bl.addLayout(row)
-        foot = QHBoxLayout()
-        self.context_label = QLabel("Context: nothing used yet")
-        self.context_label.setObjectName("ContextLabel")
-        self.context_bar = QProgressBar()
-        self.context_bar.setObjectName("ContextBar")
-        self.context_bar.setTextVisible(False)
-        self.context_bar.setFixedSize(120, 6)
-        self.context_bar.setRange(0, 1)
-        self.context_bar.setValue(0)
-        foot.addWidget(self.context_label)
-        foot.addWidget(self.context_bar)
-        foot.addStretch()
-        hint = QLabel("Shift+Enter new line · Esc stops · Ctrl+N new chat")
-        hint.setObjectName("ContextLabel")
-        foot.addWidget(hint)
-        bl.addLayout(foot)
-        col.addWidget(box)
+        center = pane
 
         self.settings_panel = SettingsPanel()
         self.settings_panel.changed.connect(self._on_settings_changed)
@@ -680,8 +575,7 @@ class ChatTab(QWidget):
         self.settings_panel.flush()
         for s in list(self.streams.values()):
             self.engine.cancel(s.job_id)
-            self.store.update_message(s.msg_id, content=s.text, status="interrupted",
-                                      error={"kind": "app_closed", "message": "Studio was closed during this answer."})
+            self.store.update_message(s.msg_id, content=s.text, status="interrupted", error=INTERRUPTED_ON_EXIT)
         self.streams.clear()
         self._paint_timer.stop()
         self.store.purge_deleted()

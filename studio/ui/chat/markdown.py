@@ -56,7 +56,7 @@ def render(doc: QTextDocument, text: str, dark: bool) -> None:
     """Replace the document's content with `text` rendered: prose via Qt Markdown, code as boxes."""
     doc.clear()
     cur = QTextCursor(doc)
-    shade, border, muted = ("#17181b", "#3a3c42", "#9a9da3") if dark else ("#f1f1f4", "#dcdce2", "#70737a")
+    shade, head, muted = ("#17181b", "#26282d", "#9a9da3") if dark else ("#f1f1f4", "#e4e4ea", "#6b6e75")
     n = 0
     first = True
     for seg in split_code(text):
@@ -71,11 +71,12 @@ def render(doc: QTextDocument, text: str, dark: bool) -> None:
             continue
         label = html.escape(seg.lang or "code")
         code = html.escape(seg.body) or "&nbsp;"
+        # No borders: Qt draws table borders around every cell, which splits the header; shades alone read well.
         cur.insertHtml(
-            f"<table width='100%' cellspacing='0' cellpadding='7' bgcolor='{shade}' "
-            f"style='border: 1px solid {border}; margin-top: 4px; margin-bottom: 4px'>"
-            f"<tr><td><span style='color:{muted}; font-size: small'>{label}</span></td>"
-            f"<td align='right'><a href='copy:{n}' style='text-decoration: none; font-size: small'>Copy</a>"
-            f"</td></tr><tr><td colspan='2' style='white-space: pre-wrap; font-family: monospace'>{code}</td>"
-            "</tr></table>")
+            f"<table width='100%' border='0' cellspacing='0' cellpadding='6' bgcolor='{shade}' "
+            "style='margin-top: 4px; margin-bottom: 4px'>"
+            f"<tr><td bgcolor='{head}'><span style='color:{muted}; font-size: small'>{label}</span></td>"
+            f"<td bgcolor='{head}' align='right'><a href='copy:{n}' style='text-decoration: none; "
+            "font-size: small'>Copy</a></td></tr>"
+            f"<tr><td colspan='2' style='white-space: pre-wrap; font-family: monospace'>{code}</td></tr></table>")
         n += 1

@@ -19,6 +19,8 @@ from studio.chatstore import SearchHit, Thread
 
 ID = Qt.ItemDataRole.UserRole
 MSG = Qt.ItemDataRole.UserRole + 1
+PINNED = Qt.ItemDataRole.UserRole + 2
+PIN = "★ "  # in every common font, unlike the pin emoji
 
 
 class ThreadList(QWidget):
@@ -84,9 +86,10 @@ class ThreadList(QWidget):
         self._filling = True
         self.threads.clear()
         for t in threads:
-            item = QListWidgetItem(("📌 " if t.pinned else "") + t.title)
+            item = QListWidgetItem((PIN if t.pinned else "") + t.title)
             item.setData(ID, t.id)
             item.setData(MSG, t.title)
+            item.setData(PINNED, t.pinned)
             item.setToolTip(t.title)
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsEditable)
             self.threads.addItem(item)
@@ -115,7 +118,9 @@ class ThreadList(QWidget):
     def _on_item_changed(self, item: QListWidgetItem) -> None:
         if self._filling:
             return
-        title = item.text().removeprefix("📌 ").strip()
+        title = item.text().strip()
+        if item.data(PINNED):
+            title = title.removeprefix(PIN.strip()).strip()
         if title and title != item.data(MSG):
             self.rename_requested.emit(item.data(ID), title)
         else:  # empty or unchanged: show the old title again
@@ -126,7 +131,7 @@ class ThreadList(QWidget):
         if item is None:
             return
         tid = item.data(ID)
-        pinned = item.text().startswith("📌 ")
+        pinned = bool(item.data(PINNED))
         menu = QMenu(self)
         menu.addAction("Rename", lambda: self.start_rename(tid))
         menu.addAction("Unpin" if pinned else "Pin to top", lambda: self.pin_requested.emit(tid, not pinned))
