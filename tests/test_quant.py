@@ -208,3 +208,13 @@ def test_requantizing_real_smollm2_q4_1_weights_costs_little():
     assert (w.to_int4().dequantize() - ref).abs().max() < 1e-6 * ref.abs().max()
     err = w.to_int8().dequantize() - ref
     assert float(err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.03
+
+
+def test_quant_embedding_looks_up_the_same_rows_as_the_dequantized_table():
+    x = np.random.default_rng(7).standard_normal((40, 64)).astype(np.float32)
+    gw, ref = _gguf_weight(x, "Q8_0")
+    ids = torch.tensor([[3, 0, 39], [7, 7, 1]])
+    for weight in (gw, quantize_int8(torch.from_numpy(x)), quantize_int4(torch.from_numpy(x), 32)):
+        emb = weight.to_embedding()
+        assert torch.equal(emb(ids), weight.dequantize()[ids])
+    assert torch.equal(gw.to_embedding()(ids), ref[ids])

@@ -40,6 +40,10 @@ class QuantWeight(ABC):
     @abstractmethod
     def nbytes(self) -> int: ...
 
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
     @abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The (out, in) float weight this stands for."""
@@ -51,6 +55,27 @@ class QuantWeight(ABC):
     def rows(self, ids: Tensor) -> Tensor:
         """Dequantized rows `ids` (an embedding lookup) without dequantizing the whole matrix."""
         return self.dequantize()[ids]
+
+    def to_embedding(self) -> nn.Module:
+        """An Embedding-like module that keeps this weight packed and dequantizes only the rows it looks up
+        (SmolLM2's 49152 x 576 table: 28 MiB as Q8_0 instead of 113 MiB as float32)."""
+        return QuantEmbedding(self)
+
+
+class QuantEmbedding(nn.Module):
+    """forward(ids (...)) -> (..., dim) float32 rows of a QuantWeight."""
+
+    def __init__(self, weight: QuantWeight) -> None:
+        super().__init__()
+        self.weight_q = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: Tensor) -> Tensor:
+        # The packed table stays where it was loaded (usually CPU RAM); only the looked-up rows move.
+        return self.weight_q.rows(ids.to(self.weight_q.device, torch.long)).to(ids.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, packed {type(self.weight_q).__name__}"
 
 
 # --- int8, per output channel --------------------------------------------------------------------
@@ -65,6 +90,10 @@ class Int8Weight(QuantWeight):
     @property
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.q.float() * self.scale[:, None]).to(dtype)
@@ -144,6 +173,10 @@ class Int4Weight(QuantWeight):
     @property
     def nbytes(self) -> int:
         return self.packed.numel() + (self.scale.numel() + self.zero.numel()) * 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return _int4_dequant(self.packed, self.scale, self.zero, self.group_size).to(dtype)
@@ -272,6 +305,10 @@ class GGUFWeight(QuantWeight):
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.raw, self.type_id, self.shape, dtype)
