@@ -70,7 +70,9 @@ class ImageTab(QWidget):
         self.prompt = PromptEdit(self.history, "prompt", "Describe the picture: subject, style, light…  "
                                  "(↑ for earlier prompts, Ctrl+Enter to generate)")
         self.negative = PromptEdit(self.history, "negative", "Negative prompt: what to keep out")
-        self.prompt.setMinimumHeight(80)
+        self.prompt.setMinimumHeight(70)
+        self.prompt.setMaximumHeight(130)  # the settings below need the height more than a long prompt does
+        self.negative.setMinimumHeight(40)
         self.negative.setMaximumHeight(64)
         self.generate_button = QPushButton("Generate")
         self.generate_button.setObjectName("GenerateButton")
@@ -113,7 +115,7 @@ class ImageTab(QWidget):
         left_layout.addLayout(buttons)
         left_layout.addWidget(self.notice)
         left_layout.addWidget(self.scroll, 5)
-        left.setMinimumWidth(340)
+        left.setMinimumWidth(360)
 
         self.preview = PreviewPanel()
         self.preview.retry.connect(self.retry)
@@ -132,7 +134,7 @@ class ImageTab(QWidget):
         split.addWidget(left)
         split.addWidget(right)
         split.setStretchFactor(1, 1)
-        split.setSizes([380, 900])
+        split.setSizes([400, 880])
         split.setChildrenCollapsible(False)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThreadPool, QUrl, Signal
-from PySide6.QtGui import QDesktopServices, QGuiApplication, QIcon, QImage, QImageReader, QPixmap
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QIcon, QImage, QImageReader, QPainter, QPixmap
 from PySide6.QtWidgets import (
     QGridLayout,
     QHBoxLayout,
@@ -81,6 +81,19 @@ class _ThumbJob(QRunnable):
             self.sink.loaded.emit(self.path, image)
 
 
+class _Strip(QListWidget):
+    """The thumbnail list, saying what it is for while it is empty."""
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt override)
+        super().paintEvent(event)
+        if self.count() == 0:
+            p = QPainter(self.viewport())
+            p.setPen(self.palette().placeholderText().color())
+            p.drawText(self.viewport().rect(), Qt.AlignmentFlag.AlignCenter,
+                       "Finished images collect here.\nDrop a PNG from Studio, A1111 or ComfyUI\n"
+                       "on this tab to load its settings.")
+
+
 class Gallery(QWidget):
     selected = Signal(object)  # GalleryItem
     send_to_img2img = Signal(object)
@@ -94,7 +107,7 @@ class Gallery(QWidget):
         self._thumbs = _Thumbs(self)
         self._thumbs.loaded.connect(self._set_thumb)
 
-        self.list = QListWidget()
+        self.list = _Strip()
         self.list.setViewMode(QListView.ViewMode.IconMode)
         self.list.setFlow(QListView.Flow.LeftToRight)
         self.list.setWrapping(True)

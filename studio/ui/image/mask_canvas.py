@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -199,10 +200,12 @@ class InitImagePanel(QGroupBox):
         browse.clicked.connect(self.browse)
         self.remove_button = QPushButton("Remove")
         self.remove_button.clicked.connect(self.clear)
+        # Ignored width: a long file name must not widen the whole settings column.
+        self.file_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         buttons = QHBoxLayout()
-        buttons.addWidget(self.file_label, 1)
         buttons.addWidget(browse)
         buttons.addWidget(self.remove_button)
+        buttons.addStretch()
 
         self.strength_spin = QDoubleSpinBox()
         self.strength_spin.setRange(0.0, 1.0)
@@ -235,6 +238,7 @@ class InitImagePanel(QGroupBox):
         form.addRow("Brush", self.brush_row)
         layout = QVBoxLayout(self)
         layout.addWidget(self.canvas, 1)
+        layout.addWidget(self.file_label)
         layout.addLayout(buttons)
         layout.addLayout(form)
         self.strength_spin.valueChanged.connect(self.changed)

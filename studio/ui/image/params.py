@@ -82,7 +82,7 @@ class LoraRow(QWidget):
                  parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.combo = QComboBox()
-        self.combo.setMinimumContentsLength(12)
+        self.combo.setMinimumContentsLength(8)
         self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.weight = QDoubleSpinBox()
         self.weight.setRange(-4.0, 4.0)
@@ -136,10 +136,11 @@ class ParamsPanel(QWidget):
         self._family = ""
 
         self.model_combo = QComboBox()
-        self.model_combo.setMinimumContentsLength(16)
+        self.model_combo.setMinimumContentsLength(10)
         self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model_combo.setPlaceholderText("No SD 1.x / 2.x / SDXL checkpoint installed")
         self.vae_combo = QComboBox()
-        self.vae_combo.setMinimumContentsLength(16)
+        self.vae_combo.setMinimumContentsLength(10)
         self.vae_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.lora_rows: list[LoraRow] = []
         self.lora_box = QVBoxLayout()
@@ -186,10 +187,14 @@ class ParamsPanel(QWidget):
         sampler_row.addWidget(self.schedule_combo, 1)
 
         self.seed_edit = QLineEdit("0")
+        self.seed_edit.setMinimumWidth(60)
         self.seed_edit.setValidator(QRegularExpressionValidator(QRegularExpression(r"\d{1,20}")))
         self.seed_edit.setToolTip("The same seed and settings give the same image on the same device")
         self.dice_button = QToolButton()
-        self.dice_button.setText("🎲")
+        self.dice_button.setText("⚄")  # a die face: in DejaVu, Segoe UI Symbol and Apple Symbols, unlike 🎲
+        font = self.dice_button.font()
+        font.setPointSizeF(font.pointSizeF() * 1.4)
+        self.dice_button.setFont(font)
         self.dice_button.setToolTip("New random seed")
         self.dice_button.clicked.connect(self.roll_seed)
         self.lock_check = QCheckBox("Lock")
@@ -263,8 +268,9 @@ class ParamsPanel(QWidget):
         for m in checkpoints:
             self.model_combo.addItem(m.label, m.path)
             self.model_combo.setItemData(self.model_combo.count() - 1, m.path, Qt.ItemDataRole.ToolTipRole)
-        if current:
-            self.set_model(current)
+        # With a placeholder set, Qt leaves a refilled combo on "no selection": pick the first model.
+        if not (current and self.set_model(current)) and checkpoints:
+            self.model_combo.setCurrentIndex(0)
         self.model_combo.blockSignals(False)
         self._on_model(remember_vae=vae)
 
