@@ -231,3 +231,17 @@ def test_long_prompt_is_truncated_to_77() -> None:
 def test_decode_round_trips_lowercased_text() -> None:
     tok = ClipTokenizer.bundled()
     assert tok.decode(tok("A photo of a CAT")) == "a photo of a cat"
+
+
+def test_openclip_split_agrees_with_diffusers_single_file_converter() -> None:
+    """Independent check of the OpenCLIP mapping: diffusers' converter reads our written layout the same."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    ref_model = tiny("gelu", True)
+    p = "conditioner.embedders.1.model."
+    oc = to_openclip(legacy(ref_model.state_dict()), prefix=p)
+    theirs = convert_open_clip_checkpoint(ref_model, oc, prefix=p)
+    ours = to_ours(oc, p)
+    assert set(theirs) <= set(ours)
+    assert set(ours) - set(theirs) <= {"text_model.embeddings.position_ids"}
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)

@@ -210,3 +210,14 @@ def test_sdxl_needs_y() -> None:
     ours = build_unet(ref.state_dict(), **TINY["sdxl"]["overrides"])
     with pytest.raises(ValueError, match="needs `y`"):
         ours(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]), torch.zeros(1, 3, CTX))
+
+
+@pytest.mark.parametrize("score", [None, 6.0])
+def test_sdxl_add_embeddings_match_diffusers_time_ids(score: float | None) -> None:
+    from diffusers.models.embeddings import Timesteps
+
+    numbers = [896.0, 1152.0, 64.0, 0.0] + ([1024.0, 1024.0] if score is None else [score])
+    want = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(torch.tensor(numbers)).flatten()
+    got = sdxl_add_embeddings((896, 1152), (64, 0), (1024, 1024), aesthetic_score=score)
+    assert got.shape == (len(numbers) * 256,)
+    assert (got - want).abs().max().item() <= 1e-6

@@ -390,7 +390,9 @@ class UNet(nn.Module):
         context: torch.Tensor,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x (B, C, H, W) latents (H, W multiples of 2**(levels-1)), timesteps (B,) or scalar,
+        # x (B, C, H, W) latents (H, W multiples of 2**(levels-1)); inpainting models (C=9) take
+        # cat([latent (4), mask (1), masked-image latent (4)], dim=1), the LDM and diffusers order.
+        # timesteps (B,) or scalar, in the model's 0..999 scale (fractional is fine),
         # context (B, T, D) text hidden states, y (B, adm) SDXL pooled text + size embeddings
         cfg = self.config
         if timesteps.ndim == 0:
