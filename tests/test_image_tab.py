@@ -11,15 +11,16 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import pytest  # noqa: E402
 from library_fixtures import SAFETENSORS_CASES, write_safetensors  # noqa: E402
 from PIL import Image, PngImagePlugin  # noqa: E402
-from PySide6.QtCore import QMimeData, QObject, QPoint, QPointF, Qt, QUrl, Signal  # noqa: E402
+from PySide6.QtCore import QMimeData, QObject, QPoint, QPointF, QSize, Qt, QUrl, Signal  # noqa: E402
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QGuiApplication  # noqa: E402
 from PySide6.QtWidgets import QWidget  # noqa: E402
 
 from studio.library.library import Library  # noqa: E402
-from studio.library.pngmeta import write_png  # noqa: E402
+from studio.library.pngmeta import parse_a1111, write_png  # noqa: E402
 from studio.paths import Paths  # noqa: E402
 from studio.protocol import ImageJob, job_to_dict, make  # noqa: E402
 from studio.settings import Settings  # noqa: E402
+from studio.ui.image.gallery import GalleryItem  # noqa: E402
 from studio.ui.image.options import SDXL_BUCKETS  # noqa: E402
 from studio.ui.image.preview import ProgressClock  # noqa: E402
 from studio.ui.image_tab import ImageTab  # noqa: E402
@@ -213,6 +214,7 @@ def test_previews_and_progress_update_the_preview_area_with_eta(tab, engine):
     assert shown is not None and (shown.width(), shown.height()) == (64, 48)
     c = shown.pixelColor(32, 24)
     assert c.green() > 150 and c.red() < 60
+    assert tab.preview.view.logical == QSize(512, 512)  # drawn at the size the result will have
     engine.send("preview", [b"not a jpeg"], job_id=job_id, mime="image/jpeg", width=64, height=48)
     assert tab.preview.view.image is shown  # a broken preview is skipped, the last good one stays
     engine.send("progress", job_id="someone-else", step=9, total=20, stage="sampling")
@@ -460,3 +462,54 @@ def test_damaged_state_file_is_set_aside(make_tab, paths):
     tab = make_tab()
     assert tab.params.steps_spin.value() == 25
     assert (paths.data / "image_tab.json.broken").exists()
+
+
+def test_changed_settings_are_saved_without_waiting_for_close(tab, paths, qtbot):
+    tab._save_timer.setInterval(20)
+    tab.params.steps_spin.setValue(41)
+    tab.prompt.set_text("autosaved")
+    state = paths.data / "image_tab.json"
+    qtbot.waitUntil(lambda: state.exists() and json.loads(state.read_text())["steps"] == 41, timeout=3000)
+    assert json.loads(state.read_text())["prompt"] == "autosaved"
+
+
+def test_a1111_model_hash_finds_a_renamed_model(tab, library):
+    entry = library.get("sdxl")
+    library.hash_entry(entry.id)
+    tab.refresh_models()
+    digest = library.get("sdxl").sha256
+    tab.params.set_model(model_path(library, "sd15"))
+    text = A1111_TEXT.replace("Model hash: abcdef1234, Model: sd15", f"Model hash: {digest[:10]}, Model: renamed")
+    skipped = tab.apply_parameters(parse_a1111(text))
+    assert skipped == [] and tab.params.model().name == "sdxl"
+
+
+def test_rerun_of_an_image_whose_model_is_gone_fills_but_does_not_send(tab, engine, tmp_path):
+    path = tmp_path / "old.png"
+    write_png(path, Image.new("RGB", (32, 32)), job_to_dict(ImageJob(model="/gone/model.safetensors", seed=9)))
+    tab.gallery.add(GalleryItem(str(path)))
+    tab.gallery.rerun_button.click()
+    assert engine.submitted == []
+    assert "model.safetensors is not installed" in tab.notice.text()
+    assert tab.params.seed() == 9
+
+
+def test_mask_brush_paints_erases_and_clears(tab, engine, tmp_path):
+    assert tab.init_panel.set_image(png(tmp_path / "i.png", size=(100, 100)))
+    canvas = tab.init_panel.canvas
+    tab.init_panel.inpaint_check.setChecked(True)  # the brush tools are enabled only while painting a mask
+    assert tab.init_panel.clear_mask_button.isEnabled()
+    canvas.brush = 20
+    canvas.stroke(QPointF(50, 50), QPointF(50, 50))
+    assert canvas.has_mask()
+    tab.init_panel.erase_check.setChecked(True)
+    canvas.stroke(QPointF(50, 50), QPointF(50, 50))
+    assert not canvas.has_mask()  # erased back to nothing
+    tab.init_panel.erase_check.setChecked(False)
+    canvas.stroke(QPointF(10, 10), QPointF(90, 90))
+    assert canvas.has_mask()
+    tab.init_panel.clear_mask_button.click()
+    assert not canvas.has_mask() and not tab.init_panel.inpainting()
+    tab.generate()
+    job = engine.submitted[-1][1]
+    assert job.mask == "" and job.init_image  # inpaint on with nothing painted: plain img2img

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QSize, Qt, QTimer
 from PySide6.QtGui import QImage, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -150,6 +150,14 @@ class ImageTab(QWidget):
         self.refresh_models()
         self.load_state()
         self._set_busy(False)
+        # Last used values survive a crash too: saved a moment after the user stops changing them.
+        self._save_timer = QTimer(self)
+        self._save_timer.setSingleShot(True)
+        self._save_timer.setInterval(2000)
+        self._save_timer.timeout.connect(self.save_state)
+        for signal in (self.params.changed, self.prompt.textChanged, self.negative.textChanged,
+                       self.init_panel.changed):
+            signal.connect(self._save_timer.start)
 
     # -- models --------------------------------------------------------------------------------------------
     def refresh_models(self) -> None:
@@ -286,7 +294,8 @@ class ImageTab(QWidget):
                 if msg.payloads:
                     image = QImage.fromData(msg.payloads[0])
                     if not image.isNull():
-                        self.preview.show_image(image)
+                        job = self.job
+                        self.preview.show_image(image, QSize(job.width, job.height) if job else None)
             case "result":
                 self._on_result(msg["result"])
             case "error":
@@ -330,8 +339,15 @@ class ImageTab(QWidget):
             self.show_notice(f"{Path(item.path).name} is the image to start from; lower Strength to keep more of it.")
 
     def rerun(self, item: GalleryItem) -> str | None:
-        """Load the image's settings with its seed locked, then generate again."""
-        self.apply_parameters(item.parameters())
+        """Load the image's settings with its seed locked, then generate again.
+
+        When something it used is not installed any more, the controls are filled but nothing is
+        sent: the user decides what to use instead rather than getting a different image silently.
+        """
+        skipped = self.apply_parameters(item.parameters())
+        if skipped:
+            self.show_notice("Not re-run: " + "; ".join(skipped) + ". Pick a replacement, then Generate.")
+            return None
         return None if self.busy else self.generate()
 
     # -- parameters from images ---------------------------------------------------------------------------------------------
@@ -425,5 +441,6 @@ class ImageTab(QWidget):
 
     def shutdown(self) -> None:
         """Called by the window on close: remember the settings, stop loading thumbnails."""
+        self._save_timer.stop()
         self.save_state()
         self.gallery.shutdown()

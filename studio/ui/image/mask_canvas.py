@@ -82,7 +82,8 @@ class MaskCanvas(QWidget):
         if self.mask is None:
             return False
         gray = self.mask.convertToFormat(QImage.Format.Format_Grayscale8)
-        return max(memoryview(gray.constBits()).cast("B"), default=0) > 0
+        # Antialiased erasing can leave faint edge pixels: only what is at least half painted counts.
+        return max(memoryview(gray.constBits()).cast("B"), default=0) >= 128
 
     def save_mask(self, path: Path) -> None:
         if self.mask is None:

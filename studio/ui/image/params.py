@@ -46,12 +46,14 @@ class ModelChoice:
     family: str = ""
     prediction: str = ""
     compatible: list[str] = field(default_factory=list)
+    sha256: str = ""
 
     @classmethod
     def from_entry(cls, e: Any) -> ModelChoice:
         det = e.detection if isinstance(getattr(e, "detection", None), dict) else {}
         family = getattr(e, "effective_family", None) or e.family
-        return cls(e.name, str(e.path), family, str(det.get("prediction", "")), list(det.get("compatible", [])))
+        return cls(e.name, str(e.path), family, str(det.get("prediction", "")), list(det.get("compatible", [])),
+                   getattr(e, "sha256", None) or "")
 
     @property
     def label(self) -> str:
@@ -288,11 +290,17 @@ class ParamsPanel(QWidget):
         m = self.model()
         return m.family if m else ""
 
-    def set_model(self, name_or_path: str) -> bool:
-        """Select an installed model by path, library name or file name (what other tools write)."""
+    def set_model(self, name_or_path: str, sha256_prefix: str = "") -> bool:
+        """Select an installed model by path, library name, file name (what other tools write) or hash.
+
+        A1111 writes the first 10 hex digits of the file's sha256 ("Model hash"): that finds a
+        model the user renamed.
+        """
         key = str(name_or_path)
         stem = Path(key.replace("\\", "/")).stem.lower()
+        prefix = sha256_prefix.lower()
         for match in (lambda m: m.path == key, lambda m: m.name == key,
+                      lambda m: bool(prefix) and len(prefix) >= 8 and m.sha256.startswith(prefix),
                       lambda m: Path(m.path).stem.lower() == stem or m.name.lower() == stem):
             for i, m in enumerate(self.checkpoints):
                 if match(m):
@@ -431,7 +439,7 @@ class ParamsPanel(QWidget):
         """Set the controls from a job or from parameters read from an image. Returns what could not be used."""
         skipped: list[str] = []
         if params.get("model"):
-            if not self.set_model(str(params["model"])):
+            if not self.set_model(str(params["model"]), str(params.get("model_hash") or "")):
                 skipped.append(f"model {Path(str(params['model']).replace(chr(92), '/')).name} is not installed")
         if "vae" in params:
             vae = str(params.get("vae") or "")

@@ -62,14 +62,16 @@ class ImageView(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.image: QImage | None = None
+        self.logical: QSize | None = None  # the size the image stands for (a preview is smaller than the result)
         self.placeholder = "Your images appear here"
         self.setMinimumSize(200, 160)
 
     def sizeHint(self) -> QSize:  # noqa: N802 (Qt override)
         return QSize(640, 480)
 
-    def set_image(self, image: QImage | None) -> None:
+    def set_image(self, image: QImage | None, logical: QSize | None = None) -> None:
         self.image = image if image is not None and not image.isNull() else None
+        self.logical = logical if logical is not None and not logical.isEmpty() else None
         self.update()
 
     def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802
@@ -78,7 +80,10 @@ class ImageView(QWidget):
             p.setPen(self.palette().placeholderText().color())
             p.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, self.placeholder)
             return
-        w, h = self.image.width(), self.image.height()
+        # A latent preview (1/8 of the size) is drawn as big as the final image will be, so the
+        # picture does not jump in size when the result replaces it.
+        size = self.logical or self.image.size()
+        w, h = size.width(), size.height()
         scale = min(self.width() / w, self.height() / h, 2.0)
         r = QRectF((self.width() - w * scale) / 2, (self.height() - h * scale) / 2, w * scale, h * scale)
         p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
@@ -153,8 +158,8 @@ class PreviewPanel(QWidget):
         """The install hint while there is nothing to show and no model to make anything with."""
         self.stack.setCurrentWidget(self.empty if empty and self.view.image is None else self.view)
 
-    def show_image(self, image: QImage | None) -> None:
-        self.view.set_image(image)
+    def show_image(self, image: QImage | None, logical: QSize | None = None) -> None:
+        self.view.set_image(image, logical)
         self.stack.setCurrentWidget(self.view)
 
     def start(self, text: str = "Sending to the engine…") -> None:
