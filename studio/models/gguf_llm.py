@@ -21,7 +21,7 @@ from torch import Tensor
 
 from studio.engine.context import UserError
 from studio.engine.quant import GGUFWeight, QuantWeight
-from studio.models.gguf_dequant import GGML_TYPES, dequantize, row_bytes, type_name
+from studio.models.gguf_dequant import GGML_TYPES, dequantize, type_name
 from studio.models.llm import LoadedLLM
 from studio.models.tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
 
@@ -393,6 +393,9 @@ def _unpermute_rows(w: Tensor, n_head: int) -> Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM:
     """Read a GGUF LLM: config, HF-named weights (quantized ones as QuantWeight), tokenizer, chat metadata.
 
@@ -417,10 +420,9 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
         raw = g.raw(name)  # (rows, row_bytes)
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             raw = _unpermute_rows(raw, n_heads if ".attn_q." in name else n_kv)
-        t = GGML_TYPES[info.type_id]
-        if t.name in ("F32", "F16", "BF16"):
-            w: Tensor | QuantWeight = dequantize(raw, info.type_id, info.shape,
-                                                 dtype={"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.name])
+        float_dtype = _FLOAT_TYPES.get(GGML_TYPES[info.type_id].name)
+        if float_dtype is not None:  # a view of the mapped bytes in the stored dtype, no copy
+            w: Tensor | QuantWeight = dequantize(raw, info.type_id, info.shape, dtype=float_dtype)
             if arch.startswith("gemma") and name.endswith("norm.weight"):
                 w = w.float() - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keys hold w
         elif len(info.shape) != 2:
@@ -456,5 +458,4 @@ def gguf_weight_bytes(state_dict: dict[str, Tensor | QuantWeight]) -> int:
     return sum(w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size() for w in state_dict.values())
 
 
-__all__ = ["GGUFFile", "GGUFTensorInfo", "gguf_config", "gguf_weight_bytes", "hf_name", "load_gguf_llm",
-           "read_gguf", "row_bytes"]
+__all__ = ["GGUFFile", "GGUFTensorInfo", "gguf_config", "gguf_weight_bytes", "hf_name", "load_gguf_llm", "read_gguf"]
