@@ -383,9 +383,13 @@ def test_model_file_drops_are_left_to_the_window(qtbot, engine, paths, library, 
     mime, enter, _ = drag_events(str(model))  # the events point at the mime data: keep it alive
     QGuiApplication.sendEvent(tab, enter)
     assert window.entered == [str(model)]  # the tab ignored it; the window (installer) got it
+    mime.setText(str(model))  # file managers add the path as text too: text fields must not take it
+    QGuiApplication.sendEvent(tab.params.seed_edit, enter)
+    QGuiApplication.sendEvent(tab.params.add_lora().weight.lineEdit(), enter)
+    assert window.entered == [str(model)] * 3
     mime_png, enter_png, _ = drag_events(png(tmp_path / "x.png"))
     QGuiApplication.sendEvent(tab, enter_png)
-    assert enter_png.isAccepted() and window.entered == [str(model)]
+    assert enter_png.isAccepted() and window.entered == [str(model)] * 3
     tab.gallery.shutdown()
 
 

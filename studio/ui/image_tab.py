@@ -29,7 +29,7 @@ from studio.protocol import ImageJob, Message, job_to_dict
 from studio.settings import Settings
 from studio.ui.image.gallery import Gallery, GalleryItem
 from studio.ui.image.mask_canvas import InitImagePanel
-from studio.ui.image.options import IMAGE_FAMILIES, read_json, write_json
+from studio.ui.image.options import IMAGE_FAMILIES, read_json, refuse_file_drops, write_json
 from studio.ui.image.params import ModelChoice, ParamsPanel
 from studio.ui.image.preview import PreviewPanel, format_seconds
 from studio.ui.image.prompt_box import PromptEdit, PromptHistory
@@ -145,6 +145,7 @@ class ImageTab(QWidget):
             QShortcut(QKeySequence(keys), self, self.generate, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
         QShortcut(QKeySequence("Esc"), self, self.cancel, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
         self.setAcceptDrops(True)
+        refuse_file_drops(self)
         self.engine.message.connect(self._on_message)
 
         self.refresh_models()

@@ -45,6 +45,15 @@ def snap8(value: int) -> int:
     return max(64, int(round(value / 8)) * 8)
 
 
+def refuse_file_drops(widget: Any) -> None:
+    """Text fields inside the tab take file drags as text (file managers add the path as text/plain);
+    turning that off lets a dropped model file reach the window's installer instead."""
+    from PySide6.QtWidgets import QLineEdit
+
+    for edit in widget.findChildren(QLineEdit):
+        edit.setAcceptDrops(False)
+
+
 def read_json(path: Path, default: Any) -> Any:
     """A small JSON file, or `default` when it is missing or damaged (a damaged one is kept aside)."""
     try:

@@ -29,6 +29,7 @@ from studio.ui.image.options import (
     PREDICTIONS,
     SAMPLERS,
     SCHEDULES,
+    refuse_file_drops,
     size_presets,
     snap8,
 )
@@ -335,6 +336,7 @@ class ParamsPanel(QWidget):
     def add_lora(self, path: str = "", weight: float = 1.0) -> LoraRow:
         choices = self.loras_for(self.family())
         row = LoraRow(choices, path or (choices[0].path if choices else ""), weight)
+        refuse_file_drops(row)
         row.removed.connect(self.remove_lora)
         row.changed.connect(self.changed)
         self.lora_rows.append(row)
