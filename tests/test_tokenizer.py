@@ -164,3 +164,24 @@ def test_sentencepiece_matches_transformers_gguf_tokenizer(tmp_path):
 def test_unsupported_tokenizer_model_is_a_clear_error():
     with pytest.raises(ValueError, match="not supported"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "rwkv", "tokenizer.ggml.tokens": ["a"]})
+
+
+def _byte_level_meta(pre: str) -> dict:
+    from studio.models.tokenizer import _bytes_to_unicode
+
+    tokens = [*_bytes_to_unicode().values(), "12", "123", "Ġhello"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [1] * len(tokens), "tokenizer.ggml.merges": ["1 2", "12 3"]}
+
+
+@pytest.mark.parametrize("pre,digits,word", [
+    ("default", ["123", "4", "5"], ["Ġ", "h", "e", "l", "l", "o"]),
+    ("smollm", ["1", "2", "3", "4", "5"], ["Ġ", "h", "e", "l", "l", "o"]),
+    ("qwen2", ["1", "2", "3", "4", "5"], ["Ġ", "h", "e", "l", "l", "o"]),
+    # Llama 3: numbers in groups of three, and a pre-token found whole in the vocabulary is taken whole
+    ("llama-bpe", ["123", "4", "5"], ["Ġhello"]),
+])
+def test_byte_level_split_follows_the_pre_tokenizer_name(pre, digits, word):
+    tok = tokenizer_from_gguf(_byte_level_meta(pre))
+    assert tok.encode("12345").tokens == digits
+    assert tok.encode(" hello").tokens == word

@@ -74,8 +74,10 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
 def _byte_level(meta: dict, tokens: list[str]) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in _list(meta, "tokenizer.ggml.merges")]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
+    # Llama 3 looks a whole pre-token up in the vocabulary before merging (llama.cpp: ignore_merges).
+    ignore_merges = pre in ("llama-bpe", "llama3", "llama-v3")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
     if pre in _REGEX_BY_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_REGEX_BY_PRE[pre]), behavior="isolated"),
