@@ -77,7 +77,7 @@ class SearchHit:
     message_id: int
     thread_title: str
     role: str
-    snippet: str  # with [ ] around matched words
+    snippet: str  # matched words between ⟦ ⟧ (rare in chats, unlike [ ])
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +317,7 @@ class ChatStore:
         if not fts:
             return []
         rows = self.conn.execute(
-            "SELECT m.id, m.thread_id, m.role, t.title, snippet(messages_fts, 0, '[', ']', '…', 12) AS snip "
+            "SELECT m.id, m.thread_id, m.role, t.title, snippet(messages_fts, 0, '⟦', '⟧', '…', 12) AS snip "
             "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid JOIN threads t ON t.id = m.thread_id "
             "WHERE messages_fts MATCH ? AND t.deleted IS NULL ORDER BY rank LIMIT ?", (fts, limit)).fetchall()
         return [SearchHit(r["thread_id"], r["id"], r["title"], r["role"], r["snip"]) for r in rows]

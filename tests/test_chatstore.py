@@ -96,7 +96,7 @@ def test_search_finds_words_across_threads_and_follows_edits(db):
     s.add_message(t2.id, "assistant", "Lisbon has lovely trams.")
     [hit] = s.search("egg")
     assert (hit.thread_id, hit.message_id, hit.thread_title) == (t1.id, m.id, "Cooking")
-    assert "[egg]" in hit.snippet
+    assert "⟦egg⟧" in hit.snippet
     assert [h.thread_title for h in s.search("tram")] == ["Travel"]  # prefix match while typing
     s.update_message(m.id, content="How long do I poach a fish?")
     assert s.search("egg") == [] and len(s.search("fish")) == 1

@@ -190,8 +190,11 @@ class MessageBubble(QFrame):
         if show_error:
             kind = error.get("kind", "")
             text = error.get("message", "")
-            hint = ERROR_HINTS.get(kind)
-            self.error_label.setText(f"{hint} {text}".strip() if hint and hint not in text else text)
+            # The engine's message already says what happened and what to do; a hint only fills a blank one.
+            text = text or ERROR_HINTS.get(kind, "This answer failed.")
+            if status == "interrupted" and self.msg.content:
+                text += " The text so far is kept."
+            self.error_label.setText(text)
             if kind == "context_full":
                 self.retry_button.setText("Retry without the oldest turns")
             else:

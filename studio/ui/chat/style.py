@@ -39,9 +39,10 @@ QPushButton#NewChat {{ padding: 6px; font-weight: 600; }}
 QFrame#Notice {{ background: {c['notice']}; border-top: 1px solid {c['border']}; }}
 QWidget#ThreadSidebar {{ background: {c['side']}; }}
 QListWidget#Threads, QListWidget#SearchResults {{ border: none; background: transparent; }}
-QListWidget#Threads::item, QListWidget#SearchResults::item {{ padding: 6px 6px; border-radius: 6px; }}
-QListWidget#Threads::item:selected, QListWidget#SearchResults::item:selected {{
-    background: {ACCENT}; color: white; }}
+QListWidget#Threads::item {{ padding: 6px 6px; border-radius: 6px; }}
+QListWidget#SearchResults::item {{ padding: 0; border-radius: 6px; }}
+QListWidget#Threads::item:selected {{ background: {ACCENT}; color: white; }}
+QListWidget#SearchResults::item:selected, QListWidget#SearchResults::item:hover {{ background: {c['border']}; }}
 QFrame#SettingsPanel {{ border-left: 1px solid {c['border']}; }}
 QLabel#PanelTitle {{ font-weight: 600; }}
 QProgressBar#ContextBar {{ border: none; background: {c['border']}; border-radius: 3px; }}

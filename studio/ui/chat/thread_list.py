@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
+import html
+
+from PySide6.QtCore import QEvent, QSize, Qt, Signal
 from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
@@ -65,6 +67,7 @@ class ThreadList(QWidget):
         self.results.setObjectName("SearchResults")
         self.results.setWordWrap(True)
         self.results.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.results.viewport().installEventFilter(self)
         self.results.itemActivated.connect(self._on_hit)
         self.results.itemClicked.connect(self._on_hit)
         self.no_results = QLabel("No messages match.")
@@ -152,11 +155,35 @@ class ThreadList(QWidget):
         self.results.clear()
         for h in hits:
             who = "You" if h.role == "user" else "Assistant"
-            item = QListWidgetItem(f"{h.thread_title}\n{who}: {h.snippet.replace(chr(10), ' ')}")
+            # The store marks matches with ⟦ ⟧; show them bold. Everything else is escaped: it is the user's text.
+            snippet = html.escape(h.snippet.replace("\n", " ")).replace("⟦", "<b>").replace("⟧", "</b>")
+            label = QLabel(f"<b>{html.escape(h.thread_title)}</b><br><span>{who}: {snippet}</span>")
+            label.setObjectName("SearchHit")
+            label.setWordWrap(True)
+            label.setTextFormat(Qt.TextFormat.RichText)
+            label.setContentsMargins(6, 5, 6, 5)
+            item = QListWidgetItem()
             item.setData(ID, h.thread_id)
             item.setData(MSG, h.message_id)
+            item.setToolTip(h.thread_title)
             self.results.addItem(item)
+            self.results.setItemWidget(item, label)
         self.stack.setCurrentWidget(self.results if hits else self.no_results)
+        self._fit_hits()
+
+    def _fit_hits(self) -> None:
+        """Wrapped labels have no natural height: size each row for the list's current width."""
+        width = max(100, self.results.viewport().width())
+        for i in range(self.results.count()):
+            item = self.results.item(i)
+            label = self.results.itemWidget(item)
+            if label is not None:
+                item.setSizeHint(QSize(width, label.heightForWidth(width)))
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt name)
+        if obj is self.results.viewport() and event.type() == QEvent.Type.Resize:
+            self._fit_hits()
+        return False
 
     def _on_hit(self, item: QListWidgetItem) -> None:
         self.hit_chosen.emit(item.data(ID), item.data(MSG))
