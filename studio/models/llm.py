@@ -502,7 +502,8 @@ class LoadedLLM:
     source: str = ""  # the path it came from
 
 
-def _is_quant(w: Any) -> bool:
+def is_quant(w: Any) -> bool:
+    """A packed weight (studio.engine.quant.QuantWeight or alike), not a plain Tensor."""
     return not isinstance(w, Tensor) and hasattr(w, "dequantize") and hasattr(w, "to_module")
 
 
@@ -510,7 +511,7 @@ def _concat_rows(ws: list) -> Any:
     """Stack Linear weights along out_features, exactly, or None where no exact form exists."""
     if all(isinstance(w, Tensor) for w in ws):
         return torch.cat(ws, dim=0)
-    if not all(_is_quant(w) and hasattr(w, "raw") and hasattr(w, "type_id") for w in ws):
+    if not all(is_quant(w) and hasattr(w, "raw") and hasattr(w, "type_id") for w in ws):
         return None
     from studio.engine.quant import GGUFWeight, quantize_int8
 
@@ -569,7 +570,7 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
     skip_bias: set[str] = set()
     tie = c.tie_word_embeddings or "lm_head.weight" not in state_dict
     for name, w in state_dict.items():
-        if not _is_quant(w):
+        if not is_quant(w):
             continue
         owner = name.rsplit(".", 1)[0]
         mod = modules.get(owner)
@@ -584,12 +585,12 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
             if tie:  # a tied head reads the packed data: 4x fewer bytes per token than fp32
                 _set_submodule(model, "lm_head", _packed_head(w, table).to(device))
     for name, w in state_dict.items():
-        if _is_quant(w) or name in skip_bias or name.endswith("rotary_emb.inv_freq"):
+        if is_quant(w) or name in skip_bias or name.endswith("rotary_emb.inv_freq"):
             continue
         plain[name] = w
     plain = {k: v.to(device=device, dtype=dtype) for k, v in plain.items()}
     head_packed = not isinstance(model.lm_head, nn.Linear)
-    quant_keys = {k for k, w in state_dict.items() if _is_quant(w)} | skip_bias
+    quant_keys = {k for k, w in state_dict.items() if is_quant(w)} | skip_bias
     missing = sorted(k for k in expected - set(plain) - quant_keys
                      if not (k == "lm_head.weight" and (tie or head_packed)))
     unexpected = sorted(set(plain) - expected - quant_keys)

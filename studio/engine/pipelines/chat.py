@@ -21,7 +21,7 @@ import torch
 
 from studio.engine.context import JobContext, UserError
 from studio.engine.sampling import Sampler, SamplingParams
-from studio.models.llm import LLM, LoadedLLM, build_llm, weight_bytes
+from studio.models.llm import LLM, LoadedLLM, build_llm, is_quant, weight_bytes
 from studio.protocol import ChatJob
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
     progress(1, total, "loading")
     state = loaded.state_dict
     if dequantize:
-        state = {k: (v.dequantize(dtype) if hasattr(v, "dequantize") else v) for k, v in state.items()}
+        state = {k: (v.dequantize(dtype) if is_quant(v) else v) for k, v in state.items()}
     model = build_llm(loaded.config, state, dtype=dtype, device=device, fuse=True)
     progress(2, total, "loading")
     stop = set(loaded.stop_token_ids)
