@@ -151,6 +151,27 @@ def test_tiled_decode_is_as_close_to_the_full_decode_as_diffusers_tiling(ref, ou
     assert (ours.tiled_decode(z, tile_latent=8, overlap=2) - full).abs().max().item() <= TOL
 
 
+def test_decode_falls_back_to_smaller_tiles_after_out_of_memory(ours, monkeypatch):
+    z = _latents(frames=1, h=4, w=4)
+    real = type(ours).decode
+    calls = []
+
+    def decode(self, t, chunk=1):
+        calls.append(tuple(t.shape[-2:]))
+        if t.shape[-1] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, t, chunk)
+
+    monkeypatch.setattr(type(ours), "decode", decode)
+    told = []
+    with torch.no_grad():
+        out = ours.decode_with_fallback(z, tiles=(None, 4, 3), on_fallback=lambda a, b: told.append((a, b)))
+    assert out.shape == (1, 3, 1, 32, 32)
+    assert told == [(None, 4), (4, 3)] and calls[0] == (4, 4)
+    with pytest.raises(UserError, match="ran out of memory"):
+        ours.decode_with_fallback(z, tiles=(None, 4))
+
+
 def test_latent_normalisation_uses_the_published_statistics(ref, ours):
     assert list(ours.cfg.latents_mean) == ref.config.latents_mean
     assert list(ours.cfg.latents_std) == ref.config.latents_std
@@ -246,6 +267,15 @@ def test_wan22_decode_and_encode_match_diffusers(ref22, ours22):
     assert mean.shape == dist.mean.shape == (1, 48, 3, 2, 2)
     assert (mean - dist.mean).abs().max().item() <= TOL
     assert (logvar - dist.logvar).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_bf16_weights_decode_close_to_fp32(ref, ours):
+    z = _latents(frames=2, h=2, w=2)
+    half = load_wan_vae(dict(ref.state_dict()), dtype=torch.bfloat16)
+    got = half.decode(z.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ours.decode(z)).abs().mean().item() < 0.02
 
 
 @torch.no_grad()

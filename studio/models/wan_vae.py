@@ -22,6 +22,7 @@ normalised per channel with the published mean / std.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -457,6 +458,24 @@ class WanVAE(nn.Module):
         """Decode in overlapping spatial tiles (each chunked in time exactly) blended linearly."""
         return tiled_decode_3d(lambda t: self.decode(t, chunk), z, tile_latent=tile_latent, overlap=overlap,
                                scale=self.cfg.scale, time_chunk=None, time_scale=self.cfg.time_scale)
+
+    def decode_with_fallback(self, z: torch.Tensor, tiles: tuple[int | None, ...] = (None, 64, 32, 16),
+                             on_fallback: Callable[[int | None, int | None], None] | None = None) -> torch.Tensor:
+        """Decode whole (None) or in spatial tiles of that many latent pixels, trying each size in turn after
+        an out-of-memory error; `on_fallback(failed, next)` lets the caller tell the user."""
+        for i, tile in enumerate(tiles):
+            try:
+                return self.decode(z) if tile is None else self.tiled_decode(z, tile, max(tile // 4, 1))
+            except torch.OutOfMemoryError:
+                pass  # leave the except block first so the failed attempt's tensors are freed
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if on_fallback is not None:
+                on_fallback(tile, tiles[i + 1] if i + 1 < len(tiles) else None)
+        h, w = z.shape[-2] * self.cfg.scale, z.shape[-1] * self.cfg.scale
+        raise UserError("out_of_memory", f"Decoding the {w}x{h} video ran out of memory even in tiles of "
+                        f"{tiles[-1]} latent pixels. Make the video smaller or shorter, close other programs "
+                        "using the GPU, or set a lower VRAM budget so models are offloaded first.")
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
