@@ -287,3 +287,54 @@ def test_export_json_is_valid_json_with_the_format_marker(tab, tmp_path):
     tab.store.add_message(t.id, "user", "hi")
     data = json.loads(tab.export_thread(t.id, tmp_path / "j.json", "json").read_text())
     assert data["format"] == "studio-chat" and data["messages"][0]["content"] == "hi"
+
+
+def test_the_model_picker_lists_installed_llms_and_a_chosen_one_answers(qtbot, qt_engine, paths):
+    from library_fixtures import smollm2_gguf
+
+    from studio.library.library import Library
+    from studio.ui.chat.chat_tab import BUNDLED_LABEL, ChatTab
+
+    lib = Library(paths.data / "library.db", paths.models)
+    entry = lib.add(smollm2_gguf(), mode="inplace", name="my-smollm2")
+    tab = ChatTab(qt_engine, paths, Settings(), library=lib)
+    qtbot.addWidget(tab)
+    try:
+        combo = tab.model_combo
+        assert [combo.itemText(i) for i in range(combo.count())] == [BUNDLED_LABEL, "my-smollm2"]
+        greedy(tab, 16)
+        combo.setCurrentIndex(1)
+        combo.activated.emit(1)
+        assert tab.store.thread(tab.thread_id).model == str(entry.path)
+        type_and_enter(qtbot, tab, "What is the capital of France?")
+        msg_id, status = wait_finished(qtbot, tab)
+        assert status == "done" and tab.store.message(msg_id).stats["model"]
+    finally:
+        tab.shutdown()
+        lib.close()
+
+
+def test_a_missing_model_shows_inline_with_retry_and_nothing_is_lost(qtbot, tab, tmp_path):
+    gone = str(tmp_path / "deleted-model.gguf")
+    t = tab.store.create_thread("Old model", model=gone)
+    tab._refresh_threads()
+    tab.open_thread(t.id)
+    assert tab.model_combo.currentText() == "deleted-model.gguf (not installed)"
+    type_and_enter(qtbot, tab, "Hello?")
+    msg_id, status = wait_finished(qtbot, tab)
+    bubble = tab.view.bubbles[msg_id]
+    assert status == "error" and tab.store.message(msg_id).error["kind"] == "model_not_found"
+    assert bubble.error_box.isVisible() and "No model at" in bubble.error_label.text()
+    assert bubble.retry_button.isVisible() and bubble.retry_button.isEnabled()
+    assert [m.content for m in tab.store.messages(t.id)] == ["Hello?", ""]
+
+
+def test_ctrl_n_starts_a_new_chat_but_never_a_second_empty_one(qtbot, tab):
+    tab.store.add_message(tab.store.create_thread("Busy").id, "user", "hi")
+    tab._refresh_threads()
+    tab.open_thread(tab.store.threads()[0].id)
+    qtbot.keyClick(tab.input, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    first = tab.thread_id
+    assert tab.store.messages(first) == [] and tab.title_label.text() == "New chat"
+    qtbot.keyClick(tab.input, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    assert tab.thread_id == first and len(tab.store.threads()) == 2

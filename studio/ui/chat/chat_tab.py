@@ -191,12 +191,12 @@ class ChatTab(QWidget):
         self.error = exc
         titles = {"corrupt": "The chat history cannot be read", "locked": "The chat history is in use",
                   "newer": "The chat history is from a newer Studio"}
-        self.problem.title.setText(titles.get(exc.kind, "The chat history cannot be opened"))
+        title = titles.get(exc.kind, "The chat history cannot be opened")
         body = exc.message
         if exc.kind == "corrupt":
             body += ("\n\nYou can keep it for recovery: “Move the file aside” renames it with today's date "
                      "(nothing is deleted) and starts an empty history in its place.")
-        self.problem.body.setText(body)
+        self.problem.set_text(title, body)
         self.problem.move_button.setVisible(exc.kind == "corrupt")
         self.pages.setCurrentIndex(0)
 
@@ -205,7 +205,8 @@ class ChatTab(QWidget):
         try:
             moved = move_aside(self.db_path)
         except OSError as exc:
-            self.problem.body.setText(f"Could not rename {self.db_path}: {exc}. Move it yourself and try again.")
+            self.problem.set_text(self.problem.title.text(),
+                                  f"Could not rename {self.db_path}: {exc}. Move it yourself and try again.")
             return None
         if self.open_store():
             self.show_notice(f"The unreadable chat history was kept as {moved}.")

@@ -20,9 +20,14 @@ class ProblemPage(QWidget):
         self.body.setWordWrap(True)
         self.body.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.body.setMaximumWidth(640)
+        self.body.setFixedWidth(600)  # a wrapped label in a centred layout otherwise shrinks to a sliver and clips
         layout.addWidget(self.title)
-        layout.addWidget(self.body, 0, Qt.AlignmentFlag.AlignHCenter)
+        middle = QHBoxLayout()
+        middle.addStretch()
+        middle.addWidget(self.body)
+        middle.addStretch()
+        layout.addLayout(middle)
+        layout.addSpacing(10)
         row = QHBoxLayout()
         row.addStretch()
         self.retry_button = QPushButton("Try again")
@@ -32,3 +37,8 @@ class ProblemPage(QWidget):
         row.addStretch()
         layout.addLayout(row)
         layout.addStretch()
+
+    def set_text(self, title: str, body: str) -> None:
+        self.title.setText(title)
+        self.body.setText(body)
+        self.body.setFixedHeight(self.body.heightForWidth(self.body.width()))
