@@ -159,3 +159,15 @@ def test_missing_tokenizer_says_which_file_goes_where(tmp_path):
     with pytest.raises(UserError, match="tokenizer.json") as err:
         T5Tokenizer.from_folder(tmp_path)
     assert str(tmp_path / "tokenizer" / "tokenizer.json") in err.value.message
+
+
+@torch.no_grad()
+def test_bf16_weights_run_and_stay_close_to_fp32():
+    ref = _reference(umt5=True)
+    fp32 = load_t5_encoder(dict(ref.state_dict()), max_distance=MAX_DISTANCE)
+    bf16 = load_t5_encoder(dict(ref.state_dict()), dtype=torch.bfloat16, max_distance=MAX_DISTANCE)
+    ids, mask = _inputs()
+    want = fp32(ids, mask)
+    got = bf16(ids, mask)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().mean().item() < 0.03 * want.abs().mean().item()

@@ -183,3 +183,15 @@ def test_bad_inputs_fail_clearly():
     sd.pop("blocks.1.ffn.net.2.weight")
     with pytest.raises(UserError, match="do not fit"):
         load_wan_transformer(sd, head_dim=32)
+
+
+@torch.no_grad()
+def test_bf16_weights_run_and_stay_close_to_fp32():
+    ref = _reference(image=True)
+    fp32 = load_wan_transformer(dict(ref.state_dict()), head_dim=32)
+    bf16 = load_wan_transformer(dict(ref.state_dict()), head_dim=32, dtype=torch.bfloat16)
+    x, t, ctx, img = _inputs(image=True)
+    want = fp32(x, t, ctx, image_context=img)
+    got = bf16(x.bfloat16(), t, ctx.bfloat16(), image_context=img.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().mean().item() < 0.02 * want.abs().mean().item()
