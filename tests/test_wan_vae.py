@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from studio.engine.context import UserError
-from studio.models.wan_vae import WanVAEConfig, load_wan_vae
+from studio.models.wan_vae import WanVAE, WanVAEConfig, load_wan_vae
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
@@ -250,6 +250,10 @@ def test_wan22_config_is_read_from_shapes(ours22):
     assert cfg.scale == 16 and cfg.time_scale == 4 and len(cfg.latents_mean) == 48
     full = WanVAEConfig.named("wan2.2")
     assert (full.base_dim, full.decoder_base_dim, full.z_dim) == (160, 256, 48)
+    for name, millions in (("wan2.1", 126.9), ("wan2.2", 704.7)):  # the released VAE files
+        with torch.device("meta"):
+            n = sum(p.numel() for p in WanVAE(WanVAEConfig.named(name)).parameters())
+        assert abs(n / 1e6 - millions) < 0.1, name
 
 
 @torch.no_grad()
