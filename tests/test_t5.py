@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from studio.engine.context import UserError
-from studio.models.t5 import T5Config, T5Encoder, T5Tokenizer, load_t5_encoder
+from studio.models.t5 import T5Config, T5Encoder, T5Tokenizer, clean_prompt, load_t5_encoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,6 +153,14 @@ def test_tokenizer_pads_truncates_and_keeps_eos(tmp_path):
     ids, mask = tok(["a red fox", "a red fox runs a red fox"], max_length=5)
     assert ids.tolist() == [[3, 4, 5, 1, 0], [3, 4, 5, 6, 1]]
     assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_prompts_are_cleaned_like_wans_pipeline(tmp_path):
+    _write_tokenizer(tmp_path / "tokenizer.json")
+    tok = T5Tokenizer.from_folder(tmp_path)
+    assert clean_prompt("  a &amp;amp; red\n\t fox  ") == "a & red fox"
+    ids, _ = tok(["  a\n red   fox "], max_length=5)
+    assert ids.tolist() == [[3, 4, 5, 1, 0]]
 
 
 def test_missing_tokenizer_says_which_file_goes_where(tmp_path):

@@ -14,6 +14,7 @@ the original Wan umT5 layout (`blocks.0.ffn.gate.0.weight`, `blocks.0.pos_embedd
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from dataclasses import dataclass, replace
@@ -272,6 +273,13 @@ def load_t5_encoder(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = Non
 # ---------------------------------------------------------------- tokenizer
 
 
+def clean_prompt(text: str) -> str:
+    """The cleanup Wan's pipelines apply before tokenizing: HTML entities decoded (twice, for
+    double-escaped text), runs of whitespace collapsed to one space, ends stripped."""
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
 class T5Tokenizer:
     """A `tokenizers` tokenizer.json: texts -> (input_ids, attention_mask), both (B, max_length) int64.
 
@@ -297,7 +305,10 @@ class T5Tokenizer:
                         f"(from the umt5-xxl or t5-v1_1-xxl repository, the fast-tokenizer file) at "
                         f"{folder / 'tokenizer' / 'tokenizer.json'}.")
 
-    def __call__(self, texts: list[str], max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, texts: list[str], max_length: int = 512, clean: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if clean:
+            texts = [clean_prompt(t) for t in texts]
         ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), max_length), dtype=torch.long)
         for i, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=True)):
