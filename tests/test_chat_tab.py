@@ -338,3 +338,19 @@ def test_ctrl_n_starts_a_new_chat_but_never_a_second_empty_one(qtbot, tab):
     assert tab.store.messages(first) == [] and tab.title_label.text() == "New chat"
     qtbot.keyClick(tab.input, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
     assert tab.thread_id == first and len(tab.store.threads()) == 2
+
+
+def test_switching_to_the_dark_theme_restyles_code_boxes(qtbot, tab, qapp):
+    from studio.ui.theme import apply_theme
+
+    t = tab.store.create_thread("Code")
+    a = tab.store.add_message(t.id, "assistant", "```py\nx = 1\n```")
+    tab.open_thread(t.id)
+    light_html = tab.view.bubbles[a.id].body.toHtml()
+    try:
+        apply_theme(qapp, "dark")
+        qtbot.waitUntil(lambda: tab.view.bubbles.get(a.id) is not None
+                        and tab.view.bubbles[a.id].body.toHtml() != light_html, timeout=3000)
+        assert "#17181b" in tab.view.bubbles[a.id].body.toHtml()
+    finally:
+        apply_theme(qapp, "light")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog,
@@ -100,7 +100,8 @@ class ChatTab(QWidget):
         self._undo_thread: int | None = None
         self._shortcuts()
         self.engine.message.connect(self._on_engine_message)
-        self.setStyleSheet(stylesheet(is_dark()))
+        self._dark = is_dark()
+        self.setStyleSheet(stylesheet(self._dark))
         self.open_store()
 
     # -- layout -------------------------------------------------------------------------------------
@@ -157,11 +158,11 @@ class ChatTab(QWidget):
         add("Esc", self.stop, Qt.ShortcutContext.WidgetWithChildrenShortcut)
 
     def changeEvent(self, event) -> None:  # noqa: N802 (Qt name)
-        from PySide6.QtCore import QEvent
-
-        if event.type() == QEvent.Type.PaletteChange and self.store is not None:
-            self.setStyleSheet(stylesheet(is_dark()))
-            if self.thread_id is not None:  # code blocks are drawn with the palette's shades
+        # Only a real theme switch restyles: setStyleSheet itself sends palette changes.
+        if event.type() == QEvent.Type.PaletteChange and is_dark() != self._dark:
+            self._dark = is_dark()
+            self.setStyleSheet(stylesheet(self._dark))
+            if self.store is not None and self.thread_id is not None:  # code boxes use the theme's shades
                 self.open_thread(self.thread_id)
         super().changeEvent(event)
 

@@ -270,6 +270,8 @@ class MessageView(QScrollArea):
         self.setWidget(inner)
         self.bubbles: dict[int, MessageBubble] = {}
         self.verticalScrollBar().rangeChanged.connect(self._on_range)
+        # Dragging or clicking the scroll bar decides too: scrolled up stops following, back at the end resumes.
+        self.verticalScrollBar().actionTriggered.connect(lambda _a: QTimer.singleShot(0, self, self.note_user_scroll))
         self._follow = True
 
     def set_messages(self, msgs: list[ChatMessage], busy: bool) -> None:
