@@ -18,6 +18,7 @@ just before use (the same idea as streaming: keep weights small until the moment
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,17 @@ from torch import nn
 
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def estimate_module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each shared tensor counted once (works on meta)."""
+    seen: set[int] = set()
+    total = 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
 
 
 def find_blocks(module: nn.Module) -> list[nn.Module]:
