@@ -354,3 +354,12 @@ def test_switching_to_the_dark_theme_restyles_code_boxes(qtbot, tab, qapp):
         assert "#17181b" in tab.view.bubbles[a.id].body.toHtml()
     finally:
         apply_theme(qapp, "light")
+
+
+def test_settings_chosen_before_the_first_chat_exists_are_kept_for_it(tab):
+    assert tab.thread_id is None and tab.store.threads() == []
+    tab.settings_panel.fields["temperature"].setValue(0.3)
+    tab.settings_panel.system.setPlainText("Answer like a pirate.")
+    t = tab.new_chat()
+    assert t.settings["temperature"] == 0.3 and t.system == "Answer like a pirate."
+    assert tab.store.thread(t.id).settings["temperature"] == 0.3

@@ -223,8 +223,13 @@ class ChatTab(QWidget):
         if self.thread_id is not None and not self.store.messages(self.thread_id):
             self.input.setFocus()  # already on an empty chat: reuse it rather than pile up blank ones
             return self.store.thread(self.thread_id)
-        self.settings_panel.flush()
-        t = self.store.create_thread()
+        if self.thread_id is None:  # settings chosen before the first chat existed belong to it
+            t = self.store.create_thread(system=self.settings_panel.system.toPlainText(),
+                                         model=self.model_combo.currentData() or "",
+                                         settings=self.settings_panel.values())
+        else:
+            self.settings_panel.flush()
+            t = self.store.create_thread(model=self.store.thread(self.thread_id).model)
         self.thread_id = t.id
         self._refresh_threads()
         self._show_thread(t)
