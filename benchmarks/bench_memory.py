@@ -9,8 +9,8 @@ Each budget is enforced twice: the MemoryManager plans against it, and
 torch.cuda.set_per_process_memory_fraction makes the allocator refuse anything beyond it, so a
 policy that does not really fit shows up as "oom". For every budget the script runs each policy
 (RESIDENT, MODEL_OFFLOAD, BLOCK_STREAM, SEQUENTIAL) for `--steps` forward passes after a warm-up,
-and reports the first-use time (the move to the device), the mean step time, and the peak VRAM
-above the empty baseline. It also says which policy the planner picks and why. `--reference`
+and reports the first-use time (the move to the device, pinning included), the reload time after an
+eviction (what a model switch costs), the mean step time, and the peak VRAM above the empty baseline. It also says which policy the planner picks and why. `--reference`
 adds accelerate's cpu_offload (sequential, per module) on the same model in the same run.
 
 The factory returns the model on the CPU in its run dtype, a tuple of CPU input tensors, and
@@ -113,8 +113,15 @@ def run_policy(manager: MemoryManager, model: nn.Module, inputs: tuple, blocks, 
                 out = m(*args)
             sync(device)
             step = (time.perf_counter() - t1) / steps
+        top = peak(device, base)
+        # A model switch: evict to RAM, then make it ready again (what each job pays under model offload).
+        manager.offload("model")
+        t2 = time.perf_counter()
+        with manager.use("model"):
+            sync(device)
+        reload = time.perf_counter() - t2
         result = {"asked": policy.value, "policy": manager.policy_of("model").value, "first_s": round(first, 4),
-                  "step_ms": round(step * 1e3, 2), "peak_vram": peak(device, base),
+                  "reload_s": round(reload, 4), "step_ms": round(step * 1e3, 2), "peak_vram": top,
                   "accounted_vram": manager.used, "ok": bool(torch.isfinite(out.float()).all())}
     except UserError as exc:  # the manager's accounting refused before touching the device
         result = {"asked": policy.value, "policy": policy.value, "refused": exc.message}
@@ -209,7 +216,7 @@ def main() -> None:
         results.append({"budget_gib": budget_gib, "planner": chosen, "reason": reason, "runs": runs})
         for r in runs:
             if "step_ms" in r:
-                what = f"{r['step_ms']:8.1f} ms/step  first {r['first_s']:.2f} s"
+                what = f"{r['step_ms']:8.1f} ms/step  first {r['first_s']:.2f} s  reload {r.get('reload_s', 0):.2f} s"
             else:
                 what = "OOM" if r.get("oom") else "refused by the planner"
             print(f"{budget_gib:5.1f} GiB  {r['policy']:22s} {what}  peak {fmt_bytes(r.get('peak_vram', 0))}",

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from studio.engine.offload import BlockStreamer, Fp8Linear, find_blocks, fp8_supported, leaf_blocks
+from studio.engine.offload import (
+    BlockStreamer,
+    Fp8Linear,
+    WholeModule,
+    find_blocks,
+    fp8_supported,
+    leaf_blocks,
+)
 
 
 class Block(nn.Module):
@@ -166,6 +173,26 @@ def test_a_failing_block_is_released_from_the_device():
     streamer.detach()
 
 
+@torch.no_grad()
+def test_whole_module_swaps_to_a_device_copy_and_back_to_the_same_host_storage():
+    model = make()
+    model.blocks[3].up.weight = model.blocks[0].up.weight  # a tied weight moves once
+    x = sample()
+    expected = model(x)
+    whole = WholeModule(model)
+    homes = [p.data_ptr() for p in model.parameters()]
+    # The CPU stands in for the device: to_device always makes a copy, so every tensor must leave
+    # its host storage and come back.
+    whole.to_device("cpu")
+    assert whole.on_device and not set(homes) & {p.data_ptr() for p in model.parameters()}
+    assert torch.equal(model(x), expected)
+    assert model.blocks[3].up.weight is model.blocks[0].up.weight
+    assert len(whole.slots) == len({id(p) for p in model.parameters()}) + len(list(model.buffers()))
+    whole.to_host()
+    assert [p.data_ptr() for p in model.parameters()] == homes  # no copy back: the same storage
+    assert torch.equal(model(x), expected)
+
+
 @pytest.mark.skipif(not fp8_supported(), reason="this torch cannot cast to float8_e4m3fn")
 @torch.no_grad()
 def test_fp8_linear_stays_within_e4m3_rounding_and_quarters_fp32_bytes():
@@ -228,3 +255,27 @@ def test_cuda_sequential_offload_matches_resident_bitwise():
         got = model(x)
         got2 = model(x)
     assert torch.equal(got, expected) and torch.equal(got2, expected)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_model_offload_reloads_from_pinned_memory_and_evicts_without_copying():
+    from studio.engine.device import probe
+    from studio.engine.memory import MemoryManager, Policy
+
+    profile = probe("cuda")
+    model = make(dim=1024, depth=4)
+    x = sample()
+    expected = model(x)
+    mm = MemoryManager(profile, budget_bytes=1 << 30)
+    mm.register("m", model, Policy.MODEL_OFFLOAD)
+    with mm.use("m") as m:
+        assert m.inp.weight.is_cuda
+        got = m(x.cuda()).cpu()
+    homes = [p.data_ptr() for p in model.parameters()]
+    mm.offload("m")
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in model.parameters())
+    assert [p.data_ptr() for p in model.parameters()] == homes  # eviction pointed back, no new copy
+    with mm.use("m") as m:
+        again = m(x.cuda()).cpu()
+    assert torch.allclose(got, expected, atol=1e-4) and torch.equal(again, got)

@@ -30,7 +30,14 @@ from torch import nn
 
 from studio.engine.context import UserError
 from studio.engine.device import DeviceProfile
-from studio.engine.offload import BlockStreamer, estimate_module_bytes, find_blocks, leaf_blocks, tensor_bytes
+from studio.engine.offload import (
+    BlockStreamer,
+    WholeModule,
+    estimate_module_bytes,
+    find_blocks,
+    leaf_blocks,
+    tensor_bytes,
+)
 from studio.engine.weights import QUANT_MODES, QuantSummary, memory_report, quantize_model
 
 # The quantization hooks live beside the weight loaders; the manager's callers reach them from here.
@@ -261,6 +268,7 @@ class _Entry:
     in_use: int = 0
     last_used: int = 0
     streamer: BlockStreamer | None = None
+    whole: WholeModule | None = None  # pinned CPU copy of a model-offloaded component
 
     def device_bytes(self) -> int:
         return _device_need(self.shape, self.policy)
@@ -427,7 +435,12 @@ class MemoryManager:
 
     def _load(self, entry: _Entry) -> None:
         try:
-            if entry.policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD):
+            if entry.policy is Policy.MODEL_OFFLOAD and self.device.type == "cuda":
+                # It will move again: keep a pinned CPU copy so reloads are fast and evictions free.
+                if entry.whole is None:
+                    entry.whole = WholeModule(entry.module, pin=True)
+                entry.whole.to_device(self.device)
+            elif entry.policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD):
                 entry.module.to(self.device)
             elif entry.policy is Policy.SEQUENTIAL:
                 entry.streamer = BlockStreamer.sequential(entry.module, self.device).attach()
@@ -450,6 +463,8 @@ class MemoryManager:
         if entry.streamer is not None:
             entry.streamer.detach()
             entry.streamer = None
+        elif entry.whole is not None and entry.whole.on_device:
+            entry.whole.to_host()
         else:
             entry.module.to("cpu")
         entry.on_device = False
