@@ -363,3 +363,16 @@ def test_settings_chosen_before_the_first_chat_exists_are_kept_for_it(tab):
     t = tab.new_chat()
     assert t.settings["temperature"] == 0.3 and t.system == "Answer like a pirate."
     assert tab.store.thread(t.id).settings["temperature"] == 0.3
+
+
+def test_rename_in_place_and_pin_to_top(qtbot, tab):
+    a = tab.store.create_thread("First")
+    b = tab.store.create_thread("Second")
+    tab._refresh_threads()
+    tab.sidebar.start_rename(a.id)
+    tab.sidebar.item_for(a.id).setText("Renamed")  # what committing the in-place editor does
+    qtbot.waitUntil(lambda: tab.store.thread(a.id).title == "Renamed", timeout=2000)
+    assert tab.sidebar.threads.item(0).data(Qt.ItemDataRole.UserRole) == b.id  # most recent first
+    tab.sidebar.pin_requested.emit(a.id, True)
+    top = tab.sidebar.threads.item(0)
+    assert top.data(Qt.ItemDataRole.UserRole) == a.id and top.text() == "★ Renamed"

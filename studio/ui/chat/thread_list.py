@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from PySide6.QtCore import QEvent, QSize, Qt, Signal
+from PySide6.QtCore import QEvent, QSize, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
@@ -124,10 +124,10 @@ class ThreadList(QWidget):
         title = item.text().strip()
         if item.data(PINNED):
             title = title.removeprefix(PIN.strip()).strip()
-        if title and title != item.data(MSG):
-            self.rename_requested.emit(item.data(ID), title)
-        else:  # empty or unchanged: show the old title again
-            self.rename_requested.emit(item.data(ID), item.data(MSG))
+        tid, old = item.data(ID), item.data(MSG)
+        # Emitted after the editor has closed: the receiver rebuilds this list, which must not happen under it.
+        # An empty or unchanged title re-emits the old one, so the list shows it again (pin mark included).
+        QTimer.singleShot(0, self, lambda: self.rename_requested.emit(tid, title if title else old))
 
     def _menu(self, pos) -> None:
         item = self.threads.itemAt(pos)
