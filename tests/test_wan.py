@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from studio.engine.context import UserError
-from studio.models.wan import WanConfig, WanTransformer, load_wan_transformer, normalize_state_dict
+from studio.models.wan import (
+    WanConfig,
+    WanTransformer,
+    load_wan_transformer,
+    normalize_state_dict,
+    rope_angles,
+    rope_complex,
+    rope_real,
+)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -171,6 +179,17 @@ def test_config_from_state_dict_reads_shapes():
     with torch.device("meta"):
         sd = WanTransformer(WanConfig.named("wan2.2-ti2v-5b")).state_dict()
     assert WanConfig.from_state_dict(sd) == WanConfig.named("wan2.2-ti2v-5b")
+
+
+def test_complex_and_real_rope_rotate_alike():
+    # eager uses the complex form, torch.compile the real one
+    cos, sin = rope_angles(3, 4, 5, 32, 10000.0, torch.device("cpu"))
+    rope = (cos, sin, torch.complex(cos, sin))
+    q = torch.randn(2, 60, 2, 32)
+    real, cplx = rope_real(q, rope), rope_complex(q, rope)
+    assert (real - cplx).abs().max().item() <= 1e-6
+    assert (real.norm(dim=-1) - q.norm(dim=-1)).abs().max().item() <= 1e-5  # a rotation keeps lengths
+    assert (real[:, 0] - q[:, 0]).abs().max().item() <= 1e-6  # position (0, 0, 0) is not turned
 
 
 def test_bad_inputs_fail_clearly():

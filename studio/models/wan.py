@@ -107,9 +107,14 @@ CONFIGS: dict[str, WanConfig] = {
 # ---------------------------------------------------------------- pieces
 
 
-def _layer_norm32(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Non-affine LayerNorm computed in float32 (the adaLN input); returns float32."""
-    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN: non-affine LayerNorm in float32, then * (1 + scale) + shift in one fused op; back to x's dtype."""
+    return torch.addcmul(shift, F.layer_norm(x.float(), (x.shape[-1],), eps=eps), 1 + scale).type_as(x)
+
+
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate with the arithmetic in float32 (gate is float32, so addcmul promotes) in one op."""
+    return torch.addcmul(x, y, gate).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -155,11 +160,26 @@ def rope_angles(frames: int, height: int, width: int, head_dim: int, theta: floa
     return ang.cos().float().to(device), ang.sin().float().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, S, H, Dh) by the angles (S, 1, Dh/2)."""
+Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos, sin (S, 1, Dh/2) float32; cis = cos + i sin
+
+
+def rope_real(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, S, H, Dh) by the angles, in real arithmetic."""
+    cos, sin, _ = rope
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, Dh/2) each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def rope_complex(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """The same rotation as one complex multiply: a third of the memory passes of `rope_real` in eager mode."""
+    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rope[2]).flatten(-2).type_as(x)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    # inductor cannot generate code for complex ops but fuses the real form into one kernel
+    return rope_real(x, rope) if torch.compiler.is_compiling() else rope_complex(x, rope)
 
 
 class Attention(nn.Module):
@@ -189,14 +209,13 @@ class Attention(nn.Module):
         return out.transpose(1, 2).flatten(2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                image_context: torch.Tensor | None = None) -> torch.Tensor:
+                rope: Rope | None = None, image_context: torch.Tensor | None = None) -> torch.Tensor:
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))  # (B, S, H, Dh)
         k = self.norm_k(self.to_k(kv)).unflatten(-1, (self.heads, -1))
         v = self.to_v(kv).unflatten(-1, (self.heads, -1))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = self._sdpa(q, k, v)
         if image_context is not None:
             ki = self.norm_added_k(self.add_k_proj(image_context)).unflatten(-1, (self.heads, -1))
@@ -235,17 +254,15 @@ class Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, d))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mod: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor], image_context: torch.Tensor | None) -> torch.Tensor:
+                rope: Rope, image_context: torch.Tensor | None) -> torch.Tensor:
         # x (B, S, D); mod (B, 1 or S, 6, D) float32; modulation arithmetic stays in float32.
         e = (self.scale_shift_table.float().unsqueeze(0) + mod).unbind(2)  # 6 x (B, 1|S, D)
         shift, scale, gate, c_shift, c_scale, c_gate = e
-        h = (_layer_norm32(x, self.eps) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.attn1(h, rope=rope).float() * gate).type_as(x)
+        x = _gated_add(x, self.attn1(_modulate(x, shift, scale, self.eps), rope=rope), gate)
         h = x if self.norm2 is None else F.layer_norm(
             x.float(), (x.shape[-1],), self.norm2.weight.float(), self.norm2.bias.float(), self.eps).type_as(x)
         x = x + self.attn2(h, context=context, image_context=image_context)
-        h = (_layer_norm32(x, self.eps) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+        return _gated_add(x, self.ffn(_modulate(x, c_shift, c_scale, self.eps)), c_gate)
 
 
 class TimeEmbedder(nn.Module):
@@ -317,12 +334,14 @@ class WanTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.proj_out = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, cfg.dim))
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple, Rope] = {}
 
-    def rope(self, f: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, f: int, h: int, w: int, device: torch.device) -> Rope:
+        """Angles for an f x h x w token grid, kept for the next call (every sampling step asks the same)."""
         key = (f, h, w, str(device))
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_angles(f, h, w, self.cfg.head_dim, self.cfg.rope_theta, device)}
+            cos, sin = rope_angles(f, h, w, self.cfg.head_dim, self.cfg.rope_theta, device)
+            self._rope_cache = {key: (cos, sin, torch.complex(cos, sin))}
         return self._rope_cache[key]
 
     def embed_conditions(self, t: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None = None,
@@ -359,7 +378,7 @@ class WanTransformer(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, text, mod, rope, img)
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
-        tokens = (_layer_norm32(tokens, self.cfg.eps) * (1 + scale) + shift).type_as(tokens)
+        tokens = _modulate(tokens, shift, scale, self.cfg.eps)
         out = self.proj_out(tokens)  # (B, S, C*pt*ph*pw)
         out = out.reshape(b, fp, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, -1, f, h, w)
