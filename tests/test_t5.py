@@ -108,6 +108,23 @@ def test_loads_original_wan_umt5_layout():
     _check(ref, load_t5_encoder(wan, max_distance=MAX_DISTANCE))
 
 
+def test_loads_llama_cpp_gguf_names():
+    ref = _reference(umt5=False)
+    names = {"layer.0.SelfAttention.q.weight": "attn_q.weight", "layer.0.SelfAttention.k.weight": "attn_k.weight",
+             "layer.0.SelfAttention.v.weight": "attn_v.weight", "layer.0.SelfAttention.o.weight": "attn_o.weight",
+             "layer.0.SelfAttention.relative_attention_bias.weight": "attn_rel_b.weight",
+             "layer.0.layer_norm.weight": "attn_norm.weight", "layer.1.layer_norm.weight": "ffn_norm.weight",
+             "layer.1.DenseReluDense.wi_0.weight": "ffn_gate.weight", "layer.1.DenseReluDense.wi_1.weight": "ffn_up.weight",
+             "layer.1.DenseReluDense.wo.weight": "ffn_down.weight"}
+    gguf = {"token_embd.weight": ref.shared.weight, "enc.output_norm.weight": ref.encoder.final_layer_norm.weight}
+    for key, v in ref.state_dict().items():
+        if key.startswith("encoder.block."):
+            _, _, i, rest = key.split(".", 3)
+            gguf[f"enc.blk.{i}.{names[rest]}"] = v
+    assert {"enc.blk.0.attn_rel_b.weight", "enc.blk.1.ffn_gate.weight", "enc.blk.1.ffn_up.weight"} <= set(gguf)
+    _check(ref, load_t5_encoder(gguf, max_distance=MAX_DISTANCE))
+
+
 @torch.no_grad()
 def test_encode_zeroes_positions_after_the_prompt():
     ours = load_t5_encoder(dict(_reference(umt5=True).state_dict()), max_distance=MAX_DISTANCE)

@@ -8,8 +8,9 @@ the same except that every layer has its own relative position bias.
 Our module names are short (`blocks.0.attn.q.weight`, `blocks.0.ffn.wi_0.weight`,
 `blocks.0.pos_embedding.weight`, `token_embedding.weight`, `norm.weight`); `normalize_state_dict`
 converts the Hugging Face layout (`encoder.block.0.layer.0.SelfAttention.q.weight`, `shared.weight`,
-`encoder.final_layer_norm.weight`, under any prefix such as `text_encoders.t5xxl.transformer.`) and
-the original Wan umT5 layout (`blocks.0.ffn.gate.0.weight`, `blocks.0.pos_embedding.embedding.weight`).
+`encoder.final_layer_norm.weight`, under any prefix such as `text_encoders.t5xxl.transformer.`),
+llama.cpp's GGUF names (`enc.blk.0.attn_q.weight`, `enc.blk.0.attn_rel_b.weight`) and the original
+Wan umT5 layout (`blocks.0.ffn.gate.0.weight`, `blocks.0.pos_embedding.embedding.weight`).
 """
 
 from __future__ import annotations
@@ -200,6 +201,10 @@ _HF_BLOCK = {
     "layer.1.DenseReluDense.wo.": "ffn.wo.",
     "layer.1.layer_norm.": "norm2.",
 }
+# llama.cpp's T5 names (GGUF files such as city96's t5-v1_1-xxl / umt5-xxl encoders), after dequantisation
+_GGUF_BLOCK = {"attn_q.": "attn.q.", "attn_k.": "attn.k.", "attn_v.": "attn.v.", "attn_o.": "attn.o.",
+               "attn_rel_b.": "pos_embedding.", "attn_norm.": "norm1.", "ffn_norm.": "norm2.",
+               "ffn_gate.": "ffn.wi_0.", "ffn_up.": "ffn.wi_1.", "ffn_down.": "ffn.wo."}
 _WAN_BLOCK = {"ffn.gate.0.": "ffn.wi_0.", "ffn.fc1.": "ffn.wi_1.", "ffn.fc2.": "ffn.wo.",
               "pos_embedding.embedding.": "pos_embedding."}
 
@@ -246,11 +251,26 @@ def convert_wan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def convert_gguf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """llama.cpp T5 encoder names (`enc.blk.0.attn_q.weight`, `token_embd.weight`) -> ours; decoder dropped."""
+    out = {}
+    for key, tensor in sd.items():
+        if key == "token_embd.weight":
+            out["token_embedding.weight"] = tensor
+        elif key == "enc.output_norm.weight":
+            out["norm.weight"] = tensor
+        elif m := re.match(r"enc\.blk\.(\d+)\.(\w+\.)(.*)", key):
+            out[f"blocks.{m[1]}.{_GGUF_BLOCK.get(m[2], m[2])}{m[3]}"] = tensor
+    return out
+
+
 def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Any supported layout -> ours: Hugging Face (any prefix), original Wan umT5, ours."""
+    """Any supported layout -> ours: Hugging Face (any prefix), llama.cpp GGUF names, original Wan umT5, ours."""
     prefix = _hf_prefix(sd)
     if prefix is not None:
         return convert_hf(sd, prefix)
+    if "enc.blk.0.attn_q.weight" in sd:
+        return convert_gguf(sd)
     return convert_wan(sd)
 
 
