@@ -18,6 +18,10 @@ than plain fp32 matmul), and dequantize-then-matmul per call is slowest of all (
 on CUDA int4 -> `_weight_int4pack_mm` (bf16), int8 -> dequantize then matmul. The two-pass int8
 path ("int_mm": activations split into two int8 halves, ~15-bit precise, exact int32 sums) is
 kept for when fp32-grade accuracy matters more than the last 1.5x.
+
+End to end on the same CPU (bundled SmolLM2-135M Q4_1, greedy, short answer, quiet machine):
+int4 modules 87-90 tok/s, first token 45 ms; int8 requantized 69 tok/s; float32 dequantized
+25 tok/s (transformers: ~25; llama.cpp: ~130). The machine is shared, so rerun before quoting.
 """
 
 from __future__ import annotations
