@@ -205,7 +205,8 @@ class MessageBubble(QFrame):
         self.style().polish(self.status_label)
 
     def set_last_answer(self, last: bool, busy: bool) -> None:
-        self.regen_button.setVisible(self.msg.role == "assistant" and last and not busy
+        has_retry = self.msg.status in ("error", "interrupted") and bool(self.msg.error)  # Retry does the same
+        self.regen_button.setVisible(self.msg.role == "assistant" and last and not busy and not has_retry
                                      and self.msg.status != "streaming")
         self.edit_button.setEnabled(not busy)
         self.retry_button.setEnabled(not busy)
