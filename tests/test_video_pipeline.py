@@ -235,3 +235,30 @@ def test_bad_jobs_are_refused_before_loading(tmp_path):
         job = VideoJob(**{"model": "x", "width": 32, "height": 32, **kw})
         with pytest.raises(UserError, match=match):
             V.run_video(job, ctx)
+
+
+def test_cli_generate_video_runs_through_the_engine(wan_folder, tmp_path, capsys, engine, monkeypatch):
+    import argparse
+    import contextlib
+
+    import studio.cli
+    from studio.cli import _engine_args
+    from studio.cli_video import add_video_parser
+
+    # the session's engine process stands in for the one the CLI would start (and must not close)
+    monkeypatch.setattr(studio.cli, "make_client", lambda args: contextlib.nullcontext(engine))
+
+    parser = argparse.ArgumentParser()
+    add_video_parser(parser.add_subparsers(dest="kind"), _engine_args)
+    out = tmp_path / "cli.mp4"
+    args = parser.parse_args(["video", "--model", str(wan_folder), "--prompt", "a fox", "--frames", "6", "--fps", "8",
+                              "--width", "32", "--height", "32", "--steps", "1", "--cfg", "3", "--shift", "3",
+                              "--seed", "4", "--out", str(out), "--device", "cpu", "--json"])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["path"] == str(out) and result["job"]["frames"] == 5 and result["notes"]
+    assert video_info(out)["frames"] == 5
+    bad = parser.parse_args(["video", "--model", str(wan_folder), "--prompt", "x", "--width", "500", "--height",
+                             "32", "--device", "cpu"])
+    assert bad.func(bad) == 1
+    assert "496 or 512" in capsys.readouterr().err
