@@ -132,7 +132,7 @@ def test_original_layout_loads_and_matches_diffusers(ref):
 
 @torch.no_grad()
 def test_tiled_decode_is_as_close_to_the_full_decode_as_diffusers_tiling(ref, ours):
-    z = _latents(frames=2, h=8, w=8, seed=5)
+    z = _latents(frames=1, h=8, w=8, seed=5)  # one frame: the time axis is tested above
     full = ours.decode(z)
     tiled = ours.tiled_decode(z, tile_latent=5, overlap=2)
     ref.enable_tiling(tile_sample_min_height=40, tile_sample_min_width=40, tile_sample_stride_height=24,
@@ -141,7 +141,7 @@ def test_tiled_decode_is_as_close_to_the_full_decode_as_diffusers_tiling(ref, ou
         theirs = ref.decode(z).sample
     finally:
         ref.disable_tiling()
-    assert tiled.shape == full.shape == theirs.shape == (1, 3, 5, 64, 64)
+    assert tiled.shape == full.shape == theirs.shape == (1, 3, 1, 64, 64)
     # spatial tiles see less context (the mid-block attention spans the whole frame), so tiling is
     # approximate; hold ours to diffusers' own tiling error
     ours_err = (tiled - full).abs().mean().item()

@@ -138,20 +138,25 @@ class CausalConv3d(nn.Conv3d):
 
     def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int, int],
                  stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
-        super().__init__(cin, cout, kernel, stride=stride, padding=0)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        # the conv pads space itself (no copy); time is padded by hand, in front only
+        super().__init__(cin, cout, kernel, stride=stride, padding=(0, ph, pw))
         self.time_pad = 2 * pt
-        self.space_pad = (pw, pw, ph, ph)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
-        pad = self.time_pad
-        if pad and state is not None:
-            prev = state.get(self)
-            if prev is not None:
-                x = torch.cat([prev, x], dim=2)
-                pad -= prev.shape[2]
-            state[self] = x[:, :, -2:].clone()
-        return super().forward(F.pad(x, (*self.space_pad, pad, 0)))
+        if not self.time_pad:
+            return super().forward(x)
+        prev = state.get(self) if state is not None else None
+        front = [] if prev is None else [prev]
+        missing = self.time_pad - (0 if prev is None else prev.shape[2])
+        if missing > 0:
+            front.insert(0, x.new_zeros(*x.shape[:2], missing, *x.shape[3:]))
+        x = torch.cat([*front, x], dim=2)
+        if state is not None:
+            # the last two real frames (never the zero padding) are the next chunk's context
+            real = x.shape[2] - max(missing, 0)
+            state[self] = x[:, :, -min(2, real):].clone()
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
