@@ -1,0 +1,663 @@
+"""The Video tab: Wan settings on the left; live preview, player and gallery of past videos on the right.
+
+A job is one VideoJob built from the widgets; the engine answers with protocol Messages for that
+job id (progress, preview, result, error, cancelled), handled in `_on_message`.
+
+The player decodes the MP4 with OpenCV in a worker thread and shows the frames on a timer (play,
+pause, scrub, loop). PySide6-Essentials has no QtMultimedia, and a frame player also plays the
+'mp4v' files OpenCV writes where no H.264 encoder exists, which many system players refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QIcon, QImage, QKeySequence, QPixmap, QShortcut
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QSplitter,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.paths import Paths
+from studio.protocol import Message, VideoJob, job_to_dict
+from studio.settings import Settings
+from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
+
+GALLERY_FILE = "video_gallery.json"
+STATE_FILE = "video_tab.json"
+SAMPLERS = ("unipc", "euler")
+
+# name -> (width, height); which apply depends on the model (see presets_for)
+PRESETS = {"480p landscape": (832, 480), "480p portrait": (480, 832), "720p landscape": (1280, 720),
+           "720p portrait": (720, 1280), "704p landscape": (1280, 704), "704p portrait": (704, 1280)}
+
+
+def presets_for(variant: str) -> list[str]:
+    """Resolutions a Wan model was trained at: 1.3B at 480p, TI2V 5B at 1280x704, the 14B models at both."""
+    v = variant.lower()
+    if "1.3b" in v:
+        return ["480p landscape", "480p portrait"]
+    if "5b" in v:
+        return ["704p landscape", "704p portrait"]
+    return ["480p landscape", "480p portrait", "720p landscape", "720p portrait"]
+
+
+def nearest_4n1(frames: int) -> int:
+    return 1 + 4 * max(0, int((frames - 1) / 4 + 0.5))
+
+
+@dataclass
+class Choice:
+    label: str
+    path: str
+    variant: str = ""
+
+
+# ---------------------------------------------------------------------------------- player
+
+class FrameLoader(QObject):
+    """Decodes a video in a thread; `loaded(path, frames, fps)` arrives on the GUI thread."""
+
+    loaded = Signal(str, list, float)
+    failed = Signal(str, str)
+
+    def load(self, path: str) -> None:
+        threading.Thread(target=self._work, args=(path,), daemon=True).start()
+
+    def _work(self, path: str) -> None:
+        from studio.engine.video_io import read_frames, video_info
+
+        try:
+            fps = video_info(path)["fps"] or 16.0
+            frames = []
+            for rgb in read_frames(path):
+                h, w, _ = rgb.shape
+                frames.append(QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy())
+        except OSError as exc:
+            self.failed.emit(path, str(exc))
+            return
+        self.loaded.emit(path, frames, float(fps))
+
+
+class VideoPlayer(QWidget):
+    """Frames on a timer: play / pause, a scrub slider, loop."""
+
+    frame_changed = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.path = ""
+        self.frames: list[QImage] = []
+        self.fps = 16.0
+        self.index = 0
+        self.view = ImageView()
+        self.view.placeholder = "Your videos play here"
+        self.timer = QTimer(self)
+        self.timer.timeout.connect(self._tick)
+        self.loader = FrameLoader(self)
+        self.loader.loaded.connect(self._on_loaded)
+        self.loader.failed.connect(lambda p, err: self._set_text(f"Cannot play {Path(p).name}: {err}"))
+        self.play_button = QPushButton("Play")
+        self.play_button.clicked.connect(self.toggle)
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.valueChanged.connect(self.seek)
+        self.loop = QCheckBox("Loop")
+        self.loop.setChecked(True)
+        self.position = QLabel("")
+        row = QHBoxLayout()
+        for w in (self.play_button, self.slider, self.position, self.loop):
+            row.addWidget(w, 1 if w is self.slider else 0)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.view, 1)
+        layout.addLayout(row)
+        self._set_controls()
+
+    @property
+    def playing(self) -> bool:
+        return self.timer.isActive()
+
+    def load(self, path: str, autoplay: bool = True) -> None:
+        self.stop()
+        self.path, self.frames = path, []
+        self._autoplay = autoplay
+        self._set_text(f"Loading {Path(path).name}…")
+        self.loader.load(path)
+
+    def _on_loaded(self, path: str, frames: list, fps: float) -> None:
+        if path != self.path:
+            return  # a newer load replaced this one
+        self.frames, self.fps = frames, fps
+        self.slider.setRange(0, max(0, len(frames) - 1))
+        self.seek(0)
+        self._set_controls()
+        if self._autoplay and len(frames) > 1:
+            self.play()
+
+    def _set_text(self, text: str) -> None:
+        self.view.placeholder = text
+        self.view.set_image(None)
+
+    def _set_controls(self) -> None:
+        for w in (self.play_button, self.slider, self.loop):
+            w.setEnabled(bool(self.frames))
+
+    def play(self) -> None:
+        if not self.frames:
+            return
+        if self.index >= len(self.frames) - 1:
+            self.seek(0)
+        self.timer.start(max(1, round(1000 / self.fps)))
+        self.play_button.setText("Pause")
+
+    def stop(self) -> None:
+        self.timer.stop()
+        self.play_button.setText("Play")
+
+    def toggle(self) -> None:
+        self.stop() if self.playing else self.play()
+
+    def seek(self, index: int) -> None:
+        if not self.frames:
+            return
+        self.index = max(0, min(index, len(self.frames) - 1))
+        self.view.set_image(self.frames[self.index])
+        if self.slider.value() != self.index:
+            self.slider.blockSignals(True)
+            self.slider.setValue(self.index)
+            self.slider.blockSignals(False)
+        self.position.setText(f"{self.index + 1}/{len(self.frames)}")
+        self.frame_changed.emit(self.index)
+
+    def _tick(self) -> None:
+        if self.index + 1 < len(self.frames):
+            self.seek(self.index + 1)
+        elif self.loop.isChecked():
+            self.seek(0)
+        else:
+            self.stop()
+
+
+# ---------------------------------------------------------------------------------- the tab
+
+class VideoTab(QWidget):
+    def __init__(self, engine: Any, paths: Paths, settings: Settings, parent: QWidget | None = None,
+                 library: Any = None) -> None:
+        super().__init__(parent)
+        self.engine = engine
+        self.paths = paths
+        self.settings = settings
+        self.library = library
+        self.job_id: str | None = None
+        self.job: VideoJob | None = None
+        self.clock = ProgressClock()
+        self.gallery_path = paths.data / GALLERY_FILE
+        self.past: list[dict] = []  # {"path": str, "job": dict}, newest first
+
+        # -- settings column ------------------------------------------------------------------------
+        self.prompt = QPlainTextEdit()
+        self.prompt.setPlaceholderText("Describe the video: subject, motion, camera, light…  (Ctrl+Enter to generate)")
+        self.prompt.setMaximumHeight(110)
+        self.negative = QPlainTextEdit()
+        self.negative.setPlaceholderText("Negative prompt: what to keep out (blur, static, distortion…)")
+        self.negative.setMaximumHeight(60)
+        self.model = QComboBox()
+        self.model.setPlaceholderText("No Wan model installed")
+        self.model.currentIndexChanged.connect(self._model_changed)
+        self.vae = QComboBox()
+        self.text_encoder = QComboBox()
+        self.preset = QComboBox()
+        self.preset.currentIndexChanged.connect(self._preset_changed)
+        self.width_spin = self._spin(16, 4096, 832, 16)
+        self.height_spin = self._spin(16, 4096, 480, 16)
+        self.frames = self._spin(1, 1001, 81, 4)
+        self.frames.editingFinished.connect(lambda: self.frames.setValue(nearest_4n1(self.frames.value())))
+        self.fps = self._dspin(1, 120, 16, 1)
+        self.duration = QLabel("")
+        self.frames.valueChanged.connect(self._update_duration)
+        self.fps.valueChanged.connect(self._update_duration)
+        self.steps = self._spin(1, 200, 30, 1)
+        self.cfg = self._dspin(1, 20, 5.0, 0.5)
+        self.shift = self._dspin(0.1, 20, 5.0, 0.5)
+        self.sampler = QComboBox()
+        self.sampler.addItems(SAMPLERS)
+        self.seed = self._spin(-1, 2**31 - 1, -1, 1)
+        self.seed.setSpecialValueText("random")
+        self.image = QLineEdit()
+        self.image.setPlaceholderText("Optional: an image to start from (I2V / TI2V models)")
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse_image)
+        clear = QPushButton("×")
+        clear.clicked.connect(self.image.clear)
+        image_row = QHBoxLayout()
+        image_row.addWidget(self.image, 1)
+        image_row.addWidget(browse)
+        image_row.addWidget(clear)
+        size_row = QHBoxLayout()
+        size_row.addWidget(self.width_spin)
+        size_row.addWidget(QLabel("×"))
+        size_row.addWidget(self.height_spin)
+        frames_row = QHBoxLayout()
+        frames_row.addWidget(self.frames)
+        frames_row.addWidget(self.duration, 1)
+
+        form = QFormLayout()
+        form.addRow("Model", self.model)
+        form.addRow("VAE", self.vae)
+        form.addRow("Text encoder", self.text_encoder)
+        form.addRow("Resolution", self.preset)
+        form.addRow("Size", size_row)
+        form.addRow("Frames", frames_row)
+        form.addRow("FPS", self.fps)
+        form.addRow("Steps", self.steps)
+        form.addRow("CFG", self.cfg)
+        form.addRow("Shift", self.shift)
+        form.addRow("Sampler", self.sampler)
+        form.addRow("Seed", self.seed)
+        form.addRow("Init image", image_row)
+
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setToolTip("Generate (Ctrl+Enter)")
+        self.generate_button.clicked.connect(self.generate)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Cancel (Esc)")
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.generate_button, 1)
+        buttons.addWidget(self.cancel_button)
+        self.notice = QLabel("")
+        self.notice.setWordWrap(True)
+        self.notice.hide()
+
+        left = QWidget()
+        col = QVBoxLayout(left)
+        col.addWidget(QLabel("Prompt"))
+        col.addWidget(self.prompt)
+        col.addWidget(QLabel("Negative prompt"))
+        col.addWidget(self.negative)
+        col.addLayout(form)
+        col.addLayout(buttons)
+        col.addWidget(self.notice)
+        col.addStretch()
+
+        # -- preview / player / gallery ------------------------------------------------------------------
+        self.preview = ImageView()
+        self.preview.placeholder = "The middle frame appears here while the video is made"
+        self.player = VideoPlayer()
+        self.stack = QStackedWidget()
+        self.stack.addWidget(self.player)
+        self.stack.addWidget(self.preview)
+        self.progress = QProgressBar()
+        self.progress.setTextVisible(False)
+        self.progress.setMaximumHeight(6)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.gallery = QListWidget()
+        self.gallery.setViewMode(QListWidget.ViewMode.IconMode)
+        self.gallery.setIconSize(QSize(128, 80))
+        self.gallery.setMaximumHeight(130)
+        self.gallery.setFlow(QListWidget.Flow.LeftToRight)
+        self.gallery.setWrapping(False)
+        self.gallery.currentRowChanged.connect(self._show_row)
+        self.export_button = QPushButton("Export frames as PNG")
+        self.export_button.clicked.connect(self.export_frames)
+        self.reuse_button = QPushButton("Use these settings")
+        self.reuse_button.clicked.connect(self.reuse_settings)
+        actions = QHBoxLayout()
+        actions.addStretch()
+        actions.addWidget(self.reuse_button)
+        actions.addWidget(self.export_button)
+
+        right = QWidget()
+        rcol = QVBoxLayout(right)
+        rcol.addWidget(self.stack, 1)
+        rcol.addWidget(self.progress)
+        rcol.addWidget(self.status)
+        rcol.addWidget(self.gallery)
+        rcol.addLayout(actions)
+
+        split = QSplitter()
+        split.addWidget(left)
+        split.addWidget(right)
+        split.setStretchFactor(1, 1)
+        layout = QHBoxLayout(self)
+        layout.addWidget(split)
+
+        QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.generate)
+        QShortcut(QKeySequence("Ctrl+Enter"), self, activated=self.generate)
+        QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self.cancel)
+        self.engine.message.connect(self._on_message)
+        self.refresh_models()
+        self.load_state()
+        self.load_gallery()
+        self._update_duration()
+        self._set_busy(False)
+
+    @staticmethod
+    def _spin(lo: int, hi: int, value: int, step: int) -> QSpinBox:
+        s = QSpinBox()
+        s.setRange(lo, hi)
+        s.setSingleStep(step)
+        s.setValue(value)
+        return s
+
+    @staticmethod
+    def _dspin(lo: float, hi: float, value: float, step: float) -> QDoubleSpinBox:
+        s = QDoubleSpinBox()
+        s.setRange(lo, hi)
+        s.setSingleStep(step)
+        s.setDecimals(2)
+        s.setValue(value)
+        return s
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def refresh_models(self) -> None:
+        """Wan transformers (files or diffusers folders), Wan VAEs and umT5 encoders from the library."""
+        models, vaes, encoders = [], [], []
+        if self.library is not None:
+            for e in self.library.list(include_missing=False):
+                family = e.effective_family
+                if family == "wan" and e.role in ("diffusion_model", "checkpoint"):
+                    models.append(Choice(f"{e.name}  ({e.variant})" if e.variant else e.name, str(e.path), e.variant))
+                elif family == "wan-vae":
+                    vaes.append(Choice(f"{e.name}  (Wan {e.variant})", str(e.path), e.variant))
+                elif family == "umt5":
+                    encoders.append(Choice(e.name, str(e.path), e.variant))
+        current = self.model_path()
+        self.model.blockSignals(True)
+        self.model.clear()
+        for c in models:
+            self.model.addItem(c.label, c)
+        self.model.blockSignals(False)
+        for combo, items in ((self.vae, vaes), (self.text_encoder, encoders)):
+            keep = combo.currentData()
+            combo.clear()
+            combo.addItem("Automatic (next to the model, or the library)", "")
+            for c in items:
+                combo.addItem(c.label, c.path)
+            combo.setCurrentIndex(max(0, combo.findData(keep)))
+        index = next((i for i, c in enumerate(models) if c.path == current), 0)
+        self.model.setCurrentIndex(index if models else -1)
+        self._model_changed()
+
+    def model_path(self) -> str:
+        c = self.model.currentData()
+        return c.path if isinstance(c, Choice) else ""
+
+    def _model_changed(self, *_: Any) -> None:
+        c = self.model.currentData()
+        names = presets_for(c.variant if isinstance(c, Choice) else "")
+        size = (self.width_spin.value(), self.height_spin.value())
+        self.preset.blockSignals(True)
+        self.preset.clear()
+        for name in names:
+            w, h = PRESETS[name]
+            self.preset.addItem(f"{name}  ({w}×{h})", name)
+        self.preset.addItem("Custom", "")
+        match = next((i for i, n in enumerate(names) if PRESETS[n] == size), None)
+        self.preset.blockSignals(False)
+        self.preset.setCurrentIndex(0 if match is None and self.model.count() else (match or 0))
+        self._preset_changed()
+        self._set_busy(self.busy)
+
+    def _preset_changed(self, *_: Any) -> None:
+        name = self.preset.currentData()
+        custom = not name
+        self.width_spin.setEnabled(custom)
+        self.height_spin.setEnabled(custom)
+        if name in PRESETS:
+            w, h = PRESETS[name]
+            self.width_spin.setValue(w)
+            self.height_spin.setValue(h)
+
+    def _update_duration(self, *_: Any) -> None:
+        frames = nearest_4n1(self.frames.value())
+        self.duration.setText(f"{frames / self.fps.value():.1f} s at {self.fps.value():g} fps")
+
+    def _browse_image(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Init image", "", "Images (*.png *.jpg *.jpeg *.webp *.bmp)")
+        if path:
+            self.image.setText(path)
+
+    # -- the job ---------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.job_id is not None
+
+    def build_job(self) -> VideoJob:
+        values = dict(model=self.model_path(), prompt=self.prompt.toPlainText().strip(),
+                      negative=self.negative.toPlainText().strip(), width=self.width_spin.value(),
+                      height=self.height_spin.value(), frames=nearest_4n1(self.frames.value()),
+                      fps=round(self.fps.value(), 3), steps=self.steps.value(), cfg=round(self.cfg.value(), 3),
+                      shift=round(self.shift.value(), 3), sampler=self.sampler.currentText(), seed=self.seed.value(),
+                      image=self.image.text().strip())
+        # VideoJob may carry explicit VAE / text encoder paths; without those fields the engine finds them.
+        known = {f.name for f in fields(VideoJob)}
+        for name, combo in (("vae", self.vae), ("text_encoder", self.text_encoder)):
+            if name in known and combo.currentData():
+                values[name] = combo.currentData()
+        return VideoJob(**values)
+
+    def generate(self) -> str | None:
+        if self.busy:
+            self.show_notice("A video is being made: wait for it, or press Esc to cancel.")
+            return None
+        if not self.model_path():
+            self.show_notice("No Wan model installed. Drop a Wan transformer (.safetensors) or a diffusers Wan "
+                             "folder on this window, with its VAE and umT5 text encoder.")
+            return None
+        self.job = self.build_job()
+        self.notice.hide()
+        self.job_id = self.engine.submit(self.job)
+        self.preview.set_image(None)
+        self.stack.setCurrentWidget(self.preview)
+        self.player.stop()
+        self.status.setText("Sending to the engine…")
+        self.progress.setRange(0, 0)
+        self._set_busy(True)
+        self.save_state()
+        return self.job_id
+
+    def cancel(self) -> None:
+        if self.job_id is None:
+            return
+        self.engine.cancel(self.job_id)
+        self.cancel_button.setEnabled(False)
+        self.status.setText("Cancelling…")
+
+    def _set_busy(self, busy: bool) -> None:
+        self.generate_button.setEnabled(not busy and bool(self.model_path()))
+        self.cancel_button.setEnabled(busy)
+
+    def _finish(self, text: str) -> None:
+        self.job_id = None
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status.setText(text)
+        self._set_busy(False)
+
+    def show_notice(self, text: str) -> None:
+        self.notice.setText(text)
+        self.notice.show()
+
+    # -- engine messages -------------------------------------------------------------------------------------
+    def _on_message(self, msg: Message) -> None:
+        if self.job_id is None or msg.get("job_id") != self.job_id:
+            return
+        match msg.type:
+            case "progress":
+                total = max(1, msg["total"])
+                self.progress.setRange(0, total)
+                self.progress.setValue(min(msg["step"], total))
+                self.status.setText(self.clock.update(msg["stage"], msg["step"], msg["total"]))
+            case "preview":
+                image = QImage.fromData(msg.payloads[0]) if msg.payloads else QImage()
+                if not image.isNull():
+                    job = self.job
+                    self.preview.set_image(image, QSize(job.width, job.height) if job else None)
+            case "result":
+                self._on_result(msg["result"])
+            case "error":
+                self._finish(f"Failed: {msg['message']}")
+                self.show_notice(msg["message"])
+            case "cancelled":
+                self._finish("Cancelled.")
+                self.stack.setCurrentWidget(self.player)
+
+    def _on_result(self, result: dict) -> None:
+        videos = [v for v in result.get("videos", []) if isinstance(v, dict) and v.get("path")]
+        seconds = float(result.get("seconds", 0.0) or 0.0)
+        took = f"{seconds:.1f} s" if seconds < 60 else format_seconds(seconds)
+        partial = " (partial: cancelled early)" if result.get("partial") else ""
+        self._finish(f"Done in {took}{partial}.")
+        notes = [str(n) for n in result.get("notes", [])]
+        if notes:
+            self.show_notice("\n".join(notes))
+        job = result.get("job") if isinstance(result.get("job"), dict) else {}
+        for v in videos:
+            self.add_to_gallery(str(v["path"]), job)
+        self.stack.setCurrentWidget(self.player)
+        self.save_gallery()
+
+    # -- gallery -------------------------------------------------------------------------------------------
+    def add_to_gallery(self, path: str, job: dict, select: bool = True) -> None:
+        self.past.insert(0, {"path": path, "job": job})
+        item = QListWidgetItem(Path(path).stem)
+        item.setToolTip(f"{path}\n{job.get('prompt', '')}")
+        icon = _thumbnail(path)
+        if icon is not None:
+            item.setIcon(icon)
+        self.gallery.insertItem(0, item)
+        if select:
+            self.gallery.setCurrentRow(0)
+
+    def _show_row(self, row: int) -> None:
+        if 0 <= row < len(self.past) and not self.busy:
+            self.stack.setCurrentWidget(self.player)
+            self.player.load(self.past[row]["path"])
+
+    def current_entry(self) -> dict | None:
+        row = self.gallery.currentRow()
+        return self.past[row] if 0 <= row < len(self.past) else None
+
+    def export_frames(self) -> list[Path]:
+        from studio.engine.video_io import export_video_frames
+
+        entry = self.current_entry()
+        if entry is None:
+            return []
+        video = Path(entry["path"])
+        folder = video.with_name(video.stem + "-frames")
+        n = 1
+        while folder.exists():
+            n += 1
+            folder = video.with_name(f"{video.stem}-frames-{n}")
+        try:
+            out = export_video_frames(video, folder)
+        except (OSError, ValueError) as exc:
+            self.show_notice(f"Could not export the frames: {exc}")
+            return []
+        self.show_notice(f"{len(out)} frames saved as PNG in {folder}")
+        return out
+
+    def reuse_settings(self) -> None:
+        entry = self.current_entry()
+        if entry is not None:
+            self.apply_job(entry["job"])
+
+    def apply_job(self, job: dict) -> None:
+        """Put a past job's parameters back in the controls (the seed too, so it can be re-made)."""
+        self.prompt.setPlainText(str(job.get("prompt", "")))
+        self.negative.setPlainText(str(job.get("negative", "")))
+        size = (job.get("width"), job.get("height"))
+        preset = next((i for i in range(self.preset.count()) if PRESETS.get(self.preset.itemData(i)) == size), None)
+        self.preset.setCurrentIndex(self.preset.count() - 1 if preset is None else preset)  # else custom
+        for spin, key in ((self.width_spin, "width"), (self.height_spin, "height"), (self.frames, "frames"),
+                          (self.steps, "steps"), (self.seed, "seed")):
+            if isinstance(job.get(key), int):
+                spin.setValue(job[key])
+        for spin, key in ((self.fps, "fps"), (self.cfg, "cfg"), (self.shift, "shift")):
+            if isinstance(job.get(key), (int, float)):
+                spin.setValue(float(job[key]))
+        if job.get("sampler") in SAMPLERS:
+            self.sampler.setCurrentText(job["sampler"])
+        self.image.setText(str(job.get("image", "")))
+
+    def load_gallery(self) -> None:
+        try:
+            entries = json.loads(self.gallery_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            entries = []
+        for e in reversed(entries if isinstance(entries, list) else []):
+            if isinstance(e, dict) and isinstance(e.get("path"), str) and Path(e["path"]).is_file():
+                self.add_to_gallery(e["path"], e.get("job") if isinstance(e.get("job"), dict) else {}, select=False)
+
+    def save_gallery(self) -> None:
+        try:
+            self.gallery_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.gallery_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.past[:500], ensure_ascii=False), encoding="utf-8")
+            tmp.replace(self.gallery_path)
+        except OSError as exc:
+            self.show_notice(f"The gallery list was not saved ({exc}).")
+
+    def save_state(self) -> None:
+        """The controls as they were at the last Generate, restored at the next start."""
+        try:
+            self.paths.data.mkdir(parents=True, exist_ok=True)
+            (self.paths.data / STATE_FILE).write_text(json.dumps(job_to_dict(self.build_job())), encoding="utf-8")
+        except OSError as exc:
+            self.show_notice(f"The tab's settings were not saved ({exc}).")
+
+    def load_state(self) -> None:
+        try:
+            job = json.loads((self.paths.data / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not isinstance(job, dict):
+            return
+        index = next((i for i in range(self.model.count()) if self.model.itemData(i).path == job.get("model")), -1)
+        if index >= 0:
+            self.model.setCurrentIndex(index)
+        self.apply_job({**job, "seed": job.get("seed", -1)})
+
+    def shutdown(self) -> None:
+        self.player.stop()
+
+
+def _thumbnail(path: str) -> QIcon | None:
+    """The first frame, small. One frame of an MP4 decodes in milliseconds."""
+    from studio.engine.video_io import read_frames
+
+    try:
+        rgb = next(read_frames(path), None)
+    except OSError:
+        return None
+    if rgb is None:
+        return None
+    h, w, _ = rgb.shape
+    image = QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
+    return QIcon(QPixmap.fromImage(image.scaled(QSize(128, 80), Qt.AspectRatioMode.KeepAspectRatio,
+                                                Qt.TransformationMode.SmoothTransformation)))
