@@ -223,3 +223,51 @@ def test_cuda_compiled_decode_matches_cpu_greedy(folder, cache, cpu):
     assert cm.compiled_step is not None and not cm.compile_failed
     again = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)  # replays the captured graph
     assert again["text"] == expected
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+from studio.engine.sampling import Sampler, SamplingParams  # noqa: E402
+
+
+def draws(params: SamplingParams, logits: torch.Tensor, n: int = 200) -> set[int]:
+    s = Sampler(params, logits.shape[-1])
+    return {s(logits) for _ in range(n)}
+
+
+LOGITS = torch.tensor([4.0, 3.9, 3.8, 1.0, 0.5, -2.0])
+
+
+def test_zero_temperature_and_top_k_one_are_greedy():
+    assert draws(SamplingParams(temperature=0.0, seed=1), LOGITS) == {0}
+    assert draws(SamplingParams(temperature=1.0, top_k=1, seed=1), LOGITS) == {0}
+
+
+def test_top_k_top_p_and_min_p_cut_the_tail():
+    assert draws(SamplingParams(temperature=1.0, top_k=3, top_p=1.0, seed=1), LOGITS) == {0, 1, 2}
+    # p = [.35, .32, .29, .02, ...]: top_p 0.6 keeps the first two (their mass passes 0.6)
+    assert draws(SamplingParams(temperature=1.0, top_k=0, top_p=0.6, seed=1), LOGITS) == {0, 1}
+    # min_p 0.5 keeps tokens with p >= half of the best one
+    assert draws(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5, seed=1), LOGITS) == {0, 1, 2}
+
+
+def test_same_seed_same_draws():
+    p = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, seed=42)
+    a, b = Sampler(p, 6), Sampler(p, 6)
+    assert [a(LOGITS) for _ in range(50)] == [b(LOGITS) for _ in range(50)]
+
+
+def test_penalties_push_away_from_generated_tokens():
+    for params in (SamplingParams(temperature=0.0, repetition_penalty=2.0),
+                   SamplingParams(temperature=0.0, presence_penalty=1.0)):
+        s = Sampler(params, 6)
+        first = s(LOGITS)
+        s.observe(first)
+        assert first == 0 and s(LOGITS) == 1
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=1.5), dict(min_p=1.0),
+                                 dict(repetition_penalty=0.0), dict(presence_penalty=3.0)])
+def test_bad_sampling_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad).validate()
