@@ -186,7 +186,7 @@ def test_complex_and_real_rope_rotate_alike():
     cos, sin = rope_angles(3, 4, 5, 32, 10000.0, torch.device("cpu"))
     rope = (cos, sin, torch.complex(cos, sin))
     q = torch.randn(2, 60, 2, 32)
-    real, cplx = rope_real(q, rope), rope_complex(q, rope)
+    real, cplx = rope_real(q, rope, q.dtype), rope_complex(q, rope, q.dtype)
     assert (real - cplx).abs().max().item() <= 1e-6
     assert (real.norm(dim=-1) - q.norm(dim=-1)).abs().max().item() <= 1e-5  # a rotation keeps lengths
     assert (real[:, 0] - q[:, 0]).abs().max().item() <= 1e-6  # position (0, 0, 0) is not turned

@@ -126,7 +126,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return self.float32(x).type_as(x)
+
+    def float32(self, x: torch.Tensor) -> torch.Tensor:
+        """The normed and scaled x in float32, for callers that go on in float32 (RoPE)."""
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -163,23 +167,23 @@ def rope_angles(frames: int, height: int, width: int, head_dim: int, theta: floa
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos, sin (S, 1, Dh/2) float32; cis = cos + i sin
 
 
-def rope_real(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+def rope_real(x: torch.Tensor, rope: Rope, dtype: torch.dtype) -> torch.Tensor:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, S, H, Dh) by the angles, in real arithmetic."""
     cos, sin, _ = rope
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, Dh/2) each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    return out.flatten(-2).to(dtype)
 
 
-def rope_complex(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+def rope_complex(x: torch.Tensor, rope: Rope, dtype: torch.dtype) -> torch.Tensor:
     """The same rotation as one complex multiply: a third of the memory passes of `rope_real` in eager mode."""
     xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rope[2]).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * rope[2]).flatten(-2).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: Rope, dtype: torch.dtype) -> torch.Tensor:
     # inductor cannot generate code for complex ops but fuses the real form into one kernel
-    return rope_real(x, rope) if torch.compiler.is_compiling() else rope_complex(x, rope)
+    return rope_real(x, rope, dtype) if torch.compiler.is_compiling() else rope_complex(x, rope, dtype)
 
 
 class Attention(nn.Module):
@@ -211,11 +215,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 rope: Rope | None = None, image_context: torch.Tensor | None = None) -> torch.Tensor:
         kv = x if context is None else context
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))  # (B, S, H, Dh)
-        k = self.norm_k(self.to_k(kv)).unflatten(-1, (self.heads, -1))
-        v = self.to_v(kv).unflatten(-1, (self.heads, -1))
+        q, k, v = self.to_q(x), self.to_k(kv), self.to_v(kv)
+        if rope is not None and isinstance(self.norm_q, RMSNorm):
+            # norm and rotation both in float32, one cast back at the end
+            q, k = self.norm_q.float32(q), self.norm_k.float32(k)
+        else:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in (q, k, v))  # (B, S, H, Dh)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(q, rope, v.dtype), apply_rope(k, rope, v.dtype)
         out = self._sdpa(q, k, v)
         if image_context is not None:
             ki = self.norm_added_k(self.add_k_proj(image_context)).unflatten(-1, (self.heads, -1))
