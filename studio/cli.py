@@ -115,6 +115,7 @@ def make_client(args: argparse.Namespace):
         vram_budget=getattr(args, "vram_budget", None) or settings.vram_budget,
         reserve=settings.vram_reserve,
         auto_restart=False,
+        settings={"outputs": str(settings.outputs_path(paths))},
     )
     return EngineClient(paths, options)
 

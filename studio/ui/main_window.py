@@ -58,8 +58,10 @@ class EmptyState(QWidget):
         layout.addStretch()
 
 
-def engine_options(settings: Settings) -> EngineOptions:
-    return EngineOptions(device=settings.device, vram_budget=settings.vram_budget, reserve=settings.vram_reserve)
+def engine_options(settings: Settings, paths: Paths | None = None) -> EngineOptions:
+    paths = paths or Paths.default()
+    return EngineOptions(device=settings.device, vram_budget=settings.vram_budget, reserve=settings.vram_reserve,
+                         settings={"outputs": str(settings.outputs_path(paths))})
 
 
 class MainWindow(QMainWindow):
@@ -69,7 +71,7 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.paths = paths
         self.settings = settings
-        self.engine = engine or QtEngine(paths, engine_options(settings), self)
+        self.engine = engine or QtEngine(paths, engine_options(settings, paths), self)
         self.library = self._open_library()
         self.setWindowTitle("Studio")
         self.setWindowIcon(app_icon())
@@ -222,7 +224,7 @@ class MainWindow(QMainWindow):
         engine = self.menuBar().addMenu("&Engine")
         self._action(engine, "Run device &self-test", self.run_selftest)
         self._action(engine, "&Unload all models", lambda: self.engine.unload(None))
-        self._action(engine, "&Restart engine", lambda: self.engine.restart(engine_options(self.settings)))
+        self._action(engine, "&Restart engine", lambda: self.engine.restart(engine_options(self.settings, self.paths)))
 
         help_menu = self.menuBar().addMenu("&Help")
         self._action(help_menu, "&About Studio", self.about)
@@ -286,15 +288,15 @@ class MainWindow(QMainWindow):
         new = dialog.result_settings()
         if new is None:
             return
-        engine_changed = (new.device, new.vram_budget, new.vram_reserve) != (
-            self.settings.device, self.settings.vram_budget, self.settings.vram_reserve)
+        engine_changed = (new.device, new.vram_budget, new.vram_reserve, new.outputs_folder) != (
+            self.settings.device, self.settings.vram_budget, self.settings.vram_reserve, self.settings.outputs_folder)
         theme_changed = new.theme != self.settings.theme
         self.settings = new
         self.save_settings()
         if theme_changed:
             apply_theme(QApplication.instance(), new.theme)
         if engine_changed:
-            self.engine.restart(engine_options(new))
+            self.engine.restart(engine_options(new, self.paths))
 
     def about(self) -> None:
         QMessageBox.about(self, "About Studio", f"<b>Studio {__version__}</b><br>Local, private image, video and "

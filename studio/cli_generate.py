@@ -1,0 +1,111 @@
+"""`studio generate image|video ...`: generation from the command line, through the engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub, engine_args) -> None:
+    gen = sub.add_parser("generate", help="generate an image or a video")
+    kinds = gen.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    p = kinds.add_parser("image", help="Stable Diffusion 1.x / 2.x / SDXL: txt2img, img2img, inpainting")
+    p.add_argument("--model", required=True, help="checkpoint file, diffusers folder or library name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--width", type=int, default=0, help="default: 512 (SD1), 768 (SD2), 1024 (SDXL)")
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--sampler", default="euler_a")
+    p.add_argument("--schedule", default="normal")
+    p.add_argument("--seed", type=int, default=-1, help="-1 picks one (printed, and stored in the PNG)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-count", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--vae", default="", help="a VAE file that replaces the checkpoint's")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help="repeatable")
+    p.add_argument("--init", default="", help="init image for img2img")
+    p.add_argument("--strength", type=float, default=0.75)
+    p.add_argument("--mask", default="", help="white = repaint (needs --init)")
+    p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"])
+    p.add_argument("--out", default="", help="a .png path (numbered if taken, never overwritten) or a folder")
+    p.add_argument("--no-previews", action="store_true")
+    p.add_argument("--json", action="store_true")
+    engine_args(p)
+    p.set_defaults(func=cmd_image)
+
+    try:
+        from studio.cli_video import add_video_parser
+    except ImportError:
+        return
+    add_video_parser(kinds, engine_args)
+
+
+def parse_lora(spec: str) -> dict:
+    path, sep, weight = spec.rpartition(":")
+    if not sep or not path:
+        return {"path": spec, "weight": 1.0}
+    try:
+        return {"path": path, "weight": float(weight)}
+    except ValueError:
+        return {"path": spec, "weight": 1.0}  # a Windows drive letter or a colon in the name
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from studio.cli import make_client, run_job
+    from studio.client import EngineError, JobCancelledError
+    from studio.protocol import ImageJob
+
+    size = args.width or args.height or 0
+    job = ImageJob(model=args.model, prompt=args.prompt, negative=args.negative,
+                   width=args.width or size or 512, height=args.height or size or 512, steps=args.steps,
+                   cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
+                   batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=args.clip_skip, vae=args.vae,
+                   loras=[parse_lora(s) for s in args.lora], init_image=args.init, strength=args.strength,
+                   mask=args.mask, prediction=args.prediction, out=args.out, previews=not args.no_previews)
+    if not (args.width or args.height):
+        job = _default_size(job)
+    tty = sys.stderr.isatty() and not args.json
+
+    def on_event(msg) -> None:
+        if msg.type == "progress" and tty:
+            sys.stderr.write(f"\r{msg['stage']:<10} {msg['step']}/{msg['total']}   ")
+            sys.stderr.flush()
+
+    with make_client(args) as client:
+        try:
+            result = run_job(client, job, on_event)
+        except EngineError as exc:
+            print(f"\nstudio: {exc}", file=sys.stderr)
+            return 1
+        except JobCancelledError:
+            print("\nstudio: cancelled", file=sys.stderr)
+            return 130
+    if tty:
+        sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for image in result["images"]:
+            print(f"{image['path']}  (seed {image['seed']}, {image['width']}x{image['height']})")
+        for note in result.get("notes", []):
+            print(f"note: {note}", file=sys.stderr)
+        print(f"{len(result['images'])} image(s) in {result['seconds']:.1f} s with {result['family']}", file=sys.stderr)
+    return 0
+
+
+def _default_size(job):
+    """Without --width/--height, the family's native size, read from the file's headers."""
+    from dataclasses import replace
+
+    try:
+        from studio.library.detect import detect
+
+        family = detect(job.model).family
+    except Exception:  # detection is a convenience here; the engine reports real problems
+        return job
+    side = {"sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}.get(family, 512)
+    return replace(job, width=side, height=side)

@@ -1,0 +1,372 @@
+"""Stable Diffusion 1.x / 2.x / SDXL: txt2img, img2img and inpainting, with live previews.
+
+run_image(job, ctx):
+  1. load (or reuse) the checkpoint, apply LoRAs, place the parts on the device;
+  2. encode prompt and negative prompt (weights, long prompts in 77-token chunks);
+  3. per batch: seeded noise -> sampler over the model's sigmas (CFG in one UNet batch),
+     a preview JPEG and a progress event every step, cancel checked every step;
+  4. VAE decode (tiles on OOM, fp32 retry on NaN), PNG with A1111 + JSON metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.engine import samplers as S
+from studio.engine.context import JobContext, UserError
+from studio.engine.previews import preview_jpeg
+from studio.engine.prompts import encode_prompt, pad_to_chunks
+from studio.engine.tiling import decode_with_fallback, tiled_encode
+from studio.models.sd_checkpoint import SDModel, load_sd
+from studio.protocol import ImageJob
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 4096
+DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
+
+
+# ---------------------------------------------------------------------------------- validation
+
+def validate(job: ImageJob) -> None:
+    if not job.model:
+        raise UserError("bad_input", "No image model chosen. Drop a Stable Diffusion checkpoint on the window, "
+                        "then pick it in the model list.")
+    for name, value in (("width", job.width), ("height", job.height)):
+        if value < 64 or value > MAX_SIDE:
+            raise UserError("bad_input", f"{name} {value} is out of range: pick 64 to {MAX_SIDE}.")
+        if value % 8:
+            lo, hi = value // 8 * 8, value // 8 * 8 + 8
+            raise UserError("bad_input", f"{name} {value} is not a multiple of 8: use {lo} or {hi}.")
+    if not 1 <= job.steps <= 1000:
+        raise UserError("bad_input", f"steps {job.steps} is out of range: pick 1 to 1000.")
+    if not 1 <= job.batch_size <= 64 or not 1 <= job.batch_count <= 1000:
+        raise UserError("bad_input", "batch size must be 1 to 64 and batch count 1 to 1000.")
+    if job.sampler not in S.SAMPLERS:
+        raise UserError("bad_input", f"unknown sampler {job.sampler!r}: pick one of {', '.join(S.SAMPLERS)}.")
+    if job.schedule not in S.SCHEDULES:
+        raise UserError("bad_input", f"unknown schedule {job.schedule!r}: pick one of {', '.join(S.SCHEDULES)}.")
+    if not 0.0 < job.strength <= 1.0:
+        raise UserError("bad_input", f"strength {job.strength} must be above 0 and at most 1.")
+    if not math.isfinite(job.cfg) or not 0 <= job.cfg <= 100:
+        raise UserError("bad_input", f"CFG {job.cfg} must be between 0 and 100.")
+    if not 1 <= job.clip_skip <= 12:
+        raise UserError("bad_input", f"clip skip {job.clip_skip} must be between 1 and 12.")
+    if job.mask and not job.init_image:
+        raise UserError("bad_input", "A mask needs an image to paint on: set an init image for inpainting.")
+    for lora in job.loras:
+        if not isinstance(lora, dict) or not isinstance(lora.get("path"), str):
+            raise UserError("bad_input", 'Each LoRA must be {"path": FILE, "weight": NUMBER}.')
+
+
+def resolve_path(spec: str, what: str) -> Path:
+    """A library name or a path -> an existing path."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    try:
+        from studio.library.library import Library, LibraryError
+
+        with Library() as lib:
+            return lib.resolve(spec)
+    except LibraryError as exc:
+        raise UserError("model_not_found", f"No {what} {spec!r}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------- loading
+
+def compute_dtype(ctx: JobContext) -> torch.dtype:
+    kind = ctx.device.kind
+    if kind == "cpu":
+        return torch.float32
+    return torch.bfloat16 if ctx.device.bf16 else torch.float16
+
+
+def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
+    path = resolve_path(job.model, "model")
+    vae = resolve_path(job.vae, "VAE") if job.vae else None
+    key = f"sd:{path}:{vae}:{dtype}:{job.prediction}"
+    model = ctx.models.get(key)
+    if model is None:
+        # One SD model at a time: a second would double the memory for no gain in speed.
+        for other in [m["key"] for m in ctx.models.summary() if m["key"].startswith("sd:")]:
+            ctx.models.unload(other)
+        ctx.progress(0, 2, "loading")
+        model = load_sd(path, vae, dtype, job.prediction)
+        device = torch.device(ctx.device.torch_device)
+        for part in (model.unet, model.vae, *model.encoders):
+            part.to(device)
+        nbytes = sum(p.numel() * p.element_size() for part in (model.unet, model.vae, *model.encoders)
+                     for p in part.parameters())
+        ctx.models.put(key, model, nbytes)
+        ctx.progress(1, 2, "loading")
+    return model
+
+
+# ---------------------------------------------------------------------------------- conditioning
+
+def encode_text(model: SDModel, text: str, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond (1, 77k, D), pooled or None) for the model family."""
+    if model.family in ("sd1", "sd2"):
+        enc, tok = model.encoders[0], model.tokenizers[0]
+        skip = clip_skip
+        if model.family == "sd2" and len(enc.text_model.encoder.layers) == 24:
+            skip += 1  # SD2 conditions on OpenCLIP's penultimate layer (diffusers folders drop the last one)
+        return encode_prompt(tok, enc, text, clip_skip=min(skip, len(enc.text_model.encoder.layers)))
+    # SDXL: penultimate hidden states without the final norm from each encoder, side by side in D
+    conds, pooled = [], None
+    for enc, tok in zip(model.encoders, model.tokenizers, strict=True):
+        cond, pool = encode_prompt(tok, enc, text, clip_skip=max(2, clip_skip), final_norm=False)
+        conds.append(cond)
+        pooled = pool
+    return torch.cat(conds, dim=-1), pooled
+
+
+def sdxl_y(model: SDModel, pooled: torch.Tensor, width: int, height: int, negative: bool) -> torch.Tensor:
+    from studio.models.unet import sdxl_add_embeddings
+
+    if model.family == "sdxl_refiner":
+        extra = sdxl_add_embeddings((height, width), (0, 0), (height, width), aesthetic_score=2.5 if negative else 6.0)
+    else:
+        extra = sdxl_add_embeddings((height, width), (0, 0), (height, width))
+    return torch.cat([pooled, extra.to(pooled)[None]], dim=1)
+
+
+# ---------------------------------------------------------------------------------- images
+
+def load_image(path: str, width: int, height: int, mode: str = "RGB") -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode).resize((width, height), Image.Resampling.LANCZOS)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError("bad_input", f"Cannot read the image {Path(path).name}: {exc}") from None
+    t = torch.from_numpy(arr.copy())
+    return t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]  # (1, C, H, W) in [0, 1]
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+# ---------------------------------------------------------------------------------- the job
+
+@torch.inference_mode()
+def run_image(job: ImageJob, ctx: JobContext) -> dict:
+    validate(job)
+    started = time.perf_counter()
+    dtype = compute_dtype(ctx)
+    model = get_model(job, ctx, dtype)
+    device = next(model.unet.parameters()).device
+    notes = list(model.notes)
+    from studio.models.lora import apply_loras
+
+    notes += apply_loras(model, [(resolve_path(lo["path"], "LoRA"), float(lo.get("weight", 1.0))) for lo in job.loras])
+
+    seed = job.seed if job.seed >= 0 else random.randrange(2**32)
+    job = replace(job, seed=seed)
+    down = model.vae.downscale
+    lat_h, lat_w = job.height // down, job.width // down
+    multiple = 2 ** (len(model.unet.config.block_channels) - 1)
+    if lat_h % multiple or lat_w % multiple:
+        step = down * multiple
+        raise UserError("bad_input", f"This model needs width and height in multiples of {step}: try "
+                        f"{job.width // step * step}x{job.height // step * step}.")
+
+    # -- text ------------------------------------------------------------------------------
+    ctx.progress(0, 1, "encoding")
+    cond, pooled = encode_text(model, job.prompt, job.clip_skip)
+    uncond, upooled = encode_text(model, job.negative, job.clip_skip)
+    chunks = max(cond.shape[1], uncond.shape[1]) // 77
+    empty, _ = encode_text(model, "", job.clip_skip)
+    cond, uncond = pad_to_chunks(cond, chunks, empty), pad_to_chunks(uncond, chunks, empty)
+    y_cond = y_uncond = None
+    if model.family.startswith("sdxl"):
+        y_cond = sdxl_y(model, pooled, job.width, job.height, negative=False)
+        y_uncond = sdxl_y(model, upooled, job.width, job.height, negative=True)
+
+    # -- init image and mask ------------------------------------------------------------------
+    init_latent = mask = masked_latent = None
+    if job.init_image:
+        pixels = load_image(job.init_image, job.width, job.height).to(device, dtype) * 2 - 1
+        init_latent = encode_image(model, pixels)
+        if job.mask:
+            m = load_image(job.mask, job.width, job.height, mode="L").to(device, dtype)  # (1, 1, H, W); 1 = repaint
+            m = (m > 0.5).to(dtype)
+            mask = F.interpolate(m, size=(lat_h, lat_w), mode="nearest")
+            if model.inpaint:
+                masked_latent = encode_image(model, pixels * (1 - m))
+    elif model.inpaint:
+        raise UserError("bad_input", "This is an inpainting model: give it an init image and a mask, or pick a "
+                        "regular checkpoint for text-to-image.")
+
+    # -- schedule ---------------------------------------------------------------------------
+    schedule = S.DiscreteSchedule.from_betas()
+    sigmas = S.get_sigmas(job.schedule, schedule, job.steps)
+    if init_latent is not None and job.strength < 1.0:
+        # img2img: run the last `strength` part of the full schedule, as A1111 and ComfyUI do
+        keep = max(1, int(round(job.steps * job.strength)))
+        sigmas = S.get_sigmas(job.schedule, schedule, max(job.steps, int(job.steps / job.strength)))[-(keep + 1):]
+    sigmas = sigmas.to(device)
+
+    net = make_net(model, cond, uncond, y_cond, y_uncond, job.cfg, mask, masked_latent)
+    denoiser = S.v_denoiser(net, schedule) if model.prediction == "v" else S.eps_denoiser(net, schedule)
+    if job.sampler == "lcm":
+        denoiser = S.lcm_denoiser(denoiser, schedule)
+    if mask is not None and not model.inpaint:
+        denoiser = _keep_unmasked(denoiser, init_latent, mask)
+    sampler = S.get_sampler(job.sampler)
+
+    out_dir, stem = output_target(job, ctx)
+    images = []
+    total_images = job.batch_size * job.batch_count
+    for b in range(job.batch_count):
+        seeds = [(seed + b * job.batch_size + i) % 2**32 for i in range(job.batch_size)]
+        noise = torch.cat([torch.randn((1, model.unet.config.out_channels, lat_h, lat_w),
+                                       generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device, dtype)
+        gen = torch.Generator().manual_seed(seeds[0] ^ 0x5EED)  # the sampler's own noise (ancestral / SDE)
+        if init_latent is not None:
+            x = init_latent.expand(job.batch_size, -1, -1, -1) + noise * sigmas[0]
+        else:
+            x = noise * sigmas[0]
+
+        def callback(step: int, total: int, x_now: torch.Tensor, denoised: torch.Tensor, b=b) -> None:
+            done = b * total + step
+            ctx.progress(done, total * job.batch_count, "sampling")
+            if job.previews:
+                ctx.preview(preview_jpeg(denoised[:1].float(), model.latent_family), "image/jpeg",
+                            job.width, job.height)
+
+        latent = sampler(denoiser, x, sigmas, callback=callback, generator=gen, cancel=ctx.cancel.check)
+        if mask is not None and not model.inpaint:
+            latent = init_latent * (1 - mask) + latent * mask
+        ctx.progress(b, job.batch_count, "decoding")
+        pixels = decode(model, latent, ctx)
+        for i, image in enumerate(pixels):
+            meta = {**asdict(job), "kind": "image", "seed": seeds[i], "batch_size": job.batch_size,
+                    "family": model.family, "prediction": model.prediction,
+                    "model_name": Path(model.path).name, "model_hash": model_hash(model.path)}
+            path = save_png(to_pil(image), meta, out_dir, stem)
+            images.append({"path": str(path), "seed": seeds[i], "width": image.shape[-1], "height": image.shape[-2]})
+        ctx.progress(len(images), total_images, "saved")
+    return {"images": images, "seconds": round(time.perf_counter() - started, 3), "model": model.path,
+            "family": model.family, "prediction": model.prediction, "notes": notes,
+            "job": {**asdict(job), "kind": "image"}}
+
+
+def make_net(model: SDModel, cond, uncond, y_cond, y_uncond, cfg: float, mask, masked_latent):
+    """UNet with classifier-free guidance: cond and uncond in one batch of 2B."""
+    unet = model.unet
+
+    def net(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x_in.shape[0]
+        x_in = x_in.to(cond.dtype)
+        if model.inpaint:
+            m = mask if mask is not None else torch.ones_like(x_in[:, :1])
+            ml = masked_latent if masked_latent is not None else torch.zeros_like(x_in)
+            x_in = torch.cat([x_in, m.expand(b, -1, -1, -1), ml.expand(b, -1, -1, -1)], dim=1)
+        if cfg == 1.0:  # no guidance: half the work
+            y = y_cond.expand(b, -1) if y_cond is not None else None
+            return unet(x_in, t.to(x_in.dtype), cond.expand(b, -1, -1), y).float()
+        xx = torch.cat([x_in, x_in])
+        tt = torch.cat([t, t]).to(x_in.dtype)
+        ctx = torch.cat([cond.expand(b, -1, -1), uncond.expand(b, -1, -1)])
+        y = torch.cat([y_cond.expand(b, -1), y_uncond.expand(b, -1)]) if y_cond is not None else None
+        out_c, out_u = unet(xx, tt, ctx, y).float().chunk(2)
+        return out_u + cfg * (out_c - out_u)
+
+    return net
+
+
+def _keep_unmasked(denoiser, init_latent: torch.Tensor, mask: torch.Tensor):
+    """Inpainting with a regular model: the denoised estimate keeps the original outside the mask."""
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return denoiser(x, sigma) * mask + init_latent.float() * (1 - mask)
+
+    return model
+
+
+def encode_image(model: SDModel, pixels: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, h, w), tiled when large."""
+    vae = model.vae
+
+    def enc(x: torch.Tensor) -> torch.Tensor:
+        return vae.encode(x)[0]
+
+    mean = tiled_encode(enc, pixels, tile=512, overlap=64, scale=vae.downscale) if max(pixels.shape[-2:]) > 1024 \
+        else enc(pixels)
+    return vae.to_latent(mean).float()
+
+
+def decode(model: SDModel, latent: torch.Tensor, ctx: JobContext) -> torch.Tensor:
+    vae = model.vae
+    dtype = next(vae.parameters()).dtype
+
+    def dec(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(next(vae.parameters()).dtype))
+
+    z = vae.from_latent(latent.float())
+    image = decode_with_fallback(dec, z, scale=vae.downscale,
+                                 on_fallback=lambda failed, nxt: ctx.progress(0, 1, f"decoding in tiles of {nxt}"))
+    if not torch.isfinite(image).all() and dtype != torch.float32:
+        # fp16 VAEs (SDXL's above all) overflow to NaN; fp32 is the usual fix, done here automatically
+        vae.float()
+        try:
+            image = decode_with_fallback(lambda zz: vae.decode(zz.float()), z.float(), scale=vae.downscale)
+        finally:
+            vae.to(dtype)
+    if not torch.isfinite(image).all():
+        raise UserError("nan", "The image came out as NaN (all black). This usually means the VAE overflowed or "
+                        "the model file is damaged: try another VAE (an fp32 or 'fp16-fix' VAE for SDXL), fewer "
+                        "LoRAs or a lower LoRA weight.")
+    return image
+
+
+def output_target(job: ImageJob, ctx: JobContext) -> tuple[Path, str]:
+    """(folder, file stem). `job.out` is a .png path (its stem is used, numbered if taken) or a folder."""
+    if job.out:
+        out = Path(job.out).expanduser()
+        if out.suffix.lower() == ".png":
+            return out.parent, out.stem
+        return out, time.strftime("%Y%m%d-%H%M%S")
+    folder = ctx.settings.get("outputs") or str(Path.home() / "Pictures" / "Studio")
+    return Path(folder) / time.strftime("%Y-%m-%d"), time.strftime("%H%M%S")
+
+
+def save_png(image, meta: dict, folder: Path, stem: str) -> Path:
+    from studio.library.pngmeta import unique_output_path, write_png
+
+    try:
+        path = unique_output_path(folder, stem)
+        write_png(path, image, meta)
+    except OSError as exc:
+        raise UserError("bad_input", f"Cannot save the image in {folder}: {exc}. Pick another outputs folder in "
+                        "Settings.") from None
+    return path
+
+
+def model_hash(path: str) -> str | None:
+    """The library's sha256 of the model file, when it has been computed (no hashing of GBs here)."""
+    try:
+        from studio.library.library import Library, LibraryError
+
+        with Library() as lib:
+            entry = lib.get(str(path))
+            return entry.sha256 if entry is not None else None
+    except (LibraryError, OSError):
+        return None
