@@ -185,6 +185,11 @@ class Int4Weight(QuantWeight):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return _int4_dequant(self.packed, self.scale, self.zero, self.group_size).to(dtype)
 
+    def rows(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        out = _int4_dequant(self.packed[flat], self.scale[flat], self.zero[flat], self.group_size)
+        return out.reshape(*ids.shape, -1)
+
     def to_module(self, bias: Tensor | None = None) -> nn.Module:
         return Int4Linear(self.packed, self.scale, self.zero, self.group_size, bias)
 
