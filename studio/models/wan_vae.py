@@ -423,8 +423,8 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class WanVAE(nn.Module):
-    """encode: video (B, 3, 1+4k, H, W) in [-1, 1] -> (mean, logvar) each (B, 16, 1+k, H/8, W/8);
-    decode: raw latents -> video in [-1, 1]. `normalize` / `denormalize` go to and from the
+    """encode: video (B, 3, 1+4k, H, W) in [-1, 1] -> (mean, logvar) each (B, z, 1+k, H/s, W/s)
+    (z, s = 16, 8 for Wan 2.1; 48, 16 for Wan 2.2); decode: raw latents -> video in [-1, 1]. `normalize` / `denormalize` go to and from the
     diffusion model's latent space (per-channel mean and std)."""
 
     def __init__(self, cfg: WanVAEConfig) -> None:
