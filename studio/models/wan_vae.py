@@ -438,7 +438,9 @@ class WanVAE(nn.Module):
     def encode(self, x: torch.Tensor, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the first frame alone, then `chunk` frames (a multiple of 4) at a time."""
         frames, ts = x.shape[2], self.cfg.time_scale
-        if (frames - 1) % ts or chunk % ts:
+        if chunk < ts or chunk % ts:
+            raise ValueError(f"encode chunk {chunk} must be a positive multiple of {ts} frames")
+        if (frames - 1) % ts:
             raise UserError("bad_input", f"A Wan video has 1 + {ts}k frames (got {frames}): use "
                             f"{1 + (frames - 1) // ts * ts} or {1 + ((frames - 1) // ts + 1) * ts} frames.")
         x = patchify(x, self.cfg.patch_size)
