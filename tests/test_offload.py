@@ -272,10 +272,12 @@ def test_cuda_model_offload_reloads_from_pinned_memory_and_evicts_without_copyin
     with mm.use("m") as m:
         assert m.inp.weight.is_cuda
         got = m(x.cuda()).cpu()
-    homes = [p.data_ptr() for p in model.parameters()]
     mm.offload("m")
     assert all(p.device.type == "cpu" and p.is_pinned() for p in model.parameters())
-    assert [p.data_ptr() for p in model.parameters()] == homes  # eviction pointed back, no new copy
+    homes = [p.data_ptr() for p in model.parameters()]
     with mm.use("m") as m:
+        assert m.inp.weight.is_cuda
         again = m(x.cuda()).cpu()
+    mm.offload("m")
+    assert [p.data_ptr() for p in model.parameters()] == homes  # eviction pointed back, no new copy
     assert torch.allclose(got, expected, atol=1e-4) and torch.equal(again, got)
