@@ -19,6 +19,16 @@ N_SPECIAL = 5  # <unk> <s> </s> <|im_start|> <|im_end|>
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP threads that
+    spin-wait for each other make every small op 10-100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def make_folder(path):
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers

@@ -21,6 +21,16 @@ NEW_TOKENS = 32
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP threads that
+    spin-wait for each other make every small op 10-100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def write_tokenizer(folder, vocab_size: int = VOCAB) -> None:
     """A WordLevel tokenizer with ChatML-style special tokens: enough for loading and chat tests."""
@@ -192,3 +202,27 @@ def test_fused_projections_give_the_same_logits(tmp_path, family):
             m.setup_caches(1, 16)
             outs.append(m(seq, torch.arange(16)))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+
+
+def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path):
+    # Gemma3ForConditionalGeneration checkpoints: text config nested, weights under
+    # language_model.*, vision tower beside them. Only the language model is read.
+    from safetensors.torch import load_file, save_file
+
+    ref, folder = make_folder(tmp_path, "gemma3_text")
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {k.replace("model.", "language_model.model.", 1): v for k, v in tensors.items()}
+    renamed["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(4)
+    save_file(renamed, folder / "model.safetensors")
+    text = json.loads((folder / "config.json").read_text())
+    for key in ("vocab_size", "rms_norm_eps"):  # Hub configs leave defaults out; keep ones we changed
+        if text[key] == transformers.Gemma3TextConfig().to_dict()[key]:
+            text.pop(key)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text,
+                                                    "architectures": ["Gemma3ForConditionalGeneration"]}))
+    loaded = load_hf_folder(folder)
+    model = build_llm(loaded.config, loaded.state_dict)
+    model.setup_caches(1, PROMPT_LEN)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert (model(prompt, torch.arange(PROMPT_LEN)) - ref(prompt).logits).abs().max().item() <= 1e-4

@@ -88,6 +88,12 @@ class LLMConfig:
                 f"This model's architecture is {mt or 'missing'!r} ({arch}); Studio runs "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}. Pick a model of one of those families.",
             )
+        # Multimodal Gemma3 configs on the Hub leave the text model's defaults out.
+        cfg = {**_HF_DEFAULTS.get(mt, {}), **cfg}
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                               "vocab_size") if cfg.get(k) is None]
+        if missing:
+            raise UserError("bad_model", f"config.json lacks {', '.join(missing)}; download it again.")
         gemma = mt.startswith("gemma")
         n_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -152,6 +158,14 @@ class LLMConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3_text": dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                        rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
+                        max_position_embeddings=131072, tie_word_embeddings=True,
+                        hidden_activation="gelu_pytorch_tanh"),
+}
 
 
 def _rope_params(cfg: dict, mt: str) -> tuple[dict, dict | None]:
