@@ -66,7 +66,7 @@ def type_and_enter(qtbot, tab, text: str) -> None:
     qtbot.keyClick(tab.input, Qt.Key.Key_Return)
 
 
-def wait_finished(qtbot, tab, timeout: int = 60000) -> tuple[int, str]:
+def wait_finished(qtbot, tab, timeout: int = 120000) -> tuple[int, str]:
     with qtbot.waitSignal(tab.answer_finished, timeout=timeout) as blocker:
         pass
     return tuple(blocker.args)
@@ -74,7 +74,7 @@ def wait_finished(qtbot, tab, timeout: int = 60000) -> tuple[int, str]:
 
 def wait_streaming(qtbot, tab, updates: int = 3) -> None:
     start = tab.ui_updates
-    qtbot.waitUntil(lambda: tab.ui_updates >= start + updates, timeout=60000)
+    qtbot.waitUntil(lambda: tab.ui_updates >= start + updates, timeout=120000)
 
 
 def test_enter_sends_and_the_answer_streams_in_then_survives_a_new_tab(qtbot, qt_engine, paths):
@@ -83,7 +83,7 @@ def test_enter_sends_and_the_answer_streams_in_then_survives_a_new_tab(qtbot, qt
     qtbot.keyClicks(tab.input, "List five European countries and their capitals.")
     qtbot.keyClick(tab.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
     assert tab.input.toPlainText().endswith("\n")  # Shift+Enter is a newline, not a send
-    with qtbot.waitSignal(tab.answer_finished, timeout=60000) as blocker:
+    with qtbot.waitSignal(tab.answer_finished, timeout=120000) as blocker:
         qtbot.keyClick(tab.input, Qt.Key.Key_Return)
         assert tab.input.toPlainText() == "" and tab.busy and tab.send_button.text() == "Stop"
     msg_id, status = blocker.args
@@ -122,7 +122,7 @@ def test_stop_mid_answer_keeps_the_partial_text_and_regenerate_answers_again(qtb
 
     tab.settings_panel.fields["max_tokens"].setValue(24)
     tab.settings_panel.flush()
-    with qtbot.waitSignal(tab.answer_finished, timeout=60000) as blocker:
+    with qtbot.waitSignal(tab.answer_finished, timeout=120000) as blocker:
         tab.view.bubbles[msg_id].regen_button.click()
     new_id, status = blocker.args
     msgs = tab.store.messages(tab.thread_id)
@@ -139,7 +139,7 @@ def test_editing_a_user_message_drops_what_followed_and_continues(qtbot, tab):
     bubble = tab.view.bubbles[user_id]
     bubble.edit_button.click()
     bubble.editor.setPlainText("What is the capital of France?")
-    with qtbot.waitSignal(tab.answer_finished, timeout=60000) as blocker:
+    with qtbot.waitSignal(tab.answer_finished, timeout=120000) as blocker:
         bubble._submit_edit()
     msgs = tab.store.messages(tab.thread_id)
     assert [(m.role, m.id == blocker.args[0]) for m in msgs] == [("user", False), ("assistant", True)]
