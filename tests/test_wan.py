@@ -202,6 +202,8 @@ def test_bad_inputs_fail_clearly():
         ours(x, t, ctx, image_context=torch.randn(2, 5, 24))
     with pytest.raises(UserError, match="no Wan transformer"):
         load_wan_transformer({"foo.weight": torch.zeros(1)})
+    with pytest.raises(UserError, match="VACE"):
+        load_wan_transformer({**ref.state_dict(), "vace_blocks.0.before_proj.weight": torch.zeros(64, 64)})
     sd = dict(ref.state_dict())
     sd.pop("blocks.1.ffn.net.2.weight")
     with pytest.raises(UserError, match="do not fit"):

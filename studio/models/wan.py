@@ -455,6 +455,11 @@ def load_wan_transformer(sd: dict[str, torch.Tensor], dtype: torch.dtype | None 
                          device: torch.device | str | None = None, head_dim: int = 128) -> WanTransformer:
     """Build on the meta device and take the tensors as they are (copies only for a dtype/device change)."""
     sd = normalize_state_dict(sd)
+    for marker, what in (("vace_blocks.", "a Wan VACE model"), ("motion_encoder.", "a Wan Animate model"),
+                         ("casual_audio_encoder.", "a Wan S2V (speech-to-video) model")):
+        if any(k.startswith(marker) for k in sd):
+            raise UserError("unsupported", f"This file is {what}, which is not supported yet: use a Wan 2.1 / 2.2 "
+                            "text-to-video, image-to-video or TI2V model.")
     cfg = WanConfig.from_state_dict(sd, head_dim=head_dim)
     with torch.device("meta"):
         model = WanTransformer(cfg)
