@@ -281,3 +281,35 @@ def test_penalties_push_away_from_generated_tokens():
 def test_bad_sampling_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad).validate()
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_step_with_packed_int4_weights_matches_eager():
+    # GGUF Q4 weights become Int4Linear modules: they must survive torch.compile + CUDA graphs.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from studio.engine.pipelines.chat import _decode_one
+    from studio.engine.quant import quantize_int4
+    from studio.models.llm import LLM, LLMConfig, build_llm
+
+    cfg = LLMConfig(model_type="llama", vocab_size=256, hidden_size=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=64, intermediate_size=512, max_position_embeddings=256)
+    torch.manual_seed(0)
+    ref = LLM(cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.1) if p.ndim == 2 else p.fill_(1.0)
+    sd = {k: (quantize_int4(v, 32) if k.startswith("model.layers.") and v.ndim == 2 else v)
+          for k, v in ref.state_dict().items()}
+    model = build_llm(cfg, sd, dtype=torch.bfloat16, device="cuda", fuse=True)
+    model.setup_caches(1, 64)
+    step = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True)
+    T = 8
+    with torch.inference_mode():
+        model(torch.arange(T, device="cuda")[None], torch.arange(T, device="cuda"), kv_len=T)
+        for i in range(6):
+            tok = torch.tensor([[i + 3]], device="cuda")
+            pos = torch.tensor([T + i], device="cuda")
+            eager = model(tok, pos, kv_len=T + i + 1, last_only=True).float()
+            compiled = step(model, tok, pos).float()
+            assert (compiled - eager).abs().max().item() <= 0.02 * eager.abs().max().item()

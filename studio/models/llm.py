@@ -468,9 +468,9 @@ class LLM(nn.Module):
         `kv_len` (eager only): attend to cache entries [0, kv_len) instead of the whole cache.
         """
         c = self.config
-        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        x = self.model.embed_tokens(tokens).to(self.embed_mult.dtype)  # (B, T, C); packed tables give fp32
         if c.embed_scale:
-            x = x * self.embed_mult.to(x.dtype)
+            x = x * self.embed_mult
         T = tokens.shape[1]
         pos = input_pos.unsqueeze(-1)  # (T, 1)
         keys = self.key_index if kv_len is None else self.key_index[:kv_len]
@@ -525,9 +525,15 @@ def _concat_rows(ws: list) -> Any:
     """Stack Linear weights along out_features, exactly, or None where no exact form exists."""
     if all(isinstance(w, Tensor) for w in ws):
         return torch.cat(ws, dim=0)
-    if not all(is_quant(w) and hasattr(w, "raw") and hasattr(w, "type_id") for w in ws):
+    from studio.engine.quant import GGUFWeight, Int4Weight, Int8Weight, quantize_int8
+
+    if all(isinstance(w, Int4Weight) for w in ws) and len({w.group_size for w in ws}) == 1:
+        return Int4Weight(*(torch.cat([getattr(w, a) for w in ws]) for a in ("packed", "scale", "zero")),
+                          ws[0].group_size)
+    if all(isinstance(w, Int8Weight) for w in ws):
+        return Int8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
+    if not all(isinstance(w, GGUFWeight) for w in ws):
         return None
-    from studio.engine.quant import GGUFWeight, quantize_int8
 
     k = ws[0].shape[1]
     if len({w.type_id for w in ws}) == 1:  # GGUF rows are independent blocks: concatenation is exact
@@ -594,8 +600,14 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
             _set_submodule(model, owner, qmod.to(device))
             skip_bias.add(owner + ".bias")
         elif isinstance(mod, nn.Embedding):
-            table = w.dequantize(torch.float32)
-            plain[name] = table
+            table = None
+            if hasattr(w, "to_embedding") and torch.device(device).type == "cpu":
+                # keep the table packed; only looked-up rows are unpacked. (On a GPU the lookup
+                # would run on the CPU inside the CUDA graph, so there the table is unpacked.)
+                _set_submodule(model, owner, w.to_embedding())
+            else:
+                table = w.dequantize(torch.float32)
+                plain[name] = table
             if tie:  # a tied head reads the packed data: 4x fewer bytes per token than fp32
                 _set_submodule(model, "lm_head", _packed_head(w, table).to(device))
     for name, w in state_dict.items():
@@ -620,14 +632,14 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
     return model
 
 
-def _packed_head(w: Any, table: Tensor) -> nn.Module:
+def _packed_head(w: Any, table: Tensor | None) -> nn.Module:
     """The tied output head from a quantized embedding. Types without an exact int4 form
-    become per-channel int8 (as GGUFWeight.to_module does), reusing the dequantized table."""
+    become per-channel int8 (as GGUFWeight.to_module does), reusing a dequantized table."""
     if getattr(w, "type_name", None) in (None, "Q4_0", "Q4_1"):
         return w.to_module(None)
     from studio.engine.quant import quantize_int8
 
-    return quantize_int8(table).to_module(None)
+    return quantize_int8(w.dequantize(torch.float32) if table is None else table).to_module(None)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -644,4 +656,5 @@ def weight_bytes(model: nn.Module) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-    return total
+    # packed embeddings hold their data outside parameters and buffers
+    return total + sum(m.weight_q.nbytes for m in model.modules() if hasattr(m, "weight_q"))
