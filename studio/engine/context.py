@@ -101,6 +101,7 @@ class JobContext:
     on_token: Callable[[str], None] = lambda text: None
     on_preview: Callable[[bytes, str, int, int], None] = lambda data, mime, w, h: None
     settings: dict = field(default_factory=dict)
+    memory: Any = None  # studio.engine.memory.MemoryManager: where weights live; None = a fresh one per job
 
     def progress(self, step: int, total: int, stage: str = "") -> None:
         self.on_progress(step, total, stage)

@@ -89,6 +89,9 @@ class Engine:
             # A stale device override (a removed GPU) must not leave the user without an engine.
             self.device = probe("auto", vram_budget=vram_budget, reserve=reserve)
             self.device.extra["warning"] = f"{exc}; using {self.device.label()} instead"
+        from studio.engine.memory import MemoryManager
+
+        self.memory = MemoryManager(self.device)
 
     # -- sending ---------------------------------------------------------------
     def send(self, type_: str, payloads: list[bytes] | None = None, **fields: Any) -> None:
@@ -146,6 +149,11 @@ class Engine:
                 self.send_status()
             case "unload":
                 dropped = self.models.unload(msg["model"])
+                try:
+                    dropped += [n for n in self.memory.unload(None if msg["model"] is None else msg["model"])
+                                if n not in dropped]
+                except UserError as exc:  # a component the running job holds
+                    self.error(None, exc.kind, exc.message)
                 self._free_memory()
                 self.send("unloaded", models=dropped)
                 self.send_status()
@@ -187,8 +195,10 @@ class Engine:
         with self._cond:
             queue = [q.job_id for q in self._queue]
             running = self._running.job_id if self._running else None
-        self.send("engine_status", device=self.device.to_dict(), memory=self._memory(), models=self.models.summary(),
-                  queue=queue, running=running)
+        placed = self.memory.status()
+        models = placed["models"] + [m for m in self.models.summary() if not m["key"].startswith("sd:")]
+        self.send("engine_status", device=self.device.to_dict(), memory={**self._memory(), **placed["memory"]},
+                  models=models, queue=queue, running=running)
 
     def _memory(self) -> dict:
         from studio.engine.device import ram_info
@@ -247,6 +257,7 @@ class Engine:
             on_token=lambda text: self.send("token", job_id=job_id, text=text),
             on_preview=on_preview,
             settings=self.settings,
+            memory=self.memory,
         )
         self.send("started", job_id=job_id)
         try:

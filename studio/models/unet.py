@@ -383,6 +383,35 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(g, ch0, eps=1e-5)
         self.conv_out = nn.Conv2d(ch0, cfg.out_channels, 3, padding=1)
 
+    def stream_blocks(self) -> list[nn.Module]:
+        """Units for block streaming, in run order: every resnet, every transformer block, every resampler.
+
+        Finer than whole levels (SDXL's deepest level alone is a third of the weights), so a small
+        card holds two units at a time. What is left over (conv_in/out, embeddings, the projections
+        around each transformer stack) is small and stays on the device.
+        """
+        units: list[nn.Module] = []
+
+        def level(block: nn.Module) -> None:
+            for i, resnet in enumerate(block.resnets):
+                units.append(resnet)
+                if block.attentions is not None:
+                    units.extend(block.attentions[i].transformer_blocks)
+            sampler = getattr(block, getattr(block, "sampler_name", ""), None)
+            if sampler is not None:
+                units.extend(sampler)
+
+        for block in self.down_blocks:
+            level(block)
+        mid = self.mid_block
+        units.append(mid.resnets[0])
+        if mid.attentions is not None:
+            units.extend(mid.attentions[0].transformer_blocks)
+        units.append(mid.resnets[1])
+        for block in self.up_blocks:
+            level(block)
+        return units
+
     def forward(
         self,
         x: torch.Tensor,

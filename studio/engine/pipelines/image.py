@@ -10,6 +10,7 @@ run_image(job, ctx):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -100,16 +101,52 @@ def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
         # One SD model at a time: a second would double the memory for no gain in speed.
         for other in [m["key"] for m in ctx.models.summary() if m["key"].startswith("sd:")]:
             ctx.models.unload(other)
+        for name in memory_of(ctx).names():
+            if name.startswith("sd:"):
+                memory_of(ctx).unload(name)
         ctx.progress(0, 2, "loading")
         model = load_sd(path, vae, dtype, job.prediction)
-        device = torch.device(ctx.device.torch_device)
-        for part in (model.unet, model.vae, *model.encoders):
-            part.to(device)
-        nbytes = sum(p.numel() * p.element_size() for part in (model.unet, model.vae, *model.encoders)
-                     for p in part.parameters())
+        model.key = key  # type: ignore[attr-defined]
+        nbytes = sum(p.numel() * p.element_size() for part in parts(model).values() for p in part.parameters())
         ctx.models.put(key, model, nbytes)
         ctx.progress(1, 2, "loading")
     return model
+
+
+def memory_of(ctx: JobContext):
+    """The engine's placement manager; a job run outside the engine (tests, scripts) gets its own."""
+    if ctx.memory is None:
+        from studio.engine.memory import MemoryManager
+
+        ctx.memory = MemoryManager(ctx.device)
+    return ctx.memory
+
+
+def parts(model: SDModel) -> dict[str, torch.nn.Module]:
+    named = {"unet": model.unet, "vae": model.vae}
+    named.update({f"text_encoder_{i}": enc for i, enc in enumerate(model.encoders)})
+    return named
+
+
+def register(model: SDModel, ctx: JobContext) -> dict[str, str]:
+    """Hand the model's parts to the memory manager (once), -> part -> manager name."""
+    mem = memory_of(ctx)
+    names = {part: f"{model.key}|{part}" for part in parts(model)}  # type: ignore[attr-defined]
+    for part, module in parts(model).items():
+        if names[part] not in mem.names():
+            blocks = module.stream_blocks() if part == "unet" else None
+            mem.register(names[part], module, blocks=blocks)
+    return names
+
+
+def activation_bytes(model: SDModel, job: ImageJob, dtype: torch.dtype) -> dict[str, int]:
+    """Rough peaks of working memory per part (measured shapes of SD-style nets, with SDPA)."""
+    size = torch.finfo(dtype).bits // 8
+    pixels = job.width * job.height
+    cfg_batch = job.batch_size * (1 if job.cfg == 1.0 else 2)
+    unet = cfg_batch * (pixels // 64) * model.unet.config.block_channels[0] * size * 24
+    vae = job.batch_size * pixels * 128 * size * 9  # the last up level at full resolution dominates
+    return {"unet": unet, "vae": vae, "text_encoder_0": 64 << 20, "text_encoder_1": 64 << 20}
 
 
 # ---------------------------------------------------------------------------------- conditioning
@@ -169,16 +206,38 @@ def to_pil(image: torch.Tensor):
 def run_image(job: ImageJob, ctx: JobContext) -> dict:
     validate(job)
     started = time.perf_counter()
+    # the seed is fixed before anything runs, so an OOM retry makes the same image
+    job = replace(job, seed=job.seed if job.seed >= 0 else random.randrange(2**32))
     dtype = compute_dtype(ctx)
     model = get_model(job, ctx, dtype)
-    device = next(model.unet.parameters()).device
     notes = list(model.notes)
     from studio.models.lora import apply_loras
 
-    notes += apply_loras(model, [(resolve_path(lo["path"], "LoRA"), float(lo.get("weight", 1.0))) for lo in job.loras])
+    loras = [(resolve_path(lo["path"], "LoRA"), float(lo.get("weight", 1.0))) for lo in job.loras]
+    mem = memory_of(ctx)
+    if tuple((str(p), w) for p, w in loras) != model.loras:
+        # LoRAs patch weights in place: do it on the CPU copy with the parts out of the manager's hands
+        for name in register(model, ctx).values():
+            mem.unload(name)
+    notes += apply_loras(model, loras)
+    names = register(model, ctx)
+    from studio.engine.memory import run_with_oom_retry
 
-    seed = job.seed if job.seed >= 0 else random.randrange(2**32)
-    job = replace(job, seed=seed)
+    sizes = {names[p]: sum(t.numel() * t.element_size() for t in m.parameters()) for p, m in parts(model).items()}
+    acts = {names[p]: b for p, b in activation_bytes(model, job, dtype).items() if p in names}
+    plan = mem.estimate_job(sizes, acts)
+    if plan.policy.value != "resident":
+        notes.append(f"memory: {plan.reason}")
+    return run_with_oom_retry(lambda p: _generate(job, ctx, model, names, p, notes, started), mem, plan,
+                              on_retry=lambda text: (notes.append(text), ctx.progress(0, 1, text)))
+
+
+def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, str], plan, notes: list[str],
+              started: float) -> dict:
+    mem = memory_of(ctx)
+    device = mem.device
+    dtype = next(model.unet.parameters()).dtype
+    seed = job.seed
     down = model.vae.downscale
     lat_h, lat_w = job.height // down, job.width // down
     multiple = 2 ** (len(model.unet.config.block_channels) - 1)
@@ -189,10 +248,14 @@ def run_image(job: ImageJob, ctx: JobContext) -> dict:
 
     # -- text ------------------------------------------------------------------------------
     ctx.progress(0, 1, "encoding")
-    cond, pooled = encode_text(model, job.prompt, job.clip_skip)
-    uncond, upooled = encode_text(model, job.negative, job.clip_skip)
+    with contextlib.ExitStack() as stack:
+        for part in names:
+            if part.startswith("text_encoder"):
+                stack.enter_context(mem.use(names[part]))
+        cond, pooled = encode_text(model, job.prompt, job.clip_skip)
+        uncond, upooled = encode_text(model, job.negative, job.clip_skip)
+        empty, _ = encode_text(model, "", job.clip_skip)
     chunks = max(cond.shape[1], uncond.shape[1]) // 77
-    empty, _ = encode_text(model, "", job.clip_skip)
     cond, uncond = pad_to_chunks(cond, chunks, empty), pad_to_chunks(uncond, chunks, empty)
     y_cond = y_uncond = None
     if model.family.startswith("sdxl"):
@@ -203,13 +266,15 @@ def run_image(job: ImageJob, ctx: JobContext) -> dict:
     init_latent = mask = masked_latent = None
     if job.init_image:
         pixels = load_image(job.init_image, job.width, job.height).to(device, dtype) * 2 - 1
-        init_latent = encode_image(model, pixels)
+        with mem.use(names["vae"]):
+            init_latent = encode_image(model, pixels)
         if job.mask:
             m = load_image(job.mask, job.width, job.height, mode="L").to(device, dtype)  # (1, 1, H, W); 1 = repaint
             m = (m > 0.5).to(dtype)
             mask = F.interpolate(m, size=(lat_h, lat_w), mode="nearest")
             if model.inpaint:
-                masked_latent = encode_image(model, pixels * (1 - m))
+                with mem.use(names["vae"]):
+                    masked_latent = encode_image(model, pixels * (1 - m))
     elif model.inpaint:
         raise UserError("bad_input", "This is an inpainting model: give it an init image and a mask, or pick a "
                         "regular checkpoint for text-to-image.")
@@ -251,11 +316,13 @@ def run_image(job: ImageJob, ctx: JobContext) -> dict:
                 ctx.preview(preview_jpeg(denoised[:1].float(), model.latent_family), "image/jpeg",
                             job.width, job.height)
 
-        latent = sampler(denoiser, x, sigmas, callback=callback, generator=gen, cancel=ctx.cancel.check)
+        with mem.use(names["unet"]):
+            latent = sampler(denoiser, x, sigmas, callback=callback, generator=gen, cancel=ctx.cancel.check)
         if mask is not None and not model.inpaint:
             latent = init_latent * (1 - mask) + latent * mask
         ctx.progress(b, job.batch_count, "decoding")
-        pixels = decode(model, latent, ctx)
+        with mem.use(names["vae"]):
+            pixels = decode(model, latent, ctx, tiled=plan.vae_tiles or vae_needs_tiles(plan, names, mem))
         for i, image in enumerate(pixels):
             meta = {**asdict(job), "kind": "image", "seed": seeds[i], "batch_size": job.batch_size,
                     "family": model.family, "prediction": model.prediction,
@@ -313,7 +380,14 @@ def encode_image(model: SDModel, pixels: torch.Tensor) -> torch.Tensor:
     return vae.to_latent(mean).float()
 
 
-def decode(model: SDModel, latent: torch.Tensor, ctx: JobContext) -> torch.Tensor:
+def vae_needs_tiles(plan, names: dict[str, str], mem) -> bool:
+    """Tile from the start when the whole-image decode's working memory would break the budget."""
+    if mem.budget is None:
+        return False
+    return plan.activations.get(names["vae"], 0) + plan.shapes[names["vae"]].bytes > mem.budget
+
+
+def decode(model: SDModel, latent: torch.Tensor, ctx: JobContext, tiled: bool = False) -> torch.Tensor:
     vae = model.vae
     dtype = next(vae.parameters()).dtype
 
@@ -321,7 +395,8 @@ def decode(model: SDModel, latent: torch.Tensor, ctx: JobContext) -> torch.Tenso
         return vae.decode(z.to(next(vae.parameters()).dtype))
 
     z = vae.from_latent(latent.float())
-    image = decode_with_fallback(dec, z, scale=vae.downscale,
+    tiles = (96, 64, 32) if tiled else (None, 96, 64, 32)
+    image = decode_with_fallback(dec, z, tiles=tiles, scale=vae.downscale,
                                  on_fallback=lambda failed, nxt: ctx.progress(0, 1, f"decoding in tiles of {nxt}"))
     if not torch.isfinite(image).all() and dtype != torch.float32:
         # fp16 VAEs (SDXL's above all) overflow to NaN; fp32 is the usual fix, done here automatically
