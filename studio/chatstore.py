@@ -160,6 +160,9 @@ class ChatStore:
         c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA foreign_keys=ON")
         c.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash of the app loses nothing committed
+        # Opening waits up to busy_timeout_s for a passing lock; later writes run on the GUI thread, so they
+        # give up after a quarter second and the caller retries instead of freezing the window.
+        c.execute("PRAGMA busy_timeout=250")
         version = self._version()
         if version > SCHEMA_VERSION:
             raise ChatStoreError("newer", f"The chat history {self.path} was written by a newer Studio (schema "

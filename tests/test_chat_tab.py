@@ -376,3 +376,22 @@ def test_rename_in_place_and_pin_to_top(qtbot, tab):
     tab.sidebar.pin_requested.emit(a.id, True)
     top = tab.sidebar.threads.item(0)
     assert top.data(Qt.ItemDataRole.UserRole) == a.id and top.text() == "★ Renamed"
+
+
+def test_a_database_locked_mid_answer_keeps_the_answer_and_saves_it_once_free(qtbot, tab, paths):
+    greedy(tab, 24)
+    type_and_enter(qtbot, tab, "What is the capital of France?")
+    other = sqlite3.connect(str(paths.data / "chats.db"), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        msg_id, status = wait_finished(qtbot, tab)
+        assert status == "done" and "Paris" in tab.view.bubbles[msg_id].body.toPlainText()
+        assert tab.notice.isVisible() and "Could not save the chat" in tab.notice_label.text()
+        type_and_enter(qtbot, tab, "And of Spain?")  # cannot be stored now: says so and keeps the text
+        assert "could not be changed" in tab.notice_label.text() and tab.input.toPlainText() == "And of Spain?"
+        assert not tab.busy
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    qtbot.waitUntil(lambda: tab.store.message(msg_id).status == "done", timeout=5000)
+    assert "Paris" in tab.store.message(msg_id).content and not tab.notice.isVisible()

@@ -9,10 +9,13 @@ loses at most a quarter of a second of text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,21 @@ SAVE_INTERVAL_S = 0.25
 ENGINE_GONE = ("engine_crashed", "engine_hung", "engine_stopped", "engine_failed")
 JOB_FIELDS = {f.name for f in dataclasses.fields(ChatJob)}
 BUNDLED_LABEL = "SmolLM2 135M (bundled)"
+
+
+def db_action(method: Callable) -> Callable:
+    """A user action that writes the chat database: if SQLite refuses (locked, disk full), say so, change nothing."""
+
+    @functools.wraps(method)
+    def wrapper(self: ChatTab, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            self.show_notice(f"The chat history could not be changed ({exc}). If another program has chats.db "
+                             "open, close it and try again.")
+            return None
+
+    return wrapper
 
 
 @dataclass
@@ -98,6 +116,10 @@ class ChatTab(QWidget):
         self._undo_timer.setSingleShot(True)
         self._undo_timer.timeout.connect(self._hide_notice)
         self._undo_thread: int | None = None
+        self._pending: dict[int, dict] = {}  # finished answers the database refused; written when it lets us
+        self._retry_timer = QTimer(self)
+        self._retry_timer.setInterval(1000)
+        self._retry_timer.timeout.connect(self._retry_pending)
         self._shortcuts()
         self.engine.message.connect(self._on_engine_message)
         self._dark = is_dark()
@@ -217,6 +239,7 @@ class ChatTab(QWidget):
     def _refresh_threads(self) -> None:
         self.sidebar.set_threads(self.store.threads(), self.thread_id)
 
+    @db_action
     def new_chat(self) -> Thread | None:
         if self.store is None:
             return None
@@ -236,6 +259,7 @@ class ChatTab(QWidget):
         self.input.setFocus()
         return t
 
+    @db_action
     def open_thread(self, thread_id: int) -> None:
         if self.store is None:
             return
@@ -266,16 +290,19 @@ class ChatTab(QWidget):
         self._update_busy()
         self._update_context()
 
+    @db_action
     def rename_thread(self, thread_id: int, title: str) -> None:
         self.store.update_thread(thread_id, title=title)
         self._refresh_threads()
         if thread_id == self.thread_id:
             self.title_label.setText(title)
 
+    @db_action
     def pin_thread(self, thread_id: int, pinned: bool) -> None:
         self.store.update_thread(thread_id, pinned=pinned)
         self._refresh_threads()
 
+    @db_action
     def delete_thread(self, thread_id: int) -> None:
         for s in list(self.streams.values()):
             if s.thread_id == thread_id:
@@ -293,6 +320,7 @@ class ChatTab(QWidget):
         self._refresh_threads()
         self.show_notice(f"Deleted “{title}”.", undo=True)
 
+    @db_action
     def undo_delete(self) -> None:
         if self._undo_thread is None:
             return
@@ -330,10 +358,12 @@ class ChatTab(QWidget):
             i = self.model_combo.count() - 1
         self.model_combo.setCurrentIndex(i)
 
+    @db_action
     def _on_model_chosen(self, index: int) -> None:
         if self.thread_id is not None:
             self.store.update_thread(self.thread_id, model=self.model_combo.itemData(index))
 
+    @db_action
     def _on_settings_changed(self, system: str, values: dict) -> None:
         if self.store is not None and self.thread_id is not None:
             self.store.update_thread(self.thread_id, system=system, settings=values)
@@ -358,6 +388,7 @@ class ChatTab(QWidget):
         else:
             self.send()
 
+    @db_action
     def send(self) -> int | None:
         """Send the input as a user message and start the answer; returns the answer's message id."""
         text = self.input.toPlainText().strip()
@@ -399,6 +430,7 @@ class ChatTab(QWidget):
         if s is not None:
             self.engine.cancel(s.job_id)
 
+    @db_action
     def regenerate(self, message_id: int) -> int | None:
         """Answer again from just before this assistant message (Regenerate and Retry)."""
         if self.store is None or self.busy:
@@ -415,6 +447,7 @@ class ChatTab(QWidget):
             return self.regenerate(msgs[-1].id)
         return None
 
+    @db_action
     def edit_message(self, message_id: int, text: str) -> int | None:
         """Replace a user message and continue the chat from it (later messages are dropped)."""
         if self.store is None or self.busy:
@@ -432,7 +465,7 @@ class ChatTab(QWidget):
             return
         if msg.type == "token":
             s.parts.append(msg["text"])
-            s.dirty = True
+            s.dirty = s.unsaved = True
             if not self._paint_timer.isActive():
                 self._paint_timer.start()
         elif msg.type == "started":
@@ -469,23 +502,44 @@ class ChatTab(QWidget):
                     # Re-rendering grows with the answer; keep it under a quarter of the wall time.
                     s.paint_after = now + 3 * (time.monotonic() - t0)
                 s.dirty = False
-                s.unsaved = True
             if s.unsaved and now - s.saved_at >= SAVE_INTERVAL_S:
-                self.store.update_message(s.msg_id, content=s.text)
-                s.saved_at = now
-                s.unsaved = False
+                s.unsaved = not self._save(s.msg_id, content=s.text)
+                # A locked database makes each try wait for its busy timeout: back off rather than stall the UI.
+                s.saved_at = now if not s.unsaved else now + 2.0
         if not any(s.dirty or s.unsaved for s in self.streams.values()):
             self._paint_timer.stop()
 
     def _finish(self, s: Stream, status: str, text: str, stats: dict | None = None,
                 error: dict | None = None) -> None:
         self.streams.pop(s.job_id, None)
-        self.store.update_message(s.msg_id, content=text, status=status, stats=stats or {}, error=error or {})
+        fields = {"content": text, "status": status, "stats": stats or {}, "error": error or {}}
+        if not self._save(s.msg_id, **fields):
+            self._pending[s.msg_id] = fields
+            self._retry_timer.start()
         if s.thread_id == self.thread_id and s.msg_id in self.view.bubbles:
-            self.view.bubbles[s.msg_id].update_message(self.store.message(s.msg_id))
+            bubble = self.view.bubbles[s.msg_id]
+            bubble.update_message(dataclasses.replace(bubble.msg, **fields))
             self._update_busy()
             self._update_context()
         self.answer_finished.emit(s.msg_id, status)
+
+    def _save(self, message_id: int, **fields: Any) -> bool:
+        """Write a message; if the database refuses (locked by another program, disk full) say so and go on."""
+        try:
+            self.store.update_message(message_id, **fields)
+        except sqlite3.Error as exc:
+            self.show_notice(f"Could not save the chat ({exc}); the answer stays on screen and saving is tried "
+                             "again. Close other programs using chats.db or free some disk space.")
+            return False
+        return True
+
+    def _retry_pending(self) -> None:
+        for mid, fields in list(self._pending.items()):
+            if self._save(mid, **fields):
+                del self._pending[mid]
+        if not self._pending:
+            self._retry_timer.stop()
+            self._hide_notice()
 
     def _update_busy(self) -> None:
         busy = self.busy
@@ -527,6 +581,7 @@ class ChatTab(QWidget):
         QTimer.singleShot(30, self.view, lambda: self.view.jump_to(message_id))
 
     # -- export / import -------------------------------------------------------------------------------------------
+    @db_action
     def export_thread(self, thread_id: int, path: str | Path, fmt: str) -> Path:
         path = Path(path)
         if fmt == "json":
@@ -543,6 +598,7 @@ class ChatTab(QWidget):
             raise
         return path
 
+    @db_action
     def import_file(self, path: str | Path) -> Thread | None:
         """A JSON export becomes a new thread; a bad file leaves everything as it was and says why."""
         try:
@@ -579,13 +635,18 @@ class ChatTab(QWidget):
         """Save what is streaming, mark it interrupted, forget deleted threads, close the database."""
         if self.store is None:
             return
-        self.settings_panel.flush()
+        self.engine.message.disconnect(self._on_engine_message)
+        self._paint_timer.stop()
+        self._retry_timer.stop()
         for s in list(self.streams.values()):
             self.engine.cancel(s.job_id)
-            self.store.update_message(s.msg_id, content=s.text, status="interrupted", error=INTERRUPTED_ON_EXIT)
+            self._save(s.msg_id, content=s.text, status="interrupted", error=INTERRUPTED_ON_EXIT)
         self.streams.clear()
-        self._paint_timer.stop()
-        self.store.purge_deleted()
+        self._retry_pending()
+        try:
+            self.settings_panel.flush()
+            self.store.purge_deleted()
+        except sqlite3.Error:
+            pass  # closing anyway: deleted threads are purged at the next open; only a last settings edit is lost
         self.store.close()
         self.store = None
-        self.engine.message.disconnect(self._on_engine_message)
