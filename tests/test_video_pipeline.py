@@ -170,3 +170,20 @@ def test_cli_generate_video_runs_through_the_engine(wan_folder, tmp_path, capsys
                              "32", "--device", "cpu"])
     assert bad.func(bad) == 1
     assert "496 or 512" in capsys.readouterr().err
+
+
+def test_block_streaming_gives_the_same_video_as_resident_weights(wan_folder, tmp_path):
+    from studio.engine.context import ModelCache
+
+    def frames(**settings) -> tuple[np.ndarray, dict]:
+        col = Collector(tmp_path, **settings)
+        col.ctx.models = ModelCache()  # a fresh load: placement is decided when the model is loaded
+        r = V.run_video(make_job(wan_folder, tmp_path, steps=2, out=str(tmp_path / "s.mp4")), col.ctx)
+        return np.stack(list(read_frames(r["path"]))), r
+
+    resident, r1 = frames()
+    streamed, r2 = frames(video_offload="stream")
+    np.testing.assert_array_equal(streamed, resident)
+    assert not any("stream" in n for n in r1["notes"])
+    assert any("transformer" in n and "one at a time" in n for n in r2["notes"])
+    assert any("text encoder streams" in n for n in r2["notes"])

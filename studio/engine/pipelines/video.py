@@ -50,6 +50,7 @@ class WanParts:
     transformer_2: torch.nn.Module | None = None  # Wan 2.2 A14B low-noise expert
     boundary: float = 0.0  # sigma*1000 below which transformer_2 runs
     notes: list[str] = field(default_factory=list)
+    streamers: list = field(default_factory=list)  # BlockStreamers keeping big transformers in RAM
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -203,6 +204,49 @@ def locate(model: Path, job: VideoJob) -> dict[str, Path]:
     return parts
 
 
+ACTIVATION_RESERVE = 3 << 30  # activations of one pass at 720p x 81 frames, plus the VAE, stay below this
+
+
+def device_budget(ctx: JobContext) -> int:
+    """Bytes the engine may use on the device (0: no limit known, e.g. the CPU)."""
+    return int(getattr(ctx.device, "vram_budget", 0) or getattr(ctx.device, "total_vram", 0) or 0)
+
+
+def should_stream(module: torch.nn.Module, ctx: JobContext, extra: int = 0) -> bool:
+    """Stream blocks when the weights and a reserve for activations do not fit the budget, or when
+    the `video_offload` setting says "stream" (tests and users on tight cards force it)."""
+    from studio.engine.offload import estimate_module_bytes
+
+    mode = ctx.settings.get("video_offload", "auto")
+    if mode == "stream":
+        return True
+    if mode == "none" or ctx.device.kind == "cpu":
+        return False
+    budget = device_budget(ctx)
+    return bool(budget) and estimate_module_bytes(module) + extra + ACTIVATION_RESERVE > budget
+
+
+def forced_on_cpu(ctx: JobContext) -> bool:
+    """Streaming forced on the CPU makes real copies, so the whole path runs (and is tested) without a GPU."""
+    return ctx.device.kind == "cpu" and ctx.settings.get("video_offload") == "stream"
+
+
+def place(module: torch.nn.Module, ctx: JobContext, notes: list[str], name: str, extra: int = 0):
+    """Put a model on the device whole, or leave its blocks in RAM and stream them per pass.
+    Returns the attached BlockStreamer, or None when the model is resident."""
+    from studio.engine.offload import BlockStreamer, estimate_module_bytes, find_blocks
+
+    device = torch.device(ctx.device.torch_device)
+    if not should_stream(module, ctx, extra):
+        module.to(device)
+        return None
+    streamer = BlockStreamer(module, find_blocks(module), device, copy_on_cpu=forced_on_cpu(ctx)).attach()
+    gib = estimate_module_bytes(module) / (1 << 30)
+    notes.append(f"The {name} ({gib:.1f} GiB) does not fit the device budget with room to work: its blocks "
+                 "stay in RAM and visit the device one at a time (slower, but it runs).")
+    return streamer
+
+
 def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
     from studio.models.t5 import load_t5_encoder
     from studio.models.wan import load_wan_transformer
@@ -210,7 +254,8 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
 
     model_path = resolve_path(job.model, "model")
     parts = locate(model_path, job)
-    key = f"wan:{model_path}:{parts.get('vae')}:{parts.get('text_encoder')}:{dtype}"
+    mode = ctx.settings.get("video_offload", "auto")
+    key = f"wan:{model_path}:{parts.get('vae')}:{parts.get('text_encoder')}:{dtype}:{mode}"
     cached = ctx.models.get(key)
     if cached is not None:
         return cached
@@ -220,17 +265,27 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
     device = torch.device(ctx.device.torch_device)
     total = 4 + ("transformer_2" in parts)
     ctx.progress(0, total, "loading")
+    notes: list[str] = []
+    streamers = []
     transformer = load_wan_transformer(read_state_dict(parts["transformer"]), dtype=dtype,
-                                       head_dim=_head_dim(parts["transformer"])).to(device)
+                                       head_dim=_head_dim(parts["transformer"]))
     ctx.progress(1, total, "loading")
     transformer_2 = None
     boundary = 0.0
-    notes: list[str] = []
     if "transformer_2" in parts:
         transformer_2 = load_wan_transformer(read_state_dict(parts["transformer_2"]), dtype=dtype,
-                                             head_dim=_head_dim(parts["transformer_2"])).to(device)
+                                             head_dim=_head_dim(parts["transformer_2"]))
         boundary = 1000.0 * _boundary_ratio(model_path)
         ctx.progress(2, total, "loading")
+    from studio.engine.offload import estimate_module_bytes
+
+    # Wan 2.2 A14B: both experts resident if they fit together, else each streams
+    both = estimate_module_bytes(transformer_2) if transformer_2 is not None else 0
+    for net, name in ((transformer, "transformer"), (transformer_2, "low-noise transformer")):
+        if net is not None:
+            streamer = place(net, ctx, notes, name, extra=both if net is transformer else 0)
+            if streamer is not None:
+                streamers.append(streamer)
     vae_variant = "2.2" if transformer.cfg.vae == "wan2.2" else "2.1"
     if parts["vae"] is None:
         parts["vae"] = find_part(model_path, "wan-vae", vae_variant, ("vae",))
@@ -255,7 +310,7 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
     encoder = load_t5_encoder(read_state_dict(te_path), dtype=dtype)
     ctx.progress(total, total, "loading")
     files = {k: str(v) for k, v in parts.items() if v is not None}
-    loaded = WanParts(transformer, vae, encoder, tokenizer, files, transformer_2, boundary, notes)
+    loaded = WanParts(transformer, vae, encoder, tokenizer, files, transformer_2, boundary, notes, streamers)
     nbytes = sum(p.numel() * p.element_size() for m in (transformer, transformer_2, vae, encoder)
                  if m is not None for p in m.parameters())
     ctx.models.put(key, loaded, nbytes)
@@ -285,18 +340,34 @@ def _boundary_ratio(folder: Path) -> float:
 
 # ---------------------------------------------------------------------------------- conditioning
 
-def encode_prompts(parts: WanParts, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """-> (len(texts), 512, text_dim), zero past each prompt's end."""
+def encode_prompts(parts: WanParts, texts: list[str], ctx: JobContext, dtype: torch.dtype,
+                   notes: list[str]) -> torch.Tensor:
+    """-> (len(texts), 512, text_dim), zero past each prompt's end.
+
+    The encoder lives in RAM between jobs and visits the device only for this: whole when it fits
+    next to the transformer, else block by block (umT5-XXL is 11 GiB in bf16, more than a small card).
+    """
+    from studio.engine.offload import BlockStreamer, estimate_module_bytes, find_blocks
+
+    device = torch.device(ctx.device.torch_device)
     ids, mask = parts.tokenizer(texts, max_length=TEXT_LEN)
     encoder = parts.encoder
+    if device.type == "cpu" and not forced_on_cpu(ctx):
+        return encoder.encode(ids, mask).to(dtype)
+    streamed = {id(st.model) for st in parts.streamers}
+    resident = sum(estimate_module_bytes(m) for m in (parts.transformer, parts.transformer_2, parts.vae)
+                   if m is not None and id(m) not in streamed)
+    if should_stream(encoder, ctx, extra=resident):
+        notes.append("The text encoder streams its blocks through the device (it does not fit whole).")
+        with BlockStreamer(encoder, find_blocks(encoder), device, copy_on_cpu=forced_on_cpu(ctx)):
+            return encoder.encode(ids.to(device), mask.to(device)).to(dtype)
     encoder.to(device)
     try:
         return encoder.encode(ids.to(device), mask.to(device)).to(dtype)
     finally:
-        if device.type != "cpu":
-            encoder.to("cpu")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        encoder.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def load_image(path: str, width: int, height: int) -> torch.Tensor:
@@ -354,7 +425,7 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
     parts = load_parts(job, ctx, dtype)
     notes += parts.notes
     net_cfg = parts.transformer.cfg
-    device = next(parts.transformer.parameters()).device
+    device = torch.device(ctx.device.torch_device)
     scale, ts = parts.vae.cfg.scale, parts.vae.cfg.time_scale
     check_size(job.width, job.height, scale * net_cfg.patch_size[1])
 
@@ -366,7 +437,7 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
     ctx.cancel.check()
     ctx.progress(0, 1, "encoding")
     use_cfg = job.cfg != 1.0
-    text = encode_prompts(parts, [job.prompt, job.negative] if use_cfg else [job.prompt], device, dtype)
+    text = encode_prompts(parts, [job.prompt, job.negative] if use_cfg else [job.prompt], ctx, dtype, notes)
     cond, uncond = text[:1], (text[1:] if use_cfg else None)
 
     # -- image conditioning ----------------------------------------------------------------
