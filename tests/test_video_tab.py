@@ -241,3 +241,13 @@ def test_settings_are_restored_at_the_next_start(tab, qtbot):
     qtbot.addWidget(again)
     assert again.prompt.toPlainText() == "remember me" and again.steps.value() == 17
     assert again.model_path() == tab.model_path()
+
+
+def test_models_panel_use_picks_the_model_and_parts(tab, library):
+    tab.model.setCurrentIndex(0)
+    tab.use_model(str(library.entries[1].path), "diffusion_model")
+    assert tab.model_path() == str(library.entries[1].path)
+    tab.use_model(str(library.entries[2].path), "vae")
+    assert tab.vae.currentData() == str(library.entries[2].path)
+    tab.use_model(str(library.entries[3].path), "text_encoder")
+    assert tab.text_encoder.currentData() == str(library.entries[3].path)

@@ -259,6 +259,7 @@ class VideoTab(QWidget):
         size_row.addWidget(self.width_spin)
         size_row.addWidget(QLabel("×"))
         size_row.addWidget(self.height_spin)
+        size_row.addStretch()
         frames_row = QHBoxLayout()
         frames_row.addWidget(self.frames)
         frames_row.addWidget(self.duration, 1)
@@ -401,6 +402,22 @@ class VideoTab(QWidget):
         index = next((i for i, c in enumerate(models) if c.path == current), 0)
         self.model.setCurrentIndex(index if models else -1)
         self._model_changed()
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt override)
+        super().showEvent(event)
+        self.refresh_models()  # models installed while the tab was hidden appear in the pickers
+
+    def use_model(self, path: str, role: str) -> None:
+        """From the Models panel's "Use": pick a Wan transformer, VAE or text encoder."""
+        self.refresh_models()
+        if role in ("diffusion_model", "checkpoint"):
+            index = next((i for i in range(self.model.count()) if self.model.itemData(i).path == path), -1)
+            if index >= 0:
+                self.model.setCurrentIndex(index)
+        else:
+            combo = self.vae if role == "vae" else self.text_encoder if role == "text_encoder" else None
+            if combo is not None and combo.findData(path) >= 0:
+                combo.setCurrentIndex(combo.findData(path))
 
     def model_path(self) -> str:
         c = self.model.currentData()
