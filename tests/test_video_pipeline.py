@@ -135,6 +135,15 @@ def test_missing_parts_name_the_file_to_install(wan_folder, tmp_path):
     assert result["files"]["vae"].endswith("wan_vae.safetensors")
 
 
+def test_init_image_on_a_text_to_video_model_is_refused(wan_folder, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "start.png")
+    with pytest.raises(UserError, match="cannot start from an image") as err:
+        V.run_video(make_job(wan_folder, tmp_path, image=str(tmp_path / "start.png")), Collector(tmp_path).ctx)
+    assert err.value.kind == "unsupported"
+
+
 def test_bad_jobs_are_refused_before_loading(tmp_path):
     ctx = Collector(tmp_path).ctx
     for kw, match in (({"model": ""}, "Pick a Wan model"), ({"steps": 0}, "steps 0"),

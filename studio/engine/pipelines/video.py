@@ -449,11 +449,12 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
                             "yet. Use Wan 2.2 I2V A14B or TI2V 5B for image-to-video.")
         if net_cfg.in_channels == net_cfg.out_channels + parts.vae.cfg.z_dim + ts:
             extra = image_condition(parts, job, lat_frames, device, dtype)
-        elif net_cfg.in_channels == net_cfg.out_channels:
+        elif net_cfg.in_channels == net_cfg.out_channels and net_cfg.vae == "wan2.2":
             image = load_image(job.image, job.width, job.height).to(device, dtype)[:, :, None]
             first = parts.vae.normalize(parts.vae.encode(image)[0]).float()  # (1, C, 1, h, w)
         else:
-            raise UserError("unsupported", "This Wan model cannot take an init image: pick an I2V or TI2V model.")
+            raise UserError("unsupported", "This is a text-to-video Wan model: it cannot start from an image. Clear "
+                            "the init image, or pick an image-to-video model (Wan 2.2 I2V A14B or TI2V 5B).")
     elif net_cfg.in_channels != net_cfg.out_channels:
         raise UserError("bad_input", "This is an image-to-video Wan model: give it an init image, or pick a "
                         "text-to-video model.")
