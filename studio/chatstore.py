@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -347,6 +348,23 @@ class ChatStore:
             if m.status in ("interrupted", "stopped"):
                 out += [f"*({m.status})*", ""]
         return "\n".join(out).rstrip() + "\n"
+
+    def export_file(self, thread_id: int, path: Path, fmt: str) -> Path:
+        """Write the thread as "md" or "json"; written to a temporary file first, so a failure leaves no half file."""
+        if fmt == "json":
+            text = json.dumps(self.export_json(thread_id), indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = self.export_markdown(thread_id)
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".chat-export-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
 
     def import_json(self, data: Any) -> Thread:
         """Always a new thread, whatever the file says; checked fully before anything is written."""

@@ -224,3 +224,16 @@ def test_a_new_database_needs_no_backup_and_a_newer_one_is_refused(db):
     with pytest.raises(ChatStoreError) as err:
         ChatStore(db)
     assert err.value.kind == "newer"
+
+
+def test_export_file_writes_whole_files_and_leaves_no_temporary_behind(db, tmp_path):
+    s = ChatStore(db)
+    t = s.create_thread("File")
+    s.add_message(t.id, "user", "héllo")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert json.loads(s.export_file(t.id, out / "a.json", "json").read_text(encoding="utf-8"))["title"] == "File"
+    assert s.export_file(t.id, out / "a.md", "md").read_text(encoding="utf-8").startswith("# File")
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.md"]
+    with pytest.raises(OSError):
+        s.export_file(t.id, tmp_path / "missing-folder" / "a.md", "md")

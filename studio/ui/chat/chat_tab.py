@@ -9,14 +9,9 @@ loses at most a quarter of a second of text.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import os
 import sqlite3
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +33,7 @@ from studio.ui.chat.chat_pane import ChatPane
 from studio.ui.chat.message_view import is_dark
 from studio.ui.chat.problem_page import ProblemPage
 from studio.ui.chat.settings_panel import SettingsPanel
+from studio.ui.chat.state import Stream, db_action
 from studio.ui.chat.style import stylesheet
 from studio.ui.chat.thread_list import ThreadList
 
@@ -46,40 +42,6 @@ SAVE_INTERVAL_S = 0.25
 ENGINE_GONE = ("engine_crashed", "engine_hung", "engine_stopped", "engine_failed")
 JOB_FIELDS = {f.name for f in dataclasses.fields(ChatJob)}
 BUNDLED_LABEL = "SmolLM2 135M (bundled)"
-
-
-def db_action(method: Callable) -> Callable:
-    """A user action that writes the chat database: if SQLite refuses (locked, disk full), say so, change nothing."""
-
-    @functools.wraps(method)
-    def wrapper(self: ChatTab, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            self.show_notice(f"The chat history could not be changed ({exc}). If another program has chats.db "
-                             "open, close it and try again.")
-            return None
-
-    return wrapper
-
-
-@dataclass
-class Stream:
-    """One answer being generated."""
-
-    job_id: str
-    thread_id: int
-    msg_id: int
-    parts: list[str] = field(default_factory=list)
-    dirty: bool = False  # text the screen has not shown yet
-    unsaved: bool = False  # text the database has not got yet
-    saved_at: float = 0.0
-    paint_after: float = 0.0  # long answers repaint less often so a repaint never eats the frame budget
-    started: bool = False
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
 
 
 class ChatTab(QWidget):
@@ -583,20 +545,7 @@ class ChatTab(QWidget):
     # -- export / import -------------------------------------------------------------------------------------------
     @db_action
     def export_thread(self, thread_id: int, path: str | Path, fmt: str) -> Path:
-        path = Path(path)
-        if fmt == "json":
-            text = json.dumps(self.store.export_json(thread_id), indent=2, ensure_ascii=False) + "\n"
-        else:
-            text = self.store.export_markdown(thread_id)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".chat-export-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return self.store.export_file(thread_id, Path(path), fmt)
 
     @db_action
     def import_file(self, path: str | Path) -> Thread | None:
