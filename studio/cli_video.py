@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from studio.protocol import VideoJob
 
@@ -33,10 +34,19 @@ def add_video_parser(generate_subparsers, engine_args: Callable[[argparse.Argume
     p.set_defaults(func=cmd_video)
 
 
+def _absolute(spec: str, must_exist: bool) -> str:
+    """Paths as the engine process sees them (its working folder may differ); library names stay names."""
+    if not spec:
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() or not must_exist else spec
+
+
 def job_from_args(args: argparse.Namespace) -> VideoJob:
-    return VideoJob(model=args.model, prompt=args.prompt, negative=args.negative, width=args.width,
+    return VideoJob(model=_absolute(args.model, True), prompt=args.prompt, negative=args.negative, width=args.width,
                     height=args.height, frames=args.frames, fps=args.fps, steps=args.steps, cfg=args.cfg,
-                    shift=args.shift, sampler=args.sampler, seed=args.seed, image=args.image, out=args.out)
+                    shift=args.shift, sampler=args.sampler, seed=args.seed, image=_absolute(args.image, False),
+                    out=_absolute(args.out, False))
 
 
 class ProgressLine:

@@ -196,3 +196,31 @@ def test_block_streaming_gives_the_same_video_as_resident_weights(wan_folder, tm
     assert not any("stream" in n for n in r1["notes"])
     assert any("transformer" in n and "one at a time" in n for n in r2["notes"])
     assert any("text encoder streams" in n for n in r2["notes"])
+
+
+def test_cli_job_uses_absolute_paths_and_the_progress_line_shows_time_left(tmp_path, monkeypatch):
+    import argparse
+    import io
+
+    from studio.cli_video import ProgressLine, add_video_parser, job_from_args
+    from studio.protocol import make
+
+    parser = argparse.ArgumentParser()
+    add_video_parser(parser.add_subparsers(dest="kind"), lambda p: None)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+
+    job = job_from_args(parser.parse_args(["video", "--model", "model.safetensors", "--prompt", "p", "--out",
+                                           "out.mp4", "--image", "im.png"]))
+    assert job.model == str(tmp_path / "model.safetensors") and job.out == str(tmp_path / "out.mp4")
+    assert job.image == str(tmp_path / "im.png")
+    named = job_from_args(parser.parse_args(["video", "--model", "wan-1.3b", "--prompt", "p"]))
+    assert named.model == "wan-1.3b" and named.frames == 81 and named.sampler == "unipc"
+
+    now = [0.0]
+    out = io.StringIO()
+    line = ProgressLine(out, clock=lambda: now[0])
+    line(make("progress", job_id="j", step=0, total=10, stage="sampling"))
+    now[0] = 4.0
+    line(make("progress", job_id="j", step=2, total=10, stage="sampling"))
+    assert out.getvalue().endswith("sampling   2/10  ~16 s left      ")
