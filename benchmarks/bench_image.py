@@ -160,6 +160,18 @@ def bench_budgets(args, device: str, dtype: torch.dtype) -> None:
              reason=plan.reason)
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
+    if args.reference:
+        # diffusers' enable_sequential_cpu_offload is accelerate's cpu_offload on each model: the same here
+        from accelerate import cpu_offload
+
+        cpu_offload(ref, execution_device=torch.device(device))
+        kw = {}
+        if adm:
+            kw = {"added_cond_kwargs": {"text_embeds": y[:, :1280],
+                                        "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device=device)}}
+        ms, peak, _ = timed(lambda: ref(x, t, encoder_hidden_states=ctx, **kw).sample, device, n=3, warmup=1)
+        emit(bench="unet_budget_reference", policy="diffusers sequential cpu offload", ms=round(ms, 1),
+             peak_gib=round(peak, 2))
 
 
 def main() -> None:
@@ -168,6 +180,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: checks the script end to end")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--budgets", type=float, nargs="+", default=[24, 8, 6, 4])
+    ap.add_argument("--reference", action="store_true", help="budgets: also time diffusers' sequential offload")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
