@@ -313,3 +313,17 @@ def test_cuda_compiled_step_with_packed_int4_weights_matches_eager():
             eager = model(tok, pos, kv_len=T + i + 1, last_only=True).float()
             compiled = step(model, tok, pos).float()
             assert (compiled - eager).abs().max().item() <= 0.02 * eager.abs().max().item()
+
+
+def test_a_library_name_resolves_to_the_installed_model(tmp_path, monkeypatch):
+    from studio.engine.pipelines.chat import resolve_model
+    from studio.library.library import Library
+    from studio.models.bundled import default_chat_model
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    with Library() as lib:
+        entry = lib.add(default_chat_model(), name="smol")
+    path, kind = resolve_model("smol")
+    assert path == entry.path and kind == "gguf"
+    with pytest.raises(UserError, match="none of that name in the library"):
+        resolve_model("no-such-model")

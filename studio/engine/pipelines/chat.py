@@ -64,8 +64,11 @@ def resolve_model(spec: str) -> tuple[Path, str]:
         return default_chat_model(), "gguf"
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError("model_not_found", f"No model at {spec!r}. Give the path to a .gguf file or a Hugging "
-                        "Face model folder, or leave the model empty for the bundled SmolLM2.")
+        path = _library_path(spec)
+    if path is None:
+        raise UserError("model_not_found", f"No model at {spec!r} and none of that name in the library. Give the "
+                        "path to a .gguf file or a Hugging Face model folder, a name from `studio models list`, "
+                        "or leave the model empty for the bundled SmolLM2.")
     if path.is_dir():
         if (path / "config.json").is_file():
             return path, "hf"
@@ -81,6 +84,17 @@ def resolve_model(spec: str) -> tuple[Path, str]:
         return path.parent, "hf"
     raise UserError("bad_model", f"{path.name} is not a GGUF file (it starts with {magic!r}). For a safetensors "
                     "LLM choose its whole folder (config.json, tokenizer.json and weights).")
+
+
+def _library_path(name: str) -> Path | None:
+    """A name the user installed through the model library -> its file or folder (None if unknown)."""
+    from studio.library.library import Library, LibraryError
+
+    try:
+        with Library() as lib:
+            return lib.resolve(name)
+    except LibraryError:
+        return None
 
 
 def _magic(path: Path) -> bytes:
