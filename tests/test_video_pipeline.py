@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from studio.engine.context import JobCancelled, UserError
 from studio.engine.pipelines import video as V
@@ -24,7 +25,7 @@ def wan_folder(tmp_path_factory) -> Path:
     return build_wan_folder(tmp_path_factory.mktemp("wan") / "Wan-tiny-Diffusers")
 
 
-def test_text_to_video_writes_an_mp4_with_the_right_frames_size_andmake_job(wan_folder, tmp_path):
+def test_text_to_video_writes_an_mp4_with_the_right_frames_size_and_job(wan_folder, tmp_path):
     col = Collector(tmp_path)
     result = V.run_video(make_job(wan_folder, tmp_path), col.ctx)
     path = Path(result["path"])
@@ -224,3 +225,17 @@ def test_cli_job_uses_absolute_paths_and_the_progress_line_shows_time_left(tmp_p
     now[0] = 4.0
     line(make("progress", job_id="j", step=2, total=10, stage="sampling"))
     assert out.getvalue().endswith("sampling   2/10  ~16 s left      ")
+
+
+def test_out_of_memory_while_sampling_says_what_to_do(wan_folder, tmp_path, monkeypatch):
+    col = Collector(tmp_path)
+    V.run_video(make_job(wan_folder, tmp_path, steps=1, out=str(tmp_path / "warm.mp4")), col.ctx)  # loaded
+    parts = col.ctx.models.get(next(m["key"] for m in col.ctx.models.summary() if m["key"].startswith("wan:")))
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(parts.transformer, "forward", oom)
+    with pytest.raises(UserError, match="ran out of device memory") as err:
+        V.run_video(make_job(wan_folder, tmp_path, steps=1), col.ctx)
+    assert err.value.kind == "out_of_memory" and "VRAM budget" in err.value.message

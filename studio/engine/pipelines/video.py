@@ -505,6 +505,10 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
     partial = False
     try:
         latent = sampler(denoiser, x, sigmas.to(device), callback=callback, cancel=ctx.cancel.check)
+    except torch.OutOfMemoryError:
+        raise UserError("out_of_memory", f"Sampling {job.width}x{job.height}x{job.frames} ran out of device memory. "
+                        "Make the video smaller or shorter, close other programs using the GPU, or set a lower "
+                        "VRAM budget in Settings so the transformer streams its blocks from RAM.") from None
     except JobCancelled:
         if not ctx.settings.get("keep_partial_video") or "denoised" not in last:
             raise
