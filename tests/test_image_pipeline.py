@@ -270,3 +270,47 @@ def test_cli_generate_image_writes_a_png(ckpt, tmp_path):
     assert result["images"][0]["seed"] == 5 and Path(result["images"][0]["path"]).name == "cli.png"
 
 
+
+
+def test_an_installed_taesd_makes_the_previews(ckpt, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from studio.engine.previews import TAESD
+    from studio.library.library import Library
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    # a real-layout TAESD decoder (diffusers' AutoencoderTiny names), random weights
+    from diffusers import AutoencoderTiny
+
+    tiny = AutoencoderTiny(latent_channels=4)
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(tmp_path / "taesd.safetensors"))
+    with Library() as lib:
+        lib.add(tmp_path / "taesd.safetensors")
+    models = ModelCache()
+    rec = Recorder(tmp_path, models)
+    run_image(job(ckpt, steps=2), rec.ctx)
+    assert isinstance(models.get("taesd:sd"), TAESD)
+    previews = [e for e in rec.events if e[0] == "preview"]
+    assert len(previews) == 2
+
+
+def test_a_diffusers_folder_loads_like_the_single_file(ckpt, tmp_path, models):
+    """Write the tiny checkpoint out as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    single = load_sd(ckpt)
+    for name, module in (("unet", single.unet), ("vae", single.vae), ("text_encoder", single.encoders[0])):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+                  str(tmp_path / "folder" / name / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "folder" / "text_encoder" / "config.json").write_text(json.dumps({"hidden_act": "quick_gelu"}))
+    (tmp_path / "folder" / "scheduler").mkdir()
+    (tmp_path / "folder" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    folder = load_sd(tmp_path / "folder")
+    assert folder.family == "sd1" and folder.prediction == "eps"
+    a = run_image(job(ckpt), Recorder(tmp_path, models).ctx)
+    b = run_image(job(tmp_path / "folder"), Recorder(tmp_path, models).ctx)
+    assert np.array_equal(pixels(a["images"][0]["path"]), pixels(b["images"][0]["path"]))

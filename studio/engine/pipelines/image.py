@@ -296,6 +296,7 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
         denoiser = _keep_unmasked(denoiser, init_latent, mask)
     sampler = S.get_sampler(job.sampler)
 
+    taesd = preview_decoder(model, ctx, device) if job.previews else None
     out_dir, stem = output_target(job, ctx)
     images = []
     total_images = job.batch_size * job.batch_count
@@ -313,7 +314,7 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
             done = b * total + step
             ctx.progress(done, total * job.batch_count, "sampling")
             if job.previews:
-                ctx.preview(preview_jpeg(denoised[:1].float(), model.latent_family), "image/jpeg",
+                ctx.preview(preview_jpeg(denoised[:1].float(), model.latent_family, taesd=taesd), "image/jpeg",
                             job.width, job.height)
 
         with mem.use(names["unet"]):
@@ -333,6 +334,45 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
     return {"images": images, "seconds": round(time.perf_counter() - started, 3), "model": model.path,
             "family": model.family, "prediction": model.prediction, "notes": notes,
             "job": {**asdict(job), "kind": "image"}}
+
+
+def preview_decoder(model: SDModel, ctx: JobContext, device: torch.device):
+    """TAESD / TAESDXL for sharper live previews when the user has installed one, else None (the
+    linear latent projection is used). TAESD and TAESDXL have the same shapes: a family override
+    or a tag of "sdxl" on the library entry marks the XL one."""
+    want_xl = model.latent_family == "sdxl"
+    key = f"taesd:{'xl' if want_xl else 'sd'}"
+    cached = ctx.models.get(key)
+    if cached is not None:
+        return cached
+    found = None
+    try:
+        from studio.library.library import Library, LibraryError
+
+        with Library() as lib:
+            for e in lib.list(role="vae"):
+                if not e.family.startswith("taesd") or not e.variant.startswith("4ch") or e.missing:
+                    continue
+                is_xl = "xl" in (e.family_override or "") or any(t.lower() in ("sdxl", "xl") for t in e.tags)
+                if is_xl == want_xl:
+                    found = e.path
+                    break
+    except (LibraryError, OSError):
+        found = None
+    if found is None:
+        return None
+    decoder = None
+    if found is not None:
+        from studio.engine.previews import TAESD
+        from studio.models.sd_checkpoint import read_state_dict
+
+        try:
+            decoder = TAESD.from_state_dict(read_state_dict(found)).to(device, torch.float32).eval()
+        except (UserError, KeyError, ValueError, RuntimeError) as exc:
+            log.warning("TAESD at %s unusable (%s); using the linear preview", found, exc)
+            return None
+        ctx.models.put(key, decoder, sum(p.numel() * 4 for p in decoder.parameters()))
+    return decoder
 
 
 def make_net(model: SDModel, cond, uncond, y_cond, y_uncond, cfg: float, mask, masked_latent):
