@@ -103,3 +103,14 @@ def test_gui_process_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_use_in_the_models_panel_opens_the_chat_tab_with_that_model(window, tmp_path):
+    from studio.models.bundled import default_chat_model
+
+    entry = window.library.add(default_chat_model(), name="smol-test")
+    window.refresh_model_pickers()
+    window.tabs.setCurrentIndex(0)
+    window.use_model(str(entry.path), "llm")
+    assert window.tabs.currentWidget() is window.chat_tab
+    assert window.chat_tab.model_combo.currentData() == str(entry.path)

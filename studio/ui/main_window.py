@@ -183,6 +183,8 @@ class MainWindow(QMainWindow):
 
             self.models_panel = ModelsPanel(self.library, parent=self)
             self.models_dock = self._dock("Models", self.models_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+            self.models_panel.installer.finished.connect(lambda *_: self.refresh_model_pickers())
+            self.models_panel.use_model.connect(self.use_model)
         try:
             from studio.ui.memory_panel import MemoryPanel
         except ImportError:
@@ -191,6 +193,35 @@ class MainWindow(QMainWindow):
             self.memory_panel = MemoryPanel(self)
             self.memory_panel.unload_all_requested.connect(lambda: self.engine.unload(None))
             self.memory_dock = self._dock("Memory", self.memory_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+
+    def refresh_model_pickers(self) -> None:
+        """A model was installed or removed: every tab's picker lists what is there now."""
+        for tab in (self.image_tab, self.video_tab, self.chat_tab):
+            refresh = getattr(tab, "refresh_models", None)
+            if refresh is not None:
+                refresh()
+
+    def use_model(self, path: str, role: str) -> None:
+        """'Use' in the Models panel: open the tab for that kind of model with it selected."""
+        if role == "llm":
+            self.tabs.setCurrentWidget(self.chat_tab)
+            combo = getattr(self.chat_tab, "model_combo", None)
+            if combo is not None:
+                self.chat_tab.refresh_models()
+                index = combo.findData(path)
+                if index >= 0:
+                    combo.setCurrentIndex(index)
+                    combo.activated.emit(index)
+            return
+        family = ""
+        if self.library is not None:
+            entry = self.library.get(path)
+            family = entry.effective_family if entry is not None else ""
+        target = self.video_tab if family.startswith("wan") else self.image_tab
+        self.tabs.setCurrentWidget(target)
+        use = getattr(target, "use_model", None)
+        if use is not None:
+            use(path, role)
 
     def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
