@@ -251,3 +251,18 @@ def test_models_panel_use_picks_the_model_and_parts(tab, library):
     assert tab.vae.currentData() == str(library.entries[2].path)
     tab.use_model(str(library.entries[3].path), "text_encoder")
     assert tab.text_encoder.currentData() == str(library.entries[3].path)
+
+
+def test_ctrl_enter_generates_and_escape_cancels(tab, qtbot):
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QApplication
+
+    tab.show()
+    tab.activateWindow()  # the shortcuts act only while focus is inside the tab
+    qtbot.waitUntil(lambda: QApplication.activeWindow() is tab, timeout=3000)
+    tab.prompt.setFocus()
+    qtbot.keyClick(tab.prompt, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    assert len(tab.engine_mock.submitted) == 1 and tab.busy
+    assert tab.prompt.toPlainText() == ""  # the shortcut took the key; no newline was typed
+    qtbot.keyClick(tab.prompt, Qt.Key.Key_Escape)
+    assert tab.engine_mock.cancelled == [tab.job_id]

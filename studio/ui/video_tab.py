@@ -218,9 +218,11 @@ class VideoTab(QWidget):
         layout = QHBoxLayout(self)
         layout.addWidget(split)
 
-        QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.generate)
-        QShortcut(QKeySequence("Ctrl+Enter"), self, activated=self.generate)
-        QShortcut(QKeySequence(Qt.Key.Key_Escape), self, activated=self.cancel)
+        # only while focus is in this tab: Esc in the Chat tab must not cancel a video
+        scope = Qt.ShortcutContext.WidgetWithChildrenShortcut
+        for keys in ("Ctrl+Return", "Ctrl+Enter"):
+            QShortcut(QKeySequence(keys), self, self.generate, context=scope)
+        QShortcut(QKeySequence("Esc"), self, self.cancel, context=scope)
         self.engine.message.connect(self._on_message)
         self.refresh_models()
         self.load_state()
