@@ -232,3 +232,19 @@ def test_int4_and_int8_linear_on_cuda_match_float_matmul(dtype):
         ref = x.float() @ qw.dequantize().cuda().T + mod.bias
         y = mod(x)
         assert y.dtype == dtype and _rel(y.float(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("k", [8, 12, 24, 40, 100])
+def test_int8_linear_with_k_not_a_multiple_of_16_is_correct_and_does_not_crash(k):
+    """The CPU int8pack kernel segfaults on these shapes; the module must route around it."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from studio.engine.quant import quantize_linear;"
+            f"w = torch.randn(32, {k}); qw = quantize_linear(w, 'int8'); m = qw.to_module(None);"
+            f"x = torch.randn(3, {k}); ref = x @ qw.dequantize(torch.float32).T; y = m(x);"
+            "print(tuple(y.shape), float((y - ref).abs().max() / ref.abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    shape, err = out.stdout.strip().rsplit(" ", 1)
+    assert shape == "(3, 32)" and float(err) < 1e-5

@@ -142,10 +142,16 @@ class Int8Linear(nn.Module):
         if self.backend != "auto":
             return self.backend
         # int32 sums stay exact while 2 * 127 * 127 * K < 2**31.
-        return "int8pack" if x.device.type == "cpu" else "dequant"
+        # The CPU int8pack kernel crashes the process (SIGSEGV, torch 2.13) when K is not a multiple of
+        # 16: such layers take the dequantize path instead of ever reaching it.
+        if x.device.type == "cpu" and self.in_features % 16 == 0:
+            return "int8pack"
+        return "dequant"
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         backend = self._backend(x)
+        if backend == "int8pack" and self.in_features % 16:
+            backend = "dequant"  # an explicit int8pack request on a shape that would crash the kernel
         if backend == "int8pack":
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # its fast CPU path is the bf16 one
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale.to(torch.bfloat16))
