@@ -114,3 +114,14 @@ def test_use_in_the_models_panel_opens_the_chat_tab_with_that_model(window, tmp_
     window.use_model(str(entry.path), "llm")
     assert window.tabs.currentWidget() is window.chat_tab
     assert window.chat_tab.model_combo.currentData() == str(entry.path)
+
+
+def test_the_models_panel_shows_where_a_loaded_model_lives(window):
+    from studio.models.bundled import default_chat_model
+
+    entry = window.library.add(default_chat_model(), name="smol-where")
+    window._on_status({"device": {"label": "CPU · 2 threads"}, "memory": {},
+                       "models": [{"key": "llm:x", "bytes": 1, "path": str(entry.path), "where": "RAM"}]})
+    window.models_panel.refresh()
+    rows = {r["Name"]: r for r in window.models_panel.rows()}
+    assert rows["smol-where"]["Location"] == "RAM"

@@ -57,22 +57,25 @@ class ModelCache:
     def __init__(self) -> None:
         self._items: dict[str, Any] = {}
         self._sizes: dict[str, int] = {}
+        self._info: dict[str, dict] = {}  # path and where ("VRAM" / "RAM") for the Models panel
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Any | None:
         with self._lock:
             return self._items.get(key)
 
-    def put(self, key: str, obj: Any, nbytes: int = 0) -> None:
+    def put(self, key: str, obj: Any, nbytes: int = 0, path: str = "", where: str = "") -> None:
         with self._lock:
             self._items[key] = obj
             self._sizes[key] = nbytes
+            self._info[key] = {"path": path, "where": where}
 
-    def get_or_load(self, key: str, load: Callable[[], Any], nbytes: Callable[[Any], int] | None = None) -> Any:
+    def get_or_load(self, key: str, load: Callable[[], Any], nbytes: Callable[[Any], int] | None = None,
+                    path: str = "", where: str = "") -> Any:
         obj = self.get(key)
         if obj is None:
             obj = load()
-            self.put(key, obj, nbytes(obj) if nbytes else 0)
+            self.put(key, obj, nbytes(obj) if nbytes else 0, path, where)
         return obj
 
     def unload(self, key: str | None = None) -> list[str]:
@@ -82,11 +85,12 @@ class ModelCache:
             for k in keys:
                 self._items.pop(k, None)
                 self._sizes.pop(k, None)
+                self._info.pop(k, None)
         return keys
 
     def summary(self) -> list[dict]:
         with self._lock:
-            return [{"key": k, "bytes": self._sizes.get(k, 0)} for k in self._items]
+            return [{"key": k, "bytes": self._sizes.get(k, 0), **self._info.get(k, {})} for k in self._items]
 
 
 @dataclass

@@ -196,7 +196,12 @@ class Engine:
             queue = [q.job_id for q in self._queue]
             running = self._running.job_id if self._running else None
         placed = self.memory.status()
-        models = placed["models"] + [m for m in self.models.summary() if not m["key"].startswith("sd:")]
+        cached = self.models.summary()
+        paths = {m["key"]: m.get("path", "") for m in cached}
+        for m in placed["models"]:  # manager names are "<model cache key>|<part>"
+            m["path"] = paths.get(m["key"].split("|")[0], "")
+        models = placed["models"] + [m for m in cached if m["key"] not in {p["key"].split("|")[0]
+                                                                             for p in placed["models"]}]
         self.send("engine_status", device=self.device.to_dict(), memory={**self._memory(), **placed["memory"]},
                   models=models, queue=queue, running=running)
 

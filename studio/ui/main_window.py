@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from PySide6.QtCore import QByteArray, Qt, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QDragEnterEvent, QDropEvent, QKeySequence
@@ -171,6 +172,17 @@ class MainWindow(QMainWindow):
         self.memory_label.setText(" · ".join(parts))
         if self.memory_panel is not None:
             self.memory_panel.update_status(status)
+        if self.models_panel is not None:
+            loaded: dict[str, str] = {}
+            for m in models:
+                if m.get("path"):
+                    # a model split over VRAM and RAM (a streamed UNet) shows where most of it runs
+                    path = os.path.realpath(m["path"])  # the library keys models by their resolved path
+                    where = m.get("where") or "RAM"
+                    loaded[path] = "VRAM" if "VRAM" in (where, loaded.get(path)) else where
+            if loaded != getattr(self, "_last_loaded", None):
+                self._last_loaded = loaded
+                self.models_panel.set_loaded(loaded)
 
     # -- docks ---------------------------------------------------------------------------
     def _build_docks(self) -> None:

@@ -350,7 +350,7 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
     key = f"llm:{path.resolve()}:{device}:{dtype}:{'dequant' if dequantize else 'packed'}:{limit}"
     cm: ChatModel = ctx.models.get_or_load(
         key, lambda: load_chat_model(path, kind, device, dtype, dequantize, limit, ctx.progress),
-        nbytes=lambda m: m.nbytes)
+        nbytes=lambda m: m.nbytes, path=str(path), where="RAM" if device.type == "cpu" else "VRAM")
 
     t_start = time.perf_counter()
     prompt, dropped = fit_prompt(cm, messages, job.max_tokens, job.overflow)

@@ -108,7 +108,7 @@ def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
         model = load_sd(path, vae, dtype, job.prediction)
         model.key = key  # type: ignore[attr-defined]
         nbytes = sum(p.numel() * p.element_size() for part in parts(model).values() for p in part.parameters())
-        ctx.models.put(key, model, nbytes)
+        ctx.models.put(key, model, nbytes, path=str(path))
         ctx.progress(1, 2, "loading")
     return model
 
