@@ -99,5 +99,7 @@ def cmd_video(args: argparse.Namespace) -> int:
               f"{video['frames']} frames at {video['fps']:g} fps, {video['codec']})")
     for note in result.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
-    print(f"done in {result['seconds']:.1f} s", file=sys.stderr)
+    t = result.get("timings", {})
+    steps = f" (sampling {t['sampling']:.1f} s, {t['per_step']:.2f} s/step)" if "per_step" in t else ""
+    print(f"done in {result['seconds']:.1f} s{steps}", file=sys.stderr)
     return 0

@@ -41,6 +41,9 @@ def test_text_to_video_writes_an_mp4_with_the_right_frames_size_and_job(wan_fold
     assert col.steps() == [1, 2, 3]
     assert len(col.previews) == 3 and col.previews[0][0][:2] == b"\xff\xd8"  # a JPEG of the middle frame
     assert result["videos"][0]["frames"] == 5 and result["notes"] == [] and not result["partial"]
+    t = result["timings"]
+    assert set(t) == {"load", "encode", "sampling", "decode", "save", "per_step"} and min(t.values()) >= 0
+    assert t["per_step"] == pytest.approx(t["sampling"] / 3, abs=1e-3)
     # a second run never overwrites the first
     again = V.run_video(make_job(wan_folder, tmp_path), Collector(tmp_path).ctx)
     assert Path(again["path"]) != path and path.exists()

@@ -423,6 +423,7 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
     started = time.perf_counter()
     dtype = compute_dtype(ctx)
     parts = load_parts(job, ctx, dtype)
+    marks = {"load": time.perf_counter()}  # stage end times, reported as seconds per stage
     notes += parts.notes
     net_cfg = parts.transformer.cfg
     device = torch.device(ctx.device.torch_device)
@@ -460,6 +461,8 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
                         "text-to-video model.")
 
     # -- sampling ---------------------------------------------------------------------------
+    _sync(device)
+    marks["encode"] = time.perf_counter()  # prompt and init image
     sigmas = wan_flow_sigmas(job.steps, job.shift)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(device)
     tokens_per_frame = (shape[3] // net_cfg.patch_size[1]) * (shape[4] // net_cfg.patch_size[2])
@@ -520,15 +523,31 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
         latent = torch.cat([first, latent[:, :, 1:]], dim=2)
 
     # -- decode and save ---------------------------------------------------------------------
+    _sync(device)
+    marks["sampling"] = time.perf_counter()
     ctx.progress(0, 1, "decoding")
     frames = decode(parts, latent, ctx)  # (F, H, W, 3) uint8
+    marks["decode"] = time.perf_counter()
     path, sidecar, codec = save_video(job, ctx, parts, frames, notes, partial)
+    marks["save"] = time.perf_counter()
+    timings, last_mark = {}, started
+    for stage, at in marks.items():
+        timings[stage] = round(at - last_mark, 3)
+        last_mark = at
+    timings["per_step"] = round(timings["sampling"] / max(1, int(last.get("step", job.steps))), 4)
     ctx.progress(1, 1, "saved")
     return {"videos": [{"path": str(path), "sidecar": str(sidecar), "frames": int(frames.shape[0]),
                         "width": int(frames.shape[2]), "height": int(frames.shape[1]), "fps": job.fps,
                         "seed": seed, "codec": codec}],
-            "path": str(path), "seconds": round(time.perf_counter() - started, 3), "model": parts.files["transformer"],
+            "path": str(path), "seconds": round(time.perf_counter() - started, 3), "timings": timings,
+            "model": parts.files["transformer"],
             "files": parts.files, "notes": notes, "partial": partial, "job": {**asdict(job), "kind": "video"}}
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work so the stage timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def decode(parts: WanParts, latent: torch.Tensor, ctx: JobContext) -> np.ndarray:
