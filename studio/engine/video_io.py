@@ -5,8 +5,8 @@ Torch-free (numpy + cv2 only), so the GUI's player and gallery use it too.
 OpenCV picks the encoder: H.264 ('avc1') where its FFmpeg build has one (the pip wheels usually
 do not ship libx264), else MPEG-4 Part 2 ('mp4v'), which every build has. OpenCV cannot write
 tags, so `write_mp4_metadata` edits the finished file: it adds an iTunes-style metadata list
-(moov/udta/meta/ilst, the one ffprobe, VLC and most players show) holding the job as JSON in
-the comment ('©cmt') and "Studio" as the encoder tool ('©too'). If the movie header comes
+(moov/udta/meta/ilst, the iTunes-style tags FFmpeg reads as `comment` and `encoder`) holding the
+job as JSON in '©cmt' and "Studio" in '©too'. If the movie header comes
 before the media data, every chunk offset (stco/co64) is moved by the bytes added, so the file
 stays playable either way. The sidecar `.json` next to the video carries the full job too.
 """
