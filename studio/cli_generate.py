@@ -31,6 +31,8 @@ def add_parser(sub, engine_args) -> None:
     p.add_argument("--strength", type=float, default=0.75)
     p.add_argument("--mask", default="", help="white = repaint (needs --init)")
     p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"])
+    p.add_argument("--quant", default="", choices=["", "int8", "int4", "fp8"],
+                   help="weight-only quantization of the UNet (less VRAM, small quality cost)")
     p.add_argument("--out", default="", help="a .png path (numbered if taken, never overwritten) or a folder")
     p.add_argument("--no-previews", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -65,7 +67,8 @@ def cmd_image(args: argparse.Namespace) -> int:
                    cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
                    batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=args.clip_skip, vae=args.vae,
                    loras=[parse_lora(s) for s in args.lora], init_image=args.init, strength=args.strength,
-                   mask=args.mask, prediction=args.prediction, out=args.out, previews=not args.no_previews)
+                   mask=args.mask, prediction=args.prediction, out=args.out, previews=not args.no_previews,
+                   quant=args.quant)
     if not (args.width or args.height):
         job = _default_size(job)
     tty = sys.stderr.isatty() and not args.json

@@ -26,6 +26,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what a model file or folder is (reads headers only)")
     info.add_argument("file", metavar="FILE")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--quant", choices=["int8", "int4", "fp8"], default=None,
+                      help="also measure what this quantization saves and costs (loads the model: slow)")
     add = sub.add_parser("add", help="register a model (in place by default)")
     add.add_argument("path", metavar="PATH")
     how = add.add_mutually_exclusive_group()
@@ -54,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
         match args.models_command:
             case "info":
                 det = detect(args.file)
-                _out(args, det.to_dict(), lambda: _format_detection(det))
+                data = det.to_dict()
+                if getattr(args, "quant", None):
+                    data["quantization"] = _quant_report(args.file, args.quant)
+                _out(args, data, lambda: _format_detection(det) + _format_quant(data.get("quantization")))
                 return 0
             case "add":
                 mode = "copy" if args.copy else "link" if args.link else "inplace"
@@ -91,6 +96,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"studio models: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _quant_report(path: str, mode: str) -> dict:
+    """Runs in this process with torch (the CLI may; the GUI never calls this)."""
+    from studio.engine.context import UserError
+    from studio.engine.quant_report import quant_report
+
+    try:
+        return quant_report(path, mode)
+    except UserError as e:
+        raise LibraryError(e.message) from None
+
+
+def _format_quant(q: dict | None) -> str:
+    if not q:
+        return ""
+    return (f"\nquantized:   {q['mode']} {q['component']}: {human_bytes(q['bytes_original'])} -> "
+            f"{human_bytes(q['bytes_quantized'])} ({q['ratio']:.0%}), saves {human_bytes(q['bytes_saved'])}; "
+            f"error on a fixed input: max {q['relative_error']:.2%} of the largest output, "
+            f"mean abs {q['mean_abs_error']:.4g}")
 
 
 def _one_line(e: Exception) -> str:

@@ -29,6 +29,9 @@ def add_video_parser(generate_subparsers, engine_args: Callable[[argparse.Argume
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one (printed, and stored with the video)")
     p.add_argument("--image", default="", help="init image for image-to-video (I2V / TI2V models)")
     p.add_argument("--out", default="", help="an .mp4 path (numbered if taken, never overwritten) or a folder")
+    p.add_argument("--vae", default="", help="the Wan VAE file (default: found beside the model or in the library)")
+    p.add_argument("--text-encoder", default="", help="the umT5 text encoder (default: found like the VAE)")
+    p.add_argument("--keep-partial", action="store_true", help="on Ctrl+C, save the video denoised so far")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     engine_args(p)
     p.set_defaults(func=cmd_video)
@@ -46,7 +49,8 @@ def job_from_args(args: argparse.Namespace) -> VideoJob:
     return VideoJob(model=_absolute(args.model, True), prompt=args.prompt, negative=args.negative, width=args.width,
                     height=args.height, frames=args.frames, fps=args.fps, steps=args.steps, cfg=args.cfg,
                     shift=args.shift, sampler=args.sampler, seed=args.seed, image=_absolute(args.image, False),
-                    out=_absolute(args.out, False))
+                    out=_absolute(args.out, False), vae=_absolute(args.vae, True),
+                    text_encoder=_absolute(args.text_encoder, True), keep_partial=args.keep_partial)
 
 
 class ProgressLine:

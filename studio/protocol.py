@@ -242,6 +242,7 @@ class ImageJob:
     prediction: str = "auto"  # "auto", "eps", "v"
     out: str = ""
     previews: bool = True
+    quant: str = ""  # "", "int8", "int4", "fp8": weight-only quantization of the UNet's linear layers
     version: int = JOB_VERSION
 
 
@@ -262,6 +263,9 @@ class VideoJob:
     seed: int = -1
     image: str = ""
     out: str = ""
+    vae: str = ""  # "" = inside the model folder, next to the model file, or from the library
+    text_encoder: str = ""
+    keep_partial: bool = False  # on cancel, decode and save what was denoised so far
     version: int = JOB_VERSION
 
 

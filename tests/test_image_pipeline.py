@@ -314,3 +314,28 @@ def test_a_diffusers_folder_loads_like_the_single_file(ckpt, tmp_path, models):
     a = run_image(job(ckpt), Recorder(tmp_path, models).ctx)
     b = run_image(job(tmp_path / "folder"), Recorder(tmp_path, models).ctx)
     assert np.array_equal(pixels(a["images"][0]["path"]), pixels(b["images"][0]["path"]))
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_a_quantized_unet_makes_nearly_the_same_image_in_less_memory(xl_ckpt, tmp_path, mode):
+    models = ModelCache()
+    full = run_image(job(xl_ckpt, steps=2), Recorder(tmp_path, models).ctx)
+    quant = run_image(job(xl_ckpt, steps=2, quant=mode), Recorder(tmp_path, models).ctx)
+    assert any(f"UNet weights {mode}" in n for n in quant["notes"])
+    diff = np.abs(pixels(full["images"][0]["path"]) - pixels(quant["images"][0]["path"])).mean()
+    assert diff < 8  # a few levels out of 255 on average
+    with pytest.raises(UserError, match="LoRAs cannot be applied"):
+        run_image(job(xl_ckpt, quant=mode, loras=[{"path": "x", "weight": 1.0}]), Recorder(tmp_path, models).ctx)
+
+
+def test_models_info_reports_what_quantization_saves_and_costs(xl_ckpt):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "studio", "models", "info", str(xl_ckpt), "--quant", "int8", "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    q = json.loads(out.stdout)["quantization"]
+    assert q["component"] == "unet" and q["bytes_quantized"] < q["bytes_original"]
+    assert 0 < q["relative_error"] < 0.05

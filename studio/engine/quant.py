@@ -153,7 +153,8 @@ class Int8Linear(nn.Module):
         if backend == "int8pack" and self.in_features % 16:
             backend = "dequant"  # an explicit int8pack request on a shape that would crash the kernel
         if backend == "int8pack":
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # its fast CPU path is the bf16 one
+            # the kernel wants dense rows (.to keeps a permuted input's strides); bf16 is its fast CPU path
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale.to(torch.bfloat16))
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         elif backend == "int_mm" and self.in_features < 66000:
@@ -260,7 +261,7 @@ class Int4Linear(nn.Module):
             backend = "int4pack" if x.device.type in ("cpu", "cuda") and self._kernel_shape_ok else "dequant"
         if backend == "int4pack":
             w, sz = self._kernel_weight(x.device)
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             if x.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, self.group_size, sz)
             else:

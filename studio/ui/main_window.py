@@ -229,7 +229,7 @@ class MainWindow(QMainWindow):
         if self.library is not None:
             entry = self.library.get(path)
             family = entry.effective_family if entry is not None else ""
-        target = self.video_tab if family.startswith("wan") else self.image_tab
+        target = self.video_tab if family.startswith(("wan", "umt5")) else self.image_tab
         self.tabs.setCurrentWidget(target)
         use = getattr(target, "use_model", None)
         if use is not None:

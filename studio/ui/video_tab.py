@@ -10,7 +10,7 @@ on a timer: play, pause, scrub, loop.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -344,10 +344,9 @@ class VideoTab(QWidget):
                       fps=round(self.fps.value(), 3), steps=self.steps.value(), cfg=round(self.cfg.value(), 3),
                       shift=round(self.shift.value(), 3), sampler=self.sampler.currentText(), seed=self.seed.value(),
                       image=self.image.text().strip())
-        # VideoJob may carry explicit VAE / text encoder paths; without those fields the engine finds them.
-        known = {f.name for f in fields(VideoJob)}
+        # explicit VAE / text encoder choices; left empty the engine finds them by their headers
         for name, combo in (("vae", self.vae), ("text_encoder", self.text_encoder)):
-            if name in known and combo.currentData():
+            if combo.currentData():
                 values[name] = combo.currentData()
         return VideoJob(**values)
 

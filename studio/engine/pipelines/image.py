@@ -62,6 +62,11 @@ def validate(job: ImageJob) -> None:
         raise UserError("bad_input", f"CFG {job.cfg} must be between 0 and 100.")
     if not 1 <= job.clip_skip <= 12:
         raise UserError("bad_input", f"clip skip {job.clip_skip} must be between 1 and 12.")
+    if job.quant not in ("", "int8", "int4", "fp8"):
+        raise UserError("bad_input", f"quantization {job.quant!r} is not one of int8, int4, fp8 (or none).")
+    if job.quant and job.loras:
+        raise UserError("unsupported", "LoRAs cannot be applied to a quantized UNet yet: turn quantization off to "
+                        "use LoRAs, or drop the LoRAs.")
     if job.mask and not job.init_image:
         raise UserError("bad_input", "A mask needs an image to paint on: set an init image for inpainting.")
     for lora in job.loras:
@@ -95,7 +100,7 @@ def compute_dtype(ctx: JobContext) -> torch.dtype:
 def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
     path = resolve_path(job.model, "model")
     vae = resolve_path(job.vae, "VAE") if job.vae else None
-    key = f"sd:{path}:{vae}:{dtype}:{job.prediction}"
+    key = f"sd:{path}:{vae}:{dtype}:{job.prediction}:{job.quant or 'full'}"
     model = ctx.models.get(key)
     if model is None:
         # One SD model at a time: a second would double the memory for no gain in speed.
@@ -107,6 +112,13 @@ def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
         ctx.progress(0, 2, "loading")
         model = load_sd(path, vae, dtype, job.prediction)
         model.key = key  # type: ignore[attr-defined]
+        if job.quant:
+            from studio.engine.weights import quantize_model
+
+            summary = quantize_model(model.unet, job.quant)
+            model.notes.append(f"UNet weights {job.quant}: {summary.bytes_before / 2**30:.2f} -> "
+                               f"{summary.bytes_after / 2**30:.2f} GiB ({len(summary.replaced)} layers; "
+                               f"{len(summary.skipped)} kept in full precision)")
         nbytes = sum(p.numel() * p.element_size() for part in parts(model).values() for p in part.parameters())
         ctx.models.put(key, model, nbytes, path=str(path))
         ctx.progress(1, 2, "loading")

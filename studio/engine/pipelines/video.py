@@ -198,7 +198,7 @@ def locate(model: Path, job: VideoJob) -> dict[str, Path]:
                 raise UserError("model_not_found", f"{model.name} has no {name}/ folder: put {hint} there.")
         return parts
     parts = {"transformer": model}
-    vae_spec, te_spec = getattr(job, "vae", ""), getattr(job, "text_encoder", "")  # fields a later VideoJob may add
+    vae_spec, te_spec = job.vae, job.text_encoder
     parts["vae"] = resolve_path(vae_spec, "VAE") if vae_spec else None
     parts["text_encoder"] = resolve_path(te_spec, "text encoder") if te_spec else None
     return parts
@@ -513,7 +513,7 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
                         "Make the video smaller or shorter, close other programs using the GPU, or set a lower "
                         "VRAM budget in Settings so the transformer streams its blocks from RAM.") from None
     except JobCancelled:
-        if not ctx.settings.get("keep_partial_video") or "denoised" not in last:
+        if not (job.keep_partial or ctx.settings.get("keep_partial_video")) or "denoised" not in last:
             raise
         latent = last["denoised"]
         partial = True
