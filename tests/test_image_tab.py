@@ -143,6 +143,7 @@ def test_job_built_from_the_controls_carries_every_field(tab, engine, library, t
     p.batch_count_spin.setValue(3)
     p.clip_skip_spin.setValue(2)
     p.prediction_combo.setCurrentIndex(p.prediction_combo.findData("v"))
+    p.quant_combo.setCurrentIndex(p.quant_combo.findData("int8"))
     init = png(tmp_path / "init.png", size=(80, 60))
     assert tab.init_panel.set_image(init)
     tab.init_panel.strength_spin.setValue(0.6)
@@ -165,7 +166,7 @@ def test_job_built_from_the_controls_carries_every_field(tab, engine, library, t
         batch_size=2, batch_count=3, clip_skip=2, vae=model_path(library, "vae"),
         loras=[{"path": model_path(library, "loraxl"), "weight": 0.8},
                {"path": model_path(library, "loraxl"), "weight": -0.5}],
-        init_image=str((tmp_path / "init.png").resolve()), strength=0.6, mask=mask, prediction="v"))
+        init_image=str((tmp_path / "init.png").resolve()), strength=0.6, mask=mask, prediction="v", quant="int8"))
     with Image.open(mask) as m:
         assert m.size == (80, 60) and m.mode == "L"
         assert m.getpixel((40, 30)) == 255 and m.getpixel((2, 2)) == 0  # painted stroke vs untouched corner

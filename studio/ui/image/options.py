@@ -15,6 +15,8 @@ SAMPLERS = [("euler", "Euler"), ("euler_a", "Euler a"), ("heun", "Heun"), ("dpmp
             ("dpmpp_2m_sde", "DPM++ 2M SDE"), ("dpmpp_sde", "DPM++ SDE"), ("ddim", "DDIM"), ("lcm", "LCM")]
 SCHEDULES = [("normal", "Normal"), ("karras", "Karras"), ("exponential", "Exponential"),
              ("sgm_uniform", "SGM uniform")]
+QUANTIZATIONS = [("", "Full precision"), ("int8", "int8 (half the VRAM)"), ("fp8", "fp8 (half, GPU)"),
+                 ("int4", "int4 (a quarter, lower quality)")]
 PREDICTIONS = [("auto", "Auto (from the model)"), ("eps", "epsilon"), ("v", "v-prediction")]
 IMAGE_FAMILIES = ("sd1", "sd2", "sdxl")
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
 from studio.ui.image.options import (
     FAMILY_LABELS,
     PREDICTIONS,
+    QUANTIZATIONS,
     SAMPLERS,
     SCHEDULES,
     refuse_file_drops,
@@ -222,6 +223,9 @@ class ParamsPanel(QWidget):
         self.clip_skip_spin.setToolTip("Stop the text encoder this many layers early (2 suits many anime models)")
         self.prediction_combo = _combo(PREDICTIONS)
         self.prediction_combo.setToolTip("Override when SD 2.x images come out grey or noisy")
+        self.quant_combo = _combo(QUANTIZATIONS)
+        self.quant_combo.setToolTip("Store the UNet's weights in fewer bits: less VRAM, a small quality cost. "
+                                    "`studio models info FILE --quant int8` measures both for a model.")
 
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
@@ -237,13 +241,14 @@ class ParamsPanel(QWidget):
         form.addRow("Batch", batch_row)
         form.addRow("Clip skip", self.clip_skip_spin)
         form.addRow("Prediction", self.prediction_combo)
+        form.addRow("Weights", self.quant_combo)
 
         self.model_combo.currentIndexChanged.connect(self._on_model)
         self.size_combo.currentIndexChanged.connect(self._on_preset)
         for spin in (self.width_spin, self.height_spin):
             spin.valueChanged.connect(self._sync_preset)
             spin.editingFinished.connect(lambda s=spin: s.setValue(snap8(s.value())))
-        for w in (self.vae_combo, self.sampler_combo, self.schedule_combo, self.prediction_combo):
+        for w in (self.vae_combo, self.sampler_combo, self.schedule_combo, self.prediction_combo, self.quant_combo):
             w.currentIndexChanged.connect(self.changed)
         for w in (self.width_spin, self.height_spin, self.steps_spin, self.batch_size_spin, self.batch_count_spin,
                   self.clip_skip_spin, self.cfg_spin):
@@ -435,6 +440,7 @@ class ParamsPanel(QWidget):
             "batch_count": self.batch_count_spin.value(),
             "clip_skip": self.clip_skip_spin.value(),
             "prediction": self.prediction_combo.currentData(),
+            "quant": self.quant_combo.currentData(),
         }
 
     def apply(self, params: dict) -> list[str]:
@@ -458,7 +464,7 @@ class ParamsPanel(QWidget):
         if params.get("cfg") is not None:
             self.cfg_spin.setValue(float(params["cfg"]))
         for key, box in (("sampler", self.sampler_combo), ("schedule", self.schedule_combo),
-                         ("prediction", self.prediction_combo)):
+                         ("prediction", self.prediction_combo), ("quant", self.quant_combo)):
             if params.get(key) and not _select(box, params[key]):
                 skipped.append(f"{key} {params[key]} is not available")
         if params.get("batch_size"):
