@@ -145,27 +145,37 @@ def run_job(client, job, on_event=None) -> dict:
         raise
 
 
+def run_cli_job(args: argparse.Namespace, job, on_event=None) -> tuple[dict | None, int]:
+    """One job on a fresh engine for a CLI command: (result, 0), or (None, exit code) with the error printed."""
+    from studio.client import EngineError, JobCancelledError
+
+    with make_client(args) as client:
+        try:
+            return run_job(client, job, on_event), 0
+        except EngineError as exc:
+            print(f"\nstudio: {exc}", file=sys.stderr)
+            return None, 1
+        except JobCancelledError:
+            print("\nstudio: cancelled", file=sys.stderr)
+            return None, 130
+
+
 def _fail(message: str, code: int = 1) -> int:
     print(f"studio: {message}", file=sys.stderr)
     return code
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from studio.client import EngineError, JobCancelledError
     from studio.protocol import SelfTestJob
 
     job = SelfTestJob(size=args.size, iterations=args.iterations, dtype=args.dtype)
-    with make_client(args) as client:
-        try:
-            result = run_job(client, job)
-        except EngineError as exc:
-            return _fail(str(exc))
-        except JobCancelledError:
-            return _fail("cancelled", 130)
+    result, code = run_cli_job(args, job)
+    if result is None:
+        return code
     if args.json:
         print(json.dumps(result))
-    else:
-        verdict = "correct" if result["ok"] else f"WRONG RESULTS: relative error {result['relative_error']:.2e}"
+        return 0 if result["ok"] else 1
+    verdict = "correct" if result["ok"] else f"WRONG RESULTS: relative error {result['relative_error']:.2e}"
     print(f"{result['device_label']}: {result['tflops']:.3f} TFLOP/s ({result['dtype']}, {result['size']}², "
           f"{result['iterations']} runs in {result['seconds']:.2f} s), {verdict}")
     return 0 if result["ok"] else 1

@@ -57,8 +57,7 @@ def parse_lora(spec: str) -> dict:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from studio.cli import make_client, run_job
-    from studio.client import EngineError, JobCancelledError
+    from studio.cli import run_cli_job
     from studio.protocol import ImageJob
 
     size = args.width or args.height or 0
@@ -78,15 +77,9 @@ def cmd_image(args: argparse.Namespace) -> int:
             sys.stderr.write(f"\r{msg['stage']:<10} {msg['step']}/{msg['total']}   ")
             sys.stderr.flush()
 
-    with make_client(args) as client:
-        try:
-            result = run_job(client, job, on_event)
-        except EngineError as exc:
-            print(f"\nstudio: {exc}", file=sys.stderr)
-            return 1
-        except JobCancelledError:
-            print("\nstudio: cancelled", file=sys.stderr)
-            return 130
+    result, code = run_cli_job(args, job, on_event)
+    if result is None:
+        return code
     if tty:
         sys.stderr.write("\n")
     if args.json:

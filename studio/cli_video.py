@@ -79,20 +79,13 @@ class ProgressLine:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from studio.cli import make_client, run_job
-    from studio.client import EngineError, JobCancelledError
+    from studio.cli import run_cli_job
 
     job = job_from_args(args)
     line = ProgressLine() if sys.stderr.isatty() and not args.json else None
-    with make_client(args) as client:
-        try:
-            result = run_job(client, job, line)
-        except EngineError as exc:
-            print(f"\nstudio: {exc}", file=sys.stderr)
-            return 1
-        except JobCancelledError:
-            print("\nstudio: cancelled", file=sys.stderr)
-            return 130
+    result, code = run_cli_job(args, job, line)
+    if result is None:
+        return code
     if line is not None and line.shown:
         sys.stderr.write("\n")
     if args.json:

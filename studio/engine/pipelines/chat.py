@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from studio.engine.context import JobContext, UserError
+from studio.engine.resolve import library_path
 from studio.engine.sampling import Sampler, SamplingParams
 from studio.models.llm import LLM, LoadedLLM, build_llm, is_quant, weight_bytes
 from studio.protocol import ChatJob
@@ -64,7 +65,7 @@ def resolve_model(spec: str) -> tuple[Path, str]:
         return default_chat_model(), "gguf"
     path = Path(spec).expanduser()
     if not path.exists():
-        path = _library_path(spec)
+        path = library_path(spec)
     if path is None:
         raise UserError("model_not_found", f"No model at {spec!r} and none of that name in the library. Give the "
                         "path to a .gguf file or a Hugging Face model folder, a name from `studio models list`, "
@@ -84,17 +85,6 @@ def resolve_model(spec: str) -> tuple[Path, str]:
         return path.parent, "hf"
     raise UserError("bad_model", f"{path.name} is not a GGUF file (it starts with {magic!r}). For a safetensors "
                     "LLM choose its whole folder (config.json, tokenizer.json and weights).")
-
-
-def _library_path(name: str) -> Path | None:
-    """A name the user installed through the model library -> its file or folder (None if unknown)."""
-    from studio.library.library import Library, LibraryError
-
-    try:
-        with Library() as lib:
-            return lib.resolve(name)
-    except LibraryError:
-        return None
 
 
 def _magic(path: Path) -> bytes:

@@ -26,6 +26,7 @@ from studio.engine import samplers as S
 from studio.engine.context import JobContext, UserError
 from studio.engine.previews import preview_jpeg
 from studio.engine.prompts import encode_prompt, pad_to_chunks
+from studio.engine.resolve import resolve_path
 from studio.engine.tiling import decode_with_fallback, tiled_encode
 from studio.models.sd_checkpoint import SDModel, load_sd
 from studio.protocol import ImageJob
@@ -72,20 +73,6 @@ def validate(job: ImageJob) -> None:
     for lora in job.loras:
         if not isinstance(lora, dict) or not isinstance(lora.get("path"), str):
             raise UserError("bad_input", 'Each LoRA must be {"path": FILE, "weight": NUMBER}.')
-
-
-def resolve_path(spec: str, what: str) -> Path:
-    """A library name or a path -> an existing path."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    try:
-        from studio.library.library import Library, LibraryError
-
-        with Library() as lib:
-            return lib.resolve(spec)
-    except LibraryError as exc:
-        raise UserError("model_not_found", f"No {what} {spec!r}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------- loading
