@@ -21,7 +21,8 @@ import torch
 
 from studio.engine.pipelines.chat import _decode_one, generate_tokens
 from studio.engine.sampling import greedy
-from studio.models.llm import LLM, LLMConfig, build_llm
+from studio.models.llm import LLM, LLMConfig
+from studio.models.llm_build import build_llm
 
 
 def sync(device: torch.device) -> None:

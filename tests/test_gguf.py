@@ -161,7 +161,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def test_tiny_gguf_logits_equal_transformers_from_safetensors(tmp_path, f32_file, hf_model):
     from transformers import LlamaForCausalLM
 
-    from studio.models.llm import build_llm
+    from studio.models.llm_build import build_llm
 
     folder = tmp_path / "hf"
     hf_model.save_pretrained(folder)
@@ -179,7 +179,7 @@ def test_tiny_gguf_logits_equal_transformers_from_safetensors(tmp_path, f32_file
 
 
 def test_tiny_q8_0_model_runs_on_packed_weights_close_to_float(tmp_path, hf_model):
-    from studio.models.llm import build_llm
+    from studio.models.llm_build import build_llm
 
     path = tmp_path / "tiny-q8.gguf"
     write_gguf(path, hf_model.state_dict(), "Q8_0")
@@ -347,7 +347,7 @@ def write_other_arch_gguf(path, arch: str, model) -> None:
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"])
 def test_other_architectures_load_to_hf_weights_and_same_logits(tmp_path, arch):
-    from studio.models.llm import build_llm
+    from studio.models.llm_build import build_llm
 
     model = _other_arch_model(arch)
     path = tmp_path / f"{arch}.gguf"

@@ -13,7 +13,8 @@ from studio.engine.context import UserError  # noqa: E402
 from studio.engine.pipelines.chat import generate_tokens  # noqa: E402
 from studio.engine.sampling import greedy  # noqa: E402
 from studio.models.hf_loader import load_hf_folder  # noqa: E402
-from studio.models.llm import LLMConfig, build_llm  # noqa: E402
+from studio.models.llm import LLMConfig  # noqa: E402
+from studio.models.llm_build import build_llm  # noqa: E402
 
 VOCAB = 128
 PROMPT_LEN = 20

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from studio.engine.context import UserError
-from studio.models.llm import LLMConfig, LoadedLLM
+from studio.models.llm import LLMConfig
+from studio.models.llm_build import LoadedLLM
 
 # Gemma3 multimodal checkpoints hold the language model under one of these prefixes.
 _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),

@@ -22,7 +22,8 @@ import torch
 from studio.engine.context import JobContext, UserError
 from studio.engine.resolve import library_path
 from studio.engine.sampling import Sampler, SamplingParams
-from studio.models.llm import LLM, LoadedLLM, build_llm, is_quant, weight_bytes
+from studio.models.llm import LLM
+from studio.models.llm_build import LoadedLLM, build_llm, is_quant, weight_bytes
 from studio.protocol import ChatJob
 
 log = logging.getLogger(__name__)

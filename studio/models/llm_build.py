@@ -1,0 +1,178 @@
+"""Building an LLM from what a loader read: the LoadedLLM hand-over, q/k/v fusion, packed weights.
+
+Split from llm.py (the model itself) so each file does one thing. Builds on the meta device and
+loads with `load_state_dict(assign=True)`; quantized Linear weights become their packed modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from studio.engine.context import UserError
+from studio.models.llm import LLM, LLMConfig
+
+# ---------------------------------------------------------------------------
+# What a loader hands over (HF folder or GGUF), and building the module from it.
+
+@dataclass
+class LoadedLLM:
+    """A model read from disk, not yet built: config, weights, tokenizer and chat metadata."""
+
+    config: dict  # Hugging Face style config.json dict
+    state_dict: dict  # Hugging Face key names -> Tensor or QuantWeight
+    tokenizer: Any  # tokenizers.Tokenizer
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    stop_token_ids: list = field(default_factory=list)
+    add_bos: bool = False
+    generation_defaults: dict = field(default_factory=dict)  # temperature, top_p, ... from the model
+    source: str = ""  # the path it came from
+
+
+def is_quant(w: Any) -> bool:
+    """A packed weight (studio.engine.quant.QuantWeight or alike), not a plain Tensor."""
+    return not isinstance(w, Tensor) and hasattr(w, "dequantize") and hasattr(w, "to_module")
+
+
+def _concat_rows(ws: list) -> Any:
+    """Stack Linear weights along out_features, exactly, or None where no exact form exists."""
+    if all(isinstance(w, Tensor) for w in ws):
+        return torch.cat(ws, dim=0)
+    from studio.engine.quant import GGUFWeight, Int4Weight, Int8Weight, quantize_int8
+
+    if all(isinstance(w, Int4Weight) for w in ws) and len({w.group_size for w in ws}) == 1:
+        return Int4Weight(*(torch.cat([getattr(w, a) for w in ws]) for a in ("packed", "scale", "zero")),
+                          ws[0].group_size)
+    if all(isinstance(w, Int8Weight) for w in ws):
+        return Int8Weight(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
+    if not all(isinstance(w, GGUFWeight) for w in ws):
+        return None
+
+    k = ws[0].shape[1]
+    if len({w.type_id for w in ws}) == 1:  # GGUF rows are independent blocks: concatenation is exact
+        return GGUFWeight(torch.cat([w.raw for w in ws], dim=0), ws[0].type_id, (sum(w.shape[0] for w in ws), k))
+    if any(w.type_name in ("Q4_0", "Q4_1") for w in ws):
+        return None  # those stay exact int4; mixing them with others would requantize them
+    # The others become per-channel int8 one way or the other; per-row scales make it identical.
+    return quantize_int8(torch.cat([w.dequantize() for w in ws], dim=0))
+
+
+def fuse_projections(c: LLMConfig, state_dict: dict) -> tuple[LLMConfig, dict]:
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj: two matmuls per layer instead of five.
+
+    On CPU decode most of the time per token is spent per matmul call, so fewer, larger
+    calls are faster. Returns the inputs unchanged if some layer cannot be fused exactly.
+    """
+    if c.fused_qkv and c.fused_gate_up:
+        return c, state_dict
+    out = dict(state_dict)
+    for i in range(c.n_layers):
+        groups = []
+        if not c.fused_qkv:
+            groups.append((f"model.layers.{i}.self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+        if not c.fused_gate_up:
+            groups.append((f"model.layers.{i}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
+        for base, parts, fused in groups:
+            w = _concat_rows([out[f"{base}{p}.weight"] for p in parts])
+            biases = [out.get(f"{base}{p}.bias") for p in parts]
+            if w is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
+                return c, state_dict
+            for p in parts:
+                out.pop(f"{base}{p}.weight")
+                out.pop(f"{base}{p}.bias", None)
+            out[f"{base}{fused}.weight"] = w
+            if biases[0] is not None:
+                out[f"{base}{fused}.bias"] = torch.cat(biases)
+    return replace(c, fused_qkv=True, fused_gate_up=True), out
+
+
+def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu", fuse: bool = False) -> LLM:
+    """Build on the meta device, then assign the weights. Quantized Linear weights stay packed.
+
+    fuse=True stacks q/k/v and gate/up into one Linear each (see fuse_projections).
+    """
+    c = loaded_config if isinstance(loaded_config, LLMConfig) else LLMConfig.from_hf(loaded_config)
+    if fuse:
+        c, state_dict = fuse_projections(c, state_dict)
+    with torch.device("meta"):
+        model = LLM(c)
+    expected = set(model.state_dict())  # before packed modules replace any Linear
+    modules = dict(model.named_modules())
+    plain: dict[str, Tensor] = {}
+    skip_bias: set[str] = set()
+    tie = c.tie_word_embeddings or "lm_head.weight" not in state_dict
+    for name, w in state_dict.items():
+        if not is_quant(w):
+            continue
+        owner = name.rsplit(".", 1)[0]
+        mod = modules.get(owner)
+        if isinstance(mod, nn.Linear):
+            bias = state_dict.get(owner + ".bias")
+            qmod = w.to_module(None if bias is None else bias.to(device=device, dtype=dtype))
+            _set_submodule(model, owner, qmod.to(device))
+            skip_bias.add(owner + ".bias")
+        elif isinstance(mod, nn.Embedding):
+            table = None
+            if hasattr(w, "to_embedding") and torch.device(device).type == "cpu":
+                # keep the table packed; only looked-up rows are unpacked. (On a GPU the lookup
+                # would run on the CPU inside the CUDA graph, so there the table is unpacked.)
+                _set_submodule(model, owner, w.to_embedding())
+            else:
+                table = w.dequantize(torch.float32)
+                plain[name] = table
+            if tie:  # a tied head reads the packed data: 4x fewer bytes per token than fp32
+                _set_submodule(model, "lm_head", _packed_head(w, table).to(device))
+    for name, w in state_dict.items():
+        if is_quant(w) or name in skip_bias or name.endswith("rotary_emb.inv_freq"):
+            continue
+        plain[name] = w
+    plain = {k: v.to(device=device, dtype=dtype) for k, v in plain.items()}
+    head_packed = not isinstance(model.lm_head, nn.Linear)
+    quant_keys = {k for k, w in state_dict.items() if is_quant(w)} | skip_bias
+    missing = sorted(k for k in expected - set(plain) - quant_keys
+                     if not (k == "lm_head.weight" and (tie or head_packed)))
+    unexpected = sorted(set(plain) - expected - quant_keys)
+    if missing or unexpected:
+        raise UserError("bad_model", f"The weights do not fit a {c.model_type} model of this config: "
+                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                        f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+                        "The file may be damaged or converted wrongly; download it again.")
+    model.load_state_dict(plain, strict=False, assign=True)
+    if isinstance(model.lm_head, nn.Linear) and "lm_head.weight" not in plain:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    return model
+
+
+def _packed_head(w: Any, table: Tensor | None) -> nn.Module:
+    """The tied output head from a quantized embedding. Types without an exact int4 form
+    become per-channel int8 (as GGUFWeight.to_module does), reusing a dequantized table."""
+    if getattr(w, "type_name", None) in (None, "Q4_0", "Q4_1"):
+        return w.to_module(None)
+    from studio.engine.quant import quantize_int8
+
+    return quantize_int8(w.dequantize(torch.float32) if table is None else table).to_module(None)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the weights occupy (parameters and persistent buffers, packed or not)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "cache" not in n]:
+        if t.device.type == "meta" or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    # packed embeddings hold their data outside parameters and buffers
+    return total + sum(m.weight_q.nbytes for m in model.modules() if hasattr(m, "weight_q"))
