@@ -117,12 +117,29 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
     base = random_model(cfg, dtype, device)
     # ours runs as the chat pipeline builds it: q/k/v and gate/up fused (weights shared otherwise)
     model = build_llm(cfg, dict(base.state_dict()), dtype=dtype, device=device, fuse=True)
-    model.setup_caches(1, prompt_len + new)
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     bw = copy_bandwidth(device, (64 << 20) if args.tiny else (2 << 30))
-    per_tok = bytes_per_token(model)
+    if args.quant:
+        from studio.engine.memory import estimate_module_bytes
+        from studio.engine.weights import quantize_model
+
+        quantize_model(model, args.quant)  # every Linear, the output head included
+        emb = model.model.embed_tokens.weight
+        per_tok = estimate_module_bytes(model) - emb.numel() * emb.element_size()
+        args.no_hf = True  # the reference would need the full-precision copy we are freeing
+        del base
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            if args.budget_gib:
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(args.budget_gib * 2**30 / total)
+            torch.cuda.reset_peak_memory_stats()
+    else:
+        per_tok = bytes_per_token(model)
+    model.setup_caches(1, prompt_len + new)
     bound = bw / per_tok
     res: dict = {"mode": "tiny" if args.tiny else "synthetic", "config": "tiny-llama" if args.tiny else args.config,
+                 "quant": args.quant or "none", "budget_gib": args.budget_gib,
                  "dtype": str(dtype).removeprefix("torch."), "prompt": prompt_len, "new": new,
                  "weight_gb_per_token": round(per_tok / 1e9, 3), "copy_gb_s": round(bw / 1e9, 1),
                  "bound_tok_s": round(bound, 1)}
@@ -140,6 +157,8 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
         _, compiled = time_decode(model, prompt, new, device, step=step)
         res.update(ours_compiled_tok_s=round(compiled, 2), ours_compiled_fraction_of_bound=round(compiled / bound, 3))
         print(f"ours compiled: decode {compiled:.2f} tok/s ({compiled / bound:.1%} of bound)", flush=True)
+    if device.type == "cuda":
+        res["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if not args.no_hf:
         del model
         hf = hf_reference(base, cfg, dtype, device)
@@ -171,7 +190,7 @@ def bench_cpu_smollm2(args: argparse.Namespace) -> dict:
     cache.put("bench", cm)
     dev = probe("cpu")
     ctx = JobContext(job_id="bench", device=dev, models=cache)
-    ctx.models.get_or_load = lambda key, load, nbytes=None: cm  # reuse the model loaded above
+    ctx.models.get_or_load = lambda key, load, nbytes=None, **kw: cm  # reuse the model loaded above
     question = [{"role": "user", "content": "What is the capital of France?"}]
     run_chat(ChatJob(messages=question, temperature=0.0, max_tokens=8), ctx)  # warm up
     answer = run_chat(ChatJob(messages=question, temperature=0.0, max_tokens=32), ctx)
@@ -195,6 +214,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--quant", choices=["int8", "int4"], default=None, help="weight-only quantized linears")
+    ap.add_argument("--budget-gib", type=float, default=0, help="with --quant: cap the process's VRAM (GiB)")
     args = ap.parse_args()
     torch.manual_seed(0)
     res = bench_cpu_smollm2(args) if args.cpu_smollm2 else bench_synthetic(args)
