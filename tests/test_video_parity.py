@@ -1,5 +1,6 @@
 """The Wan video pipeline against diffusers' WanPipeline / WanImageToVideoPipeline on tiny random models:
-the final latents (before the VAE decode) must match for T2V, I2V with two experts, and TI2V."""
+the final latents (before the VAE decode) must match for T2V, Wan 2.1 I2V (CLIP image context), I2V with
+two experts, and TI2V."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def _diffusers_i2v(folder: Path, job: VideoJob, expand: bool, boundary: float | 
     )
     from diffusers.pipelines.wan import pipeline_wan_i2v
     from PIL import Image
-    from transformers import PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor, CLIPVisionModel, PreTrainedTokenizerFast
 
     # its prompt cleaning needs ftfy (not installed); ftfy leaves plain ASCII prompts as they are
     monkeypatch.setattr(pipeline_wan_i2v, "basic_clean", lambda text: text.strip(), raising=False)
@@ -111,6 +112,12 @@ def _diffusers_i2v(folder: Path, job: VideoJob, expand: bool, boundary: float | 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer" / "tokenizer.json"),
                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     second = folder / "transformer_2"
+    clip = {}
+    if (folder / "image_encoder").is_dir():
+        encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder")
+        size = encoder.config.image_size
+        clip = {"image_encoder": encoder, "image_processor": CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size})}
     pipe = WanImageToVideoPipeline(
         tokenizer=tok, text_encoder=transformers.UMT5EncoderModel.from_pretrained(folder / "text_encoder"),
         vae=AutoencoderKLWan.from_pretrained(folder / "vae"),
@@ -118,7 +125,7 @@ def _diffusers_i2v(folder: Path, job: VideoJob, expand: bool, boundary: float | 
                                           flow_shift=job.shift, solver_order=2, final_sigmas_type="zero"),
         transformer=WanTransformer3DModel.from_pretrained(folder / "transformer"),
         transformer_2=WanTransformer3DModel.from_pretrained(second) if second.is_dir() else None,
-        boundary_ratio=boundary, expand_timesteps=expand)
+        boundary_ratio=boundary, expand_timesteps=expand, **clip)
     return pipe(image=Image.open(job.image), prompt=job.prompt, negative_prompt=job.negative, height=job.height,
                 width=job.width, num_frames=job.frames, num_inference_steps=job.steps, guidance_scale=job.cfg,
                 output_type="latent", generator=torch.Generator().manual_seed(job.seed)).frames
@@ -136,6 +143,24 @@ def _our_latent(job: VideoJob, tmp: Path, monkeypatch) -> torch.Tensor:
     result = V.run_video(job, Collector(tmp).ctx)
     assert video_info(result["path"])["frames"] == job.frames
     return captured["latent"].float()
+
+
+def test_wan21_i2v_with_clip_image_context_matches_diffusers(wan_folder, tmp_path, monkeypatch):
+    """Wan 2.1 I2V 14B's shape: 36 input channels and the CLIP encoder's penultimate hidden states as
+    image tokens. The init image is larger than the video, so CLIP sees the whole image (at its own
+    224-style size) while the VAE sees the video-sized one, as in diffusers."""
+    folder = _variant_folder(wan_folder, tmp_path / "i2v21", {"in_channels": 36, "out_channels": 16,
+                                                              "image_dim": 32, "added_kv_proj_dim": 128})
+    torch.manual_seed(3)
+    encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+        patch_size=7, hidden_act="gelu"))
+    jiggle(encoder, 0.1)
+    encoder.save_pretrained(folder / "image_encoder")
+    job = make_job(folder, tmp_path, image=str(_image(tmp_path / "start.png", 48, 48)), steps=3)
+    ours = _our_latent(job, tmp_path, monkeypatch)
+    ref = _diffusers_i2v(folder, job, expand=False, boundary=None, monkeypatch=monkeypatch)
+    torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_i2v_with_two_experts_matches_diffusers(wan_folder, tmp_path, monkeypatch):

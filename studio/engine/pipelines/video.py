@@ -1,11 +1,12 @@
 """Wan 2.1 / 2.2 text- and image-to-video: `run_video(job, ctx) -> dict`.
 
 Wan ships as three parts: the transformer, the causal 3D VAE and the umT5 text encoder (with
-its tokenizer.json). `model` is either a diffusers Wan folder holding all of them
-(`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`; Wan 2.2 A14B adds `transformer_2/`, the
-low-noise expert) or a transformer file, whose VAE and text encoder are found by their headers
-next to it (the same folder, or ComfyUI's `models/vae`, `models/text_encoders`) or in the
-library. Whatever is missing is named with the file to install.
+its tokenizer.json); Wan 2.1 I2V adds a CLIP ViT-H/14 image encoder. `model` is either a diffusers
+Wan folder holding all of them (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`image_encoder/`; Wan 2.2 A14B adds `transformer_2/`, the low-noise expert) or a transformer file,
+whose other parts are found by their headers next to it (the same folder, or ComfyUI's
+`models/vae`, `models/text_encoders`, `models/clip_vision`) or in the library. Whatever is missing
+is named with the file to install.
 
 Flow matching: x = (1 - sigma) x0 + sigma noise, the transformer predicts the velocity
 noise - x0, sampled with UniPC (or Euler) on Wan's shifted schedule, with classifier-free
@@ -36,6 +37,8 @@ UMT5_HINT = ("umt5_xxl_fp16.safetensors (ComfyUI's Wan text encoder) or the text
              "diffusers Wan repository")
 VAE_HINT = {"wan2.1": "wan_2.1_vae.safetensors (Wan 2.1 and 2.2 14B)",
             "wan2.2": "wan2.2_vae.safetensors (Wan 2.2 TI2V 5B)"}
+IMAGE_ENCODER_HINT = ("clip_vision_h.safetensors (ComfyUI's Wan 2.1 image encoder, in models/clip_vision) or the "
+                      "image_encoder/ folder of a diffusers Wan 2.1 I2V repository")
 TOKENIZER_HINT = ("the umT5 tokenizer.json (from google/umt5-xxl or the tokenizer/ folder of a diffusers Wan "
                   "repository)")
 
@@ -51,6 +54,7 @@ class WanParts:
     boundary: float = 0.0  # sigma*1000 below which transformer_2 runs
     notes: list[str] = field(default_factory=list)
     streamers: list = field(default_factory=list)  # BlockStreamers keeping big transformers in RAM
+    image_encoder: torch.nn.Module | None = None  # Wan 2.1 I2V: studio.models.clip_vision.ClipVisionModel
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -134,25 +138,46 @@ def _matches(det, family: str, variant: str | None) -> bool:
 def find_part(model_file: Path, family: str, variant: str | None, folders: tuple[str, ...]) -> Path | None:
     """A file of this detected family next to the model (its folder, ComfyUI's sibling folders), else
     in the library."""
+    return _find_file(model_file, folders, lambda p: _matches(_detect(p), family, variant),
+                      lambda e: e.effective_family == family and (variant is None or e.variant == variant))
+
+
+def _find_file(model_file: Path, folders: tuple[str, ...], accept, accept_entry) -> Path | None:
     base = model_file.parent
     dirs = [base, *(base.parent / f for f in folders), *(base / f for f in folders)]
     for d in dirs:
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir())[:200]:
-            if p != model_file and p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES \
-                    and _matches(_detect(p), family, variant):
+            if p != model_file and p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and accept(p):
                 return p
     try:
         from studio.library.library import Library, LibraryError
 
         with Library() as lib:
             for e in lib.list(include_missing=False):
-                if e.effective_family == family and (variant is None or e.variant == variant) and e.path.exists():
+                if accept_entry(e) and e.path.exists():
                     return e.path
     except (LibraryError, OSError):
         pass
     return None
+
+
+def _is_clip_vision(path: Path) -> bool:
+    from studio.library.headers import HeaderError, read_header
+    from studio.models.clip_vision import find_layout
+
+    try:
+        return find_layout(read_header(path).tensors) is not None
+    except (HeaderError, OSError):
+        return False
+
+
+def find_image_encoder(model_file: Path) -> Path | None:
+    """A CLIP vision file next to the model (ComfyUI keeps it in models/clip_vision), else in the library.
+    The library's detection has no CLIP-vision kind (such files list as unrecognised), so headers decide."""
+    return _find_file(model_file, ("clip_vision", "image_encoder"), _is_clip_vision,
+                      lambda e: e.role in ("unknown", "text_encoder") and e.path.is_file() and _is_clip_vision(e.path))
 
 
 def find_tokenizer(*folders: Path):
@@ -193,6 +218,8 @@ def locate(model: Path, job: VideoJob) -> dict[str, Path]:
                  "tokenizer": model}
         if (model / "transformer_2").is_dir():
             parts["transformer_2"] = model / "transformer_2"
+        if (model / "image_encoder").is_dir():
+            parts["image_encoder"] = model / "image_encoder"
         for name, hint in (("vae", VAE_HINT["wan2.1"]), ("text_encoder", UMT5_HINT)):
             if not parts[name].is_dir():
                 raise UserError("model_not_found", f"{model.name} has no {name}/ folder: put {hint} there.")
@@ -308,13 +335,50 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
                                te_path if te_path.is_dir() else te_path.parent, model_path.parent)
     # The encoder (5.7B for umT5-XXL) waits on the CPU and visits the device only to encode.
     encoder = load_t5_encoder(read_state_dict(te_path), dtype=dtype)
+    image_encoder = load_image_encoder(transformer.cfg, parts, model_path, dtype)
     ctx.progress(total, total, "loading")
     files = {k: str(v) for k, v in parts.items() if v is not None}
-    loaded = WanParts(transformer, vae, encoder, tokenizer, files, transformer_2, boundary, notes, streamers)
-    nbytes = sum(p.numel() * p.element_size() for m in (transformer, transformer_2, vae, encoder)
+    loaded = WanParts(transformer, vae, encoder, tokenizer, files, transformer_2, boundary, notes, streamers,
+                      image_encoder)
+    nbytes = sum(p.numel() * p.element_size() for m in (transformer, transformer_2, vae, encoder, image_encoder)
                  if m is not None for p in m.parameters())
     ctx.models.put(key, loaded, nbytes)
     return loaded
+
+
+def load_image_encoder(net_cfg, parts: dict, model_path: Path, dtype: torch.dtype) -> torch.nn.Module | None:
+    """Wan 2.1 I2V's CLIP image encoder (None for models without CLIP image input). It waits in RAM
+    and visits the device only to encode the init image, as the text encoder does."""
+    import json
+
+    from studio.models.clip_vision import ClipVisionConfig, build_clip_vision
+
+    if net_cfg.image_dim is None:
+        return None
+    if net_cfg.image_pos_len:
+        raise UserError("unsupported", "This is Wan 2.1 FLF2V (first and last frame to video): Studio's video "
+                        "job takes one init image for now. Pick Wan 2.1 I2V 14B or Wan 2.2 I2V A14B.")
+    if parts.get("image_encoder") is None:
+        parts["image_encoder"] = find_image_encoder(model_path)
+        if parts["image_encoder"] is None:
+            raise UserError("model_not_found", f"No CLIP image encoder found for {model_path.name} (Wan 2.1 I2V "
+                            f"needs one): install {IMAGE_ENCODER_HINT} in the library or next to the model file.")
+    path = Path(parts["image_encoder"])
+    cfg = None
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            cfg = ClipVisionConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+        except (OSError, ValueError, KeyError):
+            cfg = None  # fall back to what the shapes say
+    try:
+        model = build_clip_vision(read_state_dict(path), cfg=cfg, dtype=dtype)
+    except ValueError as exc:
+        raise UserError("bad_model", f"{path.name} is not a usable CLIP image encoder ({exc}): install "
+                        f"{IMAGE_ENCODER_HINT}.") from None
+    if model.config.width != net_cfg.image_dim:
+        raise UserError("bad_model", f"The image encoder {path.name} makes {model.config.width}-wide features but "
+                        f"the transformer takes {net_cfg.image_dim}: install {IMAGE_ENCODER_HINT}.")
+    return model
 
 
 def _head_dim(path: Path) -> int:
@@ -370,21 +434,45 @@ def encode_prompts(parts: WanParts, texts: list[str], ctx: JobContext, dtype: to
             torch.cuda.empty_cache()
 
 
-def load_image(path: str, width: int, height: int) -> torch.Tensor:
-    """-> (1, 3, H, W) in [-1, 1], resized to cover and centre-cropped (no stretching)."""
+def read_rgb(path: str):
+    """The init image as an RGB PIL image, or a UserError saying why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = max(width / im.width, height / im.height)
-            im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))),
-                           Image.Resampling.LANCZOS)
-            left, top = (im.width - width) // 2, (im.height - height) // 2
-            arr = np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.float32) / 127.5 - 1
+            return im.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
         raise UserError("bad_input", f"Cannot read the image {Path(path).name}: {exc}") from None
+
+
+def load_image(path: str, width: int, height: int) -> torch.Tensor:
+    """-> (1, 3, H, W) in [-1, 1], resized to cover and centre-cropped (no stretching)."""
+    from PIL import Image
+
+    im = read_rgb(path)
+    scale = max(width / im.width, height / im.height)
+    im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))),
+                   Image.Resampling.LANCZOS)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    arr = np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.float32) / 127.5 - 1
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+
+
+def encode_image_context(parts: WanParts, path: str, ctx: JobContext, dtype: torch.dtype) -> torch.Tensor:
+    """Wan 2.1 I2V: the whole init image (not the crop the VAE sees) through CLIP -> (1, 257, 1280), as
+    diffusers' pipeline hands the original image to its CLIPImageProcessor."""
+    device = torch.device(ctx.device.torch_device)
+    encoder = parts.image_encoder
+    image = read_rgb(path)
+    if device.type == "cpu":
+        return encoder.encode_images(image).to(dtype)
+    encoder.to(device)  # ViT-H is 1.3 GiB in 16 bits: it visits whole and leaves
+    try:
+        return encoder.encode_images(image).to(dtype)
+    finally:
+        encoder.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def image_condition(parts: WanParts, job: VideoJob, lat_frames: int, device: torch.device,
@@ -444,10 +532,10 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
     # -- image conditioning ----------------------------------------------------------------
     extra = None  # channels appended to the input (I2V)
     first = None  # TI2V: the first latent frame, kept fixed
+    image_context = None  # Wan 2.1 I2V: CLIP features of the init image, attended beside the prompt
     if job.image:
         if net_cfg.image_dim is not None:
-            raise UserError("unsupported", "Wan 2.1 I2V needs the CLIP image encoder, which Studio does not load "
-                            "yet. Use Wan 2.2 I2V A14B or TI2V 5B for image-to-video.")
+            image_context = encode_image_context(parts, job.image, ctx, dtype)
         if net_cfg.in_channels == net_cfg.out_channels + parts.vae.cfg.z_dim + ts:
             extra = image_condition(parts, job, lat_frames, device, dtype)
         elif net_cfg.in_channels == net_cfg.out_channels and net_cfg.vae == "wan2.2":
@@ -455,7 +543,8 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
             first = parts.vae.normalize(parts.vae.encode(image)[0]).float()  # (1, C, 1, h, w)
         else:
             raise UserError("unsupported", "This is a text-to-video Wan model: it cannot start from an image. Clear "
-                            "the init image, or pick an image-to-video model (Wan 2.2 I2V A14B or TI2V 5B).")
+                            "the init image, or pick an image-to-video model (Wan 2.1 I2V 14B, Wan 2.2 I2V "
+                            "A14B or TI2V 5B).")
     elif net_cfg.in_channels != net_cfg.out_channels:
         raise UserError("bad_input", "This is an image-to-video Wan model: give it an init image, or pick a "
                         "text-to-video model.")
@@ -477,10 +566,10 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
         else:
             t = torch.full((1,), float(t_int), device=device)
         x_in = x.to(dtype) if extra is None else torch.cat([x.to(dtype), extra], dim=1)
-        v = net(x_in, t, cond).float()
+        v = net(x_in, t, cond, image_context).float()
         if uncond is not None:
             # two passes rather than one batch of 2: half the activation memory at video sizes
-            v_u = net(x_in, t, uncond).float()
+            v_u = net(x_in, t, uncond, image_context).float()
             v = v_u + job.cfg * (v - v_u)
         return v
 
