@@ -226,8 +226,10 @@ def test_without_a_wan_model_generate_explains_what_to_install(qtbot, paths):
     t = VideoTab(MockEngine(), paths, Settings(), library=FakeLibrary([]))
     qtbot.addWidget(t)
     assert not t.generate_button.isEnabled()
+    assert "Drop a Wan 2.1 / 2.2 transformer" in t.notice.text()  # said before the user tries
     assert t.generate() is None
-    assert "Drop a Wan transformer" in t.notice.text()
+    assert "Drop a Wan 2.1 / 2.2 transformer" in t.notice.text()
+    assert t.gallery_hint.isVisibleTo(t) and not t.export_button.isEnabled()
 
 
 def test_settings_are_restored_at_the_next_start(tab, qtbot):

@@ -63,5 +63,10 @@ def apply_theme(app: QApplication, theme: str = "system") -> bool:
         "QStatusBar QLabel { padding: 0 6px; }"
         "QLabel#EmptyTitle { font-size: 18pt; font-weight: 600; }"
         "QLabel#EmptyBody { font-size: 11pt; }"
+        "QPushButton#GenerateButton { background: #e8704f; color: white; font-weight: 600; padding: 7px 14px;"
+        " border: none; border-radius: 4px; }"
+        "QPushButton#GenerateButton:hover { background: #f0805f; }"
+        "QPushButton#GenerateButton:disabled { background: palette(mid); color: palette(base); }"
+        "QLabel#VideoNotice { background: rgba(232, 112, 79, 28); border-radius: 4px; padding: 6px; }"
     )
     return dark

@@ -43,6 +43,8 @@ from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
 from studio.ui.video_player import VideoPlayer, thumbnail
 
 GALLERY_FILE = "video_gallery.json"
+NO_MODEL = ("No Wan model installed yet. Drop a Wan 2.1 / 2.2 transformer (.safetensors) or a diffusers Wan "
+            "folder on this window, with its VAE and umT5 text encoder. Video wants a GPU with 8 GiB or more.")
 STATE_FILE = "video_tab.json"
 SAMPLERS = ("unipc", "euler")
 
@@ -152,6 +154,7 @@ class VideoTab(QWidget):
         form.addRow("Init image", image_row)
 
         self.generate_button = QPushButton("Generate")
+        self.generate_button.setObjectName("GenerateButton")  # the accent style of the app's primary action
         self.generate_button.setToolTip("Generate (Ctrl+Enter)")
         self.generate_button.clicked.connect(self.generate)
         self.cancel_button = QPushButton("Cancel")
@@ -161,6 +164,7 @@ class VideoTab(QWidget):
         buttons.addWidget(self.generate_button, 1)
         buttons.addWidget(self.cancel_button)
         self.notice = QLabel("")
+        self.notice.setObjectName("VideoNotice")
         self.notice.setWordWrap(True)
         self.notice.hide()
 
@@ -198,6 +202,10 @@ class VideoTab(QWidget):
         self.export_button.clicked.connect(self.export_frames)
         self.reuse_button = QPushButton("Use these settings")
         self.reuse_button.clicked.connect(self.reuse_settings)
+        self.gallery_hint = QLabel("Finished videos collect here. Click one to play it again.")
+        self.gallery_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.gallery_hint.setEnabled(False)
+        self.gallery_hint.setMinimumHeight(80)
         actions = QHBoxLayout()
         actions.addStretch()
         actions.addWidget(self.reuse_button)
@@ -209,6 +217,7 @@ class VideoTab(QWidget):
         rcol.addWidget(self.progress)
         rcol.addWidget(self.status)
         rcol.addWidget(self.gallery)
+        rcol.addWidget(self.gallery_hint)
         rcol.addLayout(actions)
 
         split = QSplitter()
@@ -227,6 +236,7 @@ class VideoTab(QWidget):
         self.refresh_models()
         self.load_state()
         self.load_gallery()
+        self._update_gallery_state()
         self._update_duration()
         self._set_busy(False)
 
@@ -276,6 +286,10 @@ class VideoTab(QWidget):
         index = next((i for i, c in enumerate(models) if c.path == current), 0)
         self.model.setCurrentIndex(index if models else -1)
         self._model_changed()
+        if not models:
+            self.show_notice(NO_MODEL)
+        elif self.notice.text() == NO_MODEL:
+            self.notice.hide()
 
     def showEvent(self, event) -> None:  # noqa: N802 (Qt override)
         super().showEvent(event)
@@ -355,8 +369,7 @@ class VideoTab(QWidget):
             self.show_notice("A video is being made: wait for it, or press Esc to cancel.")
             return None
         if not self.model_path():
-            self.show_notice("No Wan model installed. Drop a Wan transformer (.safetensors) or a diffusers Wan "
-                             "folder on this window, with its VAE and umT5 text encoder.")
+            self.show_notice(NO_MODEL)
             return None
         self.job = self.build_job()
         self.notice.hide()
@@ -440,6 +453,7 @@ class VideoTab(QWidget):
         if icon is not None:
             item.setIcon(icon)
         self.gallery.insertItem(0, item)
+        self._update_gallery_state()
         if select:
             self.gallery.setCurrentRow(0)
 
@@ -447,6 +461,16 @@ class VideoTab(QWidget):
         if 0 <= row < len(self.past) and not self.busy:
             self.stack.setCurrentWidget(self.player)
             self.player.load(self.past[row]["path"])
+        self._update_gallery_state()
+
+    def _update_gallery_state(self) -> None:
+        """An empty gallery says what it is for; actions on a video need one chosen."""
+        empty = self.gallery.count() == 0
+        self.gallery.setVisible(not empty)
+        self.gallery_hint.setVisible(empty)
+        chosen = self.current_entry() is not None
+        self.export_button.setEnabled(chosen)
+        self.reuse_button.setEnabled(chosen)
 
     def current_entry(self) -> dict | None:
         row = self.gallery.currentRow()
