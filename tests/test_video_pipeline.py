@@ -17,7 +17,14 @@ from studio.protocol import VideoJob
 pytest.importorskip("diffusers")  # the tiny models are written with diffusers / transformers, in their layouts
 pytest.importorskip("transformers")
 
-from video_fixtures import Collector, build_wan_folder, make_job, write_tokenizer  # noqa: E402
+from video_fixtures import (  # noqa: E402
+    TEXT_DIM,
+    Collector,
+    build_wan_folder,
+    jiggle,
+    make_job,
+    write_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +248,51 @@ def test_out_of_memory_while_sampling_says_what_to_do(wan_folder, tmp_path, monk
     with pytest.raises(UserError, match="ran out of device memory") as err:
         V.run_video(make_job(wan_folder, tmp_path, steps=1), col.ctx)
     assert err.value.kind == "out_of_memory" and "VRAM budget" in err.value.message
+
+
+def test_wan21_i2v_from_comfyui_files_finds_clip_vision_and_writes_an_mp4(wan_folder, tmp_path):
+    """Wan 2.1 I2V as ComfyUI users have it: a transformer file in models/diffusion_models, the CLIP
+    vision file (HF names under vision_model., like clip_vision_h.safetensors) in models/clip_vision."""
+    import shutil
+
+    import transformers
+    from diffusers import WanTransformer3DModel
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    models = tmp_path / "models"
+    for sub, src in (("vae", "vae"), ("text_encoders", "text_encoder")):
+        (models / sub).mkdir(parents=True)
+        shutil.copy(next((wan_folder / src).glob("*.safetensors")), models / sub / f"{src}.safetensors")
+    write_tokenizer(models / "text_encoders" / "tokenizer" / "tokenizer.json")
+    torch.manual_seed(5)
+    net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=36,
+                                out_channels=16, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=1,
+                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+                                image_dim=32, added_kv_proj_dim=128)
+    jiggle(net)
+    (models / "diffusion_models").mkdir()
+    model_file = models / "diffusion_models" / "wan2.1_i2v_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, model_file)
+    Image.new("RGB", (40, 32), (200, 120, 30)).save(tmp_path / "start.png")
+    job = make_job(model_file, tmp_path, image=str(tmp_path / "start.png"), steps=2)
+
+    with pytest.raises(UserError, match="clip_vision_h.safetensors") as err:
+        V.run_video(job, Collector(tmp_path).ctx)
+    assert err.value.kind == "model_not_found"
+
+    clip = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, image_size=28,
+        patch_size=7, projection_dim=16))
+    jiggle(clip, 0.1)
+    sd = {k if k.startswith(("vision_model.", "visual_projection.")) else "vision_model." + k: v.contiguous()
+          for k, v in clip.state_dict().items()}
+    (models / "clip_vision").mkdir()
+    save_file(sd, models / "clip_vision" / "clip_vision_tiny.safetensors")
+    result = V.run_video(job, Collector(tmp_path).ctx)
+    assert result["files"]["image_encoder"].endswith("clip_vision_tiny.safetensors")
+    info = video_info(result["path"])
+    assert (info["frames"], info["width"], info["height"]) == (5, 32, 32)
+
+    with pytest.raises(UserError, match="give it an init image"):
+        V.run_video(make_job(model_file, tmp_path, steps=1), Collector(tmp_path).ctx)

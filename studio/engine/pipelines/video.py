@@ -176,8 +176,9 @@ def _is_clip_vision(path: Path) -> bool:
 def find_image_encoder(model_file: Path) -> Path | None:
     """A CLIP vision file next to the model (ComfyUI keeps it in models/clip_vision), else in the library.
     The library's detection has no CLIP-vision kind (such files list as unrecognised), so headers decide."""
+    other = ("checkpoint", "diffusion_model", "vae", "lora", "controlnet", "llm")
     return _find_file(model_file, ("clip_vision", "image_encoder"), _is_clip_vision,
-                      lambda e: e.role in ("unknown", "text_encoder") and e.path.is_file() and _is_clip_vision(e.path))
+                      lambda e: e.role not in other and e.path.is_file() and _is_clip_vision(e.path))
 
 
 def find_tokenizer(*folders: Path):
