@@ -88,3 +88,13 @@ def test_taesd_for_16_channel_latents():
 def test_a_file_that_is_not_a_taesd_decoder_is_refused():
     with pytest.raises(ValueError, match="not a TAESD decoder"):
         TAESD.from_state_dict({"encoder.conv_in.weight": torch.zeros(1)})
+
+
+def test_wan22_48_channel_latents_preview_with_their_own_factors():
+    assert len(LATENT_RGB["wan22"][0]) == 48 and all(len(row) == 3 for row in LATENT_RGB["wan22"][0])
+    z = torch.zeros(1, 48, 3, 4, 6)
+    rgb = latent_to_rgb(z, "wan22", frame=1)  # a zero latent shows the bias colour
+    assert rgb.shape == (4, 6, 3)
+    bias = torch.tensor(LATENT_RGB["wan22"][1])
+    expected = ((bias.clamp(-1, 1) + 1) * 127.5).round()
+    assert abs(float(rgb[0, 0, 0]) - float(expected[0])) <= 1
