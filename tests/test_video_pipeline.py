@@ -296,3 +296,46 @@ def test_wan21_i2v_from_comfyui_files_finds_clip_vision_and_writes_an_mp4(wan_fo
 
     with pytest.raises(UserError, match="give it an init image"):
         V.run_video(make_job(model_file, tmp_path, steps=1), Collector(tmp_path).ctx)
+
+
+def _clip_vision_file(path: Path, width: int = 32) -> Path:
+    import transformers
+    from safetensors.torch import save_file
+
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, image_size=28,
+        patch_size=7))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"vision_model." + k: v.contiguous() for k, v in clip.state_dict().items()}, path)
+    return path
+
+
+def test_clip_vision_in_the_library_is_found_by_its_header(tmp_path, monkeypatch):
+    """The library lists CLIP vision files as unrecognised (detect has no kind for them): the pipeline
+    finds one by its tensor names, whatever the file is called."""
+    from studio.library.library import Library
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    model_file = tmp_path / "alone" / "wan_i2v.safetensors"
+    model_file.parent.mkdir()
+    model_file.write_bytes(b"")
+    assert V.find_image_encoder(model_file) is None
+    encoder = _clip_vision_file(tmp_path / "downloads" / "model.safetensors")
+    with Library() as lib:
+        lib.add(encoder)
+    assert V.find_image_encoder(model_file) == encoder
+
+
+def test_image_encoder_of_the_wrong_width_or_an_flf2v_model_is_refused(tmp_path):
+    from studio.models.wan import WanConfig
+
+    encoder = _clip_vision_file(tmp_path / "clip_vision" / "clip_small.safetensors", width=16)
+    parts = {"image_encoder": encoder}
+    with pytest.raises(UserError, match="16-wide features but the transformer takes 32") as err:
+        V.load_image_encoder(WanConfig(image_dim=32), parts, tmp_path / "wan.safetensors", torch.float32)
+    assert err.value.kind == "bad_model"
+    with pytest.raises(UserError, match="FLF2V") as err:
+        V.load_image_encoder(WanConfig(image_dim=32, image_pos_len=514), parts, tmp_path / "w.safetensors",
+                             torch.float32)
+    assert err.value.kind == "unsupported"
+    assert V.load_image_encoder(WanConfig(), {}, tmp_path / "w.safetensors", torch.float32) is None
