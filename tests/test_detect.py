@@ -326,3 +326,19 @@ def test_transformers_t5_encoders_are_recognised(cls, cfg_cls, vocab, family):
         module = getattr(transformers, cls)(cfg)
     det = detect_header(_header_of(module))
     assert (det.family, det.role) == (family, "text_encoder")
+
+
+def test_clip_vision_h_is_an_image_encoder_for_wan(tmp_path):
+    """The ViT-H/14 image tower Wan 2.1 I2V needs, in the HF names ComfyUI's clip_vision_h file uses."""
+    from library_fixtures import write_safetensors
+
+    shapes = {"vision_model.embeddings.patch_embedding.weight": (1280, 3, 14, 14),
+              "vision_model.embeddings.class_embedding": (1280,),
+              "vision_model.embeddings.position_embedding.weight": (257, 1280),
+              "vision_model.pre_layrnorm.weight": (1280,)}
+    for i in range(32):
+        shapes[f"vision_model.encoder.layers.{i}.self_attn.q_proj.weight"] = (1280, 1280)
+    path = write_safetensors(tmp_path / "clip_vision_h.safetensors", shapes)
+    det = detect(path)
+    assert (det.family, det.role, det.variant) == ("clip-vision-h", "image_encoder", "ViT-H/14")
+    assert "wan" in det.compatible

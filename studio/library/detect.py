@@ -19,7 +19,8 @@ from studio.library.headers import ModelHeader, read_header
 
 GiB = 1 << 30
 DIFFUSION_PREFIX = "model.diffusion_model."
-ROLES = ("checkpoint", "diffusion_model", "vae", "text_encoder", "lora", "controlnet", "llm", "unknown")
+ROLES = ("checkpoint", "diffusion_model", "vae", "text_encoder", "image_encoder", "lora", "controlnet", "llm",
+         "unknown")
 IMAGE_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "pixart", "sana")
 VIDEO_FAMILIES = ("wan", "ltxv", "cogvideox", "mochi")
 # The chat engine's families: GGUF general.architecture / HF model_type -> our family name.
@@ -293,6 +294,21 @@ def _text_encoder(k: _Keys) -> tuple[str, str, list[str], list[str]] | None:
     return "clip", f"width {width}", [], []
 
 
+def _image_encoder(k: _Keys) -> tuple[str, str, list[str], list[str]] | None:
+    """CLIP vision towers: HF names (`vision_model.` or bare) and OpenCLIP's `visual.` layout."""
+    patch = k.find(r"(.*\.)?embeddings\.patch_embedding\.weight")
+    if patch:
+        p = patch[: -len("embeddings.patch_embedding.weight")]
+        width, layers = k.dim(patch, 0), k.count(re.escape(p) + r"encoder\.layers\.(\d+)\.")
+    elif k.has("visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"):
+        width, layers = k.dim("visual.conv1.weight", 0), k.count(r"visual\.transformer\.resblocks\.(\d+)\.")
+    else:
+        return None
+    if width == 1280 and layers == 32:
+        return "clip-vision-h", "ViT-H/14", ["wan"], ["the image encoder Wan 2.1 image-to-video needs"]
+    return "clip-vision", f"width {width}, {layers} layers", [], []
+
+
 _LORA_SUFFIX = re.compile(r"\.(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up)(\.default)?\.weight$")
 
 
@@ -411,7 +427,8 @@ def _detect_tensors(h: ModelHeader) -> Detection:
                 det.notes.append("contains " + ", ".join(p.rstrip(".") for p in parts))
             _prediction(det, h, k)
             return det
-    for fn, role in ((_taesd, "vae"), (_vae, "vae"), (_text_encoder, "text_encoder")):
+    for fn, role in ((_taesd, "vae"), (_vae, "vae"), (_text_encoder, "text_encoder"),
+                     (_image_encoder, "image_encoder")):
         k.used = []
         hit = fn(k)
         if hit:

@@ -382,7 +382,8 @@ class Library:
 
 
 _ROLE_FOLDERS = {"checkpoint": "checkpoints", "diffusion_model": "diffusion_models", "vae": "vae",
-                 "text_encoder": "text_encoders", "lora": "loras", "controlnet": "controlnet", "llm": "llm"}
+                 "text_encoder": "text_encoders", "image_encoder": "clip_vision", "lora": "loras",
+                 "controlnet": "controlnet", "llm": "llm"}
 
 
 def _canonical(p: str) -> str:

@@ -19,7 +19,7 @@ from studio.library.headers import WEIGHT_SUFFIXES, HeaderError
 from studio.library.library import Library, LibraryError, path_stat
 
 COMFYUI_FOLDERS = ("checkpoints", "diffusion_models", "unet", "vae", "vae_approx", "loras", "text_encoders",
-                   "clip", "controlnet")
+                   "clip", "clip_vision", "controlnet")
 A1111_FOLDERS = ("Stable-diffusion", "Lora", "VAE", "VAE-approx", "ControlNet", "text_encoder")
 _MIN_BLOB = 1 << 20  # extension-less files smaller than this are never models (Ollama manifests etc.)
 

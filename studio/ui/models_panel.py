@@ -44,7 +44,8 @@ from studio.library.library import Library, LibraryError, ModelEntry
 from studio.library.scan import iter_models
 
 ROLE_TITLES = {"checkpoint": "Checkpoints", "diffusion_model": "Diffusion models", "vae": "VAEs",
-               "text_encoder": "Text encoders", "lora": "LoRAs", "controlnet": "ControlNets", "llm": "Chat models",
+               "text_encoder": "Text encoders", "image_encoder": "Image encoders", "lora": "LoRAs",
+               "controlnet": "ControlNets", "llm": "Chat models",
                "unknown": "Not recognised"}
 COLUMNS = ("Name", "Family", "Variant", "Role", "Size", "Location")
 ENTRY_ROLE = Qt.ItemDataRole.UserRole + 1  # the library id on every cell of a model row
