@@ -125,3 +125,24 @@ def test_the_models_panel_shows_where_a_loaded_model_lives(window):
     window.models_panel.refresh()
     rows = {r["Name"]: r for r in window.models_panel.rows()}
     assert rows["smol-where"]["Location"] == "RAM"
+
+
+def test_dropping_a_model_on_the_window_installs_it_and_the_chat_picker_lists_it(window, qtbot):
+    from PySide6.QtCore import QMimeData, QPoint, Qt, QUrl
+    from PySide6.QtGui import QDragEnterEvent, QDropEvent
+
+    from studio.models.bundled import default_chat_model
+
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(default_chat_model()))])
+    enter = QDragEnterEvent(QPoint(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                            Qt.KeyboardModifier.NoModifier)
+    window.dragEnterEvent(enter)
+    assert enter.isAccepted()
+    drop = QDropEvent(QPoint(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                      Qt.KeyboardModifier.NoModifier)
+    with qtbot.waitSignal(window.models_panel.installer.finished, timeout=20000):
+        window.dropEvent(drop)
+    assert window.models_dock.isVisibleTo(window)
+    qtbot.waitUntil(lambda: window.chat_tab.model_combo.findData(str(default_chat_model().resolve())) >= 0,
+                    timeout=5000)
