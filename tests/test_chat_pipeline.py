@@ -235,6 +235,152 @@ def test_cuda_compiled_decode_matches_cpu_greedy(folder, cache, cpu):
     assert again["text"] == expected
 
 
+# --- bucketed decode step ------------------------------------------------------------------
+
+from studio.engine.pipelines.chat import (  # noqa: E402
+    compile_decode_step,
+    decode_step,
+    generate_tokens,
+    kv_bucket,
+    kv_buckets,
+)
+from studio.engine.sampling import greedy  # noqa: E402
+from studio.models.llm import LLM, LLMConfig  # noqa: E402
+
+BUCKET_PROMPT, BUCKET_NEW = 250, 20  # decoding crosses the 256 bucket into 512
+
+
+def test_bucket_is_the_next_power_of_two_at_least_256_capped_at_the_cache():
+    assert [kv_bucket(n, 8192) for n in (1, 255, 256, 257, 512, 513, 4097, 8192)] == [
+        256, 256, 256, 512, 512, 1024, 8192, 8192]
+    assert kv_bucket(2049, 3000) == 3000 and kv_bucket(10, 100) == 100
+    assert kv_buckets(8192) == [256, 512, 1024, 2048, 4096, 8192]
+    assert kv_buckets(3000) == [256, 512, 1024, 2048, 3000] and kv_buckets(100) == [100]
+    for filled in (0, 8193):
+        with pytest.raises(ValueError):
+            kv_bucket(filled, 8192)
+
+
+def tiny_model(**overrides) -> LLM:
+    cfg = LLMConfig(**{**LLMConfig.from_name("tiny-llama").to_dict(), "max_position_embeddings": 1024,
+                       "layer_types": [], **overrides})
+    torch.manual_seed(0)
+    model = LLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15) if p.ndim == 2 else p.fill_(1.0)
+    model.setup_caches(1, 1024)
+    return model
+
+
+def decode_with_logits(model: LLM, step) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits each was chosen from, after filling the cache with garbage
+    (a previous answer leaves stale entries past the current position: the mask must hide them)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.kv_cache.k_cache.normal_(0, 10)
+            layer.self_attn.kv_cache.v_cache.normal_(0, 10)
+    seen: list[torch.Tensor] = []
+
+    def choose(logits: torch.Tensor) -> int:
+        seen.append(logits.float().clone())
+        return greedy(logits)
+
+    prompt = torch.randint(0, 256, (BUCKET_PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    tokens = list(generate_tokens(model, prompt, BUCKET_NEW, choose, step=step))
+    return tokens, torch.stack(seen)
+
+
+# Mistral-style all-sliding, and Gemma2-style alternating sliding/global with soft-capping
+# (the plain attention path instead of SDPA): both windows far smaller than the bucket.
+WINDOWED = {
+    "full": {},
+    "sliding": dict(sliding_window=8),
+    "alternating_softcap": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                attn_softcap=5.0, final_softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("attention", list(WINDOWED))
+def test_bucketed_decode_matches_exact_length_decode_across_a_bucket_boundary(attention):
+    model = tiny_model(**WINDOWED[attention])
+    exact_tokens, exact_logits = decode_with_logits(model, step=None)
+    bucket_tokens, bucket_logits = decode_with_logits(model, step=decode_step)
+    assert bucket_tokens == exact_tokens
+    assert (bucket_logits - exact_logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("attention", ["sliding", "alternating_softcap"])
+def test_bucketed_decode_keeps_the_sliding_window(attention):
+    # Every decoded token's logits must equal those of one full forward pass over the whole
+    # sequence (window mask applied there), not of attention over the whole bucket.
+    model = tiny_model(**WINDOWED[attention])
+    tokens, logits = decode_with_logits(model, step=decode_step)
+    prompt = torch.randint(0, 256, (BUCKET_PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    seq = torch.tensor([prompt + tokens[:-1]])  # (1, T)
+    with torch.inference_mode():
+        full = model(seq, torch.arange(seq.shape[1]))[0, BUCKET_PROMPT - 1:]  # (new, V)
+    assert (full - logits).abs().max().item() <= 1e-4
+
+
+def test_compiled_step_traces_one_graph_per_bucket_and_matches_eager():
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny_model()
+    exact_tokens, exact_logits = decode_with_logits(model, step=None)
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounter()  # dynamo traces as for CUDA graphs; the graph then runs eagerly
+        step = compile_decode_step(model.max_seq_len, backend=counter)
+        tokens, logits = decode_with_logits(model, step=step)
+        assert counter.frame_count == 2  # buckets 256 and 512, no recompile between steps
+        again, _ = decode_with_logits(model, step=step)
+        assert counter.frame_count == 2
+    finally:
+        torch._dynamo.reset()
+    assert tokens == exact_tokens == again
+    assert (logits - exact_logits).abs().max().item() <= 1e-4
+
+
+def test_compiler_failure_falls_back_to_eager_with_the_same_answer():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("this backend cannot compile")
+
+    model = tiny_model()
+    exact_tokens, _ = decode_with_logits(model, step=None)
+    heard: list[Exception] = []
+    torch._dynamo.reset()
+    try:
+        step = compile_decode_step(model.max_seq_len, backend=broken_backend)
+        prompt = torch.randint(0, 256, (BUCKET_PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+        tokens = list(generate_tokens(model, prompt, BUCKET_NEW, greedy, step=step, on_fallback=heard.append))
+    finally:
+        torch._dynamo.reset()
+    assert tokens == exact_tokens
+    assert len(heard) == 1 and "cannot compile" in str(heard[0])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_bucketed_step_matches_eager_across_a_bucket_boundary():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny_model().cuda()
+    model.setup_caches(1, 1024, torch.float32, "cuda")
+    exact_tokens, exact_logits = decode_with_logits(model, step=None)
+    torch._dynamo.reset()
+    try:
+        step = compile_decode_step(model.max_seq_len, mode="reduce-overhead")
+        tokens, logits = decode_with_logits(model, step=step)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        again, again_logits = decode_with_logits(model, step=step)  # replays the captured graphs
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs == 2
+    finally:
+        torch._dynamo.reset()
+    assert tokens == exact_tokens == again
+    assert (logits - exact_logits).abs().max().item() <= 1e-3
+    assert (again_logits - exact_logits).abs().max().item() <= 1e-3
+
+
 # --- sampling --------------------------------------------------------------------------------
 
 from studio.engine.sampling import Sampler, SamplingParams  # noqa: E402
@@ -288,9 +434,7 @@ def test_cuda_compiled_step_with_packed_int4_weights_matches_eager():
     # GGUF Q4 weights become Int4Linear modules: they must survive torch.compile + CUDA graphs.
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from studio.engine.pipelines.chat import _decode_one
     from studio.engine.quant import quantize_int4
-    from studio.models.llm import LLM, LLMConfig
     from studio.models.llm_build import build_llm
 
     cfg = LLMConfig(model_type="llama", vocab_size=256, hidden_size=256, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -304,7 +448,7 @@ def test_cuda_compiled_step_with_packed_int4_weights_matches_eager():
           for k, v in ref.state_dict().items()}
     model = build_llm(cfg, sd, dtype=torch.bfloat16, device="cuda", fuse=True)
     model.setup_caches(1, 64)
-    step = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True)
+    step = compile_decode_step(64, mode="reduce-overhead")
     T = 8
     with torch.inference_mode():
         model(torch.arange(T, device="cuda")[None], torch.arange(T, device="cuda"), kv_len=T)
@@ -312,7 +456,7 @@ def test_cuda_compiled_step_with_packed_int4_weights_matches_eager():
             tok = torch.tensor([[i + 3]], device="cuda")
             pos = torch.tensor([T + i], device="cuda")
             eager = model(tok, pos, kv_len=T + i + 1, last_only=True).float()
-            compiled = step(model, tok, pos).float()
+            compiled = step(model, tok, pos, kv_bucket(T + i + 1, 64)).float()
             assert (compiled - eager).abs().max().item() <= 0.02 * eager.abs().max().item()
 
 

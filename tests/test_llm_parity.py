@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from studio.engine.context import UserError  # noqa: E402
-from studio.engine.pipelines.chat import generate_tokens  # noqa: E402
+from studio.engine.pipelines.chat import decode_step, generate_tokens  # noqa: E402
 from studio.engine.sampling import greedy  # noqa: E402
 from studio.models.hf_loader import load_hf_folder  # noqa: E402
 from studio.models.llm import LLMConfig  # noqa: E402
@@ -121,6 +121,9 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path, family):
             nxt = ref(ids).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     assert ours == ids[0, PROMPT_LEN:].tolist()
+    # The compiled path's step attends to a static bucket (here the whole 52-slot cache) with
+    # masked slots past the position: same tokens, window and soft-capping included.
+    assert list(generate_tokens(model, prompt[0].tolist(), NEW_TOKENS, greedy, step=decode_step)) == ours
 
 
 def test_decode_with_cache_matches_full_recompute_past_the_sliding_window(tmp_path):

@@ -353,7 +353,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         assert self.kv_cache is not None, "call setup_caches() before forward()"
         k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S, D)
-        if kv_len is not None:  # eager decode reads only the filled part of the cache
+        if kv_len is not None:  # decode reads only a prefix of the cache (filled part or bucket)
             k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         # GQA without repeating K/V: fold the query heads of a group into the query axis;
         # `mask` comes folded the same way: (rep*T, S).
@@ -465,7 +465,9 @@ class LLM(nn.Module):
                 last_only: bool = False) -> Tensor:
         """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) (or (B, 1, V) with last_only).
 
-        `kv_len` (eager only): attend to cache entries [0, kv_len) instead of the whole cache.
+        `kv_len`: attend to cache entries [0, kv_len) instead of the whole cache. It must cover
+        every position in input_pos; entries past a query's position are masked, so any larger
+        kv_len gives the same result (the compiled decode step rounds it up to a static bucket).
         """
         c = self.config
         x = self.model.embed_tokens(tokens).to(self.embed_mult.dtype)  # (B, T, C); packed tables give fp32

@@ -3,9 +3,10 @@
 run_chat resolves the model (bundled default, a .gguf file or a Hugging Face folder),
 keeps it warm in ctx.models, renders the chat template, fits the prompt into the context,
 prefills, then decodes with sampling. Text streams through ctx.token as it is decoded;
-cancel is checked before every token. On CUDA the one-token decode step runs under
-torch.compile(mode="reduce-overhead") (CUDA graphs); elsewhere it runs eagerly and
-attends only to the filled part of the KV cache.
+cancel is checked before every token. Each one-token decode step attends to a prefix of
+the KV cache: eagerly, exactly the filled part; on CUDA, under torch.compile(mode=
+"reduce-overhead") (CUDA graphs, which need static shapes), the next power of two of the
+filled length (a "bucket", at least MIN_BUCKET, at most the cache), one graph per bucket.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 8192  # tokens; settings["chat_context_length"] changes it
 CPU_CACHE_STEP = 256  # on CPU the KV cache grows in steps of this many positions
+MIN_BUCKET = 256  # smallest attended length of the compiled decode step
 ROLES = ("system", "user", "assistant")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -226,8 +228,45 @@ def fit_prompt(cm: ChatModel, messages: list[dict], max_tokens: int, overflow: s
 # ---------------------------------------------------------------------------
 # Decoding
 
-def _decode_one(model: LLM, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return model(token, pos, last_only=True)
+def kv_bucket(filled: int, cache_len: int, smallest: int = MIN_BUCKET) -> int:
+    """Attended length for a step that sees `filled` cache positions: the next power of two
+    >= filled (at least `smallest`), capped at the cache length."""
+    if not 0 < filled <= cache_len:
+        raise ValueError(f"{filled} filled positions do not fit a cache of {cache_len}")
+    return min(max(smallest, 1 << (filled - 1).bit_length()), cache_len)
+
+
+def kv_buckets(cache_len: int, smallest: int = MIN_BUCKET) -> list[int]:
+    """Every length kv_bucket can return for this cache (`smallest` a power of two): one graph each."""
+    out, b = [], smallest
+    while b < cache_len:
+        out.append(b)
+        b *= 2
+    return [*out, cache_len]
+
+
+def decode_step(model: LLM, token: torch.Tensor, pos: torch.Tensor, bucket: int) -> torch.Tensor:
+    """One token (1, 1) at position pos (1,) attending to cache positions [0, bucket) -> logits (1, 1, V).
+
+    Positions past `pos` inside the bucket are masked (causal mask; sliding-window layers keep
+    their window mask), so any bucket >= pos + 1 gives the same logits. Eager decoding passes
+    bucket = pos + 1; the compiled step passes kv_bucket(pos + 1, ...), a Python int that
+    dynamo specialises on, so each bucket is one static-shape graph.
+    """
+    return model(token, pos, kv_len=bucket, last_only=True)
+
+
+def compile_decode_step(cache_len: int, **compile_kw: Any) -> Callable:
+    """decode_step under torch.compile with static shapes: one graph per bucket, no recompiles
+    between steps of the same bucket. `compile_kw` goes to torch.compile (mode, backend)."""
+    # Every bucket is a recompile of the same code object; dynamo's default limit (8) would
+    # stop at a 64k context, and each model loaded into this process adds its own set.
+    limit = max(64, 4 * len(kv_buckets(cache_len)))
+    if torch._dynamo.config.recompile_limit < limit:
+        torch._dynamo.config.recompile_limit = limit
+    # dynamic=False: the bucket int and all shapes stay static (no automatic dynamic shapes
+    # after the second bucket, which would trade the per-bucket graphs for symbolic ones).
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, **compile_kw)
 
 
 def compiled_step(cm: ChatModel) -> Callable | None:
@@ -235,7 +274,7 @@ def compiled_step(cm: ChatModel) -> Callable | None:
     if cm.device.type != "cuda" or cm.compile_failed:
         return None
     if cm.compiled_step is None:
-        cm.compiled_step = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True)
+        cm.compiled_step = compile_decode_step(cm.context_length, mode="reduce-overhead")
     return cm.compiled_step
 
 
@@ -245,9 +284,10 @@ def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int, choose: 
                     on_fallback: Callable[[Exception], None] | None = None) -> Iterator[int]:
     """Prefill `prompt`, then yield up to `max_new_tokens` tokens (a stop token is yielded, then ends).
 
-    The cache must hold len(prompt) + max_new_tokens positions. `step(model, token, pos)`
-    replaces the eager decode step (the compiled one keeps static shapes: whole-cache mask);
-    if it fails to compile, decoding goes on eagerly and `on_fallback` hears why.
+    The cache must hold len(prompt) + max_new_tokens positions. `step(model, token, pos, bucket)`
+    (decode_step's signature, e.g. compile_decode_step()) replaces the eager decode step and
+    attends to kv_bucket(pos + 1) positions; if it fails to compile, decoding goes on eagerly
+    (exact length) and `on_fallback` hears why.
     Nothing runs between a yield and the next request, so a consumer that stops asking
     stops the model within one token.
     """
@@ -269,7 +309,7 @@ def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int, choose: 
         pos_buf.fill_(pos)
         if step is not None:
             try:
-                logits = step(model, tok_buf, pos_buf)
+                logits = step(model, tok_buf, pos_buf, kv_bucket(pos + 1, model.max_seq_len))
             except Exception as exc:  # noqa: BLE001 - only compiler failures are swallowed, below
                 if not _is_compile_error(exc):
                     raise
@@ -280,7 +320,7 @@ def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int, choose: 
                 if on_fallback is not None:
                     on_fallback(exc)
         if step is None:
-            logits = model(tok_buf, pos_buf, kv_len=pos + 1, last_only=True)
+            logits = decode_step(model, tok_buf, pos_buf, pos + 1)
 
 
 class StopFilter:
