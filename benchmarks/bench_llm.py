@@ -3,6 +3,11 @@
     python benchmarks/bench_llm.py                 # GPU: Llama-3-8B architecture, random bf16 weights
     python benchmarks/bench_llm.py --tiny          # CPU smoke run of the whole script on a tiny config
     python benchmarks/bench_llm.py --cpu-smollm2   # the bundled SmolLM2-135M Q4_1 chat model on CPU
+    python benchmarks/bench_llm.py --tiny --cpu-compile   # CPU smoke run of the compiled-step section
+
+The KV cache holds --cache positions (default: the chat pipeline's 8192-token context, which it
+allocates whole on CUDA). The compiled step runs as run_chat runs it (attending to a power-of-two
+bucket of the cache, one graph per bucket) and, for comparison, over the whole cache.
 
 Decode is memory-bound: tokens/s <= copy bandwidth / weight bytes read per token. The script
 measures the bandwidth with a large device copy and prints decode as a fraction of that bound.
@@ -19,7 +24,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from studio.engine.pipelines.chat import _decode_one, generate_tokens
+from studio.engine.pipelines.chat import DEFAULT_CONTEXT, compile_decode_step, generate_tokens, kv_buckets
 from studio.engine.sampling import greedy
 from studio.models.llm import LLM, LLMConfig
 from studio.models.llm_build import build_llm
@@ -79,6 +84,48 @@ def time_decode(model: LLM, prompt: list[int], new: int, device: torch.device, s
     return prefill, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def bench_compiled(model: LLM, prompt: list[int], new: int, device: torch.device, bound: float) -> dict:
+    """The compiled decode step: bucketed (as the chat pipeline runs it) and over the whole cache."""
+    from torch._dynamo.utils import counters
+
+    cache = model.max_seq_len
+    compiled = compile_decode_step(cache, **({"mode": "reduce-overhead"} if device.type == "cuda" else {}))
+    first_call_s: dict[int, float] = {}  # bucket -> seconds of its first call (compile + warm-up)
+
+    def step(m: LLM, tok: torch.Tensor, pos: torch.Tensor, bucket: int) -> torch.Tensor:
+        if bucket in first_call_s:
+            return compiled(m, tok, pos, bucket)
+        t = time.perf_counter()
+        out = compiled(m, tok, pos, bucket)
+        sync(device)
+        first_call_s[bucket] = round(time.perf_counter() - t, 1)
+        return out
+
+    graphs = counters["stats"]["unique_graphs"]
+    t = time.perf_counter()
+    time_decode(model, prompt, new, device, step=step)  # compiles and captures every bucket the run reaches
+    res: dict = {"cache": cache, "compile_s": round(time.perf_counter() - t, 1),
+                 "compile_s_per_bucket": dict(sorted(first_call_s.items())),
+                 "graphs": counters["stats"]["unique_graphs"] - graphs,
+                 "buckets_of_this_cache": len(kv_buckets(cache))}
+    _, tok_s = time_decode(model, prompt, new, device, step=step)
+    res.update(ours_compiled_tok_s=round(tok_s, 2), ours_compiled_fraction_of_bound=round(tok_s / bound, 3))
+    print(f"ours compiled, bucketed: decode {tok_s:.2f} tok/s ({tok_s / bound:.1%} of bound); "
+          f"{res['graphs']} graphs, first calls {res['compile_s_per_bucket']} s", flush=True)
+
+    def whole(m: LLM, tok: torch.Tensor, pos: torch.Tensor, bucket: int) -> torch.Tensor:
+        return step(m, tok, pos, cache)  # the previous behaviour: every step attends to every slot
+
+    if cache not in first_call_s:
+        time_decode(model, prompt, 8, device, step=whole)  # compile and capture
+    _, whole_s = time_decode(model, prompt, new, device, step=whole)
+    res.update(ours_compiled_whole_cache_tok_s=round(whole_s, 2),
+               ours_compiled_whole_cache_fraction_of_bound=round(whole_s / bound, 3))
+    print(f"ours compiled, whole {cache}-slot cache: decode {whole_s:.2f} tok/s ({whole_s / bound:.1%} of bound)",
+          flush=True)
+    return res
+
+
 def hf_reference(model: LLM, cfg: LLMConfig, dtype: torch.dtype, device: torch.device):
     """A transformers LlamaForCausalLM sharing our weight tensors (no copy)."""
     import transformers
@@ -136,11 +183,14 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
     else:
         per_tok = bytes_per_token(model)
-    model.setup_caches(1, prompt_len + new)
+    cache = max(args.cache or DEFAULT_CONTEXT, prompt_len + new)
+    if args.tiny:
+        cache = min(cache, cfg.max_position_embeddings)
+    model.setup_caches(1, cache)
     bound = bw / per_tok
     res: dict = {"mode": "tiny" if args.tiny else "synthetic", "config": "tiny-llama" if args.tiny else args.config,
                  "quant": args.quant or "none", "budget_gib": args.budget_gib,
-                 "dtype": str(dtype).removeprefix("torch."), "prompt": prompt_len, "new": new,
+                 "dtype": str(dtype).removeprefix("torch."), "prompt": prompt_len, "new": new, "cache": cache,
                  "weight_gb_per_token": round(per_tok / 1e9, 3), "copy_gb_s": round(bw / 1e9, 1),
                  "bound_tok_s": round(bound, 1)}
     time_decode(model, prompt, 4, device)  # warm up kernels
@@ -149,14 +199,8 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
                ours_eager_fraction_of_bound=round(eager / bound, 3))
     print(f"ours eager: prefill {prompt_len / prefill:.0f} tok/s, decode {eager:.2f} tok/s "
           f"({eager / bound:.1%} of the {bound:.0f} tok/s bound)", flush=True)
-    if device.type == "cuda" and not args.no_compile:
-        step = torch.compile(_decode_one, mode="reduce-overhead", fullgraph=True)
-        t = time.perf_counter()
-        time_decode(model, prompt, 8, device, step=step)  # compile and capture
-        res["compile_s"] = round(time.perf_counter() - t, 1)
-        _, compiled = time_decode(model, prompt, new, device, step=step)
-        res.update(ours_compiled_tok_s=round(compiled, 2), ours_compiled_fraction_of_bound=round(compiled / bound, 3))
-        print(f"ours compiled: decode {compiled:.2f} tok/s ({compiled / bound:.1%} of bound)", flush=True)
+    if (device.type == "cuda" or args.cpu_compile) and not args.no_compile:
+        res.update(bench_compiled(model, prompt, new, device, bound))
     if device.type == "cuda":
         res["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if not args.no_hf:
@@ -214,6 +258,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--cpu-compile", action="store_true", help="run the compiled section on CPU (inductor)")
+    ap.add_argument("--cache", type=int, default=0,
+                    help=f"KV cache positions (default {DEFAULT_CONTEXT}, as the chat pipeline on CUDA)")
     ap.add_argument("--quant", choices=["int8", "int4"], default=None, help="weight-only quantized linears")
     ap.add_argument("--budget-gib", type=float, default=0, help="with --quant: cap the process's VRAM (GiB)")
     args = ap.parse_args()
