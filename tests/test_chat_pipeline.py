@@ -331,9 +331,12 @@ def test_compiled_step_traces_one_graph_per_bucket_and_matches_eager():
     torch._dynamo.reset()
     try:
         counter = CompileCounter()  # dynamo traces as for CUDA graphs; the graph then runs eagerly
+        stats = torch._dynamo.utils.counters["stats"]
+        before = stats["unique_graphs"]
         step = compile_decode_step(model.max_seq_len, backend=counter)
         tokens, logits = decode_with_logits(model, step=step)
         assert counter.frame_count == 2  # buckets 256 and 512, no recompile between steps
+        assert stats["unique_graphs"] - before == 2
         again, _ = decode_with_logits(model, step=step)
         assert counter.frame_count == 2
     finally:
@@ -369,11 +372,13 @@ def test_cuda_graph_bucketed_step_matches_eager_across_a_bucket_boundary():
     exact_tokens, exact_logits = decode_with_logits(model, step=None)
     torch._dynamo.reset()
     try:
+        stats = torch._dynamo.utils.counters["stats"]  # not cleared by reset(): count the difference
+        before = stats["unique_graphs"]
         step = compile_decode_step(model.max_seq_len, mode="reduce-overhead")
         tokens, logits = decode_with_logits(model, step=step)
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert stats["unique_graphs"] - before == 2  # buckets 256 and 512
         again, again_logits = decode_with_logits(model, step=step)  # replays the captured graphs
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs == 2
+        assert stats["unique_graphs"] - before == 2
     finally:
         torch._dynamo.reset()
     assert tokens == exact_tokens == again
