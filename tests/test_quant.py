@@ -248,3 +248,169 @@ def test_int8_linear_with_k_not_a_multiple_of_16_is_correct_and_does_not_crash(k
     assert out.returncode == 0, out.stderr[-500:]
     shape, err = out.stdout.strip().rsplit(" ", 1)
     assert shape == "(3, 32)" and float(err) < 1e-5
+
+
+# --- int4: one packed copy per device ------------------------------------------------------------
+
+def _old_two_copy_output(qw, x: torch.Tensor) -> torch.Tensor:
+    """What the module computed before it dropped its canonical copy: the CPU kernel on a packing
+    made from the canonical buffers, with a bf16 table made from the float32 scale and zero."""
+    from studio.engine.quant import _unpack_int4
+
+    k = qw.shape[1]
+    tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_int4(qw.packed), tiles)
+    sz = torch.stack([qw.scale.t(), qw.zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), w, qw.group_size, sz)
+    return y.reshape(*x.shape[:-1], -1).float()
+
+
+def _buffer_bytes(mod: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in mod.buffers())
+
+
+def _held_bytes(obj: object, seen: set | None = None) -> int:
+    """Bytes of every distinct tensor reachable from obj's attributes (dicts, lists, tuples included)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_held_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_held_bytes(v, seen) for v in obj)
+    if isinstance(obj, torch.nn.Module):
+        return _held_bytes(vars(obj), seen)
+    return 0
+
+
+@pytest.mark.parametrize("n,k,group", [(64, 256, 32), (80, 576, 32), (48, 96, 32), (176, 128, 64), (32, 256, 128)])
+def test_int4_kernel_module_holds_only_the_kernel_packing_and_computes_what_it_did(n, k, group):
+    from studio.engine.memory import estimate_module_bytes
+
+    torch.manual_seed(0)
+    qw = quantize_int4(torch.randn(n, k) * 0.05, group)
+    mod = qw.to_module(torch.randn(n))
+    assert mod.layout == "cpu"
+    assert {name for name, _ in mod.named_buffers()} == {"kernel_weight", "kernel_sz", "bias"}
+    assert mod.kernel_sz.dtype == torch.bfloat16
+    # half a byte per weight, 2 x 2 bytes per group, the float32 bias: nothing else, nothing hidden
+    expected = n * k // 2 + n * (k // group) * 4 + n * 4
+    assert _buffer_bytes(mod) == estimate_module_bytes(mod) == expected
+    assert _held_bytes(mod) == expected  # no tensor kept in a plain attribute either
+    x = torch.randn(2, 3, k)
+    assert torch.equal(mod(x), _old_two_copy_output(qw, x) + mod.bias)
+
+
+@pytest.mark.parametrize("n,k", [(64, 256), (16, 64), (48, 96), (80, 576), (176, 128), (240, 192)])
+def test_cpu_packing_undone_by_reshapes_matches_the_kernel_reading_it_back(n, k):
+    from studio.engine.quant import _cpu_layout_nibbles, _kernel_nibbles, _pack_for, _pack_int4
+
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    w = _pack_for(_pack_int4(q), "cpu")
+    assert torch.equal(_cpu_layout_nibbles(w, k), q)
+    assert torch.equal(_kernel_nibbles(w, n, k, 32), q)  # identity rows through the kernel: exact
+
+
+def test_int4_dequantize_is_exact_nibbles_with_the_bf16_scale_and_zero_the_kernel_uses():
+    from studio.engine.quant import Int4Weight
+
+    torch.manual_seed(1)
+    qw = quantize_int4(torch.randn(64, 256) * 0.05, 32)
+    mod = qw.to_module()
+    rounded = Int4Weight(qw.packed, qw.scale.bfloat16().float(), qw.zero.bfloat16().float(), 32)
+    assert torch.equal(mod.dequantize(), rounded.dequantize())
+    # vs the float32 tables: |dw| <= 8 |d scale| + |d zero|, each at most half a bf16 step (2^-8 relative)
+    bound = (8 * qw.scale.abs() + qw.zero.abs()).repeat_interleave(32, dim=1) * 2.0 ** -8 * (1 + 1e-5)
+    assert ((mod.dequantize() - qw.dequantize()).abs() <= bound).all()
+    assert (mod.dequantize() != qw.dequantize()).any()  # the rounding is real, so the bound above is the claim
+    # tables that bfloat16 holds exactly come back exactly
+    exact = Int4Weight(qw.packed, qw.scale.bfloat16().float(), qw.zero.bfloat16().float(), 32)
+    assert torch.equal(exact.to_module().dequantize(), exact.dequantize())
+
+
+def test_int4_moves_and_dtype_casts_keep_one_packing_and_the_same_outputs():
+    torch.manual_seed(2)
+    qw = quantize_int4(torch.randn(96, 128) * 0.05, 32)
+    mod = qw.to_module()
+    x = torch.randn(4, 128)
+    ref = mod(x)
+    w0 = mod.kernel_weight.clone()
+    assert mod.to("cpu") is mod and torch.equal(mod(x), ref)
+    mod.half()  # the model's dtype changes; the kernel's bf16 table must not
+    assert mod.kernel_sz.dtype == torch.bfloat16 and torch.equal(mod.kernel_weight, w0)
+    assert torch.equal(mod(x), ref) and mod(x.half()).dtype == torch.float16
+    mod.float()
+    assert torch.equal(mod(x), ref)
+    mod.to("meta")  # no kernel on meta: canonical shapes only
+    assert mod.layout == "canonical" and mod.packed.shape == (96, 64) and mod.scale.shape == (96, 4)
+    mod.to_empty(device="cpu")
+    assert mod.layout == "cpu" and mod.kernel_weight.shape == w0.shape and mod(x).shape == (4, 96)
+
+
+def test_int4_backend_switch_repacks_and_dequant_computes_the_same_weight():
+    torch.manual_seed(3)
+    qw = quantize_int4(torch.randn(64, 256) * 0.05, 64)
+    mod = qw.to_module()
+    x = torch.randn(3, 256)
+    ref, dense = mod(x), mod.dequantize()
+    mod.backend = "dequant"
+    assert mod.layout == "canonical" and {n for n, _ in mod.named_buffers()} == {"packed", "scale", "zero"}
+    assert torch.equal(mod.dequantize(), dense) and torch.equal(mod(x), x @ dense.T)
+    mod.backend = "auto"
+    assert mod.layout == "cpu" and torch.equal(mod(x), ref)  # bf16 tables round to themselves
+
+
+def test_int4_state_dict_round_trips_through_save_and_across_representations():
+    import io
+
+    torch.manual_seed(4)
+    qw = quantize_int4(torch.randn(80, 192) * 0.05, 32)
+    mod = qw.to_module(torch.randn(80))
+    x = torch.randn(2, 192)
+    buf = io.BytesIO()
+    torch.save(mod.state_dict(), buf)
+    sd = torch.load(io.BytesIO(buf.getvalue()))
+    assert set(sd) == {"kernel_weight", "kernel_sz", "bias"}
+    fresh = quantize_int4(torch.randn(80, 192), 32).to_module(torch.zeros(80))
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), mod(x)) and fresh.layout == "cpu"
+    # the kernel packing loads into a canonical module and back, converted, not refused
+    canon = Int4Linear(*(getattr(quantize_int4(torch.randn(80, 192), 32), a) for a in ("packed", "scale", "zero")),
+                       32, torch.zeros(80), backend="dequant")
+    canon.load_state_dict(sd)
+    assert canon.layout == "canonical" and torch.equal(canon.dequantize(), mod.dequantize())
+    again = quantize_int4(torch.randn(80, 192), 32).to_module(torch.zeros(80))
+    again.load_state_dict(canon.state_dict())
+    assert torch.equal(again.kernel_weight, mod.kernel_weight) and torch.equal(again(x), mod(x))
+
+
+def test_int4_weight_nbytes_are_its_buffers_bytes():
+    qw = quantize_int4(torch.randn(48, 128), 32)
+    assert qw.nbytes == sum(t.numel() * t.element_size() for t in (qw.packed, qw.scale, qw.zero)) == 48 * 64 + 48 * 4 * 8
+
+
+@pytest.mark.gpu
+def test_int4_cpu_to_cuda_and_back_repacks_exactly():
+    torch.manual_seed(5)
+    qw = quantize_int4(torch.randn(1536, 576) * 0.05, 32)
+    mod = qw.to_module(torch.randn(1536))
+    w_cpu, dense = mod.kernel_weight.clone(), mod.dequantize()
+    x = torch.randn(3, 576)
+    streamed = qw.to_module(torch.randn(1536))
+    mod.cuda()
+    assert mod.layout == "cuda" and mod.kernel_weight.is_cuda and mod.kernel_weight.dtype == torch.int32
+    assert _buffer_bytes(mod) == 1536 * 576 // 2 + 1536 * 18 * 4 + 1536 * 4
+    assert torch.equal(mod.dequantize().cpu(), dense)
+    y = mod(x.cuda())
+    assert _rel(y.float().cpu(), x @ dense.T + mod.bias.cpu()) < 2e-2
+    # buffers moved one by one (the block streamer): the CPU packing on the GPU still computes the same
+    streamed.load_state_dict(mod.state_dict())  # CUDA packing read back into the CPU one
+    assert streamed.layout == "cpu" and torch.equal(streamed.kernel_weight, w_cpu)
+    for name, b in list(streamed._buffers.items()):
+        streamed._buffers[name] = b.cuda()
+    assert torch.equal(streamed(x.cuda()), y)
+    mod.cpu()
+    assert mod.layout == "cpu" and torch.equal(mod.kernel_weight, w_cpu) and torch.equal(mod.dequantize(), dense)

@@ -183,7 +183,7 @@ class Int4Weight(QuantWeight):
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel() + (self.scale.numel() + self.zero.numel()) * 4
+        return self.packed.numel() + (self.scale.numel() + self.zero.numel()) * self.scale.element_size()
 
     @property
     def device(self) -> torch.device:
@@ -218,11 +218,115 @@ def _int4_dequant(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) 
     return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, -1)
 
 
+# The int4 kernels' own packings. Both hold the same nibbles in a device-specific order:
+#   CPU  (_convert_weight_to_int4pack_for_cpu): (N, K/2) uint8
+#   CUDA (_convert_weight_to_int4pack): (N/8, K/(16 tiles), 32, tiles/2) int32
+# plus one (K/group, N, 2) bfloat16 scale-and-zero table that both kernels read.
+_KERNEL_DEVICES = ("cpu", "cuda")
+_QUANT_BUFFERS = ("packed", "scale", "zero", "kernel_weight", "kernel_sz")
+
+
+def _inner_k_tiles(k: int) -> int:
+    return 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2  # K must be a multiple of 16 x this
+
+
+def _layout_of(w: Tensor) -> str:
+    """Which kernel's packing `w` holds, wherever it lies now."""
+    return "cpu" if w.dim() == 2 else "cuda"
+
+
+def _pack_for(packed: Tensor, device_type: str) -> Tensor:
+    """Canonical (N, K/2) uint8 -> the `device_type` kernel's packing (made on packed's device)."""
+    tiles = _inner_k_tiles(packed.shape[1] * 2)
+    if device_type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_int4(packed), tiles)
+    return torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
+
+
+def _int4pack_mm(x2: Tensor, w: Tensor, group_size: int, sz: Tensor) -> Tensor:
+    """(M, K) bf16 @ packed (N, K).T -> (M, N) bf16, with the kernel of w's device."""
+    if w.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, group_size, sz)
+    return torch.ops.aten._weight_int4pack_mm(x2, w, group_size, sz)
+
+
+def _cpu_layout_nibbles(w: Tensor, k: int) -> Tensor:
+    """Undo the CPU packing by reshapes alone (so it runs on any device): (N, K/2) uint8 -> (N, K) int32.
+
+    torch packs rows in blocks of 64 and a last block of the N % 64 rows left. For each input
+    index k a block stores one byte per row pair: rows j (low nibble) and j + 32 (high) in a block
+    of 64, rows 2j and 2j + 1 in the last block. tests/test_quant.py checks this against the kernel.
+    """
+    n = w.shape[0]
+    full = n // 64 * 64
+    parts = []
+    if full:
+        b = w[:full].reshape(full // 64, k, 32)  # (blocks, K, 32)
+        q = torch.cat([b & 0x0F, b >> 4], dim=-1)  # (blocks, K, 64): rows 0..31, then 32..63
+        parts.append(q.transpose(1, 2).reshape(full, k))
+    if n > full:
+        r = n - full
+        b = w[full:].reshape(k, r // 2)  # (K, r/2)
+        parts.append(torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(k, r).t())  # rows 2j, 2j + 1
+    return torch.cat(parts).to(torch.int32)
+
+
+def _kernel_nibbles(w: Tensor, n: int, k: int, group_size: int) -> Tensor:
+    """The (N, K) int32 nibbles of any kernel packing, read back through the kernel itself.
+
+    With scale 1 and zero 8 every weight is (q - 8) * 1 + 8 = q, an integer 0..15 that bfloat16
+    holds exactly, so rows of the identity matrix as input give W.T exactly. Costs N K^2 multiply-adds
+    (chunks of 512 identity rows); used only to re-pack or dequantize, never per token.
+    """
+    unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=w.device).expand(k // group_size, n, 2).contiguous()
+    out = torch.empty(n, k, dtype=torch.int32, device=w.device)
+    for i in range(0, k, 512):
+        c = min(512, k - i)
+        eye = torch.zeros(c, k, dtype=torch.bfloat16, device=w.device)
+        rows = torch.arange(c, device=w.device)
+        eye[rows, rows + i] = 1
+        out[:, i:i + c] = _int4pack_mm(eye, w, group_size, unit).t().to(torch.int32)  # (N, c)
+    return out
+
+
+def _nibbles(w: Tensor, n: int, k: int, group_size: int) -> Tensor:
+    """(N, K) int32 nibbles of a kernel packing, on w's device."""
+    if _layout_of(w) == "cpu":
+        return _cpu_layout_nibbles(w, k)
+    if w.device.type == "cuda":
+        return _kernel_nibbles(w, n, k, group_size)
+    # A CUDA packing parked in RAM (e.g. a host copy of a streamed block) is read back on the GPU.
+    if not torch.cuda.is_available():
+        from studio.engine.context import UserError
+
+        raise UserError("unsupported", "these int4 weights are packed for a CUDA GPU and no GPU is available; "
+                                       "load the model again on this machine instead of reusing the GPU copy")
+    return _kernel_nibbles(w.cuda(), n, k, group_size).to(w.device)
+
+
+def _canonical_from(bufs: dict, n: int, k: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed (N, K/2) uint8, scale, zero (N, K/group) float32) from either representation.
+
+    From a kernel packing the nibbles are exact and scale / zero are the bfloat16 values the
+    kernel computes with (the float32 ones are not kept alongside it)."""
+    w = bufs.get("kernel_weight")
+    if w is None:
+        return bufs["packed"], bufs["scale"].float(), bufs["zero"].float()
+    sz = bufs["kernel_sz"].float()  # (G, N, 2)
+    return _pack_int4(_nibbles(w, n, k, group_size)), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
+
+
 class Int4Linear(nn.Module):
     """Weight-only int4 Linear. backend: "auto", "int4pack" or "dequant".
 
-    The canonical buffers (packed, scale, zero) stay as given; the kernel's own packed layout is
-    made on first use per device and cached (not saved in state_dict).
+    It holds one representation of its weight at a time, as buffers, so .to(), state_dict, byte
+    counts and the block streamer all see it:
+    - where the packed kernel runs (backend auto / int4pack, on CPU or CUDA, N % 16 == 0 and
+      K % 32 == 0): `kernel_weight` in that device's kernel packing and `kernel_sz`, the
+      (K/group, N, 2) bfloat16 scale-and-zero table. 0.5 + 4/group bytes per weight.
+    - elsewhere: the canonical `packed` (N, K/2) uint8, `scale` and `zero` (N, K/group) float32.
+    Moving the module (.to / .cuda / .cpu go through _apply) re-packs for the new device type; the
+    packing stays exact, but scale and zero keep the bfloat16 rounding the kernel uses.
     """
 
     def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
@@ -230,50 +334,115 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size = group_size
-        self.register_buffer("packed", packed.contiguous())  # (N, K/2) uint8
-        self.register_buffer("scale", scale.float().contiguous())  # (N, K/group)
-        self.register_buffer("zero", zero.float().contiguous())  # (N, K/group)
-        self.register_buffer("bias", None if bias is None else bias.float())
-        self.backend = backend
-        self._kernel: dict[str, tuple[Tensor, Tensor]] = {}
         # The packed kernels tile N by 16 (CPU) / 8 (CUDA) and K by 32; other shapes use dequant.
         self._kernel_shape_ok = self.out_features % 16 == 0 and self.in_features % 32 == 0
-        if self.packed.device.type == "cpu" and backend in ("auto", "int4pack") and self._kernel_shape_ok:
-            self._kernel_weight(self.packed.device)  # pack now, so the first token doesn't pay for it
+        self._backend = backend
+        self.register_buffer("bias", None if bias is None else bias.float())
+        # packed now, so the first token doesn't pay for it
+        self._store(packed.contiguous(), scale.float().contiguous(), zero.float().contiguous(), packed.device)
 
-    def _kernel_weight(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = str(device)
-        if key not in self._kernel:
-            # (K/group, N, 2) scale-and-zero table in the kernel's activation dtype
-            sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-            k = self.in_features
-            inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2  # K must be a multiple of 16 x this
-            if device.type == "cpu":
-                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_int4(self.packed), inner_k_tiles)
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = value
+        self._store(*self._canonical(), self._quant_device())
+
+    @property
+    def layout(self) -> str:
+        """"canonical", or the kernel packing held: "cpu" or "cuda"."""
+        w = self._buffers.get("kernel_weight")
+        return "canonical" if w is None else _layout_of(w)
+
+    def _wants_kernel(self, device: torch.device) -> bool:
+        return self._backend in ("auto", "int4pack") and self._kernel_shape_ok and device.type in _KERNEL_DEVICES
+
+    def _quant_device(self) -> torch.device:
+        w = self._buffers.get("kernel_weight")
+        return (w if w is not None else self._buffers["packed"]).device
+
+    def _canonical(self) -> tuple[Tensor, Tensor, Tensor]:
+        return _canonical_from(self._buffers, self.out_features, self.in_features, self.group_size)
+
+    def _store(self, packed: Tensor, scale: Tensor, zero: Tensor, device: torch.device) -> None:
+        """Keep one representation on `device`: the kernel packing where the kernel will run, else canonical."""
+        for name in _QUANT_BUFFERS:
+            self._buffers.pop(name, None)
+        packed, scale, zero = packed.to(device), scale.to(device), zero.to(device)
+        if self._wants_kernel(device):
+            self.register_buffer("kernel_weight", _pack_for(packed, device.type))
+            self.register_buffer("kernel_sz", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
+        else:
+            self.register_buffer("packed", packed)  # (N, K/2) uint8
+            self.register_buffer("scale", scale.float())  # (N, K/group)
+            self.register_buffer("zero", zero.float())  # (N, K/group)
+
+    def _apply(self, fn, recurse: bool = True) -> Int4Linear:
+        # .to(), .cuda(), .cpu(), .half(), to_empty() all land here. Learn where fn sends tensors,
+        # re-pack for that device type if the representation changes, then let fn move the buffers.
+        # The int4 tables keep their dtypes: the kernel wants bfloat16 scales whatever the model's dtype.
+        src = self._quant_device()
+        dst = fn(torch.empty(0, device=src)).device
+        want = dst.type if self._wants_kernel(dst) else "canonical"
+        if want != self.layout:
+            n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
+            if src.type == "meta":  # fn decides: to_empty() gives fresh memory, to() refuses to copy meta
+                canon = [fn(torch.empty(s, dtype=d, device=src)) for s, d in
+                         (((n, k // 2), torch.uint8), ((n, g), torch.float32), ((n, g), torch.float32))]
+            elif dst.type == "meta":
+                canon = [torch.empty(s, dtype=d, device=dst) for s, d in
+                         (((n, k // 2), torch.uint8), ((n, g), torch.float32), ((n, g), torch.float32))]
             else:
-                w = torch.ops.aten._convert_weight_to_int4pack(self.packed, inner_k_tiles)
-            self._kernel = {key: (w, sz)}  # keep one device's copy only
-        return self._kernel[key]
+                canon = self._canonical()
+            self._store(*canon, dst)
+        for name in (*_QUANT_BUFFERS, "bias"):
+            t = self._buffers.get(name)
+            if t is not None:
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype or name == "bias" else t.to(moved.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A state_dict saved from the other representation (canonical, or another device's packing)
+        # is converted to the one this module holds. load_state_dict passes its own copy of the dict.
+        theirs = {n: state_dict[prefix + n] for n in _QUANT_BUFFERS if prefix + n in state_dict}
+        w = theirs.get("kernel_weight")
+        their_layout = "canonical" if w is None else _layout_of(w)
+        if theirs and their_layout != self.layout:
+            canon = _canonical_from(theirs, self.out_features, self.in_features, self.group_size)
+            for n in theirs:
+                del state_dict[prefix + n]
+            self._store(*canon, self._quant_device())
+            state_dict.update({prefix + n: self._buffers[n] for n in _QUANT_BUFFERS if n in self._buffers})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (out, in) weight this module multiplies by (from the kernel packing: bfloat16 scale and zero)."""
+        return _int4_dequant(*self._canonical(), self.group_size).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
-        backend = self.backend
-        if backend == "auto":
-            backend = "int4pack" if x.device.type in ("cpu", "cuda") and self._kernel_shape_ok else "dequant"
-        if backend == "int4pack":
-            w, sz = self._kernel_weight(x.device)
+        w = self._buffers.get("kernel_weight")
+        if w is not None and x.device.type == w.device.type:
+            if _layout_of(w) != w.device.type:
+                # Another device's packing moved here tensor by tensor (the block streamer moves
+                # buffers, not modules): re-pack for this call only, so this device holds one copy.
+                w = _pack_for(_pack_int4(_nibbles(w, self.out_features, self.in_features, self.group_size)),
+                              w.device.type)
+            # the kernel wants dense bf16 rows (.to keeps a permuted input's strides)
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            if x.device.type == "cpu":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, self.group_size, sz)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm(x2, w, self.group_size, sz)
+            y = _int4pack_mm(x2, w, self.group_size, self.kernel_sz)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         else:
-            y = F.linear(x, _int4_dequant(self.packed, self.scale, self.zero, self.group_size).to(x.dtype))
+            y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}, layout={self.layout}")
 
 
 # --- quantizing a float weight -------------------------------------------------------------------
