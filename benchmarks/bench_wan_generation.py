@@ -15,7 +15,13 @@ writing the random-weights folder ~1-2 min once (~14 GB: umT5-XXL is 11 GB in bf
 from --folder), then ~1.5 min per measurement (load, warm-up, 60 transformer passes, the VAE decode of 81
 frames): ~6-7 min for the default three (diffusers, ours, ours under 8 GiB). --14b writes a further 28 GB
 and runs --steps-14b steps (default 3) of ours under 24 GiB with the transformer streamed: a few more
-minutes; per-step time is reported so 30 steps can be extrapolated.
+minutes; per-step time is reported so 30 steps can be extrapolated. Under a 10-minute limit per command,
+split it: `--runs diffusers` (writes the folder), then `--runs ours,ours_8gib`, then `--runs '' --14b`; the
+folder (default /tmp/studio-wan-bench) is reused while the machine stays up.
+
+Both sides run every part in bf16, the VAE included (diffusers' own example keeps its VAE in fp32). Ours
+moves the 11 GB encoder to the device and back for each job (it lives in RAM between jobs): that is in
+its encode_s. Peak VRAM is torch's max_memory_allocated (the CUDA context, ~0.5 GiB, is not in it).
 
 Random weights: timing and memory only. Weights are drawn directly in bf16 (uniform +-1/sqrt(fan_in),
 norms at 1, biases at 0) rather than through the models' constructors, so the 5.7B-parameter encoder
