@@ -46,10 +46,12 @@ NEGATIVE = "blurry, low quality"  # not empty: SDXL diffusers would zero an empt
 SEED = 1234
 CFG = 7.0
 GiB = 1 << 30
+T0 = time.perf_counter()
 
 
 def emit(**row) -> None:
     row.setdefault("date", time.strftime("%Y-%m-%d"))
+    row.setdefault("t", round(time.perf_counter() - T0, 1))  # seconds since start: where a long run spends it
     row.setdefault("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     print(json.dumps(row), flush=True)
 
@@ -307,8 +309,9 @@ def run_ours(ckpt: Path, side: int, steps: int, device: str, cache, memory, out_
         image = np.asarray(im.convert("RGB")).copy()  # (H, W, 3) uint8
     path.unlink()
     policies = {e["key"].rsplit("|", 1)[-1]: e["policy"] for e in memory.status()["models"]}
+    notes = [re.sub(r"sd:[^|]*\|", "", n) for n in result["notes"]]  # part names without the long cache key
     return {"seconds": round(seconds, 3), "per_step_ms": per_step_ms(stamps), "peak_gib": peak_gib(device),
-            "image": image, "notes": result["notes"], "policies": policies}
+            "image": image, "notes": notes, "policies": policies}
 
 
 def per_step_ms(stamps: list[float]) -> float | None:
@@ -347,8 +350,9 @@ def memory_manager(device: str, budget_gib: float | None):
     from studio.engine.device import probe
     from studio.engine.memory import MemoryManager
 
-    profile = probe(device)
-    return MemoryManager(profile, budget_bytes=None if budget_gib is None else int(budget_gib * GiB))
+    budget = None if budget_gib is None else int(budget_gib * GiB)
+    profile = probe(device, vram_budget=budget or 0)  # the engine's way; on the CPU probe drops it, hence both
+    return MemoryManager(profile, budget_bytes=budget)
 
 
 def bench_generation(family: str, args, device: str, dtype: torch.dtype, work: Path) -> dict | None:
@@ -410,7 +414,7 @@ def bench_budgets(state: dict, args, device: str, dtype: torch.dtype, work: Path
         cap_memory(device, gib)
         mem = memory_manager(device, gib)
 
-        def ours_run() -> dict:
+        def ours_run(mem=mem) -> dict:
             run_ours(ckpt, side, min(3, steps), device, cache, mem, work)  # places the weights once
             return run_ours(ckpt, side, steps, device, cache, mem, work)
 
@@ -474,6 +478,8 @@ def main() -> None:
             state = bench_generation(family, args, device, dtype, work)
             if family == "sdxl" and args.only != "sdxl" and state is not None:
                 bench_budgets(state, args, device, dtype, work)
+            if state is not None:
+                state["ckpt"].unlink()  # several GB of disk
             del state
             free_memory(device)
     finally:
