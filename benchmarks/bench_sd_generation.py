@@ -4,7 +4,7 @@
     python benchmarks/bench_sd_generation.py --only sd15    # SD1.5 512², 30 steps: ours vs StableDiffusionPipeline
     python benchmarks/bench_sd_generation.py --only sdxl    # SDXL 1024², 30 steps: ours vs StableDiffusionXLPipeline
     python benchmarks/bench_sd_generation.py --only budgets # SDXL 1024² under 24/8/6/4 GiB: ours vs diffusers offload
-    python benchmarks/bench_sd_generation.py --tiny         # the same end to end on the CPU with toy models (~20 s)
+    python benchmarks/bench_sd_generation.py --tiny         # the same end to end on the CPU with toy models (~10 s)
 
 A generation is text encoding + 30 Euler steps with CFG 7 + VAE decode, bf16, one image. The diffusers
 components are built from configs with random weights (real sizes), then written as ONE single-file
@@ -13,6 +13,8 @@ checkpoint in the original LDM layout with Studio's converters; Studio's own pip
 Both get the same initial noise latent (Studio's seeded draw) and the same sigmas (Studio's "normal"
 schedule, handed to diffusers' EulerDiscreteScheduler as custom sigmas), so the two images should
 agree up to bf16 rounding: each `generation` row reports their mean abs pixel difference (0-255).
+Each side is warmed up once (3 steps; for ours that first call also loads the file) before the timed
+30-step call. `--tiny` runs fp32 on the CPU, where the two images agree to within 1/255.
 
 Budgets: `torch.cuda.set_per_process_memory_fraction` caps the allocator at the budget; Studio gets
 the same budget through `DeviceProfile.vram_budget` and places the model itself; diffusers runs with
@@ -20,9 +22,11 @@ the same budget through `DeviceProfile.vram_budget` and places the model itself;
 `--sequential-budgets` (its VRAM need does not depend on the budget; ~40 s a run, so two by default).
 A run that fails (OOM included) is printed with its error and the script goes on.
 
-Expected time on one H100: ~1 min building and writing the two checkpoints (~9 GB under $TMPDIR),
-~1 min of resident generations, ~1 min of Studio/diffusers model-offload budget runs, ~1.5 min of
-diffusers sequential offload. Prints one JSON line per measurement (see bench_image.py).
+Expected time on one H100 (estimated from bench_image.py's step times; not run on a GPU yet): ~1 min
+building and writing the two checkpoints (~9 GB under --workdir, default $TMPDIR), ~1 min of resident
+generations, ~1 min of Studio/diffusers model-offload budget runs, ~1.5 min of diffusers sequential
+offload: 5-6 min in all. Prints one JSON line per measurement (see bench_image.py), with `t`, the
+seconds since start, so a run cut short still shows where the time went.
 """
 
 from __future__ import annotations
@@ -322,8 +326,10 @@ def per_step_ms(stamps: list[float]) -> float | None:
 
 
 def pixel_diff(a, b) -> dict:
+    """Mean and max |a - b| over (H, W, 3) uint8 images, and b's spread: a diff means little on a flat image."""
     d = abs(a.astype("float32") - b.astype("float32"))
-    return {"mean_abs_pixel_diff": round(float(d.mean()), 3), "max_abs_pixel_diff": float(d.max())}
+    return {"mean_abs_pixel_diff": round(float(d.mean()), 3), "max_abs_pixel_diff": float(d.max()),
+            "pixel_std": round(float(b.astype("float32").std()), 2)}
 
 
 def public(result: dict) -> dict:
@@ -393,7 +399,8 @@ def bench_generation(family: str, args, device: str, dtype: torch.dtype, work: P
              s_per_image_ours=ours["seconds"], s_per_image_diffusers=ref["seconds"],
              ratio=round(ref["seconds"] / ours["seconds"], 3), step_ms_ours=ours["per_step_ms"],
              step_ms_diffusers=ref["per_step_ms"], peak_gib_ours=ours["peak_gib"], peak_gib_diffusers=ref["peak_gib"],
-             load_and_warmup_s_ours=ours["load_and_warmup_s"], **pixel_diff(ours["image"], ref["image"]))
+             load_and_warmup_s_ours=ours["load_and_warmup_s"], **pixel_diff(ours["image"], ref["image"]),
+             note="ours keeps the latent in fp32 between steps, diffusers in the model dtype")
     elif ours is not None:
         emit(bench="generation_ours", **labels, **public(ours))
     elif ref is not None:
@@ -460,6 +467,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[24, 8, 6, 4], help="GiB")
     ap.add_argument("--sequential-budgets", type=float, nargs="+", default=[24, 4],
                     help="GiB budgets for diffusers' sequential offload (~40 s a run)")
+    ap.add_argument("--workdir", default=None, help="where the checkpoints go (~9 GB; default $TMPDIR)")
     ap.add_argument("--tiny-budgets-mib", type=float, nargs="+", default=[512, 100, 24])
     args = ap.parse_args()
     args.steps = args.steps or (3 if args.tiny else 30)
@@ -468,16 +476,19 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --tiny for the CPU check")
     torch.backends.cuda.matmul.allow_tf32 = True
-    work = Path(tempfile.mkdtemp(prefix="bench_sd_"))
+    work = Path(tempfile.mkdtemp(prefix="bench_sd_", dir=args.workdir))
     # Studio's library and settings live under STUDIO_HOME: keep the user's own untouched
     os.environ["STUDIO_HOME"] = str(work / "home")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_image, when imported from elsewhere
     try:
         families = {"sd15": ["sd15"], "sdxl": ["sdxl"], "budgets": ["sdxl"], None: ["sd15", "sdxl"]}[args.only]
         for family in families:
-            state = bench_generation(family, args, device, dtype, work)
+            state = measure("setup", lambda family=family: bench_generation(family, args, device, dtype, work),
+                            device, model=family)
             if family == "sdxl" and args.only != "sdxl" and state is not None:
-                bench_budgets(state, args, device, dtype, work)
+                measure("setup", lambda state=state: bench_budgets(state, args, device, dtype, work), device,
+                        model=family, part="budgets")
+                cap_memory(device, None)  # also after a failure half-way through the budgets
             if state is not None:
                 state["ckpt"].unlink()  # several GB of disk
             del state
