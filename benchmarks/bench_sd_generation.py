@@ -438,10 +438,17 @@ def bench_budgets(state: dict, args, device: str, dtype: torch.dtype, work: Path
         cap_memory(device, None)
         return
     for mode in ("model", "sequential"):
-        pipe.remove_all_hooks()
-        pipe.to("cpu")
-        free_memory(device)
-        getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
+        cap_memory(device, None)
+
+        def offload(mode=mode) -> bool:
+            pipe.remove_all_hooks()
+            pipe.to("cpu")
+            free_memory(device)
+            getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)  # needs accelerate
+            return True
+
+        if not measure("budget_diffusers", offload, device, model="sdxl", offload=mode):
+            continue
         for b in args.budgets if mode == "model" else args.sequential_budgets:
             labels = {"model": "sdxl", "pixels": side, "steps": steps, "budget_gib": b, "offload": mode}
             cap_memory(device, b)
