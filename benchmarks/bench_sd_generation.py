@@ -166,24 +166,9 @@ def hf_clip_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def vae_to_ldm(sd: dict[str, torch.Tensor], up_levels: int) -> dict[str, torch.Tensor]:
-    """diffusers VAE names -> original LDM names (the same mapping as tests/test_vae.py::to_ldm)."""
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for key, t in sd.items():
-        k = key
-        k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
-        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
-        k = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{up_levels - 1 - int(m[1])}.block.", k)
-        k = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{up_levels - 1 - int(m[1])}.upsample.", k)
-        k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
-        if m := re.search(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.", k):
-            k = k.replace(m[0], f"mid.attn_1.{attn[m[1]]}.")
-            if t.ndim == 2:
-                t = t[:, :, None, None]  # LDM attention projections are 1x1 convs
-        k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        out[k] = t
-    return out
+    from studio.models.vae import to_ldm_vae
 
+    return to_ldm_vae(sd, up_levels)
 
 def write_checkpoint(parts: dict, family: str, path: Path) -> float:
     """One single-file LDM checkpoint from the diffusers modules' tensors; returns GiB written."""

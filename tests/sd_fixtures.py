@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from test_vae import to_ldm as vae_to_ldm
 
 from studio.models.clip import ClipConfig, ClipTextModel, to_openclip
 from studio.models.unet import UNet, UNetConfig
 from studio.models.unet_convert import to_ldm
 from studio.models.vae import AutoencoderKL, VAEConfig
+from studio.models.vae import to_ldm_vae as vae_to_ldm
 
 TINY_CLIP = ClipConfig(width=64, layers=2, heads=1, intermediate=128)
 

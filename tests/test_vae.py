@@ -11,6 +11,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from studio.engine.context import UserError
 from studio.models.vae import FAMILY_SCALING, VAEConfig, convert_ldm_vae, load_vae
+from studio.models.vae import to_ldm_vae as to_ldm
 
 
 def tiny_reference(latent_channels: int = 4, quant: bool = True, seed: int = 0) -> RefVAE:
@@ -34,24 +35,6 @@ def tiny_reference(latent_channels: int = 4, quant: bool = True, seed: int = 0) 
     return ref
 
 
-def to_ldm(sd: dict[str, torch.Tensor], up_levels: int) -> dict[str, torch.Tensor]:
-    """diffusers layout -> original LDM layout, written by hand (checked against diffusers' own converter)."""
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for key, t in sd.items():
-        k = key
-        k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
-        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
-        k = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{up_levels - 1 - int(m[1])}.block.", k)
-        k = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{up_levels - 1 - int(m[1])}.upsample.", k)
-        k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
-        if m := re.search(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.", k):
-            k = k.replace(m[0], f"mid.attn_1.{attn[m[1]]}.")
-            if t.ndim == 2:
-                t = t[:, :, None, None]  # LDM attention projections are 1x1 convs
-        k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        out[k] = t
-    return out
 
 
 def assert_parity(ours, ref, x: torch.Tensor) -> None:

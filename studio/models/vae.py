@@ -332,6 +332,29 @@ def convert_ldm_vae(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def to_ldm_vae(sd: dict[str, torch.Tensor], up_levels: int) -> dict[str, torch.Tensor]:
+    """Our (diffusers) names -> the original LDM names, for writing single-file checkpoints.
+
+    The inverse of `convert_ldm_vae`; tests check it against diffusers' own LDM converter.
+    """
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, t in sd.items():
+        k = key
+        k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
+        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
+        k = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{up_levels - 1 - int(m[1])}.block.", k)
+        k = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{up_levels - 1 - int(m[1])}.upsample.", k)
+        k = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
+        if m := re.search(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.", k):
+            k = k.replace(m[0], f"mid.attn_1.{attn[m[1]]}.")
+            if t.ndim == 2:
+                t = t[:, :, None, None]  # LDM attention projections are 1x1 convs
+        k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        out[k] = t
+    return out
+
+
 def normalize_vae_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any supported layout -> ours: LDM (prefixed or not), diffusers, and old diffusers attention names."""
     sd = strip_vae_prefix(sd)
