@@ -113,9 +113,14 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ClipConfig) -> None:
+    """CLIP attention. The text tower is causal; the vision tower (clip_vision.py) attends both ways.
+
+    `cfg` is any config with width, heads (ClipConfig or ClipVisionConfig)."""
+
+    def __init__(self, cfg, causal: bool = True) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.causal = causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
@@ -124,12 +129,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
         q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # CLIP text is causal
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(o.transpose(1, 2).reshape(b, t, c))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ClipConfig) -> None:
+    def __init__(self, cfg) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.intermediate)
         self.fc2 = nn.Linear(cfg.intermediate, cfg.width)
@@ -142,10 +147,10 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ClipConfig) -> None:
+    def __init__(self, cfg, causal: bool = True) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = MLP(cfg)
 
@@ -155,9 +160,9 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ClipConfig) -> None:
+    def __init__(self, cfg, causal: bool = True) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
+        self.layers = nn.ModuleList([EncoderLayer(cfg, causal) for _ in range(cfg.layers)])
 
 
 class TextTransformer(nn.Module):

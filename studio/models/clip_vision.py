@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from studio.models.clip import Encoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,54 +122,6 @@ class Embeddings(nn.Module):
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1 + N, C)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: ClipVisionConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape  # (B, T, C)
-        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v)  # images attend both ways: no mask
-        return self.out_proj(o.transpose(1, 2).reshape(b, t, c))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ClipVisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.intermediate)
-        self.fc2 = nn.Linear(cfg.intermediate, cfg.width)
-        self.quick = cfg.activation == "quick_gelu"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
-        return self.fc2(h)
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ClipVisionConfig) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.self_attn = SelfAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: ClipVisionConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
-
-
 class ClipVisionModel(nn.Module):
     """forward(pixels (B, 3, S, S), layers) -> hidden states after that many layers (B, T, C).
 
@@ -181,7 +134,7 @@ class ClipVisionModel(nn.Module):
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.eps)  # sic: Hugging Face's spelling
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, causal=False)  # the same layers as CLIP's text tower, unmasked
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)  # pools the class token; Wan does not use it
 
     def forward(self, pixels: torch.Tensor, layers: int | None = None) -> torch.Tensor:
