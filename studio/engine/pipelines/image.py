@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from studio.engine import outputs
 from studio.engine import samplers as S
 from studio.engine.context import JobContext, UserError
 from studio.engine.previews import preview_jpeg
@@ -452,14 +453,7 @@ def decode(model: SDModel, latent: torch.Tensor, ctx: JobContext, tiled: bool = 
 
 
 def output_target(job: ImageJob, ctx: JobContext) -> tuple[Path, str]:
-    """(folder, file stem). `job.out` is a .png path (its stem is used, numbered if taken) or a folder."""
-    if job.out:
-        out = Path(job.out).expanduser()
-        if out.suffix.lower() == ".png":
-            return out.parent, out.stem
-        return out, time.strftime("%Y%m%d-%H%M%S")
-    folder = ctx.settings.get("outputs") or str(Path.home() / "Pictures" / "Studio")
-    return Path(folder) / time.strftime("%Y-%m-%d"), time.strftime("%H%M%S")
+    return outputs.output_target(job.out, ".png", ctx, Path.home() / "Pictures" / "Studio")
 
 
 def save_png(image, meta: dict, folder: Path, stem: str) -> Path:

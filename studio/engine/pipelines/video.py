@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from studio.engine import outputs
 from studio.engine.context import JobCancelled, JobContext, UserError
 from studio.engine.flow_samplers import get_flow_sampler, wan_flow_sigmas
 from studio.engine.pipelines.video_parts import (  # noqa: F401  (tests reach them through this module)
@@ -341,14 +342,7 @@ def decode(parts: WanParts, latent: torch.Tensor, ctx: JobContext) -> np.ndarray
 
 
 def output_target(job: VideoJob, ctx: JobContext) -> tuple[Path, str]:
-    """(folder, stem). `job.out` is an .mp4 path (its stem, numbered if taken) or a folder."""
-    if job.out:
-        out = Path(job.out).expanduser()
-        if out.suffix.lower() == ".mp4":
-            return out.parent, out.stem
-        return out, time.strftime("%Y%m%d-%H%M%S")
-    folder = ctx.settings.get("outputs") or str(Path.home() / "Videos" / "Studio")
-    return Path(folder) / time.strftime("%Y-%m-%d"), time.strftime("%H%M%S")
+    return outputs.output_target(job.out, ".mp4", ctx, Path.home() / "Videos" / "Studio")
 
 
 def save_video(job: VideoJob, ctx: JobContext, parts: WanParts, frames: np.ndarray, notes: list[str],
