@@ -387,6 +387,13 @@ def test_int4_state_dict_round_trips_through_save_and_across_representations():
     assert torch.equal(again.kernel_weight, mod.kernel_weight) and torch.equal(again(x), mod(x))
 
 
+def test_int4_pack_for_a_device_without_its_kernel_or_the_same_type_changes_nothing():
+    mod = quantize_int4(torch.randn(64, 128), 32).to_module()
+    w = mod.kernel_weight
+    assert mod.pack_for("cpu") is mod and mod.kernel_weight is w
+    assert mod.pack_for("meta").kernel_weight is w
+
+
 def test_int4_weight_nbytes_are_its_buffers_bytes():
     qw = quantize_int4(torch.randn(48, 128), 32)
     assert qw.nbytes == sum(t.numel() * t.element_size() for t in (qw.packed, qw.scale, qw.zero)) == 48 * 64 + 48 * 4 * 8
@@ -414,3 +421,9 @@ def test_int4_cpu_to_cuda_and_back_repacks_exactly():
     assert torch.equal(streamed(x.cuda()), y)
     mod.cpu()
     assert mod.layout == "cpu" and torch.equal(mod.kernel_weight, w_cpu) and torch.equal(mod.dequantize(), dense)
+    # pack_for: the CUDA packing kept in RAM, so buffer-by-buffer moves need no re-pack per call
+    streamed.cpu().pack_for("cuda")
+    assert streamed.layout == "cuda" and streamed.kernel_weight.device.type == "cpu"
+    for name, b in list(streamed._buffers.items()):
+        streamed._buffers[name] = b.cuda()
+    assert torch.equal(streamed(x.cuda()), y)

@@ -22,6 +22,10 @@ kept for when fp32-grade accuracy matters more than the last 1.5x.
 End to end on the same CPU (bundled SmolLM2-135M Q4_1, greedy, short answer, quiet machine):
 int4 modules 87-90 tok/s, first token 45 ms; int8 requantized 69 tok/s; float32 dequantized
 25 tok/s (transformers: ~25; llama.cpp: ~130). The machine is shared, so rerun before quoting.
+
+An int4 module holds only its kernel's packing and bf16 table: 0.5 + 4/group bytes per weight
+(0.625 for GGUF's group 32). Keeping the canonical copy beside it cost 1.375 (SmolLM2-135M:
+139 MiB of int4 modules instead of 63; an 8B Llama on an H200 peaked at 9.4 GiB).
 """
 
 from __future__ import annotations
@@ -378,6 +382,23 @@ class Int4Linear(nn.Module):
             self.register_buffer("packed", packed)  # (N, K/2) uint8
             self.register_buffer("scale", scale.float())  # (N, K/group)
             self.register_buffer("zero", zero.float())  # (N, K/group)
+
+    def pack_for(self, device: torch.device | str) -> Int4Linear:
+        """Hold the packing of `device`'s kernel but stay where it is.
+
+        For code that moves buffers itself instead of calling .to() (offload.BlockStreamer and
+        WholeModule): with the target's packing in the host copy, each move is a plain copy, where
+        otherwise forward has to re-pack on every call. A CUDA packing is made on the GPU.
+        """
+        device = torch.device(device)
+        if not self._wants_kernel(device) or self.layout == device.type:
+            return self
+        here = self._quant_device()
+        self._store(*self._canonical(), device)
+        for name in _QUANT_BUFFERS:
+            if name in self._buffers:
+                self._buffers[name] = self._buffers[name].to(here)
+        return self
 
     def _apply(self, fn, recurse: bool = True) -> Int4Linear:
         # .to(), .cuda(), .cpu(), .half(), to_empty() all land here. Learn where fn sends tensors,
