@@ -29,6 +29,7 @@ from studio.ui.theme import app_icon, apply_theme
 log = logging.getLogger("studio.ui")
 
 GiB = 1 << 30
+DOCK_WIDTH = 480
 
 STATE_TEXT = {
     "starting": ("#d9a441", "Engine starting…"),
@@ -241,6 +242,12 @@ class MainWindow(QMainWindow):
         dock.setWidget(widget)
         self.addDockWidget(area, dock)
         dock.hide()
+
+        def widen(visible: bool) -> None:  # the table's columns need room; Qt's default dock is narrow
+            if visible and dock.width() < DOCK_WIDTH and not dock.isFloating():
+                self.resizeDocks([dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
+
+        dock.visibilityChanged.connect(widen)
         return dock
 
     # -- menus -----------------------------------------------------------------------------
