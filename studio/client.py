@@ -34,6 +34,7 @@ from studio.protocol import Message, ProtocolError
 log = logging.getLogger("studio.client")
 
 Listener = Callable[[Message], None]
+LOG_ROTATE_BYTES = 5 << 20
 
 
 class EngineError(RuntimeError):
@@ -181,7 +182,13 @@ class EngineClient:
         if self.options.reserve:
             cmd += ["--reserve", self.options.reserve]
         self.paths.logs.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.paths.logs / "engine.log", "ab")
+        log_path = self.paths.logs / "engine.log"
+        try:  # keep one previous log for bug reports; never let the log grow without bound
+            if log_path.stat().st_size > LOG_ROTATE_BYTES:
+                log_path.replace(log_path.with_suffix(".log.1"))
+        except OSError:
+            pass
+        log_file = open(log_path, "ab")
         try:
             # PASSIVE: torch's OpenMP threads sleep instead of spinning between ops. On a busy desktop
             # spinning threads fight the GUI and each other (decode fell to 2.6 tok/s under load).

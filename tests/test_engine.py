@@ -222,3 +222,18 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+def test_a_large_engine_log_is_rotated_at_start(tmp_path):
+    import dataclasses
+
+    paths = dataclasses.replace(Paths.default(), logs=tmp_path / "logs")
+    paths.logs.mkdir()
+    (paths.logs / "engine.log").write_bytes(b"x" * (6 << 20))
+    client = EngineClient(paths, EngineOptions(device="cpu"))
+    client.start()
+    try:
+        assert (paths.logs / "engine.log.1").stat().st_size == 6 << 20
+        assert (paths.logs / "engine.log").stat().st_size < 1 << 20
+    finally:
+        client.close()
