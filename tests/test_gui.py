@@ -146,3 +146,22 @@ def test_dropping_a_model_on_the_window_installs_it_and_the_chat_picker_lists_it
     assert window.models_dock.isVisibleTo(window)
     qtbot.waitUntil(lambda: window.chat_tab.model_combo.findData(str(default_chat_model().resolve())) >= 0,
                     timeout=5000)
+
+
+def test_model_folders_from_settings_are_scanned_at_start(qtbot, tmp_path, monkeypatch):
+    import shutil
+
+    from studio.models.bundled import default_chat_model
+    from studio.ui.main_window import MainWindow
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    comfy = tmp_path / "ComfyUI" / "models" / "text_encoders"
+    comfy.mkdir(parents=True)
+    shutil.copy(default_chat_model(), comfy.parent / "smol.gguf")  # an LLM at the models root
+    paths = Paths.default().ensure()
+    settings = Settings(model_folders=[str(tmp_path / "ComfyUI" / "models")], device="cpu")
+    win = MainWindow(paths, settings)
+    qtbot.addWidget(win)
+    qtbot.waitUntil(lambda: "scanned" in win.statusBar().currentMessage(), timeout=30000)
+    assert any(e.path.name == "smol.gguf" for e in win.library.list())
+    win.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from PySide6.QtCore import QByteArray, Qt, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QDragEnterEvent, QDropEvent, QKeySequence
@@ -68,6 +69,7 @@ def engine_options(settings: Settings, paths: Paths | None = None) -> EngineOpti
 
 class MainWindow(QMainWindow):
     files_dropped = Signal(list)  # local paths dropped on the window
+    scan_done = Signal(object, str)  # ScanReport or None, error message
 
     def __init__(self, paths: Paths, settings: Settings, engine: QtEngine | None = None) -> None:
         super().__init__()
@@ -97,6 +99,8 @@ class MainWindow(QMainWindow):
         self.engine.status_changed.connect(self._on_status)
         self._on_state(self.engine.state, "")
         self._restore_geometry()
+        self.scan_done.connect(self._on_scan_done)
+        self.scan_model_folders()
 
     def _open_library(self):
         from studio.library.library import Library, LibraryError
@@ -206,6 +210,34 @@ class MainWindow(QMainWindow):
             self.memory_panel = MemoryPanel(self)
             self.memory_panel.unload_all_requested.connect(lambda: self.engine.unload(None))
             self.memory_dock = self._dock("Memory", self.memory_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+
+    def scan_model_folders(self) -> None:
+        """Register what the user's other apps keep in the folders named in Settings (in the background:
+        hashing nothing, reading headers only). Files gone since the last scan are marked missing."""
+        folders = [f for f in self.settings.model_folders if f]
+        if not folders or self.library is None:
+            return
+        library = self.library
+
+        def work() -> None:
+            from studio.library.scan import scan
+
+            try:
+                self.scan_done.emit(scan(library, folders), "")
+            except (OSError, ValueError) as exc:
+                self.scan_done.emit(None, str(exc))
+
+        self.statusBar().showMessage(f"Scanning {len(folders)} model folder(s)…")
+        threading.Thread(target=work, name="studio-scan", daemon=True).start()
+
+    def _on_scan_done(self, report, error: str) -> None:
+        if report is None:
+            self.statusBar().showMessage(f"Scanning model folders failed: {error}", 15000)
+            return
+        self.statusBar().showMessage(f"Model folders scanned: {report.summary()}", 10000)
+        if self.models_panel is not None:
+            self.models_panel.refresh()
+        self.refresh_model_pickers()
 
     def refresh_model_pickers(self) -> None:
         """A model was installed or removed: every tab's picker lists what is there now."""
@@ -341,10 +373,13 @@ class MainWindow(QMainWindow):
         engine_changed = (new.device, new.vram_budget, new.vram_reserve, new.outputs_folder) != (
             self.settings.device, self.settings.vram_budget, self.settings.vram_reserve, self.settings.outputs_folder)
         theme_changed = new.theme != self.settings.theme
+        old_folders = list(self.settings.model_folders)
         self.settings = new
         self.save_settings()
         if theme_changed:
             apply_theme(QApplication.instance(), new.theme)
+        if new.model_folders != old_folders:
+            self.scan_model_folders()
         if engine_changed:
             self.engine.restart(engine_options(new, self.paths))
 
