@@ -99,6 +99,8 @@ class MainWindow(QMainWindow):
         self.engine.status_changed.connect(self._on_status)
         self._on_state(self.engine.state, "")
         self._restore_geometry()
+        self._closing = False
+        self._scan_thread: threading.Thread | None = None
         self.scan_done.connect(self._on_scan_done)
         self.scan_model_folders()
 
@@ -228,9 +230,12 @@ class MainWindow(QMainWindow):
                 self.scan_done.emit(None, str(exc))
 
         self.statusBar().showMessage(f"Scanning {len(folders)} model folder(s)…")
-        threading.Thread(target=work, name="studio-scan", daemon=True).start()
+        self._scan_thread = threading.Thread(target=work, name="studio-scan", daemon=True)
+        self._scan_thread.start()
 
     def _on_scan_done(self, report, error: str) -> None:
+        if self._closing:
+            return
         if report is None:
             self.statusBar().showMessage(f"Scanning model folders failed: {error}", 15000)
             return
@@ -423,6 +428,9 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(f"Could not save settings: {exc}", 10000)
 
     def closeEvent(self, event) -> None:  # noqa: N802
+        self._closing = True
+        if self._scan_thread is not None:
+            self._scan_thread.join(10)  # the scan writes to the library we are about to close
         self.save_settings()
         for tab in (self.image_tab, self.video_tab, self.chat_tab):
             shutdown = getattr(tab, "shutdown", None)
