@@ -165,3 +165,22 @@ def test_model_folders_from_settings_are_scanned_at_start(qtbot, tmp_path, monke
     qtbot.waitUntil(lambda: "scanned" in win.statusBar().currentMessage(), timeout=30000)
     assert any(e.path.name == "smol.gguf" for e in win.library.list())
     win.close()
+
+
+def test_a_model_copied_into_a_watched_folder_is_registered_without_a_restart(qtbot, tmp_path, monkeypatch):
+    import shutil
+
+    from studio.models.bundled import default_chat_model
+    from studio.ui.main_window import MainWindow
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    loras = tmp_path / "ComfyUI" / "models" / "loras"
+    loras.mkdir(parents=True)
+    paths = Paths.default().ensure()
+    win = MainWindow(paths, Settings(model_folders=[str(tmp_path / "ComfyUI" / "models")], device="cpu"))
+    qtbot.addWidget(win)
+    qtbot.waitUntil(lambda: "scanned" in win.statusBar().currentMessage(), timeout=30000)
+    assert not win.library.list()
+    shutil.copy(default_chat_model(), tmp_path / "ComfyUI" / "models" / "late.gguf")
+    qtbot.waitUntil(lambda: any(e.path.name == "late.gguf" for e in win.library.list()), timeout=30000)
+    win.close()

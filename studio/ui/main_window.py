@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, QUrl, Signal
+from PySide6.QtCore import QByteArray, QFileSystemWatcher, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -31,6 +32,7 @@ log = logging.getLogger("studio.ui")
 
 GiB = 1 << 30
 DOCK_WIDTH = 480
+RESCAN_DELAY_MS = 1500
 
 STATE_TEXT = {
     "starting": ("#d9a441", "Engine starting…"),
@@ -102,6 +104,14 @@ class MainWindow(QMainWindow):
         self._closing = False
         self._scan_thread: threading.Thread | None = None
         self.scan_done.connect(self._on_scan_done)
+        # Files added to or removed from the model folders (a download finishing in ComfyUI's folder)
+        # trigger a rescan, debounced so a burst of changes costs one scan.
+        self._watcher = QFileSystemWatcher(self)
+        self._rescan = QTimer(self)
+        self._rescan.setSingleShot(True)
+        self._rescan.setInterval(RESCAN_DELAY_MS)
+        self._rescan.timeout.connect(self.scan_model_folders)
+        self._watcher.directoryChanged.connect(lambda _path: self._rescan.start())
         self.scan_model_folders()
 
     def _open_library(self):
@@ -217,7 +227,11 @@ class MainWindow(QMainWindow):
         """Register what the user's other apps keep in the folders named in Settings (in the background:
         hashing nothing, reading headers only). Files gone since the last scan are marked missing."""
         folders = [f for f in self.settings.model_folders if f]
+        self._watch(folders)
         if not folders or self.library is None:
+            return
+        if self._scan_thread is not None and self._scan_thread.is_alive():
+            self._rescan.start()  # one scan at a time: try again shortly
             return
         library = self.library
 
@@ -232,6 +246,23 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Scanning {len(folders)} model folder(s)…")
         self._scan_thread = threading.Thread(target=work, name="studio-scan", daemon=True)
         self._scan_thread.start()
+
+    def _watch(self, folders: list[str]) -> None:
+        """Watch each model folder and its immediate subfolders (checkpoints/, loras/, ...)."""
+        wanted: list[str] = []
+        for folder in folders:
+            root = Path(folder).expanduser()
+            if root.is_dir():
+                wanted.append(str(root))
+                try:
+                    wanted += [str(p) for p in root.iterdir() if p.is_dir()][:64]
+                except OSError:
+                    pass
+        current = set(self._watcher.directories())
+        if current - set(wanted):
+            self._watcher.removePaths(list(current - set(wanted)))
+        if set(wanted) - current:
+            self._watcher.addPaths(sorted(set(wanted) - current))
 
     def _on_scan_done(self, report, error: str) -> None:
         if self._closing:
