@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.models.loader import build_on_meta
+
 
 @dataclass(frozen=True)
 class ClipConfig:
@@ -337,14 +339,8 @@ def build_clip(
     """Build on the meta device and load the encoder under `prefix` with assign=True."""
     ours = to_ours(sd, prefix)
     cfg = cfg or ClipConfig.from_state_dict(ours, **overrides)
-    with torch.device("meta"):
-        model = ClipTextModel(cfg)
-    if dtype is not None:
-        ours = {k: v.to(dtype) for k, v in ours.items()}
-    result = model.load_state_dict(ours, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"CLIP weights do not match the model shape: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return model.eval()
+    model, missing, unexpected = build_on_meta(lambda: ClipTextModel(cfg), ours, dtype=dtype)
+    if missing or unexpected:
+        raise ValueError(f"CLIP weights do not match the model shape: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model

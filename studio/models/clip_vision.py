@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from studio.models.clip import Encoder
+from studio.models.loader import build_on_meta
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -241,16 +242,12 @@ def build_clip_vision(sd: dict[str, torch.Tensor], cfg: ClipVisionConfig | None 
     """Build on the meta device and load with assign=True. `cfg` (from a config.json) wins over shapes."""
     ours = to_ours(sd)
     cfg = cfg or ClipVisionConfig.from_state_dict(ours, **overrides)
-    with torch.device("meta"):
-        model = ClipVisionModel(cfg)
-    if dtype is not None:
-        ours = {k: v.to(dtype) for k, v in ours.items()}
-    result = model.load_state_dict(ours, strict=False, assign=True)
+    model, missing, unexpected = build_on_meta(lambda: ClipVisionModel(cfg), ours, dtype=dtype)
     # post_layernorm only pools the class token, which Wan never reads: files without it still load
-    missing = [k for k in result.missing_keys if not k.startswith("post_layernorm.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"CLIP vision weights do not match the model shape: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    if result.missing_keys:
+    needed = [k for k in missing if not k.startswith("post_layernorm.")]
+    if needed or unexpected:
+        raise ValueError(f"CLIP vision weights do not match the model shape: missing {needed[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if missing:
         model.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps, dtype=dtype)
-    return model.eval()
+    return model

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.engine.context import UserError
+from studio.models.loader import build_on_meta
 
 
 @dataclass(frozen=True)
@@ -279,15 +280,11 @@ def load_t5_encoder(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = Non
     """Build on the meta device and take the tensors as they are (copies only for a dtype/device change)."""
     sd = normalize_state_dict(sd)
     cfg = T5Config.from_state_dict(sd, **overrides)
-    with torch.device("meta"):
-        model = T5Encoder(cfg)
-    if dtype is not None or device is not None:
-        sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    model, missing, unexpected = build_on_meta(lambda: T5Encoder(cfg), sd, dtype=dtype, device=device)
     if missing or unexpected:
         raise UserError("bad_model", "The weights do not fit a T5 encoder (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}): the file is damaged or of another kind.")
-    return model.eval()
+    return model
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.models.loader import build_on_meta
+
 # --------------------------------------------------------------------------------------------- config
 
 
@@ -468,14 +470,8 @@ def build_unet(
 
     sd = to_ours(sd)
     cfg = cfg or UNetConfig.from_state_dict(sd, **overrides)
-    with torch.device("meta"):
-        model = UNet(cfg)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    result = model.load_state_dict(sd, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"UNet weights do not match the model shape: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]} ({len(result.missing_keys)} / {len(result.unexpected_keys)})"
-        )
-    return model.eval()
+    model, missing, unexpected = build_on_meta(lambda: UNet(cfg), sd, dtype=dtype)
+    if missing or unexpected:
+        raise ValueError(f"UNet weights do not match the model shape: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)})")
+    return model

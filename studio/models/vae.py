@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.engine.context import UserError
+from studio.models.loader import build_on_meta
 
 # (scaling_factor, shift_factor): latent = (mean - shift) * scale.
 FAMILY_SCALING: dict[str, tuple[float, float]] = {
@@ -374,12 +375,8 @@ def load_vae(sd: dict[str, torch.Tensor], family: str | None = None, dtype: torc
     """Build on the meta device and take the tensors as they are (no copy unless dtype/device change)."""
     sd = normalize_vae_state_dict(sd)
     cfg = VAEConfig.from_state_dict(sd, family=family, norm_num_groups=norm_num_groups)
-    with torch.device("meta"):
-        vae = AutoencoderKL(cfg)
-    if dtype is not None or device is not None:
-        sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in sd.items()}
-    missing, unexpected = vae.load_state_dict(sd, strict=False, assign=True)
+    vae, missing, unexpected = build_on_meta(lambda: AutoencoderKL(cfg), sd, dtype=dtype, device=device)
     if missing or unexpected:
         raise UserError("bad_model", "The VAE weights do not fit a KL-f8 VAE (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}): the file is damaged or of another kind.")
-    return vae.eval()
+    return vae

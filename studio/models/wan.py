@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.engine.context import UserError
+from studio.models.loader import build_on_meta
 
 TEXT_LEN = 512  # umT5 tokens the models were trained with; prompts are zero-padded to this
 
@@ -461,12 +462,8 @@ def load_wan_transformer(sd: dict[str, torch.Tensor], dtype: torch.dtype | None 
             raise UserError("unsupported", f"This file is {what}, which is not supported yet: use a Wan 2.1 / 2.2 "
                             "text-to-video, image-to-video or TI2V model.")
     cfg = WanConfig.from_state_dict(sd, head_dim=head_dim)
-    with torch.device("meta"):
-        model = WanTransformer(cfg)
-    if dtype is not None or device is not None:
-        sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    model, missing, unexpected = build_on_meta(lambda: WanTransformer(cfg), sd, dtype=dtype, device=device)
     if missing or unexpected:
         raise UserError("bad_model", "The weights do not fit a Wan transformer (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}): the file is damaged or of another kind.")
-    return model.eval()
+    return model

@@ -31,6 +31,7 @@ from torch import nn
 
 from studio.engine.context import UserError
 from studio.engine.tiling import tiled_decode_3d
+from studio.models.loader import build_on_meta
 
 State = dict  # module -> cached frames / flags, one per video being encoded or decoded
 
@@ -576,16 +577,12 @@ def load_wan_vae(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
     """Build on the meta device and take the tensors as they are (copies only for a dtype/device change)."""
     sd = normalize_state_dict(sd)
     cfg = WanVAEConfig.from_state_dict(sd)
-    with torch.device("meta"):
-        vae = WanVAE(cfg)
-    if dtype is not None or device is not None:
-        sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in sd.items()}
     try:
-        missing, unexpected = vae.load_state_dict(sd, strict=False, assign=True)
+        vae, missing, unexpected = build_on_meta(lambda: WanVAE(cfg), sd, dtype=dtype, device=device)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise UserError("bad_model", "The VAE weights have shapes that do not fit a Wan VAE: the file is damaged "
                         "or mixes two models.", detail=str(e)[:500]) from e
     if missing or unexpected:
         raise UserError("bad_model", "The weights do not fit the Wan VAE (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}): the file is damaged or of another kind.")
-    return vae.eval()
+    return vae
