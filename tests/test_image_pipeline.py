@@ -120,12 +120,15 @@ def test_batches_use_consecutive_seeds_like_a1111(ckpt, models, tmp_path):
 def test_img2img_keeps_the_init_image_at_low_strength(ckpt, models, tmp_path):
     init = tmp_path / "init.png"
     Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))[..., None].repeat(3, 2)).save(init)
+    # The random tiny VAE does not reconstruct the picture, so the reference is what img2img returns
+    # when it barely denoises: the init image through encode + decode.
+    kept = pixels(run_image(job(ckpt, init_image=str(init), strength=0.02, steps=20),
+                            Recorder(tmp_path, models).ctx)["images"][0]["path"])
     weak = run_image(job(ckpt, init_image=str(init), strength=0.2), Recorder(tmp_path, models).ctx)
     strong = run_image(job(ckpt, init_image=str(init), strength=1.0), Recorder(tmp_path, models).ctx)
-    ref = pixels(str(init))
-    # the random tiny VAE does not reconstruct, so compare to a pure re-encode/decode path instead
-    assert not np.array_equal(pixels(weak["images"][0]["path"]), pixels(strong["images"][0]["path"]))
-    assert ref.shape == pixels(weak["images"][0]["path"]).shape
+    near = np.abs(pixels(weak["images"][0]["path"]) - kept).mean()
+    far = np.abs(pixels(strong["images"][0]["path"]) - kept).mean()
+    assert near < far / 2
 
 
 def test_inpainting_with_a_regular_model_keeps_pixels_outside_the_mask_close(ckpt, models, tmp_path):
