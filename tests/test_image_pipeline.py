@@ -342,3 +342,9 @@ def test_models_info_reports_what_quantization_saves_and_costs(xl_ckpt):
     q = json.loads(out.stdout)["quantization"]
     assert q["component"] == "unet" and q["bytes_quantized"] < q["bytes_original"]
     assert 0 < q["relative_error"] < 0.05
+
+
+def test_a_prompt_longer_than_77_tokens_with_a_short_negative_runs(ckpt, models, tmp_path):
+    long = ", ".join(["a red fox in deep snow under the northern lights"] * 12)  # several 77-token chunks
+    r = run_image(job(ckpt, prompt=long, negative="", steps=2), Recorder(tmp_path, models).ctx)
+    assert pixels(r["images"][0]["path"]).shape == (64, 64, 3)

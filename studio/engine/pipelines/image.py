@@ -254,9 +254,10 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
                 stack.enter_context(mem.use(names[part]))
         cond, pooled = encode_text(model, job.prompt, job.clip_skip)
         uncond, upooled = encode_text(model, job.negative, job.clip_skip)
-        empty, _ = encode_text(model, "", job.clip_skip)
-    chunks = max(cond.shape[1], uncond.shape[1]) // 77
-    cond, uncond = pad_to_chunks(cond, chunks, empty), pad_to_chunks(uncond, chunks, empty)
+        if cond.shape[1] != uncond.shape[1]:  # CFG needs equal lengths: pad the shorter with empty chunks
+            empty, _ = encode_text(model, "", job.clip_skip)
+            chunks = max(cond.shape[1], uncond.shape[1]) // 77
+            cond, uncond = pad_to_chunks(cond, chunks, empty), pad_to_chunks(uncond, chunks, empty)
     y_cond = y_uncond = None
     if model.family.startswith("sdxl"):
         y_cond = sdxl_y(model, pooled, job.width, job.height, negative=False)
