@@ -73,6 +73,8 @@ def bench_unet(args, device: str, dtype: torch.dtype) -> None:
     from studio.models.unet import sdxl_add_embeddings
 
     for name, (cfg, hw, ctx_dim, adm) in unet_configs(args.tiny).items():
+        if args.models and name not in args.models:
+            continue
         ref, ours = make_unet_pair(cfg, device, dtype)
         x = torch.randn(2, 4, hw, hw, device=device, dtype=dtype)
         t = torch.tensor([500.0, 500.0], device=device)
@@ -179,6 +181,7 @@ def main() -> None:
     ap.add_argument("what", choices=["unet", "vae", "budgets"])
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: checks the script end to end")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--models", nargs="+", choices=["sd15", "sdxl"], default=None, help="unet: only these")
     ap.add_argument("--budgets", type=float, nargs="+", default=[24, 8, 6, 4])
     ap.add_argument("--reference", action="store_true", help="budgets: also time diffusers' sequential offload")
     args = ap.parse_args()

@@ -162,37 +162,46 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
     cfg = LLMConfig.from_name("tiny-llama" if args.tiny else args.config)
     prompt_len, new = (16, 16) if args.tiny else (args.prompt, args.new)
     base = random_model(cfg, dtype, device)
-    # ours runs as the chat pipeline builds it: q/k/v and gate/up fused (weights shared otherwise)
-    model = build_llm(cfg, dict(base.state_dict()), dtype=dtype, device=device, fuse=True)
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     bw = copy_bandwidth(device, (64 << 20) if args.tiny else (2 << 30))
-    if args.quant:
-        from studio.engine.memory import estimate_module_bytes
-        from studio.engine.weights import quantize_model
-
-        quantize_model(model, args.quant)  # every Linear, the output head included
-        emb = model.model.embed_tokens.weight
-        per_tok = estimate_module_bytes(model) - emb.numel() * emb.element_size()
-        args.no_hf = True  # the reference would need the full-precision copy we are freeing
-        del base
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            if args.budget_gib:
-                total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(args.budget_gib * 2**30 / total)
-            torch.cuda.reset_peak_memory_stats()
-    else:
-        per_tok = bytes_per_token(model)
     cache = max(args.cache or DEFAULT_CONTEXT, prompt_len + new)
     if args.tiny:
         cache = min(cache, cfg.max_position_embeddings)
+    note = ""
+    if args.quant:
+        # as the chat pipeline loads with ChatJob.quant: every matrix quantized a block of rows at a time,
+        # the embedding table kept packed on the device, the context fitted to the budget
+        from studio.engine.pipelines.chat import fit_context
+        from studio.models.llm_build import quantize_state, weight_bytes
+
+        state, _ = quantize_state(dict(base.state_dict()), args.quant, device)
+        args.no_hf = True  # the reference would need the full-precision copy we are freeing
+        del base
+        budget = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            if args.budget_gib:
+                budget = int(args.budget_gib * 2**30)
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(budget / total)
+            torch.cuda.reset_peak_memory_stats()
+        model = build_llm(cfg, state, dtype=dtype, device=device, fuse=True)
+        del state
+        emb = model.model.embed_tokens
+        per_tok = weight_bytes(model) - (emb.weight_q.nbytes if hasattr(emb, "weight_q") else
+                                         emb.weight.numel() * emb.weight.element_size())
+        cache, note = fit_context(model, dtype, cache, budget)
+    else:
+        # ours runs as the chat pipeline builds it: q/k/v and gate/up fused (weights shared otherwise)
+        model = build_llm(cfg, dict(base.state_dict()), dtype=dtype, device=device, fuse=True)
+        per_tok = bytes_per_token(model)
     model.setup_caches(1, cache)
     bound = bw / per_tok
     res: dict = {"mode": "tiny" if args.tiny else "synthetic", "config": "tiny-llama" if args.tiny else args.config,
                  "quant": args.quant or "none", "budget_gib": args.budget_gib,
                  "dtype": str(dtype).removeprefix("torch."), "prompt": prompt_len, "new": new, "cache": cache,
                  "weight_gb_per_token": round(per_tok / 1e9, 3), "copy_gb_s": round(bw / 1e9, 1),
-                 "bound_tok_s": round(bound, 1)}
+                 "bound_tok_s": round(bound, 1), "note": note}
     time_decode(model, prompt, 4, device)  # warm up kernels
     prefill, eager = time_decode(model, prompt, new, device)
     res.update(prefill_tok_s=round(prompt_len / prefill, 1), ours_eager_tok_s=round(eager, 2),

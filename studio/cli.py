@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--truncate", action="store_true", help="drop the oldest turns when the context is full")
+    p.add_argument("--quant", choices=["int8", "int4"], default="",
+                   help="quantize a full-precision model's weights at load (GGUF files keep their own)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and its timings")
     _engine_args(p)
     p.set_defaults(func=cmd_chat)
@@ -189,7 +191,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return ChatJob(messages=messages, model=args.model, system=args.system, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
-                       stop=list(args.stop), overflow="truncate" if args.truncate else "error")
+                       stop=list(args.stop), overflow="truncate" if args.truncate else "error", quant=args.quant)
 
     stream = not args.json
 
@@ -212,10 +214,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 130
             if args.json:
                 keys = ("text", "prompt_tokens", "completion_tokens", "ttft_s", "tokens_per_s", "model",
-                        "finish_reason")
+                        "finish_reason", "context_length", "notes")
                 print(json.dumps({k: result.get(k) for k in keys}, ensure_ascii=False))
             else:
                 print()
+                for note in result.get("notes") or []:
+                    print(f"note: {note}", file=sys.stderr)
             return 0
         return _chat_repl(client, job_for, on_event)
 

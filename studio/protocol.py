@@ -213,6 +213,7 @@ class ChatJob:
     stop: list = field(default_factory=list)
     overflow: str = "error"  # "error" or "truncate" (drop the oldest turns)
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16", or keep quantized as loaded
+    quant: str = ""  # "", "int8", "int4": weight-only quantization of full-precision weights at load
     version: int = JOB_VERSION
 
 

@@ -24,7 +24,7 @@ from studio.engine.context import JobContext, UserError
 from studio.engine.resolve import library_path
 from studio.engine.sampling import Sampler, SamplingParams
 from studio.models.llm import LLM
-from studio.models.llm_build import LoadedLLM, build_llm, is_quant, weight_bytes
+from studio.models.llm_build import LLM_QUANT_MODES, LoadedLLM, build_llm, is_quant, quantize_state, weight_bytes
 from studio.protocol import ChatJob
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class ChatModel:
     generation_defaults: dict = field(default_factory=dict)
     compiled_step: Callable | None = None
     compile_failed: bool = False
+    notes: list = field(default_factory=list)  # what loading decided for the user (quantization, context)
 
 
 # ---------------------------------------------------------------------------
@@ -108,8 +109,49 @@ def choose_dtype(requested: str, device_profile: Any) -> tuple[torch.dtype, bool
     return DTYPES[requested], True
 
 
+MIN_CONTEXT = 512  # below this a chat is not worth having: the model does not fit
+ACTIVATION_BASE = 512 << 20  # CUDA context slack, graph pools, sampler buffers
+
+
+def cache_bytes_per_position(model: LLM, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token of context costs (every layer keeps K and V)."""
+    c = model.config
+    return c.n_layers * 2 * c.n_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def fit_context(model: LLM, dtype: torch.dtype, requested: int, budget: int | None) -> tuple[int, str]:
+    """The longest context (<= requested) whose KV cache and prefill activations fit next to the weights
+    in a VRAM budget. -> (context, note for the user or ""). UserError when not even MIN_CONTEXT fits."""
+    if budget is None:
+        return requested, ""
+    c = model.config
+    elem = torch.empty((), dtype=dtype).element_size()
+    weights = weight_bytes(model)
+    # per prefill token: the fused gate/up output, the MLP input and a few hidden-size temporaries
+    act = (2 * c.intermediate_size + 6 * c.hidden_size) * elem
+    per_pos = cache_bytes_per_position(model, dtype) + act
+    room = budget - weights - ACTIVATION_BASE
+    fits = max(0, room) // per_pos
+    if fits >= requested:
+        return requested, ""
+    from studio.engine.memory import fmt_bytes
+
+    if fits < MIN_CONTEXT:
+        need = weights + ACTIVATION_BASE + MIN_CONTEXT * per_pos
+        raise UserError("out_of_memory", f"This model needs {fmt_bytes(need)} of VRAM for even a "
+                        f"{MIN_CONTEXT}-token chat ({fmt_bytes(weights)} of weights), but the budget is "
+                        f"{fmt_bytes(budget)}. Choose int4 quantization or a smaller model (a Q4 GGUF), "
+                        "or raise the VRAM budget in Settings.")
+    ctx_len = fits // 256 * 256
+    return ctx_len, (f"Context shortened to {ctx_len} tokens (from {requested}) so the KV cache fits the "
+                     f"{fmt_bytes(budget)} VRAM budget next to {fmt_bytes(weights)} of weights.")
+
+
 def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dtype, dequantize: bool,
-                    context_limit: int, progress: Callable[[int, int, str], None]) -> ChatModel:
+                    context_limit: int, progress: Callable[[int, int, str], None], quant: str = "",
+                    vram_budget: int | None = None) -> ChatModel:
+    """Read, (optionally) quantize, build and place a chat model. `quant` ("int8"/"int4") packs the
+    full-precision matrices; `vram_budget` (bytes, CUDA only) shortens the context to fit."""
     total = 3
     progress(0, total, "loading")
     if kind == "gguf":
@@ -122,22 +164,34 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
         loaded = load_hf_folder(path)
     progress(1, total, "loading")
     state = loaded.state_dict
+    notes: list[str] = []
     if dequantize:
         state = {k: (v.dequantize(dtype) if is_quant(v) else v) for k, v in state.items()}
+    if quant:
+        from studio.engine.memory import fmt_bytes
+
+        progress(1, total, f"quantizing to {quant}")
+        state, saved = quantize_state(state, quant, device)
+        if saved:
+            notes.append(f"Weights quantized to {quant}: {fmt_bytes(saved)} smaller.")
     model = build_llm(loaded.config, state, dtype=dtype, device=device, fuse=True)
+    del state
     progress(2, total, "loading")
     stop = set(loaded.stop_token_ids)
     eos_id = loaded.tokenizer.token_to_id(loaded.eos_token) if loaded.eos_token else None
     if eos_id is not None:
         stop.add(eos_id)
     ctx_len = min(model.config.max_position_embeddings, context_limit)
-    if device.type == "cuda":  # one static cache of the full context: CUDA graphs need fixed shapes
+    if device.type == "cuda":
+        ctx_len, note = fit_context(model, dtype, ctx_len, vram_budget)
+        if note:
+            notes.append(note)  # one static cache of the full context: CUDA graphs need fixed shapes
         model.setup_caches(1, ctx_len, dtype, device)
     cm = ChatModel(model=model, tokenizer=loaded.tokenizer, chat_template=loaded.chat_template,
                    bos_token=loaded.bos_token, eos_token=loaded.eos_token, stop_ids=stop,
                    add_bos=loaded.add_bos, context_length=ctx_len, device=device, dtype=dtype,
                    name=str(path), nbytes=weight_bytes(model),
-                   generation_defaults=dict(loaded.generation_defaults))
+                   generation_defaults=dict(loaded.generation_defaults), notes=notes)
     progress(3, total, "loading")
     return cm
 
@@ -378,9 +432,13 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
     device = torch.device(ctx.device.torch_device if ctx.device is not None else "cpu")
     dtype, dequantize = choose_dtype(job.dtype, ctx.device)
     limit = int(ctx.settings.get("chat_context_length", DEFAULT_CONTEXT))
-    key = f"llm:{path.resolve()}:{device}:{dtype}:{'dequant' if dequantize else 'packed'}:{limit}"
+    if job.quant not in ("",) + LLM_QUANT_MODES:
+        raise UserError("bad_input", f"quantization {job.quant!r} is not one of {', '.join(LLM_QUANT_MODES)} "
+                        "(or empty for none).")
+    budget = ctx.memory.budget if ctx.memory is not None and device.type == "cuda" else None
+    key = f"llm:{path.resolve()}:{device}:{dtype}:{'dequant' if dequantize else 'packed'}:{limit}:{job.quant}:{budget}"
     cm: ChatModel = ctx.models.get_or_load(
-        key, lambda: load_chat_model(path, kind, device, dtype, dequantize, limit, ctx.progress),
+        key, lambda: load_chat_model(path, kind, device, dtype, dequantize, limit, ctx.progress, job.quant, budget),
         nbytes=lambda m: m.nbytes, path=str(path), where="RAM" if device.type == "cpu" else "VRAM")
 
     t_start = time.perf_counter()
@@ -447,6 +505,7 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
         "context_length": cm.context_length,
         "seed": sampler.seed,
         "dropped_turns": dropped,
+        "notes": list(cm.notes),
     }
 
 
