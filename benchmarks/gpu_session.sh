@@ -21,9 +21,9 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_sd_generation.py 2>&1 | tee "$OUT/sdgen.jsonl" ;;
   wan)    # Wan 1.3B 480p 81 frames 30 steps vs diffusers, and under an 8 GiB budget (~10 min)
     timeout 580 python3 benchmarks/bench_wan_generation.py 2>&1 | tee "$OUT/wan.jsonl" ;;
-  first)  # the GPU tests, 8B int4 under 6 GiB, and the SD1.5 step (~9 min)
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.txt"
-    timeout 200 python3 benchmarks/bench_llm.py --quant int4 --budget-gib 6 --new 128 --no-hf 2>&1 | tee "$OUT/llm-int4.txt"
-    timeout 150 python3 benchmarks/bench_image.py unet --compile --models sd15 2>&1 | tee "$OUT/unet-sd15.jsonl" ;;
+  first)  # the GPU tests, 8B int4 under 6 GiB, then 8B bf16 vs transformers (~9.5 min)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.txt"
+    timeout 150 python3 benchmarks/bench_llm.py --quant int4 --budget-gib 6 --new 128 --no-hf 2>&1 | tee "$OUT/llm-int4.txt"
+    timeout 290 python3 benchmarks/bench_llm.py 2>&1 | tee "$OUT/llm-bf16.txt" ;;
   *) echo "usage: bash benchmarks/gpu_session.sh first|tests|llm|image|sdgen|wan" >&2; exit 2 ;;
 esac

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
-
-import importlib.util
 
 import pytest
 

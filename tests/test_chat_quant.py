@@ -12,7 +12,13 @@ from test_chat_pipeline import Recorder, job, make_folder  # noqa: E402
 from studio.engine.context import ModelCache, UserError  # noqa: E402
 from studio.engine.device import probe  # noqa: E402
 from studio.engine.pipelines.chat import (  # noqa: E402
-    ACTIVATION_BASE, MIN_CONTEXT, cache_bytes_per_position, fit_context, load_chat_model, run_chat)
+    ACTIVATION_BASE,
+    MIN_CONTEXT,
+    cache_bytes_per_position,
+    fit_context,
+    load_chat_model,
+    run_chat,
+)
 from studio.engine.quant import Int4Weight, Int8Weight, QuantEmbedding  # noqa: E402
 from studio.models.llm import LLM, LLMConfig  # noqa: E402
 from studio.models.llm_build import quantize_state, weight_bytes  # noqa: E402

@@ -24,7 +24,14 @@ from studio.engine.context import JobContext, UserError
 from studio.engine.resolve import library_path
 from studio.engine.sampling import Sampler, SamplingParams
 from studio.models.llm import LLM
-from studio.models.llm_build import LLM_QUANT_MODES, LoadedLLM, build_llm, is_quant, quantize_state, weight_bytes
+from studio.models.llm_build import (
+    LLM_QUANT_MODES,
+    LoadedLLM,
+    build_llm,
+    is_quant,
+    quantize_state,
+    weight_bytes,
+)
 from studio.protocol import ChatJob
 
 log = logging.getLogger(__name__)
