@@ -45,6 +45,10 @@ class QuantWeight(ABC):
     shape: tuple[int, int]
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
     @abstractmethod
     def nbytes(self) -> int: ...
 
@@ -564,8 +568,11 @@ class GGUFWeight(QuantWeight):
         return quantize_int8(self.dequantize())
 
     def to_module(self, bias: Tensor | None = None, mode: str | None = None) -> nn.Module:
-        """mode None picks per type: Q4_0/Q4_1/Q4_K -> exact int4 (fastest on CPU and CUDA), others -> int8."""
+        """mode None picks per type: Q4_0/Q4_1/Q4_K -> exact int4 (fastest on CPU and CUDA), others -> int8.
+        "gguf" keeps the blocks as they are and dequantizes per call (GGUFLinear)."""
         mode = mode or ("int4" if self.type_name in ("Q4_0", "Q4_1", "Q4_K") else "int8")
+        if mode == "gguf":
+            return GGUFLinear(self, bias)
         if mode == "int4":
             return self.to_int4().to_module(bias)
         if mode == "int8":
@@ -576,4 +583,36 @@ class GGUFWeight(QuantWeight):
             if bias is not None:
                 lin.bias = nn.Parameter(bias.float(), requires_grad=False)
             return lin
-        raise ValueError(f"unknown mode {mode!r}: use int4, int8 or float")
+        raise ValueError(f"unknown mode {mode!r}: use int4, int8, gguf or float")
+
+
+class GGUFLinear(nn.Module):
+    """A Linear whose weight stays in its GGUF blocks, dequantized to the input's dtype at every call.
+
+    For diffusion models (city96-style GGUF files): a step is compute-bound, so rebuilding one
+    layer's weight per call costs little next to its matmul, and the model keeps the file's size
+    in memory. The blocks are a buffer (`raw`, uint8), so .to(), byte counts and the block
+    streamer move and count them; `weight_q` is the GGUFWeight they form.
+    """
+
+    def __init__(self, weight: GGUFWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.type_id = weight.type_id
+        self.register_buffer("raw", weight.raw)  # the file's blocks, any shape of uint8
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    @property
+    def weight_q(self) -> GGUFWeight:
+        return GGUFWeight(self.raw, self.type_id, (self.out_features, self.in_features))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (out, in) weight, on the blocks' device."""
+        return dequantize(self.raw, self.type_id, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        w = self.dequantize(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, GGUF {GGML_TYPES[self.type_id].name}"

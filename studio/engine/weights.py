@@ -117,22 +117,39 @@ def _tensors_of(obj: object) -> dict[str, torch.Tensor]:
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 on_notice: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-    """Any single weights file we read as a flat state dict, chosen by its content."""
+                 on_notice: Callable[[str], None] | None = None, *, compact: bool = False) -> dict[str, Any]:
+    """Any single weights file we read as a flat state dict, chosen by its content.
+
+    Quantized files (GGUF diffusion models, fp8 and fp8-scaled safetensors) are read through
+    studio.models.diffusion_quant. compact=True keeps their weights as stored (QuantWeight values,
+    for `diffusion_quant.build_compact`; they stay on the CPU whatever `device` says);
+    compact=False returns plain tensors: GGUF dequantized, scale_weight applied and its keys dropped.
+    """
+    from studio.models import diffusion_quant as dq
+
     fmt = sniff_format(path)
     if fmt == "safetensors":
-        return load_safetensors_mmap(path, device, dtype)
+        sd = dq.unpack_fp8(load_safetensors_mmap(path, device), compact=compact, dtype=dtype)
+        return _cast(sd, device, dtype) if dtype is not None else sd
     if fmt in ("torch_zip", "torch_legacy"):
-        sd = load_pickle_weights(path, on_notice)
+        sd = dq.unpack_fp8(load_pickle_weights(path, on_notice), compact=compact, dtype=dtype)
         if dtype is not None or torch.device(device).type != "cpu":
-            sd = {k: t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-                  for k, t in sd.items()}
+            sd = _cast(sd, device, dtype)
         return sd
-    name = Path(path).name
     if fmt == "gguf":
-        raise UserError("unsupported", f"{name} is a GGUF file: it loads through the GGUF reader, not as a state dict")
-    raise UserError("bad_model", f"{name} is not a safetensors, GGUF or PyTorch file; "
+        sd = dq.read_gguf_diffusion(path)
+        if not compact:
+            sd = dq.dequantized(sd, dtype)
+        return _cast(sd, device, dtype) if dtype is not None or torch.device(device).type != "cpu" else sd
+    raise UserError("bad_model", f"{Path(path).name} is not a safetensors, GGUF or PyTorch file; "
                     "Studio reads .safetensors, .gguf, PyTorch checkpoints and model folders")
+
+
+def _cast(sd: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    """Plain floating tensors to `dtype` and every plain tensor to `device`; compact weights stay as they are."""
+    return {k: t if not isinstance(t, torch.Tensor) else
+            t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+            for k, t in sd.items()}
 
 
 @dataclass

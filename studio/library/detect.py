@@ -150,7 +150,7 @@ def _detect_tensors(h: ModelHeader) -> Detection:
     if lora:
         return lora
     prefixed = any(k.startswith(DIFFUSION_PREFIX) for k in h.tensors)
-    k = Keys({n: t.shape for n, t in h.tensors.items()}, DIFFUSION_PREFIX if prefixed else "")
+    k = Keys(_shapes(h), DIFFUSION_PREFIX if prefixed else "")
     layout = "gguf" if h.format == "gguf" else "original"
     cn = controlnet(k)
     if cn:
@@ -168,6 +168,8 @@ def _detect_tensors(h: ModelHeader) -> Detection:
             det = Detection(family, variant, role, h.format, layout, markers=k.used, notes=list(notes))
             if parts:
                 det.notes.append("contains " + ", ".join(p.rstrip(".") for p in parts))
+            if "scaled_fp8" in h.tensors or any(key.endswith(".scale_weight") for key in h.tensors):
+                det.notes.append("fp8 weights with per-layer scales (ComfyUI fp8_scaled)")
             _prediction(det, h, k)
             return det
     for fn, role in ((taesd, "vae"), (vae, "vae"), (text_encoder, "text_encoder"),
@@ -184,6 +186,18 @@ def _detect_tensors(h: ModelHeader) -> Detection:
     if _looks_like_llm(h):
         return _detect_llm(h)
     return _unrecognised(h)
+
+
+def _shapes(h: ModelHeader) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in torch order; a GGUF converter that flattened a tensor to quantize it (ComfyUI-GGUF)
+    keeps the real shape in `comfy.gguf.orig_shape.<name>`."""
+    shapes = {n: t.shape for n, t in h.tensors.items()}
+    if h.format == "gguf":
+        for name in shapes:
+            orig = h.metadata.get("comfy.gguf.orig_shape." + name)
+            if isinstance(orig, (list, tuple)) and orig and all(isinstance(d, int) for d in orig):
+                shapes[name] = tuple(orig)
+    return shapes
 
 
 def _prediction(det: Detection, h: ModelHeader, k: Keys) -> None:

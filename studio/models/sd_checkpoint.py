@@ -16,12 +16,15 @@ from typing import Any
 import torch
 
 from studio.engine.context import UserError
+from studio.engine.quant import QuantWeight
 from studio.models.clip import PREFIXES, ClipTextModel, build_clip, find_text_encoders
 from studio.models.clip_tokenizer import ClipTokenizer
+from studio.models.diffusion_quant import build_compact, is_compact
 from studio.models.unet import UNet, UNetConfig, build_unet
 from studio.models.vae import AutoencoderKL, load_vae
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+_COMPONENT_PREFIXES = ("first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")  # all but the UNet
 
 
 @dataclass
@@ -80,12 +83,15 @@ def _family_from_encoders(sd: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-mapped tensors of a .safetensors file; pickles only through the weights-only loader."""
+def read_state_dict(path: Path, compact: bool = False) -> dict[str, torch.Tensor]:
+    """Memory-mapped tensors of a .safetensors file; pickles only through the weights-only loader.
+
+    GGUF and fp8 files come dequantized, or with compact=True as stored (see studio.models.diffusion_quant).
+    """
     from studio.engine.weights import load_weights
 
     try:
-        return load_weights(path)
+        return load_weights(path, compact=compact)
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError) as exc:
@@ -124,10 +130,25 @@ def _read_component(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
+def _build_unet(sd: dict, dtype: torch.dtype) -> UNet:
+    """build_unet, keeping a quantized file's Linear weights as stored (GGUF blocks, fp8 + scale)."""
+    if not is_compact(sd):
+        return build_unet(sd, dtype=dtype)
+    from studio.models.unet_convert import to_ours
+
+    sd = to_ours(sd)
+    cfg = UNetConfig.from_state_dict(sd)
+    model, missing, unexpected = build_compact(lambda: UNet(cfg), sd, dtype=dtype)
+    if missing or unexpected:
+        raise ValueError(f"UNet weights do not match the model shape: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)})")
+    return model
+
+
 def _load_single_file(path: Path, dtype: torch.dtype, need_vae: bool = True) -> SDModel:
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, compact=True)
     try:
-        unet = build_unet(sd, dtype=dtype)
+        unet = _build_unet(sd, dtype)
     except ValueError as exc:
         raise UserError("bad_model", f"{path.name} has no Stable Diffusion UNet that Studio can load ({exc}). "
                         "Is it a LoRA, a VAE or a text encoder? Pick a full checkpoint.") from None
@@ -135,6 +156,10 @@ def _load_single_file(path: Path, dtype: torch.dtype, need_vae: bool = True) -> 
     if family.startswith("sdxl") != bool(unet.config.adm_in_channels):
         raise UserError("bad_model", f"{path.name} mixes parts of different models: its text encoders are "
                         f"{family}'s but its UNet {'is' if unet.config.adm_in_channels else 'is not'} SDXL's.")
+    if is_compact(sd):
+        # an fp8 checkpoint's VAE and text encoders are small next to its UNet: plain tensors
+        sd = {k: v.dequantize(dtype) if isinstance(v, QuantWeight) and k.startswith(_COMPONENT_PREFIXES) else v
+              for k, v in sd.items()}
     vae_keys = {k: v for k, v in sd.items() if k.startswith(("first_stage_model.", "vae."))}
     if not vae_keys and need_vae:
         raise UserError("bad_model", f"{path.name} has a UNet but no VAE. Choose a VAE file in the VAE picker "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.engine.context import UserError
-from studio.models.loader import build_on_meta
+from studio.models.diffusion_quant import build_compact
 
 TEXT_LEN = 512  # umT5 tokens the models were trained with; prompts are zero-padded to this
 
@@ -361,7 +361,8 @@ class WanTransformer(nn.Module):
         """
         ce = self.condition_embedder
         t = t if t.ndim == 2 else t[:, None]  # (B, 1|S)
-        w = ce.time_embedder.linear_1.weight
+        # the bias says the compute dtype: a quantized linear_1 (fp8, GGUF) keeps its weight in another
+        w = ce.time_embedder.linear_1.bias
         temb = ce.time_embedder(timestep_embedding(t, ce.freq_dim).to(w.dtype)).type_as(context)  # (B, 1|S, D)
         mod = ce.time_proj(F.silu(temb)).float().unflatten(-1, (6, -1))  # (B, 1|S, 6, D)
         text = ce.text_embedder(context)
@@ -454,7 +455,11 @@ def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def load_wan_transformer(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                          device: torch.device | str | None = None, head_dim: int = 128) -> WanTransformer:
-    """Build on the meta device and take the tensors as they are (copies only for a dtype/device change)."""
+    """Build on the meta device and take the tensors as they are (copies only for a dtype/device change).
+
+    `sd` may hold compact weights (GGUF blocks, fp8 with scales: studio.models.diffusion_quant); their
+    Linear layers keep them as stored and dequantize per call, the rest is dequantized to `dtype`.
+    """
     sd = normalize_state_dict(sd)
     for marker, what in (("vace_blocks.", "a Wan VACE model"), ("motion_encoder.", "a Wan Animate model"),
                          ("casual_audio_encoder.", "a Wan S2V (speech-to-video) model")):
@@ -462,7 +467,7 @@ def load_wan_transformer(sd: dict[str, torch.Tensor], dtype: torch.dtype | None 
             raise UserError("unsupported", f"This file is {what}, which is not supported yet: use a Wan 2.1 / 2.2 "
                             "text-to-video, image-to-video or TI2V model.")
     cfg = WanConfig.from_state_dict(sd, head_dim=head_dim)
-    model, missing, unexpected = build_on_meta(lambda: WanTransformer(cfg), sd, dtype=dtype, device=device)
+    model, missing, unexpected = build_compact(lambda: WanTransformer(cfg), sd, dtype=dtype, device=device)
     if missing or unexpected:
         raise UserError("bad_model", "The weights do not fit a Wan transformer (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}): the file is damaged or of another kind.")

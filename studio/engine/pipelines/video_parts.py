@@ -117,9 +117,13 @@ def find_tokenizer(*folders: Path):
     raise UserError("model_not_found", f"No umT5 tokenizer found: put {TOKENIZER_HINT} at {where}.")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A weights file, or every weights file of a (sharded) diffusers component folder, merged."""
-    from studio.engine.weights import load_weights, sniff_format
+def read_state_dict(path: Path, compact: bool = False) -> dict[str, torch.Tensor]:
+    """A weights file, or every weights file of a (sharded) diffusers component folder, merged.
+
+    compact=True keeps quantized weights as stored (GGUF blocks, fp8 with their scales) for a model
+    builder that takes them (the Wan transformer); otherwise they come dequantized.
+    """
+    from studio.engine.weights import load_weights
 
     files = [path] if path.is_file() else sorted(
         p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and not p.name.startswith("."))
@@ -127,10 +131,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise UserError("model_not_found", f"No weights in {path}: the download looks incomplete.")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        if sniff_format(f) == "gguf":
-            raise UserError("unsupported", f"{f.name} is a GGUF file; the video pipeline reads safetensors "
-                            "(fp16, bf16 or fp8) Wan files for now. Use the safetensors version.")
-        sd.update(load_weights(f))
+        sd.update(load_weights(f, compact=compact))
     return sd
 
 
@@ -220,13 +221,13 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
     ctx.progress(0, total, "loading")
     notes: list[str] = []
     streamers = []
-    transformer = load_wan_transformer(read_state_dict(parts["transformer"]), dtype=dtype,
+    transformer = load_wan_transformer(read_state_dict(parts["transformer"], compact=True), dtype=dtype,
                                        head_dim=_head_dim(parts["transformer"]))
     ctx.progress(1, total, "loading")
     transformer_2 = None
     boundary = 0.0
     if "transformer_2" in parts:
-        transformer_2 = load_wan_transformer(read_state_dict(parts["transformer_2"]), dtype=dtype,
+        transformer_2 = load_wan_transformer(read_state_dict(parts["transformer_2"], compact=True), dtype=dtype,
                                              head_dim=_head_dim(parts["transformer_2"]))
         boundary = 1000.0 * _boundary_ratio(model_path)
         ctx.progress(2, total, "loading")
