@@ -174,7 +174,7 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
         from studio.engine.pipelines.chat import fit_context
         from studio.models.llm_build import quantize_state, weight_bytes
 
-        state, _ = quantize_state(dict(base.state_dict()), args.quant, device)
+        qcfg, state, _ = quantize_state(cfg, dict(base.state_dict()), args.quant, device)
         args.no_hf = True  # the reference would need the full-precision copy we are freeing
         del base
         budget = None
@@ -185,7 +185,7 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
                 total = torch.cuda.get_device_properties(device).total_memory
                 torch.cuda.set_per_process_memory_fraction(budget / total)
             torch.cuda.reset_peak_memory_stats()
-        model = build_llm(cfg, state, dtype=dtype, device=device, fuse=True)
+        model = build_llm(qcfg, state, dtype=dtype, device=device, fuse=True)
         del state
         emb = model.model.embed_tokens
         per_tok = weight_bytes(model) - (emb.weight_q.nbytes if hasattr(emb, "weight_q") else
@@ -270,9 +270,16 @@ def main() -> None:
     ap.add_argument("--cpu-compile", action="store_true", help="run the compiled section on CPU (inductor)")
     ap.add_argument("--cache", type=int, default=0,
                     help=f"KV cache positions (default {DEFAULT_CONTEXT}, as the chat pipeline on CUDA)")
+    ap.add_argument("--inductor-tuning", action="store_true",
+                    help="inductor's coordinate-descent tuning of the generated kernels (as gpt-fast sets it)")
     ap.add_argument("--quant", choices=["int8", "int4"], default=None, help="weight-only quantized linears")
     ap.add_argument("--budget-gib", type=float, default=0, help="with --quant: cap the process's VRAM (GiB)")
     args = ap.parse_args()
+    if args.inductor_tuning:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+        inductor_config.coordinate_descent_check_all_directions = True
     torch.manual_seed(0)
     res = bench_cpu_smollm2(args) if args.cpu_smollm2 else bench_synthetic(args)
     device_name = (torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny

@@ -58,7 +58,9 @@ def test_quantized_chat_model_is_packed_smaller_and_close(folder, mode, tol, kin
 def test_quantize_state_keeps_what_the_format_cannot_take():
     sd = {"a.weight": torch.randn(32, 64), "b.weight": torch.randn(32, 48), "norm.weight": torch.ones(64),
           "c.weight": torch.randint(0, 5, (32, 64))}
-    out, saved = quantize_state(sd, "int4", "cpu", rows_per_chunk=10)  # chunks of 10 rows, put back together
+    cfg = LLMConfig(model_type="llama", vocab_size=32, hidden_size=64, n_layers=0, n_heads=4, n_kv_heads=2,
+                    head_dim=16, intermediate_size=128)
+    _, out, saved = quantize_state(cfg, sd, "int4", "cpu", rows_per_chunk=10)  # chunks of 10 rows, put back together
     assert isinstance(out["a.weight"], Int4Weight) and out["a.weight"].shape == (32, 64)
     assert torch.allclose(out["a.weight"].dequantize(), sd["a.weight"], atol=(sd["a.weight"].abs().max() / 7).item())
     w = sd["a.weight"]
@@ -67,7 +69,7 @@ def test_quantize_state_keeps_what_the_format_cannot_take():
     assert out["norm.weight"] is sd["norm.weight"] and out["c.weight"] is sd["c.weight"]
     assert saved == 32 * 64 * 4 - out["a.weight"].nbytes
     with pytest.raises(UserError, match="int8, int4"):
-        quantize_state(sd, "int3", "cpu")
+        quantize_state(cfg, sd, "int3", "cpu")
 
 
 def test_a_bad_quant_choice_is_a_clear_error(folder):
@@ -124,3 +126,23 @@ def test_cuda_int4_chat_under_a_budget_keeps_the_packed_table_on_the_gpu_and_rep
     assert cm.compiled_step is not None and not cm.compile_failed
     assert isinstance(cm.model.model.embed_tokens, QuantEmbedding)
     assert cm.model.model.embed_tokens.weight_q.device.type == "cuda"
+
+
+def test_quantize_state_fuses_layer_by_layer_as_build_llm_would(folder):
+    from studio.models.hf_loader import load_hf_folder
+    from studio.models.llm_build import build_llm, fuse_projections
+
+    loaded = load_hf_folder(folder)
+    cfg, out, _ = quantize_state(loaded.config, loaded.state_dict, "int8", "cpu")
+    assert cfg.fused_qkv and cfg.fused_gate_up
+    assert "model.layers.0.self_attn.qkv_proj.weight" in out and "model.layers.0.self_attn.q_proj.weight" not in out
+    # the same as quantizing after build_llm's own fusion: per-row quantization does not care
+    fcfg, fused = fuse_projections(LLMConfig.from_hf(loaded.config), loaded.state_dict)
+    _, ref, _ = quantize_state(fcfg, fused, "int8", "cpu")
+    for key, w in ref.items():
+        a, b = (w.dequantize(), out[key].dequantize()) if hasattr(w, "dequantize") else (w, out[key])
+        assert torch.equal(a, b), key
+    m = build_llm(cfg, out, fuse=True)
+    m.setup_caches(1, 8)
+    with torch.inference_mode():
+        assert torch.isfinite(m(torch.tensor([[5, 6]]), torch.arange(2))).all()

@@ -166,33 +166,63 @@ def _on_device(w: Any, device: torch.device | str) -> Any:
 LLM_QUANT_MODES = ("int8", "int4")
 
 
-def quantize_state(state_dict: dict, mode: str, device: torch.device | str,
-                   rows_per_chunk: int = 8192) -> tuple[dict, int]:
+def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device: torch.device | str,
+                   rows_per_chunk: int = 8192) -> tuple[LLMConfig, dict, int]:
     """Weight-only int8 (per channel) / int4 (group 64) for every full-precision matrix of an HF-layout
-    state dict: the Linear weights and the embedding table. -> (new state dict, bytes saved).
+    state dict: the Linear weights and the embedding table. -> (config, new state dict, bytes saved).
 
-    Each matrix is quantized on `device` a block of rows at a time, so the full-precision model never
-    sits whole there (an 8B model quantizes into a 6 GiB GPU). Already-packed weights (GGUF) and
-    matrices whose width the format cannot take stay as they are.
+    Each matrix is quantized on `device` a block of rows at a time, and q/k/v and gate/up are fused
+    (as build_llm(fuse=True) would) one layer at a time, so neither the full-precision model nor a second
+    copy of the packed one ever sits whole there: an 8B model quantizes into a 6 GiB GPU. Packed
+    weights (GGUF) and matrices whose width the format cannot take stay as they are.
     """
     if mode not in LLM_QUANT_MODES:
         raise UserError("bad_input", f"quantization {mode!r} is not one of {', '.join(LLM_QUANT_MODES)} (or none).")
     from studio.engine.quant import quantize_linear
 
+    c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
     multiple = 64 if mode == "int4" else 16
-    out: dict = {}
-    saved = 0
-    for name, w in state_dict.items():
-        if not (isinstance(w, Tensor) and w.ndim == 2 and name.endswith(".weight") and w.shape[1] % multiple == 0
-                and w.is_floating_point()):
-            out[name] = w
-            continue
+
+    def packable(name: str, w: Any) -> bool:
+        return (isinstance(w, Tensor) and w.ndim == 2 and name.endswith(".weight") and w.is_floating_point()
+                and w.shape[1] % multiple == 0)
+
+    def pack(w: Tensor) -> Any:
         parts = [quantize_linear(w[i:i + rows_per_chunk].to(device, torch.float32), mode)
                  for i in range(0, w.shape[0], rows_per_chunk)]
-        q = parts[0] if len(parts) == 1 else _concat_rows(parts)
-        saved += w.numel() * w.element_size() - q.nbytes
-        out[name] = q
-    return out, saved
+        return parts[0] if len(parts) == 1 else _concat_rows(parts)
+
+    groups = []  # (prefix, parts, fused name) of the layers to fuse while packing
+    for i in range(c.n_layers):
+        if not c.fused_qkv:
+            groups.append((f"model.layers.{i}.self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+        if not c.fused_gate_up:
+            groups.append((f"model.layers.{i}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
+    names = [[f"{base}{p}.weight" for p in parts] for base, parts, _ in groups]
+    fuse = bool(groups) and all(all(packable(n, state_dict.get(n)) for n in g) for g in names) and all(
+        len({(base + p + ".bias") in state_dict for p in parts}) == 1 for base, parts, _ in groups)
+    out: dict = {}
+    saved = 0
+    grouped = {n for g in names for n in g} | {n[:-len("weight")] + "bias" for g in names for n in g} if fuse else set()
+    for name, w in state_dict.items():
+        if name in grouped:
+            continue
+        if packable(name, w):
+            out[name] = pack(w)
+            saved += w.numel() * w.element_size() - out[name].nbytes
+        else:
+            out[name] = w
+    if fuse:
+        for base, parts, fused in groups:
+            ws = [state_dict[f"{base}{p}.weight"] for p in parts]
+            packed = [pack(w) for w in ws]
+            out[f"{base}{fused}.weight"] = _concat_rows(packed)
+            saved += sum(w.numel() * w.element_size() - q.nbytes for w, q in zip(ws, packed, strict=True))
+            del packed  # the parts go as soon as the fused copy exists
+            if f"{base}{parts[0]}.bias" in state_dict:
+                out[f"{base}{fused}.bias"] = torch.cat([state_dict[f"{base}{p}.bias"] for p in parts])
+        c = replace(c, fused_qkv=True, fused_gate_up=True)
+    return c, out, saved
 
 
 def _packed_head(w: Any, table: Tensor | None) -> nn.Module:

@@ -170,7 +170,7 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
 
         loaded = load_hf_folder(path)
     progress(1, total, "loading")
-    state = loaded.state_dict
+    state, config = loaded.state_dict, loaded.config
     notes: list[str] = []
     if dequantize:
         state = {k: (v.dequantize(dtype) if is_quant(v) else v) for k, v in state.items()}
@@ -178,10 +178,10 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
         from studio.engine.memory import fmt_bytes
 
         progress(1, total, f"quantizing to {quant}")
-        state, saved = quantize_state(state, quant, device)
+        config, state, saved = quantize_state(config, state, quant, device)
         if saved:
             notes.append(f"Weights quantized to {quant}: {fmt_bytes(saved)} smaller.")
-    model = build_llm(loaded.config, state, dtype=dtype, device=device, fuse=True)
+    model = build_llm(config, state, dtype=dtype, device=device, fuse=True)
     del state
     progress(2, total, "loading")
     stop = set(loaded.stop_token_ids)
