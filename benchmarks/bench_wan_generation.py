@@ -277,7 +277,7 @@ def run_ours(folder: Path, a, device: torch.device, budget_gib: float = 0.0, ste
                      on_progress=lambda s, t, st: stages.append(st))
     if device.type == "cuda" and budget:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device)
-                                                       .total_memory), device)
+                                                       .total_memory))
 
     def job(n: int) -> VideoJob:
         return VideoJob(model=str(folder), prompt=PROMPT, negative=NEGATIVE, width=a.width, height=a.height,
@@ -292,7 +292,7 @@ def run_ours(folder: Path, a, device: torch.device, budget_gib: float = 0.0, ste
         r = run_video(job(steps), ctx)
     finally:
         if device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0)
     t = r["timings"]
     return {"load_s": t["load"] if load_s is None else load_s,
             "total_s": round(r["seconds"] - t["load"], 2),  # the load is 0 after the warm-up (cached models)
