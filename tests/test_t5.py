@@ -196,3 +196,25 @@ def test_bf16_weights_run_and_stay_close_to_fp32():
     got = bf16(ids, mask)
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().mean().item() < 0.03 * want.abs().mean().item()
+
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_each_block_reads_its_position_table_inside_its_own_forward(shared):
+    """Block streaming moves a block's weights to the device in its forward pre-hook: a table read
+    outside that window would be on the wrong device (Wan's umT5 under a small VRAM budget)."""
+    from studio.models.t5 import T5Config, T5Encoder
+
+    cfg = T5Config(vocab_size=50, dim=16, ffn_dim=32, heads=2, head_dim=8, layers=3, num_buckets=8, max_distance=16,
+                   per_layer_bias=not shared)
+    enc = T5Encoder(cfg).eval()
+    active: list[int] = []
+    seen: list[tuple[int, bool]] = []
+    for i, block in enumerate(enc.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: active.append(i))
+        block.register_forward_hook(lambda m, a, o: [active.pop(), None][1])
+        if block.pos_embedding is not None:
+            block.pos_embedding.register_forward_hook(lambda m, a, o, i=i: seen.append((i, active[-1:] == [i])))
+    with torch.no_grad():
+        enc(torch.randint(0, 50, (1, 7)), torch.ones(1, 7, dtype=torch.long))
+    assert seen == ([(0, True)] if shared else [(0, True), (1, True), (2, True)])

@@ -115,7 +115,8 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
         mod = modules.get(owner)
         if isinstance(mod, nn.Linear):
             bias = state_dict.get(owner + ".bias")
-            qmod = w.to_module(None if bias is None else bias.to(device=device, dtype=dtype))
+            # moved first, so the device-specific packing is made where it runs, one matrix at a time
+            qmod = _on_device(w, device).to_module(None if bias is None else bias.to(device=device, dtype=dtype))
             _set_submodule(model, owner, qmod.to(device))
             skip_bias.add(owner + ".bias")
         elif isinstance(mod, nn.Embedding):
@@ -171,9 +172,10 @@ def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device
     """Weight-only int8 (per channel) / int4 (group 64) for every full-precision matrix of an HF-layout
     state dict: the Linear weights and the embedding table. -> (config, new state dict, bytes saved).
 
-    Each matrix is quantized on `device` a block of rows at a time, and q/k/v and gate/up are fused
-    (as build_llm(fuse=True) would) one layer at a time, so neither the full-precision model nor a second
-    copy of the packed one ever sits whole there: an 8B model quantizes into a 6 GiB GPU. Packed
+    Each matrix is quantized on `device` a block of rows at a time and the packed result kept in RAM;
+    q/k/v and gate/up are fused there (as build_llm(fuse=True) would). build_llm then moves one matrix
+    at a time, so the GPU never holds the full-precision model or a second packed copy: an 8B model
+    fits a 6 GiB budget. Packed
     weights (GGUF) and matrices whose width the format cannot take stay as they are.
     """
     if mode not in LLM_QUANT_MODES:
@@ -188,7 +190,8 @@ def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device
                 and w.shape[1] % multiple == 0)
 
     def pack(w: Tensor) -> Any:
-        parts = [quantize_linear(w[i:i + rows_per_chunk].to(device, torch.float32), mode)
+        # quantized on `device` (fast), kept in RAM: build_llm moves each matrix when it makes its module
+        parts = [_on_device(quantize_linear(w[i:i + rows_per_chunk].to(device, torch.float32), mode), "cpu")
                  for i in range(0, w.shape[0], rows_per_chunk)]
         return parts[0] if len(parts) == 1 else _concat_rows(parts)
 

@@ -147,9 +147,14 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.pos_embedding = nn.Embedding(cfg.num_buckets, cfg.heads) if has_bias else None
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, buckets: torch.Tensor,
+                mask_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (x, the attention bias for the next block). A block with its own relative-position table
+        computes the bias here, inside its forward, so block streaming has its weights on the device."""
+        if self.pos_embedding is not None:
+            bias = self.pos_embedding(buckets).permute(2, 0, 1).unsqueeze(0).float() + mask_bias  # (B, H, L, L)
         x = x + self.attn(self.norm1(x), bias)
-        return x + self.ffn(self.norm2(x))
+        return x + self.ffn(self.norm2(x)), bias
 
 
 class T5Encoder(nn.Module):
@@ -162,10 +167,6 @@ class T5Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, has_bias=cfg.per_layer_bias or i == 0) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.eps)
 
-    def _bias(self, block: Block, buckets: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        pos = block.pos_embedding(buckets).permute(2, 0, 1).unsqueeze(0).float()  # (1, H, L, L)
-        return pos + mask_bias
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n = input_ids.shape
         x = self.token_embedding(input_ids)
@@ -174,11 +175,9 @@ class T5Encoder(nn.Module):
         if attention_mask is not None:
             # float32 min, not -inf: a row of padding keys only still gets a finite softmax
             mask_bias = mask_bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
-        bias = self._bias(self.blocks[0], buckets, mask_bias)
-        for block in self.blocks:
-            if block.pos_embedding is not None and block is not self.blocks[0]:
-                bias = self._bias(block, buckets, mask_bias)
-            x = block(x, bias)
+        bias = None
+        for block in self.blocks:  # the first block always has a table; T5 v1.1 shares it with the rest
+            x, bias = block(x, bias, buckets, mask_bias)
         return self.norm(x)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
