@@ -25,7 +25,8 @@ case "${1:-}" in
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/gpu-tests.txt"
     timeout 150 python3 benchmarks/bench_llm.py --quant int4 --budget-gib 6 --new 128 --no-hf 2>&1 | tee "$OUT/llm-int4.txt"
     timeout 290 python3 benchmarks/bench_llm.py 2>&1 | tee "$OUT/llm-bf16.txt" ;;
-  llm2)   # 8B int4 under 6 GiB, and bf16 with inductor's kernel tuning (~6 min)
+  llm2)   # Wan 1.3B under 8 GiB, 8B int4 under 6 GiB, and bf16 with inductor's kernel tuning (~8 min)
+    timeout 200 python3 benchmarks/bench_wan_generation.py --runs ours_8gib 2>&1 | grep -v Warning | tee "$OUT/wan-8gib.jsonl"
     timeout 150 python3 benchmarks/bench_llm.py --quant int4 --budget-gib 6 --new 128 --no-hf 2>&1 | tee "$OUT/llm-int4.txt"
     timeout 240 python3 benchmarks/bench_llm.py --no-hf --inductor-tuning 2>&1 | tee "$OUT/llm-bf16-tuned.txt" ;;
   *) echo "usage: bash benchmarks/gpu_session.sh first|llm2|tests|llm|image|sdgen|wan" >&2; exit 2 ;;
