@@ -290,6 +290,9 @@ def test_fp8_scaled_full_sdxl_checkpoint_loads_in_the_image_loader(tmp_path):
     ours = load_sd(tmp_path / "fp8.safetensors", dtype=torch.float32)
     ref = load_sd(tmp_path / "ref.safetensors", dtype=torch.float32)
     assert any(isinstance(m, Fp8Linear) for m in ours.unet.modules())
+    from studio.engine.pipelines.image import packed_layer_kind
+
+    assert packed_layer_kind(ours.unet) == "fp8" and packed_layer_kind(ref.unet) == ""
     g = torch.Generator().manual_seed(3)
     x, ctx, y = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 128, generator=g), torch.randn(1, 1600, generator=g)
     with torch.no_grad():
@@ -345,3 +348,24 @@ def test_video_job_on_a_gguf_wan_file_matches_the_dequantized_safetensors(tmp_pa
 
     ours, ref = frames("wan_tiny-Q8_0.gguf"), frames("wan_tiny_dequantized.safetensors")
     assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 2
+
+
+def test_a_lora_on_an_fp8_checkpoint_is_refused_not_applied_to_the_raw_fp8_weights(tmp_path):
+    # LoRA patching adds to `module.weight`: on fp8 storage it would ignore the scale and corrupt the UNet
+    from safetensors.torch import load_file
+    from sd_fixtures import tiny_sdxl
+
+    from studio.engine.context import JobContext, ModelCache, UserError
+    from studio.engine.device import probe
+    from studio.engine.pipelines.image import run_image
+    from studio.protocol import ImageJob
+
+    full = load_file(str(tiny_sdxl(tmp_path / "full.safetensors")))
+    unet = {k: v for k, v in full.items() if k.startswith("model.diffusion_model.")}
+    save_file({**full, **_fp8(unet, scaled=False)[0]}, str(tmp_path / "fp8.safetensors"))
+    ctx = JobContext("j", probe("cpu"), models=ModelCache(), settings={"outputs": str(tmp_path)})
+    job = ImageJob(model=str(tmp_path / "fp8.safetensors"), prompt="a cat", width=64, height=64, steps=1,
+                   loras=[{"path": str(tmp_path / "style.safetensors"), "weight": 0.8}])
+    with pytest.raises(UserError, match="fp8 .*fp16/bf16 version") as info:
+        run_image(job, ctx)
+    assert info.value.kind == "unsupported"

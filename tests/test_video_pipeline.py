@@ -339,3 +339,25 @@ def test_image_encoder_of_the_wrong_width_or_an_flf2v_model_is_refused(tmp_path)
                              torch.float32)
     assert err.value.kind == "unsupported"
     assert V.load_image_encoder(WanConfig(), {}, tmp_path / "w.safetensors", torch.float32) is None
+
+
+
+@pytest.mark.gpu
+def test_cuda_video_is_reproducible_and_the_text_encoder_goes_back_to_pinned_ram(wan_folder, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from studio.engine.context import ModelCache
+    from studio.engine.device import probe
+
+    cpu = V.run_video(make_job(wan_folder, tmp_path, steps=2, out=str(tmp_path / "c.mp4")), Collector(tmp_path).ctx)
+    col = Collector(tmp_path)
+    col.ctx.device, col.ctx.models = probe("cuda"), ModelCache()
+    job = make_job(wan_folder, tmp_path, steps=2, out=str(tmp_path / "g.mp4"))
+    gpu = V.run_video(job, col.ctx)
+    again = V.run_video(job, col.ctx)  # warm parts: the encoder comes in from its pinned copy again
+    a, b, c = (np.stack(list(read_frames(r["path"]))) for r in (cpu, gpu, again))
+    assert a.shape == b.shape and np.array_equal(b, c)
+    parts = [col.ctx.models.get(e["key"]) for e in col.ctx.models.summary()]
+    parts = [p for p in parts if hasattr(p, "encoder_home")]
+    assert parts and parts[0].encoder_home is not None and not parts[0].encoder_home.on_device
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in parts[0].encoder.parameters())

@@ -202,6 +202,12 @@ def to_pil(image: torch.Tensor):
 
 # ---------------------------------------------------------------------------------- the job
 
+def packed_layer_kind(module: torch.nn.Module) -> str:
+    """"fp8" / "GGUF" when `module` holds layers whose weights are stored packed, else ""."""
+    names = {type(m).__name__ for m in module.modules()}
+    return "fp8" if "Fp8Linear" in names else "GGUF" if "GGUFLinear" in names else ""
+
+
 @torch.inference_mode()
 def run_image(job: ImageJob, ctx: JobContext) -> dict:
     validate(job)
@@ -211,6 +217,10 @@ def run_image(job: ImageJob, ctx: JobContext) -> dict:
     dtype = compute_dtype(ctx)
     model = get_model(job, ctx, dtype)
     notes = list(model.notes)
+    if job.loras and (packed := packed_layer_kind(model.unet)):
+        raise UserError("unsupported", f"LoRAs cannot be applied to this checkpoint yet: its UNet keeps {packed} "
+                        "weights (an fp8 or GGUF file). Use the fp16/bf16 version of the model with LoRAs, "
+                        "or drop the LoRAs.")
     from studio.models.lora import apply_loras
 
     loras = [(resolve_path(lo["path"], "LoRA"), float(lo.get("weight", 1.0))) for lo in job.loras]

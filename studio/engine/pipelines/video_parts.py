@@ -41,6 +41,7 @@ class WanParts:
     notes: list[str] = field(default_factory=list)
     streamers: list = field(default_factory=list)  # BlockStreamers keeping big transformers in RAM
     image_encoder: torch.nn.Module | None = None  # Wan 2.1 I2V: studio.models.clip_vision.ClipVisionModel
+    encoder_home: object = None  # studio.engine.offload.WholeModule: the encoder's pinned RAM copy
 
 
 # ---------------------------------------------------------------------------------- finding the parts
