@@ -369,3 +369,23 @@ def test_a_lora_on_an_fp8_checkpoint_is_refused_not_applied_to_the_raw_fp8_weigh
     with pytest.raises(UserError, match="fp8 .*fp16/bf16 version") as info:
         run_image(job, ctx)
     assert info.value.kind == "unsupported"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gguf", "fp8_scaled"])
+def test_compact_wan_on_cuda_matches_the_cpu(tmp_path, kind):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if kind == "gguf":
+        path = tmp_path / "wan.gguf"
+        _write_gguf(path, _wan_original(), "wan", _city96_types)
+    else:
+        path = tmp_path / "wan_fp8_scaled.safetensors"
+        save_file(_fp8(_wan_original(), scaled=True)[0], str(path))
+    cpu = load_wan_transformer(load_weights(path, compact=True), dtype=torch.float32, head_dim=32)
+    gpu = load_wan_transformer(load_weights(path, compact=True), dtype=torch.float32, head_dim=32).to("cuda")
+    x, t, ctx = _wan_inputs()
+    with torch.no_grad():
+        want = cpu(x, t, ctx)
+        got = gpu(x.cuda(), t.cuda(), ctx.cuda()).cpu()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
