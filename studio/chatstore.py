@@ -35,6 +35,7 @@ INTERRUPTED_ON_EXIT = {"kind": "app_closed", "message": "Studio stopped before t
 DEFAULT_SETTINGS: dict[str, Any] = {
     "temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0,
     "presence_penalty": 0.0, "seed": None, "max_tokens": 1024,
+    "quant": "",  # "", "int8", "int4": how a full-precision model's weights are kept (GGUF keeps its own)
 }
 
 

@@ -83,6 +83,16 @@ def test_chat_job_with_int8_answers_and_reports_the_note(folder):
     rec = Recorder(ModelCache(), probe("cpu"))
     out = run_chat(job(folder, quant="int8", max_tokens=6), rec.ctx)
     assert out["completion_tokens"] == 6 and any("int8" in n for n in out["notes"])
+    assert run_chat(job(folder, quant="int8", max_tokens=6), rec.ctx)["notes"] == []  # told once, at load
+
+
+def test_the_answer_line_shows_loading_notes_under_the_stats():
+    pytest.importorskip("PySide6")
+    from studio.ui.chat.message_view import describe_stats
+
+    line = describe_stats({"completion_tokens": 5, "tokens_per_s": 10.0, "notes": ["Context shortened to 2816."]})
+    assert line.splitlines() == ["5 tokens · 10.0 tok/s", "Context shortened to 2816."]
+    assert "\n" not in describe_stats({"completion_tokens": 5, "notes": []})
 
 
 def small_model(max_pos=32768) -> LLM:

@@ -395,3 +395,16 @@ def test_a_database_locked_mid_answer_keeps_the_answer_and_saves_it_once_free(qt
         other.close()
     qtbot.waitUntil(lambda: tab.store.message(msg_id).status == "done", timeout=5000)
     assert "Paris" in tab.store.message(msg_id).content and not tab.notice.isVisible()
+
+
+def test_the_weights_choice_is_saved_with_the_chat_and_sent_with_its_jobs(tab, monkeypatch):
+    panel = tab.settings_panel
+    panel.quant.setCurrentIndex(panel.quant.findData("int4"))
+    t = tab.new_chat()
+    assert tab.store.thread(t.id).settings["quant"] == "int4"
+    sent = []
+    monkeypatch.setattr(tab.engine, "submit", lambda job: sent.append(job) or "job-1")
+    tab._generate(t.id)
+    assert sent and sent[0].quant == "int4"
+    tab.settings_panel.load("", {})  # a chat saved before the choice existed: as stored
+    assert panel.quant.currentData() == "" and panel.values()["quant"] == ""

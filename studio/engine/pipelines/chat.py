@@ -444,6 +444,7 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
                         "(or empty for none).")
     budget = ctx.memory.budget if ctx.memory is not None and device.type == "cuda" else None
     key = f"llm:{path.resolve()}:{device}:{dtype}:{'dequant' if dequantize else 'packed'}:{limit}:{job.quant}:{budget}"
+    fresh = ctx.models.get(key) is None  # loading notes are told once, with the answer that loaded it
     cm: ChatModel = ctx.models.get_or_load(
         key, lambda: load_chat_model(path, kind, device, dtype, dequantize, limit, ctx.progress, job.quant, budget),
         nbytes=lambda m: m.nbytes, path=str(path), where="RAM" if device.type == "cpu" else "VRAM")
@@ -512,7 +513,7 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
         "context_length": cm.context_length,
         "seed": sampler.seed,
         "dropped_turns": dropped,
-        "notes": list(cm.notes),
+        "notes": list(cm.notes) if fresh else [],
     }
 
 

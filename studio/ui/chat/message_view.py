@@ -52,7 +52,9 @@ def describe_stats(stats: dict) -> str:
         parts.append(Path(str(stats["model"])).stem)  # the engine reports a path; the file name says enough
     if stats.get("dropped_turns"):
         parts.append(f"{stats['dropped_turns']} oldest turns left out to fit")
-    return " · ".join(parts)
+    line = " · ".join(parts)
+    notes = [n for n in stats.get("notes") or [] if isinstance(n, str)]  # what loading decided (quantization, context)
+    return "\n".join([line, *notes]) if notes else line
 
 
 class MarkdownView(QTextBrowser):
