@@ -344,7 +344,13 @@ def test_video_job_on_a_gguf_wan_file_matches_the_dequantized_safetensors(tmp_pa
         col.ctx.models = ModelCache()
         job = make_job(files / name, tmp_path, steps=2, vae=str(folder / "vae"),
                        text_encoder=str(folder / "text_encoder"), out=str(tmp_path / f"{name}.mp4"))
-        return np.stack(list(read_frames(V.run_video(job, col.ctx)["path"]))).astype(int)
+        out = np.stack(list(read_frames(V.run_video(job, col.ctx)["path"]))).astype(int)
+        (entry,) = col.ctx.models.summary()
+        parts = col.ctx.models.get(entry["key"])
+        # the Models/Memory panels' size counts the GGUF blocks (buffers), not just the parameters
+        want = sum(estimate_module_bytes(m) for m in (parts.transformer, parts.vae, parts.encoder))
+        assert entry["bytes"] == want
+        return out
 
     ours, ref = frames("wan_tiny-Q8_0.gguf"), frames("wan_tiny_dequantized.safetensors")
     assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 2

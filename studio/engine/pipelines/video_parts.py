@@ -268,8 +268,11 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
     files = {k: str(v) for k, v in parts.items() if v is not None}
     loaded = WanParts(transformer, vae, encoder, tokenizer, files, transformer_2, boundary, notes, streamers,
                       image_encoder)
-    nbytes = sum(p.numel() * p.element_size() for m in (transformer, transformer_2, vae, encoder, image_encoder)
-                 if m is not None for p in m.parameters())
+    from studio.engine.offload import estimate_module_bytes
+
+    # buffers too: GGUF blocks and fp8 weights live in buffers, not parameters
+    nbytes = sum(estimate_module_bytes(m) for m in (transformer, transformer_2, vae, encoder, image_encoder)
+                 if m is not None)
     ctx.models.put(key, loaded, nbytes)
     return loaded
 
