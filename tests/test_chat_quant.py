@@ -22,6 +22,7 @@ from studio.engine.pipelines.chat import (  # noqa: E402
 from studio.engine.quant import Int4Weight, Int8Weight, QuantEmbedding  # noqa: E402
 from studio.models.llm import LLM, LLMConfig  # noqa: E402
 from studio.models.llm_build import quantize_state, weight_bytes  # noqa: E402
+from studio.protocol import ChatJob  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +157,10 @@ def test_quantize_state_fuses_layer_by_layer_as_build_llm_would(folder):
     m.setup_caches(1, 8)
     with torch.inference_mode():
         assert torch.isfinite(m(torch.tensor([[5, 6]]), torch.arange(2))).all()
+
+
+def test_quant_on_an_already_packed_gguf_says_it_keeps_the_file_as_stored():
+    rec = Recorder(ModelCache(), probe("cpu"))
+    out = run_chat(ChatJob(messages=[{"role": "user", "content": "Hi"}], temperature=0.0, max_tokens=2,
+                           quant="int8"), rec.ctx)  # the bundled SmolLM2 Q4_1
+    assert any("already packed (GGUF)" in n and "kept as stored" in n for n in out["notes"])

@@ -181,6 +181,9 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
         config, state, saved = quantize_state(config, state, quant, device)
         if saved:
             notes.append(f"Weights quantized to {quant}: {fmt_bytes(saved)} smaller.")
+        else:
+            notes.append(f"This model's weights are already packed ({kind.upper() if kind == 'gguf' else 'quantized'}); "
+                         f"{quant} changes nothing, so they are kept as stored.")
     model = build_llm(config, state, dtype=dtype, device=device, fuse=True)
     del state
     progress(2, total, "loading")
