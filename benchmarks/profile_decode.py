@@ -24,11 +24,42 @@ from studio.models.llm import LLMConfig
 from studio.models.llm_build import build_llm, weight_bytes
 
 
+def replay(model, T: int, device: torch.device, bucket: int, n: int = 200) -> None:
+    """tok/s of the reduce-overhead step (one graph) with and without a host round trip per token."""
+    step = compile_decode_step(model.max_seq_len, **({"mode": "reduce-overhead"} if device.type == "cuda" else {}))
+    n = min(n, bucket - T - 1)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.tensor([T], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    res = {"replay": True, "bucket": bucket, "tokens": n}
+    with torch.inference_mode():
+        for _ in range(3):
+            step(model, tok, pos, bucket)
+        for mode in ("host_sync_per_token", "token_stays_on_device"):
+            pos.fill_(T)
+            sync()
+            t = time.perf_counter()
+            for _ in range(n):
+                logits = step(model, tok, pos, bucket)
+                if mode == "host_sync_per_token":
+                    tok.fill_(int(logits[0, -1].argmax().item()))  # what streaming does today
+                    pos.add_(1)
+                else:
+                    tok.copy_(logits[0, -1].argmax().view(1, 1))
+                    pos.add_(1)
+            sync()
+            res[mode + "_tok_s"] = round(n / (time.perf_counter() - t), 2)
+    print(json.dumps(res), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--bucket", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--replay", action="store_true",
+                    help="also time the CUDA-graph step with a host sync per token (as streaming does) "
+                         "against a loop that keeps the next token on the device")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -52,6 +83,8 @@ def main() -> None:
                 step(model, tok, pos, bucket)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+    if args.replay:
+        replay(model, T, device, min(2 * bucket, model.max_seq_len))
     rows = []
     for e in prof.key_averages():
         t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
