@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 import torch
 
 from studio.engine.pipelines.chat import DEFAULT_CONTEXT, compile_decode_step, generate_tokens, kv_buckets
-from studio.engine.sampling import greedy
+from studio.engine.sampling import greedy_on_device
 from studio.models.llm import LLM, LLMConfig
 from studio.models.llm_build import build_llm
 
@@ -78,8 +78,9 @@ def time_decode(model: LLM, prompt: list[int], new: int, device: torch.device, s
     stamps = []
     sync(device)
     t0 = time.perf_counter()
-    for _ in generate_tokens(model, prompt, new, greedy, step=step):
-        stamps.append(time.perf_counter())  # greedy() calls .item(): the stamp follows the GPU
+    # as the chat pipeline decodes: the id chosen on the device, read one step behind on CUDA
+    for _ in generate_tokens(model, prompt, new, greedy_on_device, step=step):
+        stamps.append(time.perf_counter())  # each token is read back before its stamp: it follows the GPU
     prefill = stamps[0] - t0
     return prefill, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 

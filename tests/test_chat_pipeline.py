@@ -477,3 +477,44 @@ def test_a_library_name_resolves_to_the_installed_model(tmp_path, monkeypatch):
     assert path == entry.path and kind == "gguf"
     with pytest.raises(UserError, match="none of that name in the library"):
         resolve_model("no-such-model")
+
+
+# --- one-token lookahead -------------------------------------------------------------------
+
+def sampled_tokens(choose_kind: str, lookahead: bool | None, params: SamplingParams, stop: frozenset = frozenset(),
+                   n: int = 24) -> list[int]:
+    model = tiny_model()
+    sampler = Sampler(params, model.config.vocab_size)
+
+    def old_style(logits: torch.Tensor) -> int:  # the int path: choose, then count for the penalties
+        tok = sampler(logits)
+        sampler.observe(tok)
+        return tok
+
+    choose = sampler.pick if choose_kind == "device" else old_style
+    prompt = list(range(3, 40))
+    return list(generate_tokens(model, prompt, n, choose, stop, lookahead=lookahead))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.3, presence_penalty=0.5,
+                   seed=7),
+], ids=["greedy", "sampled_with_penalties"])
+def test_lookahead_gives_the_same_tokens_draws_and_penalties(params):
+    # lookahead queues the next step and the next choice before the host reads a token; on the CPU it
+    # runs the same order of operations, so any reordering of draws or penalty counts would show here
+    reference = sampled_tokens("int", None, params)
+    assert sampled_tokens("device", False, params) == reference
+    assert sampled_tokens("device", True, params) == reference
+    assert len(set(reference)) > 3  # a real sequence, not one repeated token
+
+
+def test_lookahead_stops_at_a_stop_token_like_the_plain_loop():
+    params = SamplingParams(temperature=0.0)
+    full = sampled_tokens("int", None, params)
+    stop = frozenset({full[5]})
+    first = full.index(full[5])  # the first time that id comes
+    want = full[:first + 1]
+    assert sampled_tokens("device", True, params, stop) == want
+    assert sampled_tokens("int", None, params, stop) == want

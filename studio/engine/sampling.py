@@ -59,6 +59,17 @@ class Sampler:
 
     def __call__(self, logits: Tensor) -> int:
         """logits (V,) for the next position -> chosen token id."""
+        return int(self._choose(logits))
+
+    def pick(self, logits: Tensor) -> Tensor:
+        """As __call__ followed by observe, but the id stays where the logits are (a 0-dim long tensor) and is
+        counted for the penalties there: no host round trip, so the next step can be queued behind it."""
+        tok = self._choose(logits)
+        if self._penalise:
+            self.counts.index_add_(0, tok.view(1), torch.ones(1, dtype=self.counts.dtype, device=tok.device))
+        return tok
+
+    def _choose(self, logits: Tensor) -> Tensor:
         p = self.params
         logits = logits.float()
         if self._penalise:
@@ -69,7 +80,7 @@ class Sampler:
             if p.presence_penalty:
                 logits = logits - seen.float() * p.presence_penalty
         if p.temperature <= 0:
-            return int(torch.argmax(logits))
+            return torch.argmax(logits)
         logits = logits / p.temperature
         if 0 < p.top_k < logits.shape[-1]:
             values, ids = torch.topk(logits, p.top_k)  # sorted, descending
@@ -85,8 +96,13 @@ class Sampler:
             keep &= probs >= p.min_p * probs[0]
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         choice = torch.multinomial(probs, 1, generator=self.generator)
-        return int(ids[choice])
+        return ids[choice].view(())
 
 
 def greedy(logits: Tensor) -> int:
     return int(torch.argmax(logits))
+
+
+def greedy_on_device(logits: Tensor) -> Tensor:
+    """greedy, the id left on the device (see Sampler.pick)."""
+    return torch.argmax(logits)
