@@ -73,13 +73,16 @@ def bytes_per_token(model: LLM) -> int:
     return total
 
 
+LOOKAHEAD = False  # --lookahead: decode with generate_tokens' one-token lookahead
+
+
 def time_decode(model: LLM, prompt: list[int], new: int, device: torch.device, step=None) -> tuple[float, float]:
     """(prefill seconds, decode tokens/s) for greedy decoding of `new` tokens."""
     stamps = []
     sync(device)
     t0 = time.perf_counter()
     # as the chat pipeline decodes: the id chosen on the device, read one step behind on CUDA
-    for _ in generate_tokens(model, prompt, new, greedy_on_device, step=step):
+    for _ in generate_tokens(model, prompt, new, greedy_on_device, step=step, lookahead=LOOKAHEAD):
         stamps.append(time.perf_counter())  # each token is read back before its stamp: it follows the GPU
     prefill = stamps[0] - t0
     return prefill, (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -271,11 +274,15 @@ def main() -> None:
     ap.add_argument("--cpu-compile", action="store_true", help="run the compiled section on CPU (inductor)")
     ap.add_argument("--cache", type=int, default=0,
                     help=f"KV cache positions (default {DEFAULT_CONTEXT}, as the chat pipeline on CUDA)")
+    ap.add_argument("--lookahead", action="store_true",
+                    help="queue the next step before reading each token (the chat_lookahead setting)")
     ap.add_argument("--inductor-tuning", action="store_true",
                     help="inductor's coordinate-descent tuning of the generated kernels (as gpt-fast sets it)")
     ap.add_argument("--quant", choices=["int8", "int4"], default=None, help="weight-only quantized linears")
     ap.add_argument("--budget-gib", type=float, default=0, help="with --quant: cap the process's VRAM (GiB)")
     args = ap.parse_args()
+    global LOOKAHEAD
+    LOOKAHEAD = args.lookahead
     if args.inductor_tuning:
         import torch._inductor.config as inductor_config
 

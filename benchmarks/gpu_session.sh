@@ -29,5 +29,8 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/bench_wan_generation.py --runs ours_8gib 2>&1 | grep -v Warning | tee "$OUT/wan-8gib.jsonl"
     timeout 150 python3 benchmarks/bench_llm.py --quant int4 --budget-gib 6 --new 128 --no-hf 2>&1 | tee "$OUT/llm-int4.txt"
     timeout 240 python3 benchmarks/bench_llm.py --no-hf --inductor-tuning 2>&1 | tee "$OUT/llm-bf16-tuned.txt" ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh first|llm2|tests|llm|image|sdgen|wan" >&2; exit 2 ;;
+  next)   # what the next session measures first: the GPU tests (incl. the lookahead), then 8B bf16 with --lookahead
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/gpu-tests.txt"
+    timeout 300 python3 benchmarks/bench_llm.py --no-hf --lookahead 2>&1 | tee "$OUT/llm-bf16-lookahead.txt" ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh next|first|llm2|tests|llm|image|sdgen|wan" >&2; exit 2 ;;
 esac

@@ -481,7 +481,7 @@ def test_a_library_name_resolves_to_the_installed_model(tmp_path, monkeypatch):
 
 # --- one-token lookahead -------------------------------------------------------------------
 
-def sampled_tokens(choose_kind: str, lookahead: bool | None, params: SamplingParams, stop: frozenset = frozenset(),
+def sampled_tokens(choose_kind: str, lookahead: bool, params: SamplingParams, stop: frozenset = frozenset(),
                    n: int = 24) -> list[int]:
     model = tiny_model()
     sampler = Sampler(params, model.config.vocab_size)
@@ -504,7 +504,7 @@ def sampled_tokens(choose_kind: str, lookahead: bool | None, params: SamplingPar
 def test_lookahead_gives_the_same_tokens_draws_and_penalties(params):
     # lookahead queues the next step and the next choice before the host reads a token; on the CPU it
     # runs the same order of operations, so any reordering of draws or penalty counts would show here
-    reference = sampled_tokens("int", None, params)
+    reference = sampled_tokens("int", False, params)
     assert sampled_tokens("device", False, params) == reference
     assert sampled_tokens("device", True, params) == reference
     assert len(set(reference)) > 3  # a real sequence, not one repeated token
@@ -512,9 +512,22 @@ def test_lookahead_gives_the_same_tokens_draws_and_penalties(params):
 
 def test_lookahead_stops_at_a_stop_token_like_the_plain_loop():
     params = SamplingParams(temperature=0.0)
-    full = sampled_tokens("int", None, params)
+    full = sampled_tokens("int", False, params)
     stop = frozenset({full[5]})
     first = full.index(full[5])  # the first time that id comes
     want = full[:first + 1]
     assert sampled_tokens("device", True, params, stop) == want
-    assert sampled_tokens("int", None, params, stop) == want
+    assert sampled_tokens("int", False, params, stop) == want
+
+
+@pytest.mark.gpu
+def test_cuda_lookahead_answers_as_the_cpu_does(folder, cache, cpu):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    expected = run_chat(job(folder, max_tokens=24), Recorder(cache, cpu).ctx)["text"]
+    rec = Recorder(ModelCache(), probe("cuda"), settings={"chat_lookahead": True})
+    for _ in range(2):  # the second replays the captured graphs
+        assert run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)["text"] == expected
+    sampled = job(folder, max_tokens=24, dtype="float32", temperature=0.8, seed=3, repetition_penalty=1.2)
+    plain = run_chat(sampled, Recorder(ModelCache(), probe("cuda")).ctx)["text"]
+    assert run_chat(sampled, rec.ctx)["text"] == plain

@@ -346,7 +346,7 @@ def compiled_step(cm: ChatModel) -> Callable | None:
 def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int,
                     choose: Callable[[torch.Tensor], int | torch.Tensor], stop_ids: set | frozenset = frozenset(),
                     step: Callable | None = None, on_fallback: Callable[[Exception], None] | None = None,
-                    lookahead: bool | None = None) -> Iterator[int]:
+                    lookahead: bool = False) -> Iterator[int]:
     """Prefill `prompt`, then yield up to `max_new_tokens` tokens (a stop token is yielded, then ends).
 
     The cache must hold len(prompt) + max_new_tokens positions. `choose(logits (V,))` returns the next
@@ -355,13 +355,14 @@ def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int,
     to kv_bucket(pos + 1) positions; if it fails to compile, decoding goes on eagerly (exact length)
     and `on_fallback` hears why.
 
-    Lookahead (default on CUDA when `choose` returns tensors): the step that feeds token i, and the
+    Lookahead (when asked for and `choose` returns tensors): the step that feeds token i, and the
     choice of token i + 1, are queued on the GPU before the host reads token i (copied out ahead of
     them), so the GPU does not wait for the host's detokenizing and streaming. For an 8B model on an
     H100, a loop with no host wait ran 7.5% faster than one with a sync per token
     (benchmarks/profile_decode.py --replay); this loop itself is not measured on a GPU yet. When token i is a stop token that
     queued step is wasted; it only writes a cache slot past the answer. The ids, random draws and
-    penalties are the same with and without it.
+    penalties are the same with and without it. It is off unless the `chat_lookahead` setting turns it
+    on, until a GPU run confirms it (`bench_llm.py --lookahead`).
     A consumer that stops asking stops the model within one token.
     """
     device = model.key_index.device
@@ -396,7 +397,7 @@ def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int,
         return decode_step(model, tok_buf, pos_buf, pos + 1)[0, -1]
 
     nxt = choose(logits[0, -1])
-    ahead = isinstance(nxt, torch.Tensor) and (device.type == "cuda" if lookahead is None else lookahead)
+    ahead = lookahead and isinstance(nxt, torch.Tensor)
     cuda = ahead and device.type == "cuda"
     host = torch.empty(1, dtype=torch.long, pin_memory=True) if cuda else None
     for i in range(max_new_tokens):
@@ -505,7 +506,8 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
     ctx.cancel.check()
     step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
     finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
-    tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step,
+    ahead = bool(ctx.settings.get("chat_lookahead", False)) and device.type == "cuda"
+    tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step, lookahead=ahead,
                              on_fallback=lambda exc: setattr(cm, "compile_failed", True))
     cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
     try:
