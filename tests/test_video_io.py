@@ -1,4 +1,5 @@
-"""MP4 writing with OpenCV, the job in the container's metadata, sidecar JSON and PNG frames."""
+"""MP4 writing (H.264 through ffmpeg, else OpenCV), the job in the container's metadata, sidecar JSON and
+PNG frames."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ def _frames(t: int = 9, h: int = 48, w: int = 64) -> np.ndarray:
     return np.stack(out).astype(np.uint8)
 
 
-def test_written_mp4_reads_back_with_frame_count_size_and_content(tmp_path):
+@pytest.mark.parametrize("encoder", ["auto", "opencv"])
+def test_written_mp4_reads_back_with_frame_count_size_and_content(tmp_path, encoder):
     frames = _frames()
     path = tmp_path / "v.mp4"
-    codec = V.write_mp4(path, frames, fps=16)
+    codec = V.write_mp4(path, frames, fps=16, encoder=encoder)
     assert codec in V.CODECS
     info = V.video_info(path)
     assert (info["frames"], info["width"], info["height"]) == (9, 64, 48)
@@ -62,7 +64,7 @@ def _move_moov_first(path) -> None:
 def test_metadata_edit_moves_chunk_offsets_when_moov_comes_first(tmp_path):
     path = tmp_path / "v.mp4"
     frames = _frames()
-    V.write_mp4(path, frames, fps=8)
+    V.write_mp4(path, frames, fps=8, encoder="opencv")  # OpenCV writes moov last
     before = np.stack(list(V.read_frames(path)))
     _move_moov_first(path)
     np.testing.assert_array_equal(np.stack(list(V.read_frames(path))), before)
@@ -111,3 +113,31 @@ def test_bad_input_is_refused_clearly(tmp_path):
     nomoov.write_bytes(struct.pack(">I4s", 8, b"ftyp"))
     with pytest.raises(ValueError, match="no movie header"):
         V.write_mp4_metadata(nomoov, {"©cmt": "x"})
+
+
+def test_h264_through_ffmpeg_when_there_is_one_with_the_job_inside(tmp_path):
+    if V.ffmpeg_exe() is None:
+        pytest.skip("no ffmpeg here (setup.sh installs imageio-ffmpeg)")
+    path = tmp_path / "v.mp4"
+    job = {"kind": "video", "prompt": "waves", "seed": 3}
+    assert V.write_mp4(path, _frames(), fps=16, metadata=job, encoder="ffmpeg") == "avc1"
+    info = V.video_info(path)
+    assert info["codec"] in ("h264", "avc1") and (info["frames"], info["width"], info["height"]) == (9, 64, 48)
+    assert V.read_job(path) == job  # the tags went in after ffmpeg's faststart moov, offsets moved
+    back = np.stack(list(V.read_frames(path)))
+    assert np.abs(back.astype(int) - _frames().astype(int)).mean() < 6  # CRF 17: close to the original
+
+
+def test_odd_sides_and_no_ffmpeg_still_write_a_video(tmp_path, monkeypatch):
+    odd = _frames(t=3, h=47, w=63)
+    for encoder in ("auto", "opencv"):  # both encoders drop the odd last row and column
+        codec = V.write_mp4(tmp_path / f"odd-{encoder}.mp4", odd, fps=8, encoder=encoder)
+        info = V.video_info(tmp_path / f"odd-{encoder}.mp4")
+        assert (info["width"], info["height"], info["frames"]) == (62, 46, 3) and codec in V.CODECS
+    monkeypatch.setattr(V, "ffmpeg_exe", lambda: None)
+    assert V.write_mp4(tmp_path / "v.mp4", _frames(), fps=8) in V.CODECS
+    assert V.video_info(tmp_path / "v.mp4")["frames"] == 9
+    with pytest.raises(OSError, match="imageio-ffmpeg"):
+        V.write_mp4(tmp_path / "w.mp4", _frames(), fps=8, encoder="ffmpeg")
+    with pytest.raises(ValueError, match="encoder"):
+        V.write_mp4(tmp_path / "x.mp4", _frames(), fps=8, encoder="gstreamer")

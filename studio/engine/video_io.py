@@ -1,21 +1,27 @@
-"""MP4 writing and reading with OpenCV, the job's parameters in the container, frames as PNG.
+"""MP4 writing and reading, the job's parameters in the container, frames as PNG.
 
-Torch-free (numpy + cv2 only), so the GUI's player and gallery use it too.
+Torch-free (numpy + cv2, plus an ffmpeg executable when there is one), so the GUI's player and
+gallery use it too.
 
-OpenCV picks the encoder: H.264 ('avc1') where its FFmpeg build has one (the pip wheels usually
-do not ship libx264), else MPEG-4 Part 2 ('mp4v'), which every build has. OpenCV cannot write
-tags, so `write_mp4_metadata` edits the finished file: it adds an iTunes-style metadata list
+Writing prefers H.264 through ffmpeg (the static build the imageio-ffmpeg package ships, else one on
+PATH): yuv420p, CRF 17, so the files play in browsers, phones and editors. Without ffmpeg, OpenCV
+picks the encoder: H.264 ('avc1') where its FFmpeg build has one (the pip wheels usually do not
+ship libx264), else MPEG-4 Part 2 ('mp4v'), which every build has. Neither can write our tags, so
+`write_mp4_metadata` edits the finished file: it adds an iTunes-style metadata list
 (moov/udta/meta/ilst, the iTunes-style tags FFmpeg reads as `comment` and `encoder`) holding the
-job as JSON in '©cmt' and "Studio" in '©too'. If the movie header comes
-before the media data, every chunk offset (stco/co64) is moved by the bytes added, so the file
-stays playable either way. The sidecar `.json` next to the video carries the full job too.
+job as JSON in '©cmt' and "Studio" in '©too'. If the movie header comes before the media data (as
+ffmpeg's faststart files have it), every chunk offset (stco/co64) is moved by the bytes added, so
+the file stays playable either way. The sidecar `.json` next to the video carries the full job too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import struct
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 CODECS = ("avc1", "mp4v")  # preferred first
+ENCODERS = ("auto", "ffmpeg", "opencv")
 _codec_cache: dict[str, bool] = {}
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- writing
@@ -53,15 +61,59 @@ def pick_codec() -> str:
                   "opencv-python, or export the frames as PNG instead.")
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, metadata: dict | None = None) -> str:
-    """uint8 RGB frames (T, H, W, 3) -> an MP4 at `path` (overwritten); returns the codec used.
+def ffmpeg_exe() -> str | None:
+    """An ffmpeg executable: imageio-ffmpeg's bundled static build, else one on PATH, else None."""
+    try:
+        import imageio_ffmpeg
 
-    `metadata` (a JSON-able dict, the job) goes into the container's comment tag.
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError, OSError):
+        return shutil.which("ffmpeg")
+
+
+def _write_h264_ffmpeg(path: str, frames: np.ndarray, fps: float) -> bool:
+    """H.264 (libx264, yuv420p, CRF 17, faststart) through ffmpeg; False where it cannot (no ffmpeg, or
+    ffmpeg failed: logged)."""
+    t, h, w, _ = frames.shape
+    exe = ffmpeg_exe()
+    if exe is None:
+        return False
+    cmd = [exe, "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-r", f"{float(fps):g}", "-i", "-",
+           "-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2",  # yuv420p needs even sides (OpenCV drops the odd line too)
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "17", "-preset", "medium",
+           "-movflags", "+faststart", path]
+    try:
+        done = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("ffmpeg could not run (%s); writing with OpenCV", exc)
+        return False
+    if done.returncode != 0 or not os.path.exists(path) or os.path.getsize(path) == 0:
+        log.warning("ffmpeg failed (%s); writing with OpenCV", done.stderr.decode(errors="replace").strip()[-300:])
+        return False
+    return True
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, metadata: dict | None = None,
+              encoder: str = "auto") -> str:
+    """uint8 RGB frames (T, H, W, 3) -> an MP4 at `path` (overwritten); returns the codec used ("avc1" is H.264).
+
+    `metadata` (a JSON-able dict, the job) goes into the container's comment tag. `encoder`: "auto"
+    (ffmpeg's H.264 where there is an ffmpeg, else OpenCV), "ffmpeg" or "opencv".
     """
     import cv2
 
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+    if encoder != "opencv" and _write_h264_ffmpeg(os.fspath(path), frames, fps):
+        if metadata is not None:
+            write_mp4_metadata(path, {"©cmt": json.dumps(metadata, ensure_ascii=False), "©too": "Studio"})
+        return "avc1"
+    if encoder == "ffmpeg":
+        raise OSError("ffmpeg could not write the video: install imageio-ffmpeg (pip install imageio-ffmpeg) "
+                      "or put ffmpeg on PATH")
     t, h, w, _ = frames.shape
     codec = pick_codec()
     writer = cv2.VideoWriter(os.fspath(path), cv2.VideoWriter_fourcc(*codec), float(fps), (w, h))
@@ -134,15 +186,19 @@ def read_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 
 def video_info(path: str | os.PathLike) -> dict:
-    """{'frames', 'fps', 'width', 'height'} as the container states them."""
+    """{'frames', 'fps', 'width', 'height', 'codec'} as the container states them (codec: the FourCC,
+    e.g. 'h264' / 'avc1' for H.264, 'mp4v' for MPEG-4 Part 2)."""
     import cv2
 
     cap = cv2.VideoCapture(os.fspath(path))
     if not cap.isOpened():
         raise OSError(f"Cannot open the video {path}")
     try:
+        fourcc = int(cap.get(cv2.CAP_PROP_FOURCC))
+        codec = "".join(chr((fourcc >> (8 * i)) & 0xFF) for i in range(4)).strip("\0 ").lower()
         return {"frames": int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), "fps": float(cap.get(cv2.CAP_PROP_FPS)),
-                "width": int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), "height": int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))}
+                "width": int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), "height": int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                "codec": codec}
     finally:
         cap.release()
 
