@@ -164,3 +164,22 @@ def test_quant_on_an_already_packed_gguf_says_it_keeps_the_file_as_stored():
     out = run_chat(ChatJob(messages=[{"role": "user", "content": "Hi"}], temperature=0.0, max_tokens=2,
                            quant="int8"), rec.ctx)  # the bundled SmolLM2 Q4_1
     assert any("already packed (GGUF)" in n and "kept as stored" in n for n in out["notes"])
+
+
+def test_a_model_too_big_for_the_budget_is_refused_before_touching_the_gpu(folder, monkeypatch):
+    from studio.engine.pipelines import chat
+    from studio.models.hf_loader import load_hf_folder
+
+    loaded = load_hf_folder(folder)
+    weights = chat.state_bytes(loaded.state_dict, torch.bfloat16)
+    assert weights == sum(t.numel() * 2 for t in loaded.state_dict.values())  # float tensors in bf16
+    chat.check_weights_fit(loaded.config, loaded.state_dict, torch.bfloat16, None)  # no budget: no check
+    chat.check_weights_fit(loaded.config, loaded.state_dict, torch.bfloat16, weights + ACTIVATION_BASE + (1 << 20))
+    with pytest.raises(UserError, match=r"needs .* VRAM .* Weights setting, or --quant int4") as info:
+        chat.check_weights_fit(loaded.config, loaded.state_dict, torch.bfloat16, weights)
+    assert info.value.kind == "out_of_memory"
+    # through the loader: refused before build_llm ever runs
+    monkeypatch.setattr(chat, "build_llm", lambda *a, **k: pytest.fail("built despite not fitting"))
+    with pytest.raises(UserError, match="budget is"):
+        chat.load_chat_model(folder, "hf", torch.device("cuda"), torch.bfloat16, False, 256, lambda *a: None,
+                             vram_budget=weights)

@@ -122,8 +122,50 @@ ACTIVATION_BASE = 512 << 20  # CUDA context slack, graph pools, sampler buffers
 
 def cache_bytes_per_position(model: LLM, dtype: torch.dtype) -> int:
     """KV-cache bytes one token of context costs (every layer keeps K and V)."""
-    c = model.config
-    return c.n_layers * 2 * c.n_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+    return _position_bytes(model.config, dtype)[0]
+
+
+def _position_bytes(c: Any, dtype: torch.dtype) -> tuple[int, int]:
+    """(KV-cache bytes, prefill activation bytes) one token of context costs for config `c`.
+    Activations per prefill token: the fused gate/up output, the MLP input and a few hidden-size temporaries."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return c.n_layers * 2 * c.n_kv_heads * c.head_dim * elem, (2 * c.intermediate_size + 6 * c.hidden_size) * elem
+
+
+def state_bytes(state: dict, dtype: torch.dtype) -> int:
+    """Bytes the weights will take once built: packed weights as they are, float tensors in `dtype`."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for w in state.values():
+        if is_quant(w):
+            total += w.nbytes
+        elif isinstance(w, torch.Tensor):
+            total += w.numel() * (elem if w.is_floating_point() else w.element_size())
+    return total
+
+
+def _too_big(weights: int, per_pos: int, budget: int) -> UserError:
+    from studio.engine.memory import fmt_bytes
+
+    need = weights + ACTIVATION_BASE + MIN_CONTEXT * per_pos
+    return UserError("out_of_memory", f"This model needs {fmt_bytes(need)} of VRAM for even a {MIN_CONTEXT}-token "
+                     f"chat ({fmt_bytes(weights)} of weights), but the budget is {fmt_bytes(budget)}. Choose int4 "
+                     "(this chat's Weights setting, or --quant int4) or a smaller model (a Q4 GGUF), or raise "
+                     "the VRAM budget in Settings.")
+
+
+def check_weights_fit(config: Any, state: dict, dtype: torch.dtype, budget: int | None) -> None:
+    """Refuse, with numbers, a model whose weights and a minimal context cannot fit the VRAM budget,
+    before anything is copied to the GPU (a CUDA out-of-memory halfway through loading says less)."""
+    if budget is None:
+        return
+    from studio.models.llm import LLMConfig
+
+    c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
+    per_pos = sum(_position_bytes(c, dtype))
+    weights = state_bytes(state, dtype)
+    if weights + ACTIVATION_BASE + MIN_CONTEXT * per_pos > budget:
+        raise _too_big(weights, per_pos, budget)
 
 
 def fit_context(model: LLM, dtype: torch.dtype, requested: int, budget: int | None) -> tuple[int, str]:
@@ -131,24 +173,15 @@ def fit_context(model: LLM, dtype: torch.dtype, requested: int, budget: int | No
     in a VRAM budget. -> (context, note for the user or ""). UserError when not even MIN_CONTEXT fits."""
     if budget is None:
         return requested, ""
-    c = model.config
-    elem = torch.empty((), dtype=dtype).element_size()
     weights = weight_bytes(model)
-    # per prefill token: the fused gate/up output, the MLP input and a few hidden-size temporaries
-    act = (2 * c.intermediate_size + 6 * c.hidden_size) * elem
-    per_pos = cache_bytes_per_position(model, dtype) + act
-    room = budget - weights - ACTIVATION_BASE
-    fits = max(0, room) // per_pos
+    per_pos = sum(_position_bytes(model.config, dtype))
+    fits = max(0, budget - weights - ACTIVATION_BASE) // per_pos
     if fits >= requested:
         return requested, ""
+    if fits < MIN_CONTEXT:
+        raise _too_big(weights, per_pos, budget)
     from studio.engine.memory import fmt_bytes
 
-    if fits < MIN_CONTEXT:
-        need = weights + ACTIVATION_BASE + MIN_CONTEXT * per_pos
-        raise UserError("out_of_memory", f"This model needs {fmt_bytes(need)} of VRAM for even a "
-                        f"{MIN_CONTEXT}-token chat ({fmt_bytes(weights)} of weights), but the budget is "
-                        f"{fmt_bytes(budget)}. Choose int4 quantization or a smaller model (a Q4 GGUF), "
-                        "or raise the VRAM budget in Settings.")
     ctx_len = fits // 256 * 256
     return ctx_len, (f"Context shortened to {ctx_len} tokens (from {requested}) so the KV cache fits the "
                      f"{fmt_bytes(budget)} VRAM budget next to {fmt_bytes(weights)} of weights.")
@@ -184,6 +217,8 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
         else:
             notes.append(f"This model's weights are already packed ({kind.upper() if kind == 'gguf' else 'quantized'}); "
                          f"{quant} changes nothing, so they are kept as stored.")
+    if device.type == "cuda":
+        check_weights_fit(config, state, dtype, vram_budget)
     model = build_llm(config, state, dtype=dtype, device=device, fuse=True)
     del state
     progress(2, total, "loading")
