@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from studio.engine.context import UserError
 from studio.engine.offload import Fp8Linear, estimate_module_bytes
 from studio.engine.pipelines.video_parts import read_state_dict as read_video_part
-from studio.engine.quant import GGUFLinear, GGUFWeight
+from studio.engine.quant_gguf import GGUFLinear, GGUFWeight
 from studio.engine.weights import load_weights
 from studio.library.detect import detect
 from studio.models.diffusion_quant import Fp8Weight

@@ -11,7 +11,7 @@ import torch
 from gguf.quants import quantize as gguf_quantize
 
 from studio.engine.context import UserError
-from studio.engine.quant import GGUFWeight
+from studio.engine.quant_gguf import GGUFWeight
 from studio.models.gguf_llm import gguf_weight_bytes, load_gguf_llm, read_gguf
 from studio.models.tokenizer import _bytes_to_unicode
 

@@ -10,13 +10,13 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from studio.engine.quant import (
-    GGUFWeight,
     Int4Linear,
     Int8Linear,
     quantize_int4,
     quantize_int8,
     quantize_linear,
 )
+from studio.engine.quant_gguf import GGUFWeight
 from studio.models.gguf_dequant import GGML_TYPE_BY_NAME, dequantize
 
 QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from studio.engine.context import UserError
-from studio.engine.quant import GGUFWeight, QuantWeight
+from studio.engine.quant import QuantWeight
+from studio.engine.quant_gguf import GGUFWeight
 from studio.models.gguf_dequant import GGML_TYPE_BY_NAME, dequantize, row_bytes
 from studio.models.loader import build_on_meta
 
@@ -213,7 +214,7 @@ def build_compact(make: Callable[[], nn.Module], sd: dict, *, dtype: torch.dtype
 def compact_summary(model: nn.Module) -> str:
     """What a loaded model keeps compact, for notes: "312 GGUF Q8_0 / 4 fp8 layers"."""
     from studio.engine.offload import Fp8Linear
-    from studio.engine.quant import GGUFLinear
+    from studio.engine.quant_gguf import GGUFLinear
 
     counts: dict[str, int] = {}
     for m in model.modules():

@@ -44,7 +44,8 @@ def _concat_rows(ws: list) -> Any:
     """Stack Linear weights along out_features, exactly, or None where no exact form exists."""
     if all(isinstance(w, Tensor) for w in ws):
         return torch.cat(ws, dim=0)
-    from studio.engine.quant import GGUFWeight, Int4Weight, Int8Weight, quantize_int8
+    from studio.engine.quant import Int4Weight, Int8Weight, quantize_int8
+    from studio.engine.quant_gguf import GGUFWeight
 
     if all(isinstance(w, Int4Weight) for w in ws) and len({w.group_size for w in ws}) == 1:
         return Int4Weight(*(torch.cat([getattr(w, a) for w in ws]) for a in ("packed", "scale", "zero")),
