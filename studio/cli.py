@@ -325,6 +325,14 @@ def doctor_report() -> dict:
     report["disk"] = disk
     report["settings"] = {"device": settings.device, "vram_budget": settings.vram_budget,
                           "vram_reserve": settings.vram_reserve}
+    try:
+        from studio.engine.video_io import ffmpeg_exe
+
+        exe = ffmpeg_exe()
+        report["video_encoder"] = (f"H.264 through ffmpeg ({exe})" if exe else
+                                   "OpenCV only (MPEG-4 where it has no H.264): pip install imageio-ffmpeg for H.264")
+    except ImportError:  # numpy / OpenCV missing: the install is broken anyway, and the torch line says so
+        report["video_encoder"] = "unavailable (OpenCV is not installed)"
     report["_gib"] = GiB
     return report
 
@@ -351,6 +359,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"RAM: {report['ram']['total_bytes'] / gib:.1f} GiB ({report['ram']['available_bytes'] / gib:.1f} available)")
     for name, d in report["disk"].items():
         print(f"Disk at {name}: {d['free_bytes'] / gib:.1f} GiB free of {d['total_bytes'] / gib:.1f} GiB")
+    print(f"Video files: {report['video_encoder']}")
     for name, folder in report["folders"].items():
         print(f"{name:>8}: {folder}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,9 @@ class Paths:
                        root / "models", root / "outputs", root / "run")
         dirs = platformdirs.PlatformDirs(APP, appauthor=False)
         data = Path(dirs.user_data_dir)
-        runtime = Path(dirs.user_runtime_dir) if os.name == "posix" else Path(dirs.user_cache_dir) / "run"
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (ssh, containers)
+            warnings.simplefilter("ignore")
+            runtime = Path(dirs.user_runtime_dir) if os.name == "posix" else Path(dirs.user_cache_dir) / "run"
         return cls(Path(dirs.user_config_dir), data, Path(dirs.user_cache_dir), Path(dirs.user_log_dir),
                    data / "models", Path(platformdirs.user_pictures_dir()) / APP, runtime)
 

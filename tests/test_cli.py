@@ -26,8 +26,10 @@ def test_doctor_reports_torch_devices_memory_disk_and_folders():
     assert set(report["disk"]) == {"models", "outputs"} and report["disk"]["models"]["free_bytes"] > 0
     assert set(report["folders"]) >= {"config", "data", "models", "outputs", "logs"}
     assert report["selected_device"].startswith(("CPU", "CUDA", "MPS", "XPU", "ROCM"))
+    assert "H.264" in report["video_encoder"] or "OpenCV" in report["video_encoder"]
     human = studio("doctor")
-    assert "PyTorch" in human.stdout and "RAM:" in human.stdout
+    assert "PyTorch" in human.stdout and "RAM:" in human.stdout and "Video files:" in human.stdout
+
 
 
 def test_selftest_runs_a_matmul_on_the_engine_and_checks_the_answer():
@@ -54,3 +56,20 @@ def test_chat_answers_the_capital_of_france_with_the_bundled_model():
 def test_chat_with_a_missing_model_says_what_to_do():
     out = studio("chat", "hi", "--model", "/nowhere/model.gguf", "--device", "cpu")
     assert out.returncode == 1 and "bundled SmolLM2" in out.stderr
+
+
+def test_default_paths_do_not_warn_without_xdg_runtime_dir(tmp_path, monkeypatch):
+    # ssh sessions and containers often lack XDG_RUNTIME_DIR; platformdirs then warns on every command
+    import warnings
+
+    from studio.paths import Paths
+
+    monkeypatch.delenv("STUDIO_HOME", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = Paths.default()
+    assert str(paths.config).startswith(str(tmp_path))
