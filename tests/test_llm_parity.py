@@ -230,3 +230,24 @@ def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path):
     prompt = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert (model(prompt, torch.arange(PROMPT_LEN)) - ref(prompt).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_int8_quantized_load_of_every_family_stays_close_to_the_reference(tmp_path, family):
+    # ChatJob.quant packs each family's matrices and fuses q/k/v and gate/up while packing
+    # (qkv biases, q/k norms, tied heads and Phi-3's already-fused layout included)
+    from studio.engine.quant import QuantEmbedding
+    from studio.models.llm_build import quantize_state
+
+    ref, folder = make_folder(tmp_path, family)
+    loaded = load_hf_folder(folder)
+    cfg, state, saved = quantize_state(loaded.config, loaded.state_dict, "int8", "cpu")
+    model = build_llm(cfg, state, dtype=torch.float32, fuse=True)
+    model.setup_caches(1, PROMPT_LEN)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = ref(prompt).logits
+        got = model(prompt, torch.arange(PROMPT_LEN))
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < rel < 0.05, rel
+    assert saved > 0 and isinstance(model.model.embed_tokens, QuantEmbedding)
