@@ -26,6 +26,9 @@ def add_parser(sub, engine_args) -> None:
     p.add_argument("--batch-count", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--vae", default="", help="a VAE file that replaces the checkpoint's")
+    p.add_argument("--text-encoder", action="append", default=[], metavar="FILE",
+                   help="a CLIP text encoder file for a UNet-only model (clip_l, clip_g; repeatable); "
+                        "by default taken from models/clip or models/text_encoders beside the model's folder")
     p.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help="repeatable")
     p.add_argument("--init", default="", help="init image for img2img")
     p.add_argument("--strength", type=float, default=0.75)
@@ -65,6 +68,7 @@ def cmd_image(args: argparse.Namespace) -> int:
                    width=args.width or size or 512, height=args.height or size or 512, steps=args.steps,
                    cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
                    batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=args.clip_skip, vae=args.vae,
+                   text_encoders=args.text_encoder,
                    loras=[parse_lora(s) for s in args.lora], init_image=args.init, strength=args.strength,
                    mask=args.mask, prediction=args.prediction, out=args.out, previews=not args.no_previews,
                    quant=args.quant)

@@ -236,6 +236,7 @@ class ImageJob:
     batch_count: int = 1
     clip_skip: int = 1
     vae: str = ""
+    text_encoders: list = field(default_factory=list)  # CLIP text encoder files for a UNet-only model
     loras: list = field(default_factory=list)  # [{"path": str, "weight": float}]
     init_image: str = ""
     strength: float = 0.75

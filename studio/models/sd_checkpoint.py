@@ -53,18 +53,27 @@ class SDModel:
 
 
 def family_of(cfg: UNetConfig) -> str:
-    if cfg.adm_in_channels == 2816:
+    """From the UNet's shapes: the released widths first, then the structure they imply (toy and pruned
+    models): SDXL's class embedding is CLIP-G's pooled output plus 6 (base: size, crop, target) or
+    5 (refiner: size, crop, aesthetic score) 256-wide Fourier features, and the refiner's text context
+    is CLIP-G's alone; SD2 projects attention in and out with Linear layers, SD1 with 1x1 convs."""
+    adm, ctx = cfg.adm_in_channels, cfg.context_dim
+    if adm == 2816:
         return "sdxl"
-    if cfg.adm_in_channels == 2560:
+    if adm == 2560:
         return "sdxl_refiner"
-    if cfg.adm_in_channels:
-        raise UserError("unsupported", f"This UNet takes a {cfg.adm_in_channels}-wide class embedding, which no "
+    if adm and adm - 5 * 256 == ctx:
+        return "sdxl_refiner"
+    if adm and 0 < adm - 6 * 256 < ctx:
+        return "sdxl"
+    if adm:
+        raise UserError("unsupported", f"This UNet takes a {adm}-wide class embedding, which no "
                         "supported SD family uses (SD1, SD2, SDXL base and refiner are supported).")
-    if cfg.context_dim == 1024:
+    if ctx == 1024:
         return "sd2"
-    if cfg.context_dim == 768:
+    if ctx == 768:
         return "sd1"
-    raise UserError("unsupported", f"A UNet with {cfg.context_dim}-wide text conditioning is not SD1, SD2 or SDXL.")
+    return "sd2" if cfg.use_linear_projection else "sd1"
 
 
 def _family_from_encoders(sd: dict[str, torch.Tensor]) -> str | None:
@@ -100,20 +109,29 @@ def read_state_dict(path: Path, compact: bool = False) -> dict[str, torch.Tensor
 
 
 def load_sd(path: str | Path, vae_path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-            prediction: str = "auto") -> SDModel:
-    """Load a checkpoint file or diffusers folder; `vae_path` (a VAE file or folder) overrides its VAE."""
+            prediction: str = "auto", text_encoders: list | tuple = ()) -> SDModel:
+    """Load a checkpoint file or diffusers folder; `vae_path` (a VAE file or folder) overrides its VAE.
+
+    `text_encoders`: CLIP text encoder files for a UNet-only file (they replace a full file's own);
+    each one's role is read from its shapes. Without them, a file that lacks its VAE or text encoders
+    takes them from ComfyUI's folders beside its own (models/clip, models/text_encoders, models/vae).
+    """
     path = Path(path)
+    given = [Path(p) for p in text_encoders]
     if path.is_dir():
+        if given:
+            raise UserError("bad_input", f"{path.name} is a diffusers folder with its own text encoders: "
+                            "text encoder files go with single-file models. Leave them out.")
         model = _load_folder(path, dtype)
     else:
-        model = _load_single_file(path, dtype, need_vae=not vae_path)
+        model = _load_single_file(path, dtype, need_vae=not vae_path, text_encoders=given)
     if vae_path:
         vae_sd = _read_component(Path(vae_path))
         try:
             model.vae = load_vae(vae_sd, family=model.latent_family, dtype=dtype)
         except (ValueError, KeyError) as exc:
             raise UserError("bad_model", f"{Path(vae_path).name} is not a VAE for {model.family}: {exc}") from None
-        model.notes.append(f"VAE from {Path(vae_path).name}")
+        model.notes.insert(0, f"VAE from {Path(vae_path).name}")
     model.prediction = _prediction(model, prediction)
     return model
 
@@ -145,7 +163,8 @@ def _build_unet(sd: dict, dtype: torch.dtype) -> UNet:
     return model
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, need_vae: bool = True) -> SDModel:
+def _load_single_file(path: Path, dtype: torch.dtype, need_vae: bool = True,
+                      text_encoders: list[Path] | None = None) -> SDModel:
     sd = read_state_dict(path, compact=True)
     try:
         unet = _build_unet(sd, dtype)
@@ -160,26 +179,218 @@ def _load_single_file(path: Path, dtype: torch.dtype, need_vae: bool = True) -> 
         # an fp8 checkpoint's VAE and text encoders are small next to its UNet: plain tensors
         sd = {k: v.dequantize(dtype) if isinstance(v, QuantWeight) and k.startswith(_COMPONENT_PREFIXES) else v
               for k, v in sd.items()}
+    latent = "sdxl" if family.startswith("sdxl") else family
+    notes = []
     vae_keys = {k: v for k, v in sd.items() if k.startswith(("first_stage_model.", "vae."))}
-    if not vae_keys and need_vae:
-        raise UserError("bad_model", f"{path.name} has a UNet but no VAE. Choose a VAE file in the VAE picker "
-                        "(or pass --vae).")
-    vae = load_vae(vae_keys, family="sdxl" if family.startswith("sdxl") else family, dtype=dtype) if vae_keys else None
-    wanted = {"sd1": ["sd1"], "sd2": ["sd2"], "sdxl": ["sdxl_l", "sdxl_g"], "sdxl_refiner": ["sdxl_refiner_g"]}[family]
+    vae = load_vae(vae_keys, family=latent, dtype=dtype) if vae_keys else None
+    vae_file = _find_vae(path, latent) if vae is None and need_vae else None
+
+    slots = _encoder_slots(family, unet.config)
+    inside = [any(k.startswith(slot.prefix) for k in sd) for slot in slots]
+    if text_encoders:
+        files = _match_given(path, family, slots, text_encoders)
+    else:
+        files = [None] * len(slots) if all(inside) else _find_encoders(path, slots, inside, notes)
+    missing = [slot for slot, f, i in zip(slots, files, inside, strict=True) if f is None and not i]
+    no_vae = need_vae and vae is None and vae_file is None
+    if missing or no_vae:
+        raise _missing_parts(path, family, no_vae, missing)
+
+    if vae_file is not None:
+        try:
+            vae = load_vae(read_state_dict(vae_file), family=latent, dtype=dtype)
+        except (ValueError, KeyError) as exc:
+            raise UserError("bad_model", f"{vae_file} is not a VAE for {family}: {exc}. Pass --vae FILE.") from None
+        notes.insert(0, f"VAE from {vae_file.name} (found in {vae_file.parent})")
     encoders = []
-    for key in wanted:
-        prefix = PREFIXES[key]
-        if not any(k.startswith(prefix) for k in sd):
-            found = find_text_encoders(sd)
-            raise UserError("bad_model", f"{path.name} looks like {family} but its text encoder is missing "
-                            f"(no keys under {prefix!r}; found {found or 'none'}). UNet-only files need the "
-                            "text encoders from the full checkpoint.")
-        encoders.append(build_clip(sd, prefix=prefix, dtype=dtype))
+    for slot, found in zip(slots, files, strict=True):
+        if found is None:
+            encoders.append(build_clip(sd, prefix=slot.prefix, dtype=dtype))
+            continue
+        try:
+            encoders.append(build_clip(read_state_dict(found.path), prefix=found.prefix, dtype=dtype))
+        except (ValueError, KeyError) as exc:
+            raise UserError("bad_model", f"{found.path.name} looked like a {_ROLES[slot.role][1]} but does not "
+                            f"load as one ({exc}). The file may be damaged: download it again.") from None
+        if text_encoders:
+            notes.append(f"{_ROLES[slot.role][1]} from {found.path.name}")
     tokenizers = [ClipTokenizer.bundled(pad_id=None if enc.config.width == 768 else 0) for enc in encoders]
-    model = SDModel(family, unet, vae, encoders, tokenizers, "eps", str(path))
+    model = SDModel(family, unet, vae, encoders, tokenizers, "eps", str(path), notes=notes)
     model._metadata = _safetensors_metadata(path)  # type: ignore[attr-defined]
     model._v_key = "v_pred" in sd  # type: ignore[attr-defined]  # ComfyUI marks v models with this key
     return model
+
+
+# ------------------------------------------------------------------------------ separate component files
+# A ComfyUI `models/unet` or `models/diffusion_models` file holds the UNet alone; the VAE and the CLIP
+# text encoders come from their own files, whose roles are read from their shapes, never their names.
+
+# what the messages call each text encoder: (ComfyUI's file name for it, what it is)
+_ROLES = {
+    "clip_l": ("clip_l.safetensors", "CLIP ViT-L text encoder"),
+    "clip_h": ("an OpenCLIP ViT-H text encoder file", "OpenCLIP ViT-H text encoder"),
+    "clip_g": ("clip_g.safetensors", "OpenCLIP ViT-bigG text encoder"),
+}
+_WIDTHS = {768: "CLIP ViT-L (SD1, SDXL)", 1024: "OpenCLIP ViT-H (SD2)", 1280: "OpenCLIP ViT-bigG (SDXL)"}
+_WEIGHT_FILES = (".safetensors", ".sft", ".gguf")  # formats whose headers name every tensor's shape
+
+
+@dataclass(frozen=True)
+class _Slot:
+    role: str  # clip_l, clip_h, clip_g
+    prefix: str  # where a full single file keeps this encoder
+    width: int  # the hidden width the UNet's shapes ask of it
+
+
+@dataclass(frozen=True)
+class _EncoderFile:
+    path: Path
+    prefix: str  # of the encoder's keys inside the file ("" for ComfyUI's clip_l / clip_g files)
+    width: int
+    projection: bool  # has a text_projection (SDXL's CLIP-G; SD3's CLIP-L has one too)
+
+
+def _encoder_slots(family: str, cfg: UNetConfig) -> list[_Slot]:
+    """The text encoders the UNet reads, in the order SDModel.encoders keeps them.
+
+    SDXL's context is CLIP-L's and CLIP-G's hidden states side by side, and its class embedding starts
+    with CLIP-G's pooled output (as wide as CLIP-G itself in the released model): 2048 = 768 + 1280."""
+    if family == "sdxl":
+        g = cfg.adm_in_channels - 6 * 256
+        return [_Slot("clip_l", PREFIXES["sdxl_l"], cfg.context_dim - g), _Slot("clip_g", PREFIXES["sdxl_g"], g)]
+    role = {"sd1": "clip_l", "sd2": "clip_h", "sdxl_refiner": "clip_g"}[family]
+    return [_Slot(role, PREFIXES["sdxl_refiner_g" if family == "sdxl_refiner" else family], cfg.context_dim)]
+
+
+def _encoder_file(path: Path) -> _EncoderFile | None:
+    """The one CLIP text encoder a file holds, from its header alone (no tensor data); None otherwise."""
+    from studio.library.headers import read_header
+
+    tensors = read_header(path).tensors
+    found = find_text_encoders(tensors)  # type: ignore[arg-type]  # only the names are looked at
+    if len(found) != 1:
+        return None
+    p = found[0]
+    for name in ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight",
+                 "token_embedding.weight"):
+        if p + name in tensors:
+            width = tensors[p + name].shape[-1]  # (vocab, width)
+            projection = p + "text_projection.weight" in tensors or p + "text_projection" in tensors
+            return _EncoderFile(path, p, width, projection)
+    return None
+
+
+def _assign(slots: list[_Slot], files: list[_EncoderFile]) -> list[_EncoderFile | None]:
+    """Each slot takes a file of its width. Real CLIP-L, -H and -G differ in width; toy models can give
+    L and G one width, and then G is the one with a text projection."""
+    left, chosen = list(files), []
+    for slot in slots:
+        fits = sorted((f for f in left if f.width == slot.width), key=lambda f: f.projection != (slot.role == "clip_g"))
+        chosen.append(fits[0] if fits else None)
+        if fits:
+            left.remove(fits[0])
+    return chosen
+
+
+def _needs(family: str, slots: list[_Slot]) -> str:
+    return f"this {family} model reads " + " and ".join(f"a {_ROLES[s.role][1]} ({s.width} wide)" for s in slots)
+
+
+def _match_given(path: Path, family: str, slots: list[_Slot], given: list[Path]) -> list[_EncoderFile | None]:
+    from studio.library.headers import HeaderError
+
+    files = []
+    for f in given:
+        try:
+            enc = _encoder_file(f)
+        except (HeaderError, OSError) as exc:
+            raise UserError("bad_model", f"Cannot read the text encoder {f.name}: {exc}") from None
+        if enc is None:
+            raise UserError("bad_model", f"{f.name} is not a CLIP text encoder file (one text_model or OpenCLIP "
+                            f"text tower): {_needs(family, slots)}.")
+        files.append(enc)
+    chosen = _assign(slots, files)
+    for enc in files:
+        if enc not in chosen:
+            kind = _WIDTHS.get(enc.width, "a text encoder no SD family uses")
+            raise UserError("bad_model", f"{enc.path.name} is a {enc.width}-wide text encoder ({kind}), but "
+                            f"{_needs(family, slots)}. Leave it out or pick the matching file.")
+    return chosen
+
+
+def _component_dirs(path: Path, names: tuple[str, ...]) -> list[Path]:
+    """ComfyUI's folders beside the model's own: models/unet/x.safetensors -> models/clip, ..."""
+    return [path.parent.parent / n for n in names if (path.parent.parent / n).is_dir()]
+
+
+def _weight_files(folders: list[Path]) -> list[Path]:
+    return [f for d in folders for f in sorted(d.rglob("*")) if f.suffix.lower() in _WEIGHT_FILES and f.is_file()]
+
+
+def _find_encoders(path: Path, slots: list[_Slot], inside: list[bool], notes: list[str]) -> list[_EncoderFile | None]:
+    """Text encoders the single file lacks, from models/text_encoders and models/clip (headers only)."""
+    from studio.library.headers import HeaderError
+
+    files = []
+    for f in _weight_files(_component_dirs(path, ("text_encoders", "clip"))):
+        try:
+            enc = _encoder_file(f)
+        except (HeaderError, OSError):
+            continue  # a damaged or foreign file among the user's encoders is not this model's problem
+        if enc is not None:
+            files.append(enc)
+    wanted = [s for s, i in zip(slots, inside, strict=True) if not i]
+    found = iter(_assign(wanted, files))
+    chosen = [None if i else next(found) for i in inside]
+    for slot, enc in zip(slots, chosen, strict=True):
+        if enc is not None:
+            others = sum(f.width == enc.width for f in files) - 1
+            notes.append(f"{_ROLES[slot.role][1]} from {enc.path.name} (found in {enc.path.parent}"
+                         + (f"; {others} more fit: pass --text-encoder to choose)" if others > 0 else ")"))
+    return chosen
+
+
+def _is_sd_vae(tensors: dict) -> bool:
+    """A KL-f8 VAE with 4 latent channels (SD1, SD2, SDXL), in LDM or diffusers names, alone in its file."""
+    for p in ("", "first_stage_model.", "vae."):
+        conv = tensors.get(p + "decoder.conv_in.weight")
+        if conv is not None and len(conv.shape) == 4 and conv.shape[1] == 4 and p + "post_quant_conv.weight" in tensors:
+            return all(k.startswith(p) and not k.startswith("model.") for k in tensors)
+    return False
+
+
+def _find_vae(path: Path, latent: str) -> Path | None:
+    """The VAE in models/vae, if exactly one there fits (SD1's and SDXL's VAEs have the same shapes)."""
+    from studio.library.headers import HeaderError, read_header
+
+    fits = []
+    for f in _weight_files(_component_dirs(path, ("vae",))):
+        try:
+            if _is_sd_vae(read_header(f).tensors):
+                fits.append(f)
+        except (HeaderError, OSError):
+            continue
+    if len(fits) > 1:
+        raise UserError("bad_model", f"{path.name} has no VAE of its own, and {len(fits)} VAE files in "
+                        f"{fits[0].parent} fit it ({', '.join(f.name for f in fits[:4])}): choose the {latent} "
+                        "one in the VAE picker (or pass --vae FILE).")
+    return fits[0] if fits else None
+
+
+def _missing_parts(path: Path, family: str, vae: bool, slots: list[_Slot]) -> UserError:
+    models = path.parent.parent
+    parts, fixes = [], []
+    if vae:
+        parts.append("no VAE")
+        fixes.append(f"put a VAE file for {family} in {models / 'vae'} or choose one in the VAE picker (--vae FILE)")
+    for slot in slots:
+        name, what = _ROLES[slot.role]
+        parts.append(f"no {what}")
+        wide = f", {slot.width} wide" if slot.width > 0 else ""
+        fixes.append(f"put {name} ({what}{wide}) in {models / 'clip'} or pass --text-encoder FILE")
+    listed = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    return UserError("bad_model", f"{path.name} has a UNet but {listed}. To run this {family} model, "
+                     + "; ".join(fixes) + ".")
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> SDModel:

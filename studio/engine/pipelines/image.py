@@ -88,7 +88,8 @@ def compute_dtype(ctx: JobContext) -> torch.dtype:
 def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
     path = resolve_path(job.model, "model")
     vae = resolve_path(job.vae, "VAE") if job.vae else None
-    key = f"sd:{path}:{vae}:{dtype}:{job.prediction}:{job.quant or 'full'}"
+    encoders = [resolve_path(p, "text encoder") for p in job.text_encoders]
+    key = f"sd:{path}:{vae}:{','.join(map(str, encoders))}:{dtype}:{job.prediction}:{job.quant or 'full'}"
     model = ctx.models.get(key)
     if model is None:
         # One SD model at a time: a second would double the memory for no gain in speed.
@@ -98,7 +99,7 @@ def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
             if name.startswith("sd:"):
                 memory_of(ctx).unload(name)
         ctx.progress(0, 2, "loading")
-        model = load_sd(path, vae, dtype, job.prediction)
+        model = load_sd(path, vae, dtype, job.prediction, text_encoders=encoders)
         model.key = key  # type: ignore[attr-defined]
         if job.quant:
             from studio.engine.weights import quantize_model
