@@ -31,6 +31,6 @@ case "${1:-}" in
     timeout 240 python3 benchmarks/bench_llm.py --no-hf --inductor-tuning 2>&1 | tee "$OUT/llm-bf16-tuned.txt" ;;
   next)   # what the next session measures first: the GPU tests (incl. the lookahead), then 8B bf16 with --lookahead
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/gpu-tests.txt"
-    timeout 300 python3 benchmarks/bench_llm.py --no-hf --lookahead 2>&1 | tee "$OUT/llm-bf16-lookahead.txt" ;;
+    timeout 400 python3 benchmarks/bench_llm.py --lookahead 2>&1 | tee "$OUT/llm-bf16-lookahead.txt" ;;
   *) echo "usage: bash benchmarks/gpu_session.sh next|first|llm2|tests|llm|image|sdgen|wan" >&2; exit 2 ;;
 esac
