@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything still to be measured on a lent GPU, in the order that fits 10-minute device calls.
-#   bash benchmarks/gpu_session.sh PART     (PART: tests | llm | image | sdgen | wan)
+#   bash benchmarks/gpu_session.sh PART     (PART: fused | tests | llm | image | sdgen | wan)
 # Each part prints JSON lines and writes them under $OUT (the device tool's output folder) when set.
 # Needs the wheels in .whl (diffusers, importlib_metadata, platformdirs, gguf): carry ".whl".
 set -uo pipefail
@@ -29,8 +29,8 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/bench_wan_generation.py --runs ours_8gib 2>&1 | grep -v Warning | tee "$OUT/wan-8gib.jsonl"
     timeout 150 python3 benchmarks/bench_llm.py --quant int4 --budget-gib 6 --new 128 --no-hf 2>&1 | tee "$OUT/llm-int4.txt"
     timeout 240 python3 benchmarks/bench_llm.py --no-hf --inductor-tuning 2>&1 | tee "$OUT/llm-bf16-tuned.txt" ;;
-  next)   # what the next session measures first: the GPU tests (incl. the lookahead), then 8B bf16 with --lookahead
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/gpu-tests.txt"
-    timeout 400 python3 benchmarks/bench_llm.py --lookahead 2>&1 | tee "$OUT/llm-bf16-lookahead.txt" ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh next|first|llm2|tests|llm|image|sdgen|wan" >&2; exit 2 ;;
+  fused)  # the GPU tests, then the fused decode step: checks, kernel sweep, tok/s, profile, transformers, torch.compile (~8 min)
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/gpu-tests.txt" | tail -30
+    (cd benchmarks && timeout 340 python3 bench_fused_decode.py --compiled 2>&1 | grep -v -i warn) ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh fused|first|llm2|tests|llm|image|sdgen|wan" >&2; exit 2 ;;
 esac

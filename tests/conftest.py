@@ -17,6 +17,15 @@ os.environ["STUDIO_HOME"] = _SESSION_HOME
 atexit.register(shutil.rmtree, _SESSION_HOME, True)
 
 
+# Without a GPU, the fused decode step's Triton kernels run in Triton's interpreter
+# (tests/test_llm_decode.py). The choice must be made before anything imports Triton: torch's
+# compiler does, and Triton's own language helpers are defined for one mode at their import.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 # The GUI tests need PySide6, which setup.sh always installs. A bare GPU machine running only the
 # `gpu`-marked tests has torch but no Qt: there the GUI modules are not collected at all.
 collect_ignore = [] if importlib.util.find_spec("PySide6") else [

@@ -230,7 +230,9 @@ def test_cuda_compiled_decode_matches_cpu_greedy(folder, cache, cpu):
     out = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)
     assert out["text"] == expected
     cm = rec.ctx.models.get(rec.ctx.models.summary()[0]["key"])
-    assert cm.compiled_step is not None and not cm.compile_failed
+    from studio.models.llm_decode import FusedDecoder
+
+    assert isinstance(cm.compiled_step, FusedDecoder) and not cm.fused_failed  # a LLaMA layout: the fused step
     again = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)  # replays the captured graph
     assert again["text"] == expected
 

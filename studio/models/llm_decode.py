@@ -7,9 +7,9 @@ layer, and one graph per attended-length bucket that took ~40 s each to compile.
     embedding row
     per layer: 1. RMSNorm + q/k/v product (+ bias) + RoPE; q to a buffer, k and v into the cache slot
                2. attention over the filled prefix, split along the cache (the length is read on the
-                  device, so one graph serves every position)          3. the splits' combine
-               4. o_proj + residual add     5. RMSNorm + gate/up product + SiLU(gate) * up
-               6. down_proj + residual add
+                  device, so one graph serves every position); the last split to finish merges them
+               3. o_proj + residual add     4. RMSNorm + gate/up product + SiLU(gate) * up
+               5. down_proj + residual add
     RMSNorm + lm_head -> fp32 logits
 
 Each product reads its weight matrix once, row blocks per program, with the norm folded in (the
@@ -23,6 +23,7 @@ says why any other model keeps the torch.compile step. The slow obvious path is 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,10 @@ try:  # CUDA builds of torch ship Triton; CPU builds do not, and there the model
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised on CPU-only installs
     triton = None
+
+
+class FusedStepError(RuntimeError):
+    """The fused step could not be built on this GPU (its kernels failed to compile or capture)."""
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -63,6 +68,11 @@ def unsupported(model: nn.Module) -> str | None:
         return "weights are not all of one dtype on one device"
     if model.max_seq_len <= 0:
         return "the KV cache is not set up"
+    if w.device.type == "cuda":
+        if torch.version.hip:
+            return "not measured on ROCm yet"
+        if torch.cuda.get_device_capability(w.device) < (8, 0):
+            return "the GPU predates Ampere (no tf32/bf16 tensor-core dots)"
     return None
 
 
@@ -169,11 +179,12 @@ if triton is not None:
             tl.store(vc_ptr + slot + HALF + d, b.to(dt))
 
     @triton.jit
-    def _attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr, cache_len, scale,
-                          WINDOW: tl.constexpr, HQ: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-                          SPLITS: tl.constexpr, BS: tl.constexpr):
-        """One key/value head's REP query heads over its share of the keys [lo, pos] (lo from the
-        sliding window, 0 without). One split writes the output; several write partials to combine."""
+    def _attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, cache_len,
+                          scale, WINDOW: tl.constexpr, HQ: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
+                          D: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
+        """One key/value head's REP query heads (padded to RP rows for the tensor cores) over its share
+        of the keys [lo, pos] (lo from the sliding window, else 0). Each split leaves (acc, max, sum);
+        the split that finishes last merges them, so no second kernel is launched."""
         kh = tl.program_id(0)
         sp = tl.program_id(1)
         pos = tl.load(pos_ptr)
@@ -186,47 +197,48 @@ if triton is not None:
         heads = kh * REP + r
         dd = tl.arange(0, D)
         q = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        q = q * scale
+        q = q * scale  # (RP, D)
         m = tl.full((RP,), float("-inf"), tl.float32)
         lsum = tl.zeros((RP,), tl.float32)
         acc = tl.zeros((RP, D), tl.float32)
-        base = kc_ptr + kh.to(tl.int64) * cache_len * D
+        kbase = kc_ptr + kh.to(tl.int64) * cache_len * D
         vbase = vc_ptr + kh.to(tl.int64) * cache_len * D
         for s0 in range(start, end, BS):
             s = s0 + tl.arange(0, BS)
             smask = s < end
-            k = tl.load(base + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (RP, BS)
+            k = tl.load(kbase + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
+            v = tl.load(vbase + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC)  # (RP, BS)
             sc = tl.where(smask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(sc - m_new[:, None])
             lsum = lsum * alpha + tl.sum(p, axis=1)
-            v = tl.load(vbase + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
             m = m_new
+        dt = out_ptr.dtype.element_ty
         if SPLITS == 1:
-            o = acc / lsum[:, None]
-            tl.store(out_ptr + heads[:, None] * D + dd[None, :], o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+            tl.store(out_ptr + heads[:, None] * D + dd[None, :], (acc / lsum[:, None]).to(dt), mask=rmask[:, None])
         else:
             at = sp * HQ + heads
             tl.store(po_ptr + at[:, None] * D + dd[None, :], acc, mask=rmask[:, None])
             tl.store(pm_ptr + at, m, mask=rmask)
             tl.store(pl_ptr + at, lsum, mask=rmask)
-
-    @triton.jit
-    def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, HQ: tl.constexpr, D: tl.constexpr,
-                        SPLITS: tl.constexpr):
-        """Merge the splits' (acc, max, sum) of one query head into its attention output."""
-        h = tl.program_id(0)
-        sp = tl.arange(0, SPLITS)
-        m = tl.load(pm_ptr + sp * HQ + h)
-        w = tl.exp(m - tl.max(m, axis=0))  # empty splits have m = -inf: weight 0
-        total = tl.sum(w * tl.load(pl_ptr + sp * HQ + h), axis=0)
-        dd = tl.arange(0, D)
-        acc = tl.load(po_ptr + (sp[:, None] * HQ + h) * D + dd[None, :])
-        o = tl.sum(acc * w[:, None], axis=0) / total
-        tl.store(out_ptr + h * D + dd, o.to(out_ptr.dtype.element_ty))
+            tl.debug_barrier()  # every thread's partials are written before the count says so
+            done = tl.atomic_add(cnt_ptr + kh, 1, sem="acq_rel")
+            if done == SPLITS - 1:
+                sps = tl.arange(0, SPLITS)
+                ats = sps[:, None] * HQ + heads[None, :]  # (SPLITS, RP)
+                # .cg: read the other splits' partials from L2, never a stale L1 line
+                pm = tl.load(pm_ptr + ats, mask=rmask[None, :], other=0.0, cache_modifier=".cg")
+                pl = tl.load(pl_ptr + ats, mask=rmask[None, :], other=1.0, cache_modifier=".cg")
+                w = tl.exp(pm - tl.max(pm, axis=0)[None, :])  # empty splits have max -inf: weight 0
+                total = tl.sum(w * pl, axis=0)  # (RP,)
+                po = tl.load(po_ptr + ats[:, :, None] * D + dd[None, None, :], mask=rmask[None, :, None],
+                             other=0.0, cache_modifier=".cg")  # (SPLITS, RP, D)
+                o = tl.sum(po * w[:, :, None], axis=0) / total[:, None]
+                tl.store(out_ptr + heads[:, None] * D + dd[None, :], o.to(dt), mask=rmask[:, None])
+                tl.atomic_xchg(cnt_ptr + kh, 0)  # ready for the next layer and token
 
 
 @dataclass(frozen=True)
@@ -238,13 +250,19 @@ class MatvecConfig:
     warps: int
 
 
-def default_config(n: int, k: int, paired: bool) -> MatvecConfig:
-    """A product's launch shape, from its size: enough programs to fill the GPU several times over
-    (each streams its rows once), chunks wide enough to keep 16-byte loads in flight."""
-    rows = 8 if paired else 16
-    while rows > 1 and n // rows < 512:
-        rows //= 2
-    return MatvecConfig(rows, 512 if k >= 2048 else 256, 4)
+def default_config(kind: str, n: int, k: int) -> MatvecConfig:
+    """A product's launch shape. kind: "qkv" (rows = dims per half-head), "gated" (gate/up) or "plain".
+
+    From sweeps of each 8B product inside a CUDA graph on an H200 (benchmarks/bench_fused_decode.py):
+    the small square products want many short programs, the big ones fewer, wider ones.
+    """
+    if kind == "qkv":
+        return MatvecConfig(8, 512, 4)
+    if kind == "gated":
+        return MatvecConfig(8, 256, 4)
+    if n <= 16384:
+        return MatvecConfig(2, 1024, 4)
+    return MatvecConfig(16, 256, 4)
 
 
 @dataclass
@@ -273,9 +291,10 @@ class FusedDecoder:
     """
 
     ATTN_SPLITS = 16  # x key/value heads programs: about one wave of an H100/H200's 132 SMs
+    ATTN_BLOCK = 64  # keys per tensor-core step
 
-    def __init__(self, model: nn.Module, configs: dict[tuple[int, int, bool], MatvecConfig] | None = None,
-                 use_graph: bool = True) -> None:
+    def __init__(self, model: nn.Module, configs: dict[tuple[str, int, int], MatvecConfig] | None = None,
+                 use_graph: bool = True, attn_splits: int | None = None, attn_block: int | None = None) -> None:
         why = unsupported(model)
         if why:
             raise ValueError(f"the fused decode step cannot run this model: {why}")
@@ -283,6 +302,8 @@ class FusedDecoder:
         self.model = model
         self.config = c
         self.use_graph = use_graph
+        self.attn_splits = attn_splits or self.ATTN_SPLITS
+        self.attn_block = attn_block or self.ATTN_BLOCK
         self.configs = dict(configs or {})
         emb = model.model.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
@@ -309,24 +330,27 @@ class FusedDecoder:
         self.attn = torch.zeros(self.hq * self.d, dtype=self.dtype, **kw)
         self.h = torch.zeros(c.intermediate_size, dtype=self.dtype, **kw)
         self.logits = torch.zeros(c.vocab_size, dtype=torch.float32, **kw)
-        s = self.ATTN_SPLITS
+        s = self.attn_splits
         self.part_o = torch.zeros(s, self.hq, self.d, dtype=torch.float32, **kw)
         self.part_m = torch.zeros(s, self.hq, dtype=torch.float32, **kw)
         self.part_l = torch.zeros(s, self.hq, dtype=torch.float32, **kw)
+        self.counts = torch.zeros(self.hkv, dtype=torch.int32, **kw)  # splits done, per key/value head
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.built = False
+        self.build_s = 0.0  # seconds the first call took (kernel compiles, graph capture)
 
     # -- the kernels of one token, launched in order --------------------------------------------
 
-    def _config(self, n: int, k: int, paired: bool) -> MatvecConfig:
-        key = (n, k, paired)
+    def config_for(self, kind: str, n: int, k: int) -> MatvecConfig:
+        key = (kind, n, k)
         if key not in self.configs:
-            self.configs[key] = default_config(n, k, paired)
+            self.configs[key] = default_config(kind, n, k)
         return self.configs[key]
 
     def _matvec(self, w: Tensor, x: Tensor, y: Tensor, *, norm: Tensor | None = None, bias: Tensor | None = None,
                 resid: bool = False, gated: bool = False) -> None:
         n, k = (w.shape[0] // 2 if gated else w.shape[0]), w.shape[1]
-        cfg = self._config(n, k, gated)
+        cfg = self.config_for("gated" if gated else "plain", n, k)
         _matvec_kernel[(triton.cdiv(n, cfg.rows),)](
             w, x, norm if norm is not None else w, bias if bias is not None else w, y, n, k,
             float(self.config.norm_eps), NORM=norm is not None, BIAS=bias is not None, RESID=resid, GATED=gated,
@@ -337,12 +361,13 @@ class FusedDecoder:
         torch.index_select(self.model.model.embed_tokens.weight, 0, self.tok, out=self.x)
         x = self.x.view(-1)
         eps = float(self.config.norm_eps)
-        splits = self.ATTN_SPLITS
-        rp = triton.next_power_of_2(self.rep)
+        splits = self.attn_splits
+        rp = max(16, triton.next_power_of_2(self.rep))  # tl.dot needs 16 rows
+        prec = "ieee" if self.dtype == torch.float32 else "tf32"  # tf32 keeps bf16/fp16 K, V exact
         for L in self.layers:
             k = L.qkv_w.shape[1]
-            cfg = self._config(L.qkv_w.shape[0], k, True)
-            bh = max(1, min(cfg.rows, self.d // 2))
+            cfg = self.config_for("qkv", L.qkv_w.shape[0], k)
+            bh = min(cfg.rows, self.d // 2)
             _qkv_rope_kernel[((self.hq + 2 * self.hkv) * (self.d // 2 // bh),)](
                 L.qkv_w, x, L.norm1, L.qkv_b if L.qkv_b is not None else L.qkv_w, self.cos, self.sin, self.pos,
                 self.q, L.k_cache, L.v_cache, k, eps, self.cache_len,
@@ -350,11 +375,8 @@ class FusedDecoder:
                 num_warps=cfg.warps)
             _attention_kernel[(self.hkv, splits)](
                 self.q, L.k_cache, L.v_cache, self.pos, self.attn, self.part_o, self.part_m, self.part_l,
-                self.cache_len, self.scale, WINDOW=L.window,
-                HQ=self.hq, REP=self.rep, RP=rp, D=self.d, SPLITS=splits, BS=16, num_warps=4)
-            if splits > 1:
-                _combine_kernel[(self.hq,)](self.part_o, self.part_m, self.part_l, self.attn,
-                                            HQ=self.hq, D=self.d, SPLITS=splits, num_warps=4)
+                self.counts, self.cache_len, self.scale, WINDOW=L.window, HQ=self.hq, REP=self.rep, RP=rp,
+                D=self.d, SPLITS=splits, BS=self.attn_block, PREC=prec, num_warps=4)
             self._matvec(L.o_w, self.attn, x, bias=L.o_b, resid=True)
             self._matvec(L.gate_up_w, x, self.h, norm=L.norm2, bias=L.gate_up_b, gated=True)
             self._matvec(L.down_w, self.h, x, bias=L.down_b, resid=True)
@@ -369,10 +391,18 @@ class FusedDecoder:
             raise RuntimeError("this fused decode step was built for another model or KV cache")
         self.tok.copy_(token.view(1))
         self.pos.copy_(pos.view(1))
+        if not self.built:
+            t = time.perf_counter()
+            try:  # compiling the kernels (first use on this machine) or capturing may fail on an odd GPU
+                self._capture() if self.use_graph else self.run()
+            except Exception as exc:  # noqa: BLE001 - reported as a FusedStepError; the caller falls back
+                self.graph = None
+                raise FusedStepError(f"the fused decode step could not be built: {type(exc).__name__}: {exc}") from exc
+            self.built, self.build_s = True, time.perf_counter() - t
+            if not self.use_graph:
+                return self.logits.view(1, 1, -1)
         if not self.use_graph:
             return self.run().view(1, 1, -1)
-        if self.graph is None:
-            self._capture()
         self.graph.replay()
         return self.logits.view(1, 1, -1)
 

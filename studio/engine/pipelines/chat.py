@@ -4,9 +4,12 @@ run_chat resolves the model (bundled default, a .gguf file or a Hugging Face fol
 keeps it warm in ctx.models, renders the chat template, fits the prompt into the context,
 prefills, then decodes with sampling. Text streams through ctx.token as it is decoded;
 cancel is checked before every token. Each one-token decode step attends to a prefix of
-the KV cache: eagerly, exactly the filled part; on CUDA, under torch.compile(mode=
-"reduce-overhead") (CUDA graphs, which need static shapes), the next power of two of the
-filled length (a "bucket", at least MIN_BUCKET, at most the cache), one graph per bucket.
+the KV cache: eagerly, exactly the filled part. On CUDA, models of the LLaMA layout with plain
+weights decode through the fused Triton step (studio/models/llm_decode.py: one CUDA graph for every
+position); the others under torch.compile(mode="reduce-overhead") (CUDA graphs, which need static
+shapes), attending to the next power of two of the filled length (a "bucket", at least MIN_BUCKET,
+at most the cache), one graph per bucket. On CUDA the next step is queued before the host reads
+each token (lookahead; the `chat_lookahead` setting turns it off).
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ class ChatModel:
     nbytes: int
     generation_defaults: dict = field(default_factory=dict)
     compiled_step: Callable | None = None
-    compile_failed: bool = False
+    compile_failed: bool = False  # torch.compile could not handle it: eager from then on
+    fused_failed: bool = False  # the fused step could not be built here: torch.compile from then on
     notes: list = field(default_factory=list)  # what loading decided for the user (quantization, context)
 
 
@@ -369,12 +373,31 @@ def compile_decode_step(cache_len: int, **compile_kw: Any) -> Callable:
 
 
 def compiled_step(cm: ChatModel) -> Callable | None:
-    """The CUDA-graph decode step, built once per loaded model (None where eager is used)."""
-    if cm.device.type != "cuda" or cm.compile_failed:
+    """The fast decode step, built once per loaded model (None where eager is used): the fused Triton
+    step where the model allows it, else decode_step under torch.compile with CUDA graphs."""
+    if cm.device.type != "cuda":
         return None
     if cm.compiled_step is None:
-        cm.compiled_step = compile_decode_step(cm.context_length, mode="reduce-overhead")
+        from studio.models.llm_decode import FusedDecoder, unsupported
+
+        why = "it failed here before" if cm.fused_failed else unsupported(cm.model)
+        if why is None:
+            cm.compiled_step = FusedDecoder(cm.model)
+        elif not cm.compile_failed:
+            log.info("decoding through torch.compile, not the fused step: %s", why)
+            cm.compiled_step = compile_decode_step(cm.context_length, mode="reduce-overhead")
     return cm.compiled_step
+
+
+def step_failed(cm: ChatModel, exc: Exception) -> None:
+    """generate_tokens fell back to eager: the next answer tries the next slower step."""
+    from studio.models.llm_decode import FusedDecoder
+
+    if isinstance(cm.compiled_step, FusedDecoder):
+        cm.fused_failed = True
+    else:
+        cm.compile_failed = True
+    cm.compiled_step = None
 
 
 @torch.inference_mode()
@@ -392,12 +415,10 @@ def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int,
 
     Lookahead (when asked for and `choose` returns tensors): the step that feeds token i, and the
     choice of token i + 1, are queued on the GPU before the host reads token i (copied out ahead of
-    them), so the GPU does not wait for the host's detokenizing and streaming. For an 8B model on an
-    H100, a loop with no host wait ran 7.5% faster than one with a sync per token
-    (benchmarks/profile_decode.py --replay); this loop itself is not measured on a GPU yet. When token i is a stop token that
-    queued step is wasted; it only writes a cache slot past the answer. The ids, random draws and
-    penalties are the same with and without it. It is off unless the `chat_lookahead` setting turns it
-    on, until a GPU run confirms it (`bench_llm.py --lookahead`).
+    them), so the GPU does not wait for the host's detokenizing and streaming. An 8B model's fused
+    step on an H200 decodes 4% faster with it (benchmarks/bench_fused_decode.py). When token i is a
+    stop token that queued step is wasted; it only writes a cache slot past the answer. The ids,
+    random draws and penalties are the same with and without it.
     A consumer that stops asking stops the model within one token.
     """
     device = model.key_index.device
@@ -541,9 +562,9 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
     ctx.cancel.check()
     step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
     finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
-    ahead = bool(ctx.settings.get("chat_lookahead", False)) and device.type == "cuda"
+    ahead = bool(ctx.settings.get("chat_lookahead", True)) and device.type == "cuda"
     tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step, lookahead=ahead,
-                             on_fallback=lambda exc: setattr(cm, "compile_failed", True))
+                             on_fallback=lambda exc: step_failed(cm, exc))
     cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
     try:
         for tok in tokens:
@@ -588,4 +609,5 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
 
 
 def _is_compile_error(exc: Exception) -> bool:
-    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+    """An error of building a fast step (torch.compile, or the fused step's FusedStepError)."""
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor", "studio.models.llm_decode"))
