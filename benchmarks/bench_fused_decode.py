@@ -5,8 +5,8 @@
 
 Sections, each printed as one JSON line (a failing section prints its error and the rest go on):
   check     the fused step's logits against the eager model's for a few steps, and 32 greedy tokens
-  sweep     each product's kernel over launch shapes, against F.linear (cuBLAS) on the same matrix;
-            the best shapes are used by the sections after it
+  sweep     each product's kernel over launch shapes, against F.linear (cuBLAS) on the same matrix,
+            and the attention kernel over splits, key blocks and warps; the best are used in "swept"
   decode    tokens/s through generate_tokens as the chat pipeline decodes (CUDA graph; lookahead off/on)
   profile   per-kernel GPU time of one token without the graph (the gap to the graph's step is launch gaps)
   compiled  (--compiled) the torch.compile step the pipeline used before, bucketed
@@ -181,9 +181,31 @@ def sweep(dec: FusedDecoder, device: torch.device, out: list) -> dict:
     return best
 
 
+def attention_sweep(model, device: torch.device, out: list) -> dict:
+    """The 32 attention kernels of a token inside a CUDA graph, over splits x key block x warps, at three
+    filled lengths. Returns the FusedDecoder keywords of the variant best summed over the lengths."""
+    results = {}
+    variants = [(s, b, w) for s in (8, 16, 32) for b in (32, 64) for w in (4, 8)]
+    if device.type != "cuda":
+        variants = variants[:1]
+    at = (128, 2048, model.max_seq_len - 1) if device.type == "cuda" else (8,)
+    for s, b, w in variants:
+        dec = FusedDecoder(model, use_graph=False, attn_splits=s, attn_block=b, attn_warps=w)
+        us = []
+        for p in at:
+            dec.pos.fill_(p)
+            us.append(graph_time(lambda dec=dec: [dec.attention(L) for L in dec.layers], device) * 1e6)
+        results[(s, b, w)] = us
+    best = min(results, key=lambda v: sum(results[v]))
+    emit({"section": "attention_sweep", "positions": list(at), "best": list(best),
+          "default": [FusedDecoder.ATTN_SPLITS, FusedDecoder.ATTN_BLOCK, 4],
+          "us_per_token": {f"s{s}b{b}w{w}": [round(u, 1) for u in v] for (s, b, w), v in results.items()}}, out)
+    return dict(attn_splits=best[0], attn_block=best[1], attn_warps=best[2])
+
+
 def decode(model, prompt: list[int], new: int, device: torch.device, bound: float, configs: dict | None,
-           label: str, out: list) -> None:
-    dec = FusedDecoder(model, configs=configs, use_graph=device.type == "cuda")
+           label: str, out: list, **attn) -> None:
+    dec = FusedDecoder(model, configs=configs, use_graph=device.type == "cuda", **attn)
     for lookahead in (False, True):
         stamps = []
         for rep in range(2):  # the first run captures the graph
@@ -274,10 +296,13 @@ def main() -> None:
     tuned = None
     if "sweep" not in skip:
         tuned = section("sweep", out, sweep, FusedDecoder(model, use_graph=False), device, out)
+    attn = {}
+    if "sweep" not in skip:
+        attn = section("attention_sweep", out, attention_sweep, model, device, out) or {}
     if "decode" not in skip:
         section("decode", out, decode, model, prompt, new, device, bound, None, "default", out)
-        if tuned:
-            section("decode", out, decode, model, prompt, new, device, bound, tuned, "swept", out)
+        if tuned or attn:
+            section("decode", out, lambda: decode(model, prompt, new, device, bound, tuned, "swept", out, **attn))
     if "profile" not in skip and device.type == "cuda":
         section("profile", out, profile, model, prompt, device, tuned, bw, out)
     if not args.no_hf and not args.tiny:

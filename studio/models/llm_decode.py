@@ -23,6 +23,7 @@ says why any other model keeps the torch.compile step. The slow obvious path is 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -181,10 +182,13 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, cache_len,
                           scale, WINDOW: tl.constexpr, HQ: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
-                          D: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
-        """One key/value head's REP query heads (padded to RP rows for the tensor cores) over its share
-        of the keys [lo, pos] (lo from the sliding window, else 0). Each split leaves (acc, max, sum);
-        the split that finishes last merges them, so no second kernel is launched."""
+                          RC: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr,
+                          F32_DOTS: tl.constexpr, PREC: tl.constexpr):
+        """One key/value head's REP query heads (padded to RP >= 16 rows for the tensor cores) over its
+        share of the keys [lo, pos] (lo from the sliding window, else 0). Each split leaves (acc, max,
+        sum); the split that finishes last merges them (over RC = REP rounded up to a power of two
+        rows), so no second kernel is launched. Dots take the cache's dtype (P rounded to it, as
+        flash attention does), or fp32 (F32_DOTS: fp32 models, and Triton's interpreter)."""
         kh = tl.program_id(0)
         sp = tl.program_id(1)
         pos = tl.load(pos_ptr)
@@ -196,8 +200,9 @@ if triton is not None:
         rmask = r < REP
         heads = kh * REP + r
         dd = tl.arange(0, D)
-        q = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        q = q * scale  # (RP, D)
+        q = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=rmask[:, None], other=0.0)  # (RP, D)
+        if F32_DOTS:
+            q = q.to(tl.float32)
         m = tl.full((RP,), float("-inf"), tl.float32)
         lsum = tl.zeros((RP,), tl.float32)
         acc = tl.zeros((RP, D), tl.float32)
@@ -206,15 +211,18 @@ if triton is not None:
         for s0 in range(start, end, BS):
             s = s0 + tl.arange(0, BS)
             smask = s < end
-            k = tl.load(kbase + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            v = tl.load(vbase + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC)  # (RP, BS)
+            k = tl.load(kbase + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)  # (BS, D)
+            v = tl.load(vbase + s[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)
+            if F32_DOTS:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (RP, BS)
             sc = tl.where(smask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(sc - m_new[:, None])
             lsum = lsum * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m = m_new
         dt = out_ptr.dtype.element_ty
         if SPLITS == 1:
@@ -227,17 +235,19 @@ if triton is not None:
             tl.debug_barrier()  # every thread's partials are written before the count says so
             done = tl.atomic_add(cnt_ptr + kh, 1, sem="acq_rel")
             if done == SPLITS - 1:
-                sps = tl.arange(0, SPLITS)
-                ats = sps[:, None] * HQ + heads[None, :]  # (SPLITS, RP)
+                rc = tl.arange(0, RC)
+                cmask = rc < REP
+                hc = kh * REP + rc
+                ats = tl.arange(0, SPLITS)[:, None] * HQ + hc[None, :]  # (SPLITS, RC)
                 # .cg: read the other splits' partials from L2, never a stale L1 line
-                pm = tl.load(pm_ptr + ats, mask=rmask[None, :], other=0.0, cache_modifier=".cg")
-                pl = tl.load(pl_ptr + ats, mask=rmask[None, :], other=1.0, cache_modifier=".cg")
+                pm = tl.load(pm_ptr + ats, mask=cmask[None, :], other=0.0, cache_modifier=".cg")
+                pl = tl.load(pl_ptr + ats, mask=cmask[None, :], other=1.0, cache_modifier=".cg")
                 w = tl.exp(pm - tl.max(pm, axis=0)[None, :])  # empty splits have max -inf: weight 0
-                total = tl.sum(w * pl, axis=0)  # (RP,)
-                po = tl.load(po_ptr + ats[:, :, None] * D + dd[None, None, :], mask=rmask[None, :, None],
-                             other=0.0, cache_modifier=".cg")  # (SPLITS, RP, D)
+                total = tl.sum(w * pl, axis=0)  # (RC,)
+                po = tl.load(po_ptr + ats[:, :, None] * D + dd[None, None, :], mask=cmask[None, :, None],
+                             other=0.0, cache_modifier=".cg")  # (SPLITS, RC, D)
                 o = tl.sum(po * w[:, :, None], axis=0) / total[:, None]
-                tl.store(out_ptr + heads[:, None] * D + dd[None, :], o.to(dt), mask=rmask[:, None])
+                tl.store(out_ptr + hc[:, None] * D + dd[None, :], o.to(dt), mask=cmask[:, None])
                 tl.atomic_xchg(cnt_ptr + kh, 0)  # ready for the next layer and token
 
 
@@ -294,7 +304,8 @@ class FusedDecoder:
     ATTN_BLOCK = 64  # keys per tensor-core step
 
     def __init__(self, model: nn.Module, configs: dict[tuple[str, int, int], MatvecConfig] | None = None,
-                 use_graph: bool = True, attn_splits: int | None = None, attn_block: int | None = None) -> None:
+                 use_graph: bool = True, attn_splits: int | None = None, attn_block: int | None = None,
+                 attn_warps: int = 4) -> None:
         why = unsupported(model)
         if why:
             raise ValueError(f"the fused decode step cannot run this model: {why}")
@@ -304,6 +315,7 @@ class FusedDecoder:
         self.use_graph = use_graph
         self.attn_splits = attn_splits or self.ATTN_SPLITS
         self.attn_block = attn_block or self.ATTN_BLOCK
+        self.attn_warps = attn_warps
         self.configs = dict(configs or {})
         emb = model.model.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
@@ -334,6 +346,8 @@ class FusedDecoder:
         self.part_o = torch.zeros(s, self.hq, self.d, dtype=torch.float32, **kw)
         self.part_m = torch.zeros(s, self.hq, dtype=torch.float32, **kw)
         self.part_l = torch.zeros(s, self.hq, dtype=torch.float32, **kw)
+        # Triton's interpreter gets bf16 dots wrong: there (CPU tests) the dots run in fp32
+        self.f32_dots = self.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
         self.counts = torch.zeros(self.hkv, dtype=torch.int32, **kw)  # splits done, per key/value head
         self.graph: torch.cuda.CUDAGraph | None = None
         self.built = False
@@ -356,27 +370,31 @@ class FusedDecoder:
             float(self.config.norm_eps), NORM=norm is not None, BIAS=bias is not None, RESID=resid, GATED=gated,
             BN=cfg.rows, BK=cfg.chunk, num_warps=cfg.warps)
 
+    def qkv_rope(self, L: _Layer, x: Tensor) -> None:
+        k = L.qkv_w.shape[1]
+        cfg = self.config_for("qkv", L.qkv_w.shape[0], k)
+        bh = min(cfg.rows, self.d // 2)
+        _qkv_rope_kernel[((self.hq + 2 * self.hkv) * (self.d // 2 // bh),)](
+            L.qkv_w, x, L.norm1, L.qkv_b if L.qkv_b is not None else L.qkv_w, self.cos, self.sin, self.pos,
+            self.q, L.k_cache, L.v_cache, k, float(self.config.norm_eps), self.cache_len,
+            HQ=self.hq, HKV=self.hkv, D=self.d, BIAS=L.qkv_b is not None, BH=bh, BK=cfg.chunk, num_warps=cfg.warps)
+
+    def attention(self, L: _Layer) -> None:
+        _attention_kernel[(self.hkv, self.attn_splits)](
+            self.q, L.k_cache, L.v_cache, self.pos, self.attn, self.part_o, self.part_m, self.part_l,
+            self.counts, self.cache_len, self.scale, WINDOW=L.window, HQ=self.hq, REP=self.rep,
+            RP=max(16, triton.next_power_of_2(self.rep)),  # tl.dot needs 16 rows
+            RC=triton.next_power_of_2(self.rep), D=self.d, SPLITS=self.attn_splits, BS=self.attn_block,
+            F32_DOTS=self.f32_dots, PREC="ieee" if self.dtype == torch.float32 else "tf32",
+            num_warps=self.attn_warps)
+
     def run(self) -> Tensor:
         """One token: self.tok at self.pos -> self.logits (V,) fp32, writing cache slot pos."""
         torch.index_select(self.model.model.embed_tokens.weight, 0, self.tok, out=self.x)
         x = self.x.view(-1)
-        eps = float(self.config.norm_eps)
-        splits = self.attn_splits
-        rp = max(16, triton.next_power_of_2(self.rep))  # tl.dot needs 16 rows
-        prec = "ieee" if self.dtype == torch.float32 else "tf32"  # tf32 keeps bf16/fp16 K, V exact
         for L in self.layers:
-            k = L.qkv_w.shape[1]
-            cfg = self.config_for("qkv", L.qkv_w.shape[0], k)
-            bh = min(cfg.rows, self.d // 2)
-            _qkv_rope_kernel[((self.hq + 2 * self.hkv) * (self.d // 2 // bh),)](
-                L.qkv_w, x, L.norm1, L.qkv_b if L.qkv_b is not None else L.qkv_w, self.cos, self.sin, self.pos,
-                self.q, L.k_cache, L.v_cache, k, eps, self.cache_len,
-                HQ=self.hq, HKV=self.hkv, D=self.d, BIAS=L.qkv_b is not None, BH=bh, BK=cfg.chunk,
-                num_warps=cfg.warps)
-            _attention_kernel[(self.hkv, splits)](
-                self.q, L.k_cache, L.v_cache, self.pos, self.attn, self.part_o, self.part_m, self.part_l,
-                self.counts, self.cache_len, self.scale, WINDOW=L.window, HQ=self.hq, REP=self.rep, RP=rp,
-                D=self.d, SPLITS=splits, BS=self.attn_block, PREC=prec, num_warps=4)
+            self.qkv_rope(L, x)
+            self.attention(L)
             self._matvec(L.o_w, self.attn, x, bias=L.o_b, resid=True)
             self._matvec(L.gate_up_w, x, self.h, norm=L.norm2, bias=L.gate_up_b, gated=True)
             self._matvec(L.down_w, self.h, x, bias=L.down_b, resid=True)
