@@ -8,6 +8,7 @@ Sections, each printed as one JSON line (a failing section prints its error and 
   sweep     each product's kernel over launch shapes, against F.linear (cuBLAS) on the same matrix,
             and the attention kernel over splits, key blocks and warps; the best are used in "swept"
   decode    tokens/s through generate_tokens as the chat pipeline decodes (CUDA graph; lookahead off/on)
+  pipeline  run_chat itself, greedy and sampled, as a chat job runs it (CPU: eager, no fused step)
   profile   per-kernel GPU time of one token without the graph (the gap to the graph's step is launch gaps)
   compiled  (--compiled) the torch.compile step the pipeline used before, bucketed
   hf        transformers eager and static-cache compiled generate, same weights
@@ -235,6 +236,46 @@ def decode(model, prompt: list[int], new: int, device: torch.device, bound: floa
                   "graph_tok_s": round(1 / s, 1), "graph_fraction_of_bound": round(1 / s / bound, 3)}, out)
 
 
+def pipeline(model, prompt_len: int, new: int, device: torch.device, bound: float, out: list) -> None:
+    """run_chat itself (Sampler, incremental detokenizer, the token callback, the step it picks, its
+    lookahead) on the random model, with a word-per-id tokenizer; tok/s as run_chat reports it."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from studio.engine.context import JobContext, ModelCache
+    from studio.engine.device import probe
+    from studio.engine.pipelines import chat
+    from studio.protocol import ChatJob
+
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    cm = chat.ChatModel(model=model, tokenizer=tok, chat_template="{% for m in messages %}{{ m.content }} {% endfor %}",
+                        bos_token=None, eos_token=None, stop_ids=set(), add_bos=False,
+                        context_length=model.max_seq_len, device=device, dtype=model.lm_head.weight.dtype,
+                        name="random-8b", nbytes=bytes_per_token(model))
+    cache = ModelCache()
+    cache.get_or_load = lambda key, load, nbytes=None, **kw: cm  # the model built above
+    streamed = []
+    ctx = JobContext(job_id="bench", device=probe(device.type), models=cache, on_token=streamed.append)
+    real_resolve = chat.resolve_model
+    chat.resolve_model = lambda spec: (chat.Path("random-8b"), "hf")  # no file behind this model
+    try:
+        words = " ".join(f"w{(i * 7919) % model.config.vocab_size}" for i in range(prompt_len))
+        for params in (dict(temperature=0.0), dict(temperature=0.7, top_p=0.95, top_k=40, seed=1)):
+            for _ in range(2):  # the first builds the step (kernels, graph)
+                streamed.clear()
+                res = chat.run_chat(ChatJob(messages=[{"role": "user", "content": words}], max_tokens=new,
+                                            **params), ctx)
+            emit({"section": "pipeline", **params, "step": type(cm.compiled_step).__name__,
+                  "completion_tokens": res["completion_tokens"], "tok_s": res["tokens_per_s"],
+                  "fraction_of_bound": round(res["tokens_per_s"] / bound, 3), "ttft_s": res["ttft_s"],
+                  "streamed_pieces": len(streamed)}, out)
+    finally:
+        chat.resolve_model = real_resolve
+
+
 def profile(model, prompt: list[int], device: torch.device, configs: dict | None, bw: float, out: list) -> None:
     dec = FusedDecoder(model, configs=configs, use_graph=False)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -303,6 +344,8 @@ def main() -> None:
         section("decode", out, decode, model, prompt, new, device, bound, None, "default", out)
         if tuned or attn:
             section("decode", out, lambda: decode(model, prompt, new, device, bound, tuned, "swept", out, **attn))
+    if "pipeline" not in skip:
+        section("pipeline", out, pipeline, model, prompt_len, new, device, bound, out)
     if "profile" not in skip and device.type == "cuda":
         section("profile", out, profile, model, prompt, device, tuned, bw, out)
     if not args.no_hf and not args.tiny:

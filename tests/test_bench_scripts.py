@@ -42,3 +42,17 @@ def test_sd_generation_bench_matches_diffusers_and_reports_budgets():
     # a budget nothing fits in is a reported result, not a crash of the whole run
     assert "24.0 MiB VRAM budget" in budgets[24]["error"] and budgets[24]["oom"] is False
     assert any(r["bench"] == "budget_diffusers" and "skipped" in r for r in rows)
+
+
+def test_fused_decode_bench_checks_sweeps_and_runs_the_chat_pipeline():
+    rows = run_tiny("bench_fused_decode.py", "--skip", "decode")
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    sections = {r["section"] for r in rows}
+    assert {"setup", "check", "sweep", "attention_sweep", "pipeline"} <= sections
+    check = next(r for r in rows if r["section"] == "check")
+    # bf16 against fp32: the fused step is about as far off as the model's own bf16 step
+    assert check["fused_bf16_max_rel_err"] <= max(2 * check["eager_bf16_max_rel_err"], 0.02), check
+    assert {r["product"] for r in rows if r["section"] == "sweep"} == {"qkv_rope", "o_proj", "gate_up", "down",
+                                                                      "lm_head"}
+    for r in (r for r in rows if r["section"] == "pipeline"):
+        assert r["completion_tokens"] == 4 and r["tok_s"] > 0 and r["streamed_pieces"] >= 1
