@@ -269,6 +269,20 @@ def _chat_repl(client, job_for, on_event) -> int:
 
 # -- doctor ------------------------------------------------------------------------
 
+def chat_decode_path(torch) -> str:
+    """How chat answers are decoded on this machine's first GPU (or CPU), for bug reports."""
+    if not torch.cuda.is_available():
+        mps = getattr(torch.backends, "mps", None)
+        return "eager PyTorch on Apple MPS" if mps is not None and mps.is_available() else "eager PyTorch on the CPU"
+    from studio.models.llm_decode import gpu_unsupported, triton
+
+    why = gpu_unsupported(torch.device("cuda", 0))
+    if why is None:
+        return (f"fused Triton step, one CUDA graph (Triton {triton.__version__}) for LLaMA, Mistral and Qwen2 "
+                "layouts; torch.compile with CUDA graphs for the others")
+    return f"torch.compile with CUDA graphs (the fused step is off: {why})"
+
+
 def doctor_report() -> dict:
     from studio.engine.device import GiB, ram_info
     from studio.paths import Paths
@@ -299,6 +313,7 @@ def doctor_report() -> dict:
         if mps is not None and mps.is_available():
             devices.append({"name": "Apple MPS"})
         report["gpus"] = devices
+        report["chat_decode"] = chat_decode_path(torch)
         from studio.engine.device import probe
 
         report["selected_device"] = probe(settings.device).label()
@@ -356,6 +371,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if not report["gpus"]:
         print("GPU: none found (Studio runs on the CPU, slowly for images and video)")
     print(f"Engine device: {report.get('selected_device', '?')}")
+    if report.get("chat_decode"):
+        print(f"Chat decode: {report['chat_decode']}")
     print(f"RAM: {report['ram']['total_bytes'] / gib:.1f} GiB ({report['ram']['available_bytes'] / gib:.1f} available)")
     for name, d in report["disk"].items():
         print(f"Disk at {name}: {d['free_bytes'] / gib:.1f} GiB free of {d['total_bytes'] / gib:.1f} GiB")

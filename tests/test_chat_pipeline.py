@@ -233,8 +233,11 @@ def test_cuda_compiled_decode_matches_cpu_greedy(folder, cache, cpu):
     from studio.models.llm_decode import FusedDecoder
 
     assert isinstance(cm.compiled_step, FusedDecoder) and not cm.fused_failed  # a LLaMA layout: the fused step
+    assert (0, 1, "preparing the GPU decode step") in rec.progress  # its first use is told, once
+    rec.progress.clear()
     again = run_chat(job(folder, max_tokens=24, dtype="float32"), rec.ctx)  # replays the captured graph
     assert again["text"] == expected
+    assert not [p for p in rec.progress if p[2] == "preparing the GPU decode step"]
 
 
 # --- bucketed decode step ------------------------------------------------------------------

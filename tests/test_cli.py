@@ -27,8 +27,10 @@ def test_doctor_reports_torch_devices_memory_disk_and_folders():
     assert set(report["folders"]) >= {"config", "data", "models", "outputs", "logs"}
     assert report["selected_device"].startswith(("CPU", "CUDA", "MPS", "XPU", "ROCM"))
     assert "H.264" in report["video_encoder"] or "OpenCV" in report["video_encoder"]
+    assert report["chat_decode"].startswith(("eager PyTorch", "fused Triton step", "torch.compile"))
     human = studio("doctor")
     assert "PyTorch" in human.stdout and "RAM:" in human.stdout and "Video files:" in human.stdout
+    assert "Chat decode: " in human.stdout
 
 
 

@@ -69,11 +69,17 @@ def unsupported(model: nn.Module) -> str | None:
         return "weights are not all of one dtype on one device"
     if model.max_seq_len <= 0:
         return "the KV cache is not set up"
-    if w.device.type == "cuda":
-        if torch.version.hip:
-            return "not measured on ROCm yet"
-        if torch.cuda.get_device_capability(w.device) < (8, 0):
-            return "the GPU predates Ampere (no tf32/bf16 tensor-core dots)"
+    return gpu_unsupported(w.device) if w.device.type == "cuda" else None
+
+
+def gpu_unsupported(device: torch.device) -> str | None:
+    """Why this CUDA device cannot run the fused step, or None when it can."""
+    if triton is None:
+        return "Triton is not installed"
+    if torch.version.hip:
+        return "not measured on ROCm yet"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "the GPU predates Ampere (no bf16 tensor-core dots)"
     return None
 
 

@@ -562,6 +562,8 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
     ctx.cancel.check()
     step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
     finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
+    if getattr(step, "built", True) is False:  # the fused step's first use: kernels compile, a graph is captured
+        ctx.progress(0, 1, "preparing the GPU decode step")
     ahead = bool(ctx.settings.get("chat_lookahead", True)) and device.type == "cuda"
     tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step, lookahead=ahead,
                              on_fallback=lambda exc: step_failed(cm, exc))
