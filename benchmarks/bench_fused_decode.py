@@ -155,9 +155,9 @@ def sweep(dec: FusedDecoder, device: torch.device, out: list) -> dict:
                 def fn(cfg=cfg, bh=bh, mats=mats, k=k, xin=xin, g=g):
                     for w, L in zip(mats, Ls, strict=True):
                         _qkv_rope_kernel[((dec.hq + 2 * dec.hkv) * (dec.d // 2 // bh),)](
-                            w, xin, g, w, dec.cos, dec.sin, dec.pos, dec.q, L.k_cache, L.v_cache, k, eps,
-                            dec.cache_len, HQ=dec.hq, HKV=dec.hkv, D=dec.d, BIAS=False, BH=bh, BK=cfg.chunk,
-                            num_warps=cfg.warps)
+                            w, xin, g, w, dec.cos, dec.sin, dec.pos, dec.q, L.k_cache, L.v_cache, dec.k_raw, k,
+                            eps, dec.cache_len, HQ=dec.hq, HKV=dec.hkv, D=dec.d, BIAS=False, ROPE=True, BH=bh,
+                            BK=cfg.chunk, num_warps=cfg.warps)
             else:
                 norm = name in ("gate_up", "lm_head")
 
@@ -306,6 +306,7 @@ def profile(model, prompt: list[int], device: torch.device, configs: dict | None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--config", default="llama-3-8b", help="a named config of studio.models.llm (qwen3-8b: q/k norm)")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--cache", type=int, default=8192)
@@ -316,7 +317,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.bfloat16
-    cfg = LLMConfig.from_name("tiny-llama" if args.tiny else "llama-3-8b")
+    cfg = LLMConfig.from_name("tiny-llama" if args.tiny else args.config)
     prompt_len, new, cache = (8, 4, 64) if args.tiny else (args.prompt, args.new, args.cache)
     out: list = []
     torch.manual_seed(0)
@@ -327,7 +328,7 @@ def main() -> None:
     bw = copy_bandwidth(device, (64 << 20) if args.tiny else (2 << 30))
     per_tok = bytes_per_token(model)
     bound = bw / per_tok
-    emit({"section": "setup", "config": "tiny-llama" if args.tiny else "llama-3-8b", "cache": cache,
+    emit({"section": "setup", "config": "tiny-llama" if args.tiny else args.config, "cache": cache,
           "weight_gb_per_token": round(per_tok / 1e9, 3), "copy_gb_s": round(bw / 1e9, 1),
           "bound_tok_s": round(bound, 1), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
           "torch": torch.__version__, "triton": triton.__version__,
@@ -348,7 +349,7 @@ def main() -> None:
         section("pipeline", out, pipeline, model, prompt_len, new, device, bound, out)
     if "profile" not in skip and device.type == "cuda":
         section("profile", out, profile, model, prompt, device, tuned, bw, out)
-    if not args.no_hf and not args.tiny:
+    if not args.no_hf and not args.tiny and cfg.model_type == "llama":  # the reference is LlamaForCausalLM
         hf = hf_reference(base, cfg, dtype, device)
         r = section("hf", out, time_hf, hf, prompt, new, device)
         if r:

@@ -32,6 +32,7 @@ LAYOUTS = {
     "llama_mha": dict(n_kv_heads=4),
     "qwen2_qkv_bias": dict(model_type="qwen2", attention_bias=True),
     "mistral_sliding_window": dict(model_type="mistral", sliding_window=20),
+    "qwen3_qk_norm": dict(model_type="qwen3", qk_norm=True),
 }
 PROMPT = 40  # with 16-key blocks over 4 splits, three splits hold keys: the merge is exercised
 
@@ -151,7 +152,7 @@ def test_models_the_fused_step_cannot_run_keep_the_compiled_step_and_say_why():
     assert llm_decode.unsupported(random_model()) is None
     gemma = random_model(model_type="gemma", gemma_norm=True, embed_scale=True, activation="gelu_tanh")
     assert "gemma" in llm_decode.unsupported(gemma)
-    assert "extra norms" in llm_decode.unsupported(random_model(qk_norm=True))
+    assert "extra norms" in llm_decode.unsupported(random_model(sandwich_norm=True))
     phi = random_model(partial_rotary_factor=0.5)
     assert "rotary" in llm_decode.unsupported(phi)
     plain = random_model()

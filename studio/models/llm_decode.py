@@ -16,7 +16,7 @@ Each product reads its weight matrix once, row blocks per program, with the norm
 program also sums x^2 along the way and scales its dot products once at the end).
 
 Covers the LLaMA layout (LLaMA 2/3, Mistral incl. sliding window, Qwen2/2.5 with q/k/v bias,
-SmolLM2) in bf16/fp16/fp32 with plain weights, as build_llm(fuse=True) lays them out. `unsupported(model)`
+Qwen3 with q/k RMSNorm (one more small kernel a layer), SmolLM2) in bf16/fp16/fp32 with plain weights, as build_llm(fuse=True) lays them out. `unsupported(model)`
 says why any other model keeps the torch.compile step. The slow obvious path is the model itself
 (`decode_step`); tests hold the two equal.
 """
@@ -46,13 +46,13 @@ def unsupported(model: nn.Module) -> str | None:
     if triton is None:
         return "Triton is not installed"
     c = model.config
-    if c.model_type not in ("llama", "mistral", "qwen2"):
+    if c.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         return f"{c.model_type} models need norms or attention extras the fused step lacks"
     if not (c.fused_qkv and c.fused_gate_up):
         return "q/k/v and gate/up are not fused"
     if c.activation != "silu" or c.partial_rotary_factor != 1.0 or c.local_rope_theta is not None:
         return "activation or rotary layout differs from LLaMA's"
-    if c.attn_softcap or c.final_softcap or c.qk_norm or c.sandwich_norm or c.gemma_norm or c.embed_scale:
+    if c.attn_softcap or c.final_softcap or c.sandwich_norm or c.gemma_norm or c.embed_scale:
         return "the model uses soft-capping or extra norms"
     d = c.head_dim
     if d & (d - 1) or d < 16:
@@ -132,12 +132,14 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(dt), mask=rmask)
 
     @triton.jit
-    def _qkv_rope_kernel(w_ptr, x_ptr, g_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
+    def _qkv_rope_kernel(w_ptr, x_ptr, g_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, kraw_ptr,
                          K, eps, cache_len,
                          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BIAS: tl.constexpr,
-                         BH: tl.constexpr, BK: tl.constexpr):
+                         ROPE: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
         """RMSNorm(x) * g, then the fused q/k/v rows of one head's dims [d, d+BH) and [d+D/2, d+D/2+BH)
-        (RoPE's rotate-half partners), rotated at `pos` for q and k; q -> q_ptr, k and v -> cache slot pos."""
+        (RoPE's rotate-half partners), rotated at `pos` for q and k; q -> q_ptr, k and v -> cache slot pos.
+        ROPE=False (q/k norm models): q and k leave unrotated, q -> q_ptr, k -> kraw_ptr, for
+        _head_norm_rope_kernel."""
         HALF: tl.constexpr = D // 2
         PER_HEAD: tl.constexpr = HALF // BH
         pid = tl.program_id(0)
@@ -171,19 +173,61 @@ if triton is not None:
         sa = tl.load(sin_ptr + pos * D + d).to(dt).to(tl.float32)
         cb = tl.load(cos_ptr + pos * D + HALF + d).to(dt).to(tl.float32)
         sb = tl.load(sin_ptr + pos * D + HALF + d).to(dt).to(tl.float32)
-        ra = a * ca - b * sa  # rotate_half: (x1, x2) -> (-x2, x1)
-        rb = b * cb + a * sb
+        if ROPE:
+            ra = a * ca - b * sa  # rotate_half: (x1, x2) -> (-x2, x1)
+            rb = b * cb + a * sb
+        else:
+            ra, rb = a, b
         if head < HQ:
             tl.store(q_ptr + head * D + d, ra.to(dt))
             tl.store(q_ptr + head * D + HALF + d, rb.to(dt))
         elif head < HQ + HKV:
-            slot = ((head - HQ) * cache_len + pos).to(tl.int64) * D
-            tl.store(kc_ptr + slot + d, ra.to(dt))
-            tl.store(kc_ptr + slot + HALF + d, rb.to(dt))
+            if ROPE:
+                slot = ((head - HQ) * cache_len + pos).to(tl.int64) * D
+                tl.store(kc_ptr + slot + d, ra.to(dt))
+                tl.store(kc_ptr + slot + HALF + d, rb.to(dt))
+            else:
+                tl.store(kraw_ptr + (head - HQ) * D + d, ra.to(dt))
+                tl.store(kraw_ptr + (head - HQ) * D + HALF + d, rb.to(dt))
         else:
             slot = ((head - HQ - HKV) * cache_len + pos).to(tl.int64) * D
             tl.store(vc_ptr + slot + d, a.to(dt))
             tl.store(vc_ptr + slot + HALF + d, b.to(dt))
+
+    @triton.jit
+    def _head_norm_rope_kernel(q_ptr, kraw_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, cache_len, eps,
+                               HQ: tl.constexpr, D: tl.constexpr):
+        """Qwen3's q/k RMSNorm over each head's D dims, then RoPE: q in place, k into cache slot pos."""
+        head = tl.program_id(0)
+        HALF: tl.constexpr = D // 2
+        d = tl.arange(0, HALF)
+        if head < HQ:
+            src = q_ptr + head * D
+            w_ptr = qw_ptr
+        else:
+            src = kraw_ptr + (head - HQ) * D
+            w_ptr = kw_ptr
+        dt = q_ptr.dtype.element_ty
+        a = tl.load(src + d).to(tl.float32)
+        b = tl.load(src + HALF + d).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
+        # rounded as the model rounds: the normalised value to its dtype, then times the weight
+        a = (tl.load(w_ptr + d).to(tl.float32) * (a * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        b = (tl.load(w_ptr + HALF + d).to(tl.float32) * (b * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        pos = tl.load(pos_ptr)
+        ca = tl.load(cos_ptr + pos * D + d).to(dt).to(tl.float32)
+        sa = tl.load(sin_ptr + pos * D + d).to(dt).to(tl.float32)
+        cb = tl.load(cos_ptr + pos * D + HALF + d).to(dt).to(tl.float32)
+        sb = tl.load(sin_ptr + pos * D + HALF + d).to(dt).to(tl.float32)
+        ra = (a * ca - b * sa).to(dt)
+        rb = (b * cb + a * sb).to(dt)
+        if head < HQ:
+            tl.store(src + d, ra)
+            tl.store(src + HALF + d, rb)
+        else:
+            slot = ((head - HQ) * cache_len + pos).to(tl.int64) * D
+            tl.store(kc_ptr + slot + d, ra)
+            tl.store(kc_ptr + slot + HALF + d, rb)
 
     @triton.jit
     def _attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, cache_len,
@@ -296,6 +340,8 @@ class _Layer:
     k_cache: Tensor
     v_cache: Tensor
     window: int
+    q_norm: Tensor | None = None  # Qwen3: RMSNorm weights over each head's dims
+    k_norm: Tensor | None = None
 
 
 class FusedDecoder:
@@ -340,13 +386,15 @@ class FusedDecoder:
                 gate_up_w=mlp.gate_up_proj.weight, gate_up_b=mlp.gate_up_proj.bias,
                 down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
                 k_cache=a.kv_cache.k_cache, v_cache=a.kv_cache.v_cache,
-                window=int(c.sliding_window or 0) if layer.sliding else 0))
+                window=int(c.sliding_window or 0) if layer.sliding else 0,
+                q_norm=a.q_norm.weight if c.qk_norm else None, k_norm=a.k_norm.weight if c.qk_norm else None))
         self.cos, self.sin = model.rope_cos, model.rope_sin  # (T, D) fp32
         kw = dict(device=self.device)
         self.tok = torch.zeros(1, dtype=torch.long, **kw)
         self.pos = torch.zeros(1, dtype=torch.long, **kw)
         self.x = torch.zeros(1, c.hidden_size, dtype=self.dtype, **kw)  # the residual stream
         self.q = torch.zeros(self.hq * self.d, dtype=self.dtype, **kw)
+        self.k_raw = torch.zeros(self.hkv * self.d, dtype=self.dtype, **kw)  # k before q/k norm (Qwen3)
         self.attn = torch.zeros(self.hq * self.d, dtype=self.dtype, **kw)
         self.h = torch.zeros(c.intermediate_size, dtype=self.dtype, **kw)
         self.logits = torch.zeros(c.vocab_size, dtype=torch.float32, **kw)
@@ -382,10 +430,16 @@ class FusedDecoder:
         k = L.qkv_w.shape[1]
         cfg = self.config_for("qkv", L.qkv_w.shape[0], k)
         bh = min(cfg.rows, self.d // 2)
+        eps = float(self.config.norm_eps)
         _qkv_rope_kernel[((self.hq + 2 * self.hkv) * (self.d // 2 // bh),)](
             L.qkv_w, x, L.norm1, L.qkv_b if L.qkv_b is not None else L.qkv_w, self.cos, self.sin, self.pos,
-            self.q, L.k_cache, L.v_cache, k, float(self.config.norm_eps), self.cache_len,
-            HQ=self.hq, HKV=self.hkv, D=self.d, BIAS=L.qkv_b is not None, BH=bh, BK=cfg.chunk, num_warps=cfg.warps)
+            self.q, L.k_cache, L.v_cache, self.k_raw, k, eps, self.cache_len,
+            HQ=self.hq, HKV=self.hkv, D=self.d, BIAS=L.qkv_b is not None, ROPE=L.q_norm is None, BH=bh,
+            BK=cfg.chunk, num_warps=cfg.warps)
+        if L.q_norm is not None:  # one more small kernel: the norm needs the whole head
+            _head_norm_rope_kernel[(self.hq + self.hkv,)](
+                self.q, self.k_raw, L.q_norm, L.k_norm, self.cos, self.sin, self.pos, L.k_cache, self.cache_len,
+                eps, HQ=self.hq, D=self.d, num_warps=1)
 
     def attention(self, L: _Layer) -> None:
         _attention_kernel[(self.hkv, self.attn_splits)](
