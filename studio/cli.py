@@ -278,7 +278,7 @@ def chat_decode_path(torch) -> str:
 
     why = gpu_unsupported(torch.device("cuda", 0))
     if why is None:
-        return (f"fused Triton step, one CUDA graph (Triton {triton.__version__}) for LLaMA, Mistral and Qwen2 "
+        return (f"fused Triton step, one CUDA graph (Triton {triton.__version__}) for LLaMA, Mistral and Qwen2/3 "
                 "layouts; torch.compile with CUDA graphs for the others")
     return f"torch.compile with CUDA graphs (the fused step is off: {why})"
 
