@@ -16,9 +16,11 @@ Each product reads its weight matrix once, row blocks per program, with the norm
 program also sums x^2 along the way and scales its dot products once at the end).
 
 Covers the LLaMA layout (LLaMA 2/3, Mistral incl. sliding window, Qwen2/2.5 with q/k/v bias,
-Qwen3 with q/k RMSNorm (one more small kernel a layer), SmolLM2) in bf16/fp16/fp32 with plain weights, as build_llm(fuse=True) lays them out. `unsupported(model)`
-says why any other model keeps the torch.compile step. The slow obvious path is the model itself
-(`decode_step`); tests hold the two equal.
+Qwen3 with q/k RMSNorm, SmolLM2) in bf16/fp16/fp32 with plain weights, as build_llm(fuse=True) lays
+them out. Qwen3's norm needs a whole head, so there step 1 leaves q and k unrotated and one more
+small kernel normalises, rotates and writes k. `unsupported(model)` says why any other model keeps
+the torch.compile step. The slow obvious path is the model itself (`decode_step`); tests hold the
+two equal.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def unsupported(model: nn.Module) -> str | None:
         return "the model uses soft-capping or extra norms"
     d = c.head_dim
     if d & (d - 1) or d < 16:
-        return f"head size {d} is not a power of two"
+        return f"head size {d} is not a power of two of at least 16"
     if c.n_heads % c.n_kv_heads:
         return "query heads are not a multiple of key/value heads"
     linears = [m for n, m in model.named_modules() if n.endswith(("_proj", "lm_head"))]
