@@ -11,23 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from studio.errors import UserError  # noqa: F401 - re-exported: engine code raises it from here
+
 
 class JobCancelled(Exception):
     """Raised inside a job when the user cancelled it; the server reports `cancelled`."""
-
-
-class UserError(Exception):
-    """An error a user can act on. `kind` is a short machine tag, the message says what to do.
-
-    kinds in use: bad_input, model_not_found, bad_model, unsupported, context_full,
-    out_of_memory, device.
-    """
-
-    def __init__(self, kind: str, message: str, detail: str = "") -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.detail = detail
 
 
 class CancelToken:

@@ -16,7 +16,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 
 # Used when a model ships no template. ChatML is what most small instruct models are tuned on;
 # the UI says "no chat template in the model, using ChatML" when this is picked.

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from studio.engine.context import UserError
 from studio.engine.quant import QuantWeight
 from studio.engine.quant_gguf import GGUFWeight
+from studio.errors import UserError
 from studio.models.gguf_dequant import GGML_TYPE_BY_NAME, dequantize, row_bytes
 from studio.models.loader import build_on_meta
 

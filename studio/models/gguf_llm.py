@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from studio.engine.context import UserError
 from studio.engine.quant import QuantWeight
 from studio.engine.quant_gguf import GGUFWeight
+from studio.errors import UserError
 from studio.models.gguf_dequant import GGML_TYPES, dequantize, type_name
 from studio.models.llm_build import LoadedLLM
 from studio.models.tokenizer import special_tokens_from_gguf, tokenizer_from_gguf

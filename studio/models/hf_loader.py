@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 from studio.models.llm import LLMConfig
 from studio.models.llm_build import LoadedLLM
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 
 # model_type -> family behaviour. Gemma variants differ in norms and attention extras.
 SUPPORTED_MODEL_TYPES = (

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 from studio.models.llm import LLM, LLMConfig
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 
 
 def _flat(name: str) -> str:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from studio.engine.context import UserError
 from studio.engine.quant import QuantWeight
+from studio.errors import UserError
 from studio.models.clip import PREFIXES, ClipTextModel, build_clip, find_text_encoders
 from studio.models.clip_tokenizer import ClipTokenizer
 from studio.models.diffusion_quant import build_compact, is_compact

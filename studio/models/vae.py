@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 from studio.models.loader import build_on_meta
 
 # (scaling_factor, shift_factor): latent = (mean - shift) * scale.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 from studio.models.diffusion_quant import build_compact
 
 TEXT_LEN = 512  # umT5 tokens the models were trained with; prompts are zero-padded to this

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studio.engine.context import UserError
 from studio.engine.tiling import tiled_decode_3d
+from studio.errors import UserError
 from studio.models.loader import build_on_meta
 
 State = dict  # module -> cached frames / flags, one per video being encoded or decoded
