@@ -36,7 +36,7 @@ def test_status_bar_reaches_ready_from_a_real_engine(window, qtbot):
     qtbot.waitUntil(lambda: window.state_label.property("state") == "ready", timeout=60000)
     assert "Engine ready" in window.state_label.text()
     qtbot.waitUntil(lambda: window.device_label.text().startswith("CPU"), timeout=20000)
-    assert "threads" in window.device_label.text()
+    assert "thread" in window.device_label.text()
 
 
 def test_selftest_from_the_menu_reports_throughput(window, qtbot):

@@ -35,7 +35,7 @@ class DeviceProfile:
     def label(self) -> str:
         """Short text for the status bar, e.g. 'CUDA · NVIDIA RTX 4090 · 24 GiB'."""
         if self.kind == "cpu":
-            return f"CPU · {self.threads} threads"
+            return f"CPU · {self.threads} thread{'' if self.threads == 1 else 's'}"
         size = f" · {self.total_vram / GiB:.0f} GiB" if self.total_vram else ""
         return f"{self.kind.upper()} · {self.name}{size}"
 

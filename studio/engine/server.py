@@ -108,6 +108,13 @@ class Engine:
 
     # -- main loop -------------------------------------------------------------
     def serve(self) -> None:
+        import torch
+
+        # Only the worker computes. OpenMP gives every thread that runs a parallel region its own
+        # team, and once there are more OpenMP threads than cores they stop spin-waiting between
+        # regions: a second two-thread team here halved CPU decode (SmolLM2: 47 tok/s instead of 100).
+        # So this thread's regions run single-threaded, and the worker takes the probed thread count.
+        torch.set_num_threads(1)
         worker = threading.Thread(target=self._work, name="studio-worker", daemon=True)
         worker.start()
         self.send("welcome", engine_version=__version__, pid=os.getpid())
@@ -228,6 +235,17 @@ class Engine:
 
     # -- worker ----------------------------------------------------------------
     def _work(self) -> None:
+        import torch
+
+        # On 2-3 cores, one core is left to the window and the OS: with OpenMP threads that sleep between
+        # ops (OMP_WAIT_POLICY=PASSIVE, which keeps decode usable on a busy machine), every op's
+        # wake-up costs more than the second core gives. SmolLM2 on a 2-core CPU, one thread against
+        # two: 68-77 against 51-57 tok/s idle, 75-79 against 63-69 beside a process using 40% of a core.
+        threads = int(self.device.threads)
+        if 2 <= (os.cpu_count() or threads) <= 3:
+            threads -= 1
+        self.device.threads = max(1, threads)
+        torch.set_num_threads(self.device.threads)
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
