@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from bench_llm import bench_compiled, bytes_per_token, copy_bandwidth, hf_reference, random_model, time_hf
 
-from studio.engine.pipelines.chat import decode_step, generate_tokens
+from studio.engine.pipelines.decoding import decode_step, generate_tokens
 from studio.engine.sampling import greedy_on_device
 from studio.models.llm import LLMConfig
 from studio.models.llm_build import build_llm

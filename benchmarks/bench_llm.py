@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from studio.engine.pipelines.chat import DEFAULT_CONTEXT, compile_decode_step, generate_tokens, kv_buckets
+from studio.engine.pipelines.chat import DEFAULT_CONTEXT
+from studio.engine.pipelines.decoding import compile_decode_step, generate_tokens, kv_buckets
 from studio.engine.sampling import greedy_on_device
 from studio.models.llm import LLM, LLMConfig
 from studio.models.llm_build import build_llm

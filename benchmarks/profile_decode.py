@@ -19,7 +19,7 @@ import time
 import torch
 from bench_llm import copy_bandwidth, random_model
 
-from studio.engine.pipelines.chat import compile_decode_step
+from studio.engine.pipelines.decoding import compile_decode_step
 from studio.models.llm import LLMConfig
 from studio.models.llm_build import build_llm, weight_bytes
 

@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from studio.engine.context import JobCancelled, JobContext, ModelCache, UserError  # noqa: E402
 from studio.engine.device import probe  # noqa: E402
-from studio.engine.pipelines.chat import StopFilter, run_chat  # noqa: E402
+from studio.engine.pipelines.chat import run_chat  # noqa: E402
+from studio.engine.pipelines.decoding import StopFilter  # noqa: E402
 from studio.protocol import ChatJob  # noqa: E402
 
 VOCAB = 128
@@ -242,7 +243,7 @@ def test_cuda_compiled_decode_matches_cpu_greedy(folder, cache, cpu):
 
 # --- bucketed decode step ------------------------------------------------------------------
 
-from studio.engine.pipelines.chat import (  # noqa: E402
+from studio.engine.pipelines.decoding import (  # noqa: E402
     compile_decode_step,
     decode_step,
     generate_tokens,

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 
-from studio.engine.pipelines.chat import decode_step, generate_tokens  # noqa: E402
+from studio.engine.pipelines.decoding import decode_step, generate_tokens  # noqa: E402
 from studio.engine.sampling import greedy_on_device  # noqa: E402
 from studio.models.llm import LLM, LLMConfig  # noqa: E402
 from studio.models.llm_build import build_llm, quantize_state  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from studio.engine.context import UserError  # noqa: E402
-from studio.engine.pipelines.chat import decode_step, generate_tokens  # noqa: E402
+from studio.engine.pipelines.decoding import decode_step, generate_tokens  # noqa: E402
 from studio.engine.sampling import greedy  # noqa: E402
 from studio.models.hf_loader import load_hf_folder  # noqa: E402
 from studio.models.llm import LLMConfig  # noqa: E402

@@ -358,3 +358,10 @@ def test_a_real_cuda_oom_is_retried_with_block_streaming():
     assert mm.policy_of("net") is B
     assert torch.equal(got, expected)
     mm.unload()
+
+
+def test_the_engine_worker_leaves_a_core_free_only_on_two_or_three_cores():
+    from studio.engine.device import worker_threads
+
+    assert [worker_threads(n, n) for n in (1, 2, 3, 4, 16)] == [1, 1, 2, 4, 16]
+    assert worker_threads(1, 2) == 1  # never below one thread

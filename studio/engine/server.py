@@ -110,10 +110,9 @@ class Engine:
     def serve(self) -> None:
         import torch
 
-        # Only the worker computes. OpenMP gives every thread that runs a parallel region its own
-        # team, and once there are more OpenMP threads than cores they stop spin-waiting between
-        # regions: a second two-thread team here halved CPU decode (SmolLM2: 47 tok/s instead of 100).
-        # So this thread's regions run single-threaded, and the worker takes the probed thread count.
+        # Only the worker computes. OpenMP gives each thread that runs a parallel region a team of its
+        # own; a second two-thread team beside the worker's halved SmolLM2's decode in a test on two
+        # cores (50 against 96 tok/s). This thread's rare ops (status) therefore run single-threaded.
         torch.set_num_threads(1)
         worker = threading.Thread(target=self._work, name="studio-worker", daemon=True)
         worker.start()
@@ -237,14 +236,9 @@ class Engine:
     def _work(self) -> None:
         import torch
 
-        # On 2-3 cores, one core is left to the window and the OS: with OpenMP threads that sleep between
-        # ops (OMP_WAIT_POLICY=PASSIVE, which keeps decode usable on a busy machine), every op's
-        # wake-up costs more than the second core gives. SmolLM2 on a 2-core CPU, one thread against
-        # two: 68-77 against 51-57 tok/s idle, 75-79 against 63-69 beside a process using 40% of a core.
-        threads = int(self.device.threads)
-        if 2 <= (os.cpu_count() or threads) <= 3:
-            threads -= 1
-        self.device.threads = max(1, threads)
+        from studio.engine.device import worker_threads
+
+        self.device.threads = worker_threads(int(self.device.threads), os.cpu_count() or 1)
         torch.set_num_threads(self.device.threads)
         while True:
             with self._cond:
