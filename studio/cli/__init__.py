@@ -72,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     try:
-        from studio import cli_models
+        from studio.cli import models as cli_models
     except ImportError:
         cli_models = None
     if cli_models is not None:
         cli_models.add_parser(sub)
 
     try:
-        from studio import cli_generate
+        from studio.cli import generate as cli_generate
     except ImportError:
         cli_generate = None
     if cli_generate is not None:

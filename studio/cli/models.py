@@ -1,6 +1,6 @@
 """`studio models ...`: inspect, add, list, remove and scan models. Imports neither torch nor Qt.
 
-Also runs standalone: `python -m studio.cli_models info FILE`.
+Also runs standalone: `python -m studio.cli.models info FILE`.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def add_parser(sub, engine_args) -> None:
     p.set_defaults(func=cmd_image)
 
     try:
-        from studio.cli_video import add_video_parser
+        from studio.cli.video import add_video_parser
     except ImportError:
         return
     add_video_parser(kinds, engine_args)
