@@ -1,0 +1,219 @@
+"""The family catalog: everything Studio knows about each model family, as data, torch-free.
+
+The UI, the CLI, the library and the engine read lists and defaults from here, so a family
+name, a sampler list or a default size is written once. A family's detection markers live in
+`studio.library.markers` (they need tensor shapes); the catalog names the families those
+markers return, and `tests/test_families.py` holds the two in step.
+
+Adding a diffusion family: one `Family(...)` entry below, its model file(s) under
+`studio/models/`, its pipeline module under `studio/engine/pipelines/diffusion/`, its tests
+(docs/ARCHITECTURE.md has the checklist).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Kind(str, enum.Enum):
+    IMAGE = "image"
+    VIDEO = "video"
+    CHAT = "chat"
+    ENCODER = "encoder"
+    VAE = "vae"
+
+
+# Samplers and schedules, with the labels A1111 writes in PNG parameters (the order is the UI's).
+SAMPLER_LABELS: dict[str, str] = {
+    "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "lcm": "LCM",
+}
+SCHEDULE_LABELS: dict[str, str] = {
+    "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM uniform",
+}
+FLOW_SAMPLER_LABELS: dict[str, str] = {"unipc": "UniPC", "euler": "Euler"}
+
+DIFFUSION_SAMPLERS = tuple(SAMPLER_LABELS)
+SCHEDULES = tuple(SCHEDULE_LABELS)
+FLOW_SAMPLERS = tuple(FLOW_SAMPLER_LABELS)
+
+PREDICTIONS = ("eps", "v", "flow")
+
+# Weight-only quantization applied at load; GGUF and fp8 files keep their own packing.
+QUANT_LABELS: dict[str, str] = {
+    "": "Full precision", "int8": "int8 (half the VRAM)", "fp8": "fp8 (half, GPU)",
+    "int4": "int4 (a quarter, lower quality)",
+}
+DIFFUSION_QUANT_MODES = ("int8", "int4", "fp8")
+LLM_QUANT_MODES = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A part a family needs beside its main weights, and how to recognise it in the library."""
+
+    role: str  # "text_encoder", "vae", "image_encoder"
+    family: str  # the catalog id of the part (e.g. "clip_l", "umt5", or the family's own VAE)
+    required: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    id: str
+    label: str
+    kind: Kind
+    runs: bool  # Studio runs it today (detection also knows families it cannot run yet)
+    prediction: str = ""  # eps | v | flow | "" (non-diffusion)
+    latent_channels: int = 0
+    latent_scale: float = 1.0
+    latent_shift: float = 0.0
+    downsample: int = 8  # pixels per latent cell
+    sizes: tuple[tuple[int, int], ...] = ()  # (width, height); the first is the native size
+    steps: int = 0
+    cfg: float = 0.0
+    sampler: str = ""
+    schedule: str = ""
+    samplers: tuple[str, ...] = ()
+    schedules: tuple[str, ...] = ()
+    shift: float = 0.0  # flow-matching time shift
+    frames: int = 0  # video: default frame count
+    fps: float = 0.0
+    companions: tuple[Companion, ...] = ()
+    quant_modes: tuple[str, ...] = ()
+    activation_gib: float = 0.0  # rough activations at the native size on top of the weights
+    pipeline_classes: tuple[str, ...] = ()  # diffusers model_index.json `_class_name`s
+    aliases: tuple[str, ...] = ()  # names the family has in other files (GGUF architecture, model_type)
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.sizes[0] if self.sizes else (0, 0)
+
+
+_CLIP_L = Companion("text_encoder", "clip_l")
+_CLIP_G = Companion("text_encoder", "clip_g")
+_T5 = Companion("text_encoder", "t5")
+
+SD1 = "sd1"
+SD2 = "sd2"
+SDXL = "sdxl"
+SD3 = "sd3"
+FLUX = "flux"
+PIXART = "pixart"
+SANA = "sana"
+WAN = "wan"
+LTXV = "ltxv"
+COGVIDEOX = "cogvideox"
+MOCHI = "mochi"
+
+_SD_COMMON = dict(kind=Kind.IMAGE, runs=True, latent_channels=4, steps=25, cfg=7.0, sampler="euler",
+                  schedule="normal", samplers=DIFFUSION_SAMPLERS, schedules=SCHEDULES,
+                  quant_modes=DIFFUSION_QUANT_MODES)
+
+FAMILIES: dict[str, Family] = {f.id: f for f in (
+    Family(SD1, "SD 1.x", prediction="eps", latent_scale=0.18215,
+           sizes=((512, 512), (512, 768), (768, 512)), activation_gib=0.6,
+           companions=(Companion("text_encoder", "clip_l", note="inside single-file checkpoints"),),
+           pipeline_classes=("StableDiffusionPipeline",), **_SD_COMMON),
+    # SD 2.x v-prediction models are the 768 ones; the eps 2.x base model is 512 (see `size_presets`).
+    Family(SD2, "SD 2.x", prediction="v", latent_scale=0.18215,
+           sizes=((768, 768), (768, 512), (512, 768)), activation_gib=0.8,
+           companions=(Companion("text_encoder", "open_clip_h", note="inside single-file checkpoints"),),
+           **_SD_COMMON),
+    Family(SDXL, "SDXL", prediction="eps", latent_scale=0.13025,
+           sizes=((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
+                  (768, 1344), (1536, 640), (640, 1536)),
+           activation_gib=1.5, companions=(_CLIP_L, _CLIP_G),
+           pipeline_classes=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"), **_SD_COMMON),
+    Family(SD3, "SD 3 / 3.5", Kind.IMAGE, runs=False, prediction="flow", latent_channels=16,
+           latent_scale=1.5305, latent_shift=0.0609, sizes=((1024, 1024),), steps=28, cfg=4.5, sampler="euler",
+           samplers=FLOW_SAMPLERS, shift=3.0, companions=(_CLIP_L, _CLIP_G, _T5), activation_gib=2.0,
+           pipeline_classes=("StableDiffusion3Pipeline",)),
+    Family(FLUX, "Flux.1", Kind.IMAGE, runs=False, prediction="flow", latent_channels=16,
+           latent_scale=0.3611, latent_shift=0.1159, sizes=((1024, 1024),), steps=28, cfg=1.0, sampler="euler",
+           samplers=FLOW_SAMPLERS, companions=(_CLIP_L, _T5), activation_gib=3.0,
+           pipeline_classes=("FluxPipeline",)),
+    Family(PIXART, "PixArt", Kind.IMAGE, runs=False, prediction="eps", latent_channels=4, latent_scale=0.13025,
+           sizes=((1024, 1024),), companions=(_T5,), activation_gib=1.5,
+           pipeline_classes=("PixArtAlphaPipeline", "PixArtSigmaPipeline")),
+    Family(SANA, "SANA", Kind.IMAGE, runs=False, prediction="flow", latent_channels=32, downsample=32,
+           sizes=((1024, 1024),), activation_gib=1.5, pipeline_classes=("SanaPipeline",)),
+    Family(WAN, "Wan 2.x", Kind.VIDEO, runs=True, prediction="flow", latent_channels=16, downsample=8,
+           sizes=((832, 480), (480, 832), (1280, 720), (720, 1280), (624, 624)), steps=30, cfg=5.0,
+           sampler="unipc", samplers=FLOW_SAMPLERS, shift=5.0, frames=81, fps=16.0,
+           companions=(Companion("text_encoder", "umt5"), Companion("vae", WAN),
+                       Companion("image_encoder", "clip_vision_h", required=False,
+                                 note="Wan 2.1 image-to-video only")),
+           quant_modes=("fp8",), activation_gib=6.0,
+           pipeline_classes=("WanPipeline", "WanImageToVideoPipeline")),
+    Family(LTXV, "LTX-Video", Kind.VIDEO, runs=False, prediction="flow", latent_channels=128, downsample=32,
+           companions=(_T5,), activation_gib=4.0,
+           pipeline_classes=("LTXPipeline", "LTXImageToVideoPipeline")),
+    Family(COGVIDEOX, "CogVideoX", Kind.VIDEO, runs=False, prediction="v", latent_channels=16,
+           companions=(_T5,), activation_gib=6.0,
+           pipeline_classes=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")),
+    Family(MOCHI, "Mochi", Kind.VIDEO, runs=False, prediction="flow", latent_channels=12, companions=(_T5,),
+           activation_gib=10.0, pipeline_classes=("MochiPipeline",)),
+    # Chat families: the id is ours, the aliases are GGUF `general.architecture` / HF `model_type`.
+    Family("llama", "LLaMA", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
+    Family("mistral", "Mistral", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES, aliases=("mistral3",)),
+    Family("qwen2", "Qwen2 / 2.5", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
+    Family("qwen3", "Qwen3", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
+    Family("gemma", "Gemma", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
+    Family("gemma2", "Gemma 2", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
+    Family("gemma3", "Gemma 3", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES, aliases=("gemma3_text",)),
+    Family("phi3", "Phi-3", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
+    # Parts other families use.
+    Family("clip_l", "CLIP-L", Kind.ENCODER, runs=True),
+    Family("clip_g", "CLIP-G", Kind.ENCODER, runs=True),
+    Family("open_clip_h", "OpenCLIP-H", Kind.ENCODER, runs=True),
+    Family("t5", "T5-XXL", Kind.ENCODER, runs=False),
+    Family("umt5", "umT5-XXL", Kind.ENCODER, runs=True),
+    Family("clip_vision_h", "CLIP ViT-H (vision)", Kind.ENCODER, runs=True),
+)}
+
+
+def get(family_id: str) -> Family:
+    """The catalog entry, or a KeyError that lists the known ids."""
+    try:
+        return FAMILIES[family_id]
+    except KeyError:
+        raise KeyError(f"unknown model family {family_id!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def ids(kind: Kind, *, runnable: bool = False) -> tuple[str, ...]:
+    """Family ids of one kind, in catalog order; `runnable` keeps only those Studio runs today."""
+    return tuple(f.id for f in FAMILIES.values() if f.kind is kind and (f.runs or not runnable))
+
+
+def label(family_id: str) -> str:
+    f = FAMILIES.get(family_id)
+    return f.label if f else family_id
+
+
+def by_alias(name: str) -> Family | None:
+    """A chat family from a GGUF architecture or HF model_type (its id or one of its aliases)."""
+    for f in FAMILIES.values():
+        if f.kind is Kind.CHAT and (name == f.id or name in f.aliases):
+            return f
+    return None
+
+
+def by_pipeline_class(class_name: str) -> Family | None:
+    """The family of a diffusers `model_index.json` `_class_name`."""
+    return next((f for f in FAMILIES.values() if class_name in f.pipeline_classes), None)
+
+
+def size_presets(family_id: str, prediction: str = "") -> list[tuple[int, int]]:
+    """Preset sizes; the first is the family's native size. SD 2.x eps (the 512 base) uses SD 1.x sizes."""
+    if family_id == SD2 and prediction == "eps":
+        return list(FAMILIES[SD1].sizes)
+    f = FAMILIES.get(family_id)
+    return list(f.sizes) if f and f.sizes else list(FAMILIES[SD1].sizes)
+
+
+def samplers_for(family_id: str) -> tuple[str, ...]:
+    f = FAMILIES.get(family_id)
+    return f.samplers if f else DIFFUSION_SAMPLERS
