@@ -30,7 +30,8 @@ SAMPLER_LABELS: dict[str, str] = {
     "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "lcm": "LCM",
 }
 SCHEDULE_LABELS: dict[str, str] = {
-    "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM uniform",
+    "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
+    "simple": "Simple", "ddim_uniform": "DDIM",
 }
 FLOW_SAMPLER_LABELS: dict[str, str] = {"unipc": "UniPC", "euler": "Euler"}
 
