@@ -314,3 +314,116 @@ def _matches(value: Any, hint: Any) -> bool:
     if origin is not None:
         hint = origin
     return isinstance(value, hint)
+
+
+# ---------------------------------------------------------------------------
+# Results: what a finished job sends back. On the wire a result stays a plain dict with these
+# keys (`to_dict()`), so front ends that read dicts keep working; `result_from_dict` validates one.
+
+
+@dataclass
+class _Result:
+    kind: typing.ClassVar[str] = ""
+    marker: typing.ClassVar[str] = ""  # the key that tells this kind apart in a dict without "kind"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        # Read access by key, as when results were dicts: in-process callers (tests, benchmarks)
+        # that index `result["images"]` keep working while they move to attributes.
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+@dataclass
+class SelfTestResult(_Result):
+    kind: typing.ClassVar[str] = "selftest"
+    marker: typing.ClassVar[str] = "tflops"
+    device: str
+    device_label: str
+    dtype: str
+    size: int
+    iterations: int
+    seconds: float
+    tflops: float
+    relative_error: float
+    ok: bool
+
+
+@dataclass
+class ChatResult(_Result):
+    kind: typing.ClassVar[str] = "chat"
+    marker: typing.ClassVar[str] = "finish_reason"
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tokens_per_s: float
+    model: str
+    finish_reason: str  # "stop" or "length"
+    context_length: int
+    seed: int | None
+    dropped_turns: int = 0
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class ImageResult(_Result):
+    kind: typing.ClassVar[str] = "image"
+    marker: typing.ClassVar[str] = "images"
+    images: list  # [{"path": str, "seed": int, "width": int, "height": int}]
+    seconds: float
+    model: str
+    family: str
+    prediction: str
+    notes: list = field(default_factory=list)
+    job: dict = field(default_factory=dict)  # the job as run (seed fixed), with "kind"
+
+
+@dataclass
+class VideoResult(_Result):
+    kind: typing.ClassVar[str] = "video"
+    marker: typing.ClassVar[str] = "videos"
+    videos: list  # [{"path", "sidecar", "frames", "width", "height", "fps", "seed", "codec"}]
+    path: str
+    seconds: float
+    model: str
+    timings: dict = field(default_factory=dict)  # seconds per stage: load, encode, sampling, decode, save, per_step
+    files: dict = field(default_factory=dict)  # part -> file it was loaded from
+    notes: list = field(default_factory=list)
+    partial: bool = False  # cancelled and kept: the estimate at the last step, not a finished video
+    job: dict = field(default_factory=dict)
+
+
+RESULT_TYPES: dict[str, type] = {cls.kind: cls for cls in (SelfTestResult, ChatResult, ImageResult, VideoResult)}
+
+
+def result_from_dict(data: dict, kind: str | None = None) -> Any:
+    """Build a typed result from its wire dict, checking every field's type. `kind` may be left out:
+    each kind has a key no other has ("images", "videos", "finish_reason", "tflops")."""
+    if not isinstance(data, dict):
+        raise ProtocolError("result must be an object")
+    if kind is None:
+        found = [k for k, cls in RESULT_TYPES.items() if cls.marker in data]
+        if len(found) != 1:
+            raise ProtocolError("cannot tell which kind of result this is: expected exactly one of the keys "
+                                + ", ".join(cls.marker for cls in RESULT_TYPES.values()))
+        kind = found[0]
+    cls = RESULT_TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown result kind {kind!r}; known: {', '.join(sorted(RESULT_TYPES))}")
+    hints = typing.get_type_hints(cls)
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields_)
+    if unknown:
+        raise ProtocolError(f"{kind} result: unknown field(s) {', '.join(sorted(unknown))}")
+    missing = [n for n, f in fields_.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ProtocolError(f"{kind} result: missing field(s) {', '.join(missing)}")
+    for name, value in data.items():
+        if not _matches(value, hints[name]):
+            raise ProtocolError(f"{kind} result: field {name!r} has the wrong type ({type(value).__name__})")
+    return cls(**data)

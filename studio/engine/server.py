@@ -212,7 +212,7 @@ class Engine:
                   models=models, queue=queue, running=running)
 
     def _memory(self) -> dict:
-        from studio.engine.device import ram_info
+        from studio.units import ram_info
 
         total_ram, free_ram = ram_info()
         info: dict[str, Any] = {"ram_total": total_ram, "ram_free": free_ram, "rss": _rss_bytes(),
@@ -298,7 +298,8 @@ class Engine:
                 log.exception("job %s failed", job_id)
                 self.error(job_id, "internal", f"The job failed: {type(exc).__name__}: {exc}", traceback.format_exc())
         else:
-            self.send("result", job_id=job_id, result=result)
+            # Pipelines return typed results; the wire carries their dict form (same keys as ever).
+            self.send("result", job_id=job_id, result=result.to_dict())
 
 
 def _rss_bytes() -> int:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import json
 
-    from studio.engine.device import parse_size
+    from studio.units import parse_size
 
     # The authkey arrives as the first line on stdin, never on the command line or in the environment.
     key_line = sys.stdin.buffer.readline().strip()

@@ -36,7 +36,7 @@ from studio.models.llm_build import (
     quantize_state,
     weight_bytes,
 )
-from studio.protocol import ChatJob
+from studio.protocol import ChatJob, ChatResult
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def step_failed(cm: ChatModel, exc: Exception) -> None:
     cm.compiled_step = None
 
 
-def run_chat(job: ChatJob, ctx: JobContext) -> dict:
+def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
     """Answer the conversation in `job`, streaming text through ctx.token. Returns the summary."""
     from studio.models.tokenizer import IncrementalDecoder
 
@@ -446,16 +446,16 @@ def run_chat(job: ChatJob, ctx: JobContext) -> dict:
     finally:
         tokens.close()
     decode_time = t_last - t_first  # `sampled - 1` decode steps, prefill excluded
-    return {
-        "text": "".join(pieces),
-        "prompt_tokens": len(prompt),
-        "completion_tokens": completion,
-        "ttft_s": round(ttft, 4),
-        "tokens_per_s": round((sampled - 1) / decode_time, 2) if decode_time > 0 else 0.0,
-        "model": cm.name,
-        "finish_reason": finish,
-        "context_length": cm.context_length,
-        "seed": sampler.seed,
-        "dropped_turns": dropped,
-        "notes": list(cm.notes) if fresh else [],
-    }
+    return ChatResult(
+        text="".join(pieces),
+        prompt_tokens=len(prompt),
+        completion_tokens=completion,
+        ttft_s=round(ttft, 4),
+        tokens_per_s=round((sampled - 1) / decode_time, 2) if decode_time > 0 else 0.0,
+        model=cm.name,
+        finish_reason=finish,
+        context_length=cm.context_length,
+        seed=sampler.seed,
+        dropped_turns=dropped,
+        notes=list(cm.notes) if fresh else [],
+    )

@@ -30,7 +30,7 @@ from studio.engine.prompts import encode_prompt, pad_to_chunks
 from studio.engine.resolve import resolve_path
 from studio.engine.tiling import decode_with_fallback, tiled_encode
 from studio.models.sd_checkpoint import SDModel, load_sd
-from studio.protocol import ImageJob
+from studio.protocol import ImageJob, ImageResult
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def packed_layer_kind(module: torch.nn.Module) -> str:
 
 
 @torch.inference_mode()
-def run_image(job: ImageJob, ctx: JobContext) -> dict:
+def run_image(job: ImageJob, ctx: JobContext) -> ImageResult:
     validate(job)
     started = time.perf_counter()
     # the seed is fixed before anything runs, so an OOM retry makes the same image
@@ -244,7 +244,7 @@ def run_image(job: ImageJob, ctx: JobContext) -> dict:
 
 
 def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, str], plan, notes: list[str],
-              started: float) -> dict:
+              started: float) -> ImageResult:
     mem = memory_of(ctx)
     device = mem.device
     dtype = next(model.unet.parameters()).dtype
@@ -343,9 +343,9 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
             path = save_png(to_pil(image), meta, out_dir, stem)
             images.append({"path": str(path), "seed": seeds[i], "width": image.shape[-1], "height": image.shape[-2]})
         ctx.progress(len(images), total_images, "saved")
-    return {"images": images, "seconds": round(time.perf_counter() - started, 3), "model": model.path,
-            "family": model.family, "prediction": model.prediction, "notes": notes,
-            "job": {**asdict(job), "kind": "image"}}
+    return ImageResult(images=images, seconds=round(time.perf_counter() - started, 3), model=str(model.path),
+                       family=model.family, prediction=model.prediction, notes=notes,
+                       job={**asdict(job), "kind": "image"})
 
 
 def preview_decoder(model: SDModel, ctx: JobContext, device: torch.device):

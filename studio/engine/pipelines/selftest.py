@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 from studio.engine.context import JobContext, UserError
-from studio.protocol import SelfTestJob
+from studio.protocol import SelfTestJob, SelfTestResult
 
 
-def run_selftest(job: SelfTestJob, ctx: JobContext) -> dict:
+def run_selftest(job: SelfTestJob, ctx: JobContext) -> SelfTestResult:
     import torch
 
     if not 16 <= job.size <= 16384:
@@ -44,17 +44,17 @@ def run_selftest(job: SelfTestJob, ctx: JobContext) -> dict:
     ref = (a[:8].float() @ b.float())
     err = (c[:8].float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
     tolerance = 1e-3 if dtype == torch.float32 else 3e-2
-    return {
-        "device": str(device),
-        "device_label": ctx.device.label(),
-        "dtype": dtype_name,
-        "size": job.size,
-        "iterations": job.iterations,
-        "seconds": seconds,
-        "tflops": flops / seconds / 1e12,
-        "relative_error": err,
-        "ok": err < tolerance,
-    }
+    return SelfTestResult(
+        device=str(device),
+        device_label=ctx.device.label(),
+        dtype=dtype_name,
+        size=job.size,
+        iterations=job.iterations,
+        seconds=seconds,
+        tflops=flops / seconds / 1e12,
+        relative_error=err,
+        ok=bool(err < tolerance),
+    )
 
 
 def _sync(device) -> None:

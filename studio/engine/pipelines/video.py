@@ -39,7 +39,7 @@ from studio.engine.pipelines.video_parts import (  # noqa: F401  (tests reach th
     should_stream,
 )
 from studio.engine.previews import latent_to_rgb, rgb_to_jpeg
-from studio.protocol import VideoJob
+from studio.protocol import VideoJob, VideoResult
 
 # ---------------------------------------------------------------------------------- validation
 
@@ -194,7 +194,7 @@ def compute_dtype(ctx: JobContext) -> torch.dtype:
 
 
 @torch.inference_mode()
-def run_video(job: VideoJob, ctx: JobContext) -> dict:
+def run_video(job: VideoJob, ctx: JobContext) -> VideoResult:
     notes = validate(job)
     wanted = nearest_4n1(job.frames)
     if wanted != job.frames:
@@ -318,12 +318,12 @@ def run_video(job: VideoJob, ctx: JobContext) -> dict:
         last_mark = at
     timings["per_step"] = round(timings["sampling"] / max(1, int(last.get("step", job.steps))), 4)
     ctx.progress(1, 1, "saved")
-    return {"videos": [{"path": str(path), "sidecar": str(sidecar), "frames": int(frames.shape[0]),
-                        "width": int(frames.shape[2]), "height": int(frames.shape[1]), "fps": job.fps,
-                        "seed": seed, "codec": codec}],
-            "path": str(path), "seconds": round(time.perf_counter() - started, 3), "timings": timings,
-            "model": parts.files["transformer"],
-            "files": parts.files, "notes": notes, "partial": partial, "job": {**asdict(job), "kind": "video"}}
+    return VideoResult(videos=[{"path": str(path), "sidecar": str(sidecar), "frames": int(frames.shape[0]),
+                                "width": int(frames.shape[2]), "height": int(frames.shape[1]), "fps": job.fps,
+                                "seed": seed, "codec": codec}],
+                       path=str(path), seconds=round(time.perf_counter() - started, 3), timings=timings,
+                       model=parts.files["transformer"], files=parts.files, notes=notes, partial=partial,
+                       job={**asdict(job), "kind": "video"})
 
 
 def _sync(device: torch.device) -> None:
@@ -351,7 +351,7 @@ def output_target(job: VideoJob, ctx: JobContext) -> tuple[Path, str]:
 
 def save_video(job: VideoJob, ctx: JobContext, parts: WanParts, frames: np.ndarray, notes: list[str],
                partial: bool) -> tuple[Path, Path, str]:
-    from studio.engine.video_io import unique_video_path, write_mp4, write_sidecar
+    from studio.media.video import unique_video_path, write_mp4, write_sidecar
 
     folder, stem = output_target(job, ctx)
     meta = {**asdict(job), "kind": "video", "model_name": Path(parts.files["transformer"]).name,
