@@ -32,9 +32,8 @@ from torch import nn
 
 from studio.engine.context import UserError
 from studio.engine.device import probe
-from studio.engine.memory import MemoryManager, Policy, estimate_module_bytes, fmt_bytes, is_oom
-
-GiB = 1 << 30
+from studio.engine.memory import MemoryManager, Policy, estimate_module_bytes, is_oom
+from studio.units import GiB, fmt_bytes
 
 
 class MLPBlock(nn.Module):

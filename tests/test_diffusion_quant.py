@@ -329,7 +329,7 @@ def test_video_job_on_a_gguf_wan_file_matches_the_dequantized_safetensors(tmp_pa
 
     from studio.engine.context import ModelCache
     from studio.engine.pipelines import video as V
-    from studio.engine.video_io import read_frames
+    from studio.media.video import read_frames
 
     folder = build_wan_folder(tmp_path / "wan")
     net = load_file(str(next((folder / "transformer").glob("*.safetensors"))))

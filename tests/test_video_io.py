@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from studio.engine import video_io as V
+from studio.media import video as V
 
 
 def _frames(t: int = 9, h: int = 48, w: int = 64) -> np.ndarray:

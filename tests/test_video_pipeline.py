@@ -11,7 +11,7 @@ import torch
 
 from studio.engine.context import JobCancelled, UserError
 from studio.engine.pipelines import video as V
-from studio.engine.video_io import read_frames, read_mp4_metadata, video_info
+from studio.media.video import read_frames, read_mp4_metadata, video_info
 from studio.protocol import VideoJob
 
 pytest.importorskip("diffusers")  # the tiny models are written with diffusers / transformers, in their layouts

@@ -15,7 +15,7 @@ from PIL import Image  # noqa: E402
 from PySide6.QtCore import QObject, Signal  # noqa: E402
 
 from studio import protocol  # noqa: E402
-from studio.engine.video_io import write_mp4  # noqa: E402
+from studio.media.video import write_mp4  # noqa: E402
 from studio.paths import Paths  # noqa: E402
 from studio.protocol import VideoJob  # noqa: E402
 from studio.settings import Settings  # noqa: E402

@@ -284,9 +284,9 @@ def chat_decode_path(torch) -> str:
 
 
 def doctor_report() -> dict:
-    from studio.engine.device import GiB, ram_info
     from studio.paths import Paths
     from studio.settings import Settings
+    from studio.units import GiB, ram_info
 
     paths = Paths.default()
     settings = Settings.load(paths)
@@ -341,7 +341,7 @@ def doctor_report() -> dict:
     report["settings"] = {"device": settings.device, "vram_budget": settings.vram_budget,
                           "vram_reserve": settings.vram_reserve}
     try:
-        from studio.engine.video_io import ffmpeg_exe
+        from studio.media.video import ffmpeg_exe
 
         exe = ffmpeg_exe()
         report["video_encoder"] = (f"H.264 through ffmpeg ({exe})" if exe else

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import asdict, dataclass, field
 
-GiB = 1 << 30
+from studio.units import GiB, ram_info
 
 
 @dataclass
@@ -49,39 +48,6 @@ class DeviceProfile:
         d = asdict(self)
         d["label"] = self.label()
         return d
-
-
-def ram_info() -> tuple[int, int]:
-    """(total, available) system RAM in bytes, without psutil."""
-    try:
-        with open("/proc/meminfo") as fh:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if ":" in line}
-        return info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0))
-    except OSError:
-        pass
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES")
-        size = os.sysconf("SC_PAGE_SIZE")
-        return pages * size, 0
-    except (ValueError, OSError, AttributeError):
-        return 0, 0
-
-
-def parse_size(text: str) -> int:
-    """'4GiB', '512MiB', '6G', '1.5GB', '123' -> bytes. Raises ValueError with a usable message."""
-    s = text.strip().lower().replace(" ", "")
-    units = {"gib": GiB, "gb": 10**9, "g": GiB, "mib": 1 << 20, "mb": 10**6, "m": 1 << 20, "kib": 1024, "kb": 1000, "k": 1024, "b": 1, "": 1}
-    for unit in sorted(units, key=len, reverse=True):
-        if s.endswith(unit):
-            number = s[: len(s) - len(unit)] if unit else s
-            try:
-                value = float(number)
-            except ValueError:
-                break
-            if value < 0:
-                break
-            return int(value * units[unit])
-    raise ValueError(f"cannot read {text!r} as a size: write it like 4GiB or 512MiB")
 
 
 def worker_threads(threads: int, cores: int) -> int:

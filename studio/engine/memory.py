@@ -39,6 +39,7 @@ from studio.engine.offload import (
     tensor_bytes,
 )
 from studio.engine.weights import QUANT_MODES, QuantSummary, memory_report, quantize_model
+from studio.units import fmt_bytes
 
 # The quantization hooks live beside the weight loaders; the manager's callers reach them from here.
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "fmt_bytes", "is_oom", "memory_report", "plan_job", "quantize_model", "run_with_oom_retry",
 ]
 
-GiB = 1 << 30
 T = TypeVar("T")
 
 # Without the real module we assume a streamed component splits into this many equal blocks,
@@ -79,15 +79,6 @@ _LABELS = {
     Policy.BLOCK_STREAM: "block streaming",
     Policy.SEQUENTIAL: "sequential offload",
 }
-
-
-def fmt_bytes(n: int | float) -> str:
-    """4.8 GiB / 300 MiB / 12 KiB: the unit users see in messages and the panel."""
-    n = float(n)
-    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.engine.device import parse_size  # torch-free: torch is imported inside probe() only
 from studio.settings import Settings
+from studio.units import parse_size
 
 DEVICES = ["auto", "cpu", "cuda", "cuda:1", "mps", "xpu"]
 THEMES = ["system", "light", "dark"]

@@ -26,7 +26,7 @@ class FrameLoader(QObject):
         threading.Thread(target=self._work, args=(path,), daemon=True).start()
 
     def _work(self, path: str) -> None:
-        from studio.engine.video_io import read_frames, video_info
+        from studio.media.video import read_frames, video_info
 
         try:
             fps = video_info(path)["fps"] or 16.0
@@ -140,7 +140,7 @@ class VideoPlayer(QWidget):
 
 def thumbnail(path: str) -> QIcon | None:
     """The first frame, small. One frame of an MP4 decodes in milliseconds."""
-    from studio.engine.video_io import read_frames
+    from studio.media.video import read_frames
 
     try:
         rgb = next(read_frames(path), None)

@@ -477,7 +477,7 @@ class VideoTab(QWidget):
         return self.past[row] if 0 <= row < len(self.past) else None
 
     def export_frames(self) -> list[Path]:
-        from studio.engine.video_io import export_video_frames
+        from studio.media.video import export_video_frames
 
         entry = self.current_entry()
         if entry is None:
@@ -559,4 +559,3 @@ class VideoTab(QWidget):
 
     def shutdown(self) -> None:
         self.player.stop()
-

@@ -364,4 +364,3 @@ def save_video(job: VideoJob, ctx: JobContext, parts: WanParts, frames: np.ndarr
         raise UserError("bad_input", f"Cannot save the video in {folder}: {exc}. Pick another outputs folder in "
                         "Settings.") from None
     return path, sidecar, codec
-

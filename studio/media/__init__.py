@@ -1,0 +1,1 @@
+"""Torch-free media files the window and the engine share: video reading, writing and tags."""
