@@ -40,7 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--role", choices=ROLES, metavar="R", help="only this role: " + ", ".join(ROLES))
     rm = sub.add_parser("remove", help="forget a model; its file stays unless --delete-file")
-    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("name", metavar="NAME", help="the model's exact name, or #ID for its id (see `models list`)")
     rm.add_argument("--delete-file", action="store_true", help="also delete the file from disk")
     sc = sub.add_parser("scan", help="register models from folders other tools use")
     sc.add_argument("folders", nargs="*", metavar="FOLDER",

@@ -203,10 +203,14 @@ class Library:
                 and (family is None or e.effective_family == family)]
 
     def get(self, name_or_id: str | int) -> ModelEntry | None:
-        if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isdigit()):
-            rows = self._query("SELECT * FROM models WHERE id = ?", (int(name_or_id),))
-            if rows:
-                return _row_entry(rows[0])
+        """An entry by id (an int, or the string "#<id>"), else by exact name, else by path.
+
+        A string of digits is a name, never an id: a file called `1.safetensors` is the model "1",
+        and confusing the two once deleted the wrong user's file."""
+        entry_id = parse_id(name_or_id)
+        if entry_id is not None:
+            rows = self._query("SELECT * FROM models WHERE id = ?", (entry_id,))
+            return _row_entry(rows[0]) if rows else None
         rows = self._query("SELECT * FROM models WHERE name = ?", (str(name_or_id),))
         if not rows:
             rows = self._query("SELECT * FROM models WHERE path = ?", (_canonical(str(name_or_id)),))
@@ -215,7 +219,9 @@ class Library:
     def _need(self, name_or_id: str | int) -> ModelEntry:
         e = self.get(name_or_id)
         if e is None:
-            raise LibraryError(f"no model named {name_or_id!r} in the library; `studio models list` shows them")
+            what = f"with id {parse_id(name_or_id)}" if parse_id(name_or_id) is not None else f"named {name_or_id!r}"
+            raise LibraryError(f"no model {what} in the library; `studio models list` shows them "
+                               "(give a name, or #ID for an id)")
         return e
 
     def resolve(self, name_or_path: str | Path) -> Path:
@@ -245,6 +251,9 @@ class Library:
         """Register a model file or folder. Detection failures raise HeaderError; nothing changes then."""
         if mode not in ("inplace", "copy", "link"):
             raise LibraryError(f"unknown mode {mode!r}: use inplace, copy or link")
+        if name is not None and (not name.strip() or name.startswith("#")):
+            raise LibraryError(f"{name!r} cannot be a model name: names are not empty and do not start "
+                               "with '#' (that form means an id)")
         given = Path(path).expanduser()
         if not given.exists():
             raise LibraryError(f"{given}: no such file or folder")
@@ -277,8 +286,14 @@ class Library:
         return self._need(entry_name)
 
     def remove(self, name_or_id: str | int, delete_file: bool = False) -> ModelEntry:
-        """Forget a model. Its file is deleted only when asked; a link Studio made is always removed."""
+        """Forget a model. Its file is deleted only when asked; a link Studio made is always removed.
+
+        Deleting needs the exact entry: an id, or a name that is exactly the entry's name (a path
+        or anything else that merely resolves to some entry is refused)."""
         e = self._need(name_or_id)
+        if delete_file and parse_id(name_or_id) is None and str(name_or_id) != e.name:
+            raise LibraryError(f"{name_or_id!r} is not the exact name of a model; to delete its file give "
+                               f"the name {e.name!r} or the id #{e.id}")
         with self._tx() as db:
             db.execute("DELETE FROM models WHERE id = ?", (e.id,))
         if e.mode == "link" and e.path.is_symlink():
@@ -397,7 +412,20 @@ def _default_name(src: Path) -> str:
     # A folder's name is its repo name; a Hugging Face snapshot folder is a hash, so use the repo folder.
     if src.is_dir() and src.parent.name == "snapshots" and src.parent.parent.name.startswith("models--"):
         return src.parent.parent.name.split("--", 2)[-1]
-    return src.stem if src.is_file() else (src.name or src.resolve().name)
+    name = src.stem if src.is_file() else (src.name or src.resolve().name)
+    return name.lstrip("#") or "model"  # "#<digits>" means an id
+
+
+def parse_id(name_or_id: str | int) -> int | None:
+    """The id in an int or a "#<id>" string; None for anything else (a name)."""
+    if isinstance(name_or_id, bool):
+        return None
+    if isinstance(name_or_id, int):
+        return name_or_id
+    s = str(name_or_id)
+    if s.startswith("#") and s[1:].isascii() and s[1:].isdigit():
+        return int(s[1:])
+    return None
 
 
 def _gib(n: int) -> str:

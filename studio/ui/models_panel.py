@@ -396,7 +396,7 @@ class ModelsPanel(QWidget):
             folder = e.path if e.path.is_dir() else e.path.parent
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
 
-    def remove_model(self, name: str, delete_file: bool = False) -> None:
+    def remove_model(self, name: str | int, delete_file: bool = False) -> None:
         try:
             self.library.remove(name, delete_file=delete_file)
         except LibraryError as err:
@@ -410,9 +410,9 @@ class ModelsPanel(QWidget):
         answer = QMessageBox.question(self, "Remove model",
                                       f"Remove “{e.name}” from the library?\nThe file stays on disk: {e.path}")
         if answer == QMessageBox.StandardButton.Yes:
-            self.remove_model(e.name)
+            self.remove_model(e.id)  # the id: a name of digits is not an id
 
-    def override_family(self, name: str, family: str | None) -> None:
+    def override_family(self, name: str | int, family: str | None) -> None:
         self.library.override_family(name, family)
         self.refresh()
 
@@ -424,7 +424,7 @@ class ModelsPanel(QWidget):
                    *sorted(set(LLM_FAMILIES.values()))]
         family, ok = QInputDialog.getItem(self, "Model family", f"Family of “{e.name}”:", choices, 0, True)
         if ok:
-            self.override_family(e.name, None if family.startswith("(detected") else family.strip())
+            self.override_family(e.id, None if family.startswith("(detected") else family.strip())
 
     def _context_menu(self, pos) -> None:
         if self.selected_entry() is None:

@@ -1,0 +1,87 @@
+"""Regression tests for issue 15 (hostile files, full disks, odd names): one section per defect."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest  # noqa: E402
+from library_fixtures import SAFETENSORS_CASES, write_safetensors  # noqa: E402
+
+from studio.library.library import Library, LibraryError  # noqa: E402
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.fixture
+def lib(home):
+    with Library() as library:
+        yield library
+
+
+def _model(path):
+    return write_safetensors(path, SAFETENSORS_CASES["vae_sd"][0])
+
+
+# --- 1. digit-only names are never taken for ids ------------------------------------------------
+
+def test_remove_by_a_digit_name_deletes_that_file_not_the_entry_with_that_id(lib, home):
+    alpha = _model(home / "m" / "alpha.safetensors")
+    one = _model(home / "m" / "1.safetensors")
+    a = lib.add(alpha)
+    b = lib.add(one)
+    assert a.id == 1 and b.name == "1"
+    removed = lib.remove("1", delete_file=True)
+    assert removed.path == one.resolve()
+    assert alpha.exists() and not one.exists()
+    assert lib.get("alpha") is not None
+
+
+def test_ids_are_given_as_int_or_hash_form(lib, home):
+    a = lib.add(_model(home / "m" / "alpha.safetensors"))
+    assert lib.get(a.id).name == "alpha"
+    assert lib.get(f"#{a.id}").name == "alpha"
+    assert lib.get(str(a.id)) is None  # "1" is a name, and there is no model named "1"
+    with pytest.raises(LibraryError, match="no model named '1'"):
+        lib.remove("1", delete_file=True)
+    assert (home / "m" / "alpha.safetensors").exists()
+
+
+def test_a_file_named_like_an_id_gets_a_name_that_is_not_one(lib, home):
+    e = lib.add(_model(home / "m" / "#1.safetensors"))
+    assert not e.name.startswith("#")
+
+
+def test_cli_remove_takes_a_name_or_hash_id(home, capsys):
+    from studio.cli import main
+    alpha = _model(home / "m" / "alpha.safetensors")
+    one = _model(home / "m" / "1.safetensors")
+    with Library() as lib:
+        lib.add(alpha)
+        lib.add(one)
+    assert main(["models", "remove", "1", "--delete-file"]) == 0
+    assert alpha.exists() and not one.exists()
+    assert main(["models", "remove", "#1"]) == 0
+    assert alpha.exists() and "'alpha'" in capsys.readouterr().out
+
+
+def test_models_panel_removes_the_selected_entry_even_when_its_name_is_digits(qtbot, lib, home, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    from studio.ui import models_panel
+    alpha = _model(home / "m" / "alpha.safetensors")
+    lib.add(alpha)
+    lib.add(_model(home / "m" / "1.safetensors"))
+    panel = models_panel.ModelsPanel(lib, models_panel.DropInstaller(lib, hash_files=False))
+    qtbot.addWidget(panel)
+    panel.refresh()
+    monkeypatch.setattr(models_panel.QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    assert panel.select("1")
+    panel.remove_button.click()
+    assert [e.name for e in lib.list()] == ["alpha"]
+    panel.installer.wait()
