@@ -93,8 +93,8 @@ class Family:
         return self.sizes[0] if self.sizes else (0, 0)
 
 
-_CLIP_L = Companion("text_encoder", "clip_l")
-_CLIP_G = Companion("text_encoder", "clip_g")
+_CLIP_L = Companion("text_encoder", "clip-l")
+_CLIP_G = Companion("text_encoder", "clip-g")
 _T5 = Companion("text_encoder", "t5")
 
 SD1 = "sd1"
@@ -116,12 +116,12 @@ _SD_COMMON = dict(kind=Kind.IMAGE, runs=True, latent_channels=4, steps=25, cfg=7
 FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family(SD1, "SD 1.x", prediction="eps", latent_scale=0.18215,
            sizes=((512, 512), (512, 768), (768, 512)), activation_gib=0.6,
-           companions=(Companion("text_encoder", "clip_l", note="inside single-file checkpoints"),),
+           companions=(Companion("text_encoder", "clip-l", note="inside single-file checkpoints"),),
            pipeline_classes=("StableDiffusionPipeline",), **_SD_COMMON),
     # SD 2.x v-prediction models are the 768 ones; the eps 2.x base model is 512 (see `size_presets`).
     Family(SD2, "SD 2.x", prediction="v", latent_scale=0.18215,
            sizes=((768, 768), (768, 512), (512, 768)), activation_gib=0.8,
-           companions=(Companion("text_encoder", "open_clip_h", note="inside single-file checkpoints"),),
+           companions=(Companion("text_encoder", "clip-h", note="inside single-file checkpoints"),),
            **_SD_COMMON),
     Family(SDXL, "SDXL", prediction="eps", latent_scale=0.13025,
            sizes=((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
@@ -144,8 +144,8 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family(WAN, "Wan 2.x", Kind.VIDEO, runs=True, prediction="flow", latent_channels=16, downsample=8,
            sizes=((832, 480), (480, 832), (1280, 720), (720, 1280), (624, 624)), steps=30, cfg=5.0,
            sampler="unipc", samplers=FLOW_SAMPLERS, shift=5.0, frames=81, fps=16.0,
-           companions=(Companion("text_encoder", "umt5"), Companion("vae", WAN),
-                       Companion("image_encoder", "clip_vision_h", required=False,
+           companions=(Companion("text_encoder", "umt5"), Companion("vae", "wan-vae"),
+                       Companion("image_encoder", "clip-vision-h", required=False,
                                  note="Wan 2.1 image-to-video only")),
            quant_modes=("fp8",), activation_gib=6.0,
            pipeline_classes=("WanPipeline", "WanImageToVideoPipeline")),
@@ -166,13 +166,17 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family("gemma2", "Gemma 2", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
     Family("gemma3", "Gemma 3", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES, aliases=("gemma3_text",)),
     Family("phi3", "Phi-3", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
-    # Parts other families use.
-    Family("clip_l", "CLIP-L", Kind.ENCODER, runs=True),
-    Family("clip_g", "CLIP-G", Kind.ENCODER, runs=True),
-    Family("open_clip_h", "OpenCLIP-H", Kind.ENCODER, runs=True),
+    # Parts other families use (the ids detection gives them).
+    Family("clip-l", "CLIP-L", Kind.ENCODER, runs=True),
+    Family("clip-g", "CLIP-G", Kind.ENCODER, runs=True),
+    Family("clip-h", "OpenCLIP-H", Kind.ENCODER, runs=True),
     Family("t5", "T5-XXL", Kind.ENCODER, runs=False),
     Family("umt5", "umT5-XXL", Kind.ENCODER, runs=True),
-    Family("clip_vision_h", "CLIP ViT-H (vision)", Kind.ENCODER, runs=True),
+    Family("clip-vision-h", "CLIP ViT-H (vision)", Kind.ENCODER, runs=True),
+    Family("vae-kl-f8", "KL-f8 VAE (SD, SDXL)", Kind.VAE, runs=True),
+    Family("vae-16ch", "16-channel VAE (SD3, Flux)", Kind.VAE, runs=False),
+    Family("wan-vae", "Wan VAE", Kind.VAE, runs=True),
+    Family("taesd", "TAESD (previews)", Kind.VAE, runs=True),
 )}
 
 

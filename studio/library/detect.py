@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio import families as F
+from studio.families import Kind
 from studio.library.headers import ModelHeader, read_header
 from studio.library.markers import (
     DIFFUSION_DETECTORS,
@@ -30,15 +32,11 @@ GiB = 1 << 30
 DIFFUSION_PREFIX = "model.diffusion_model."
 ROLES = ("checkpoint", "diffusion_model", "vae", "text_encoder", "image_encoder", "lora", "controlnet", "llm",
          "unknown")
-IMAGE_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "pixart", "sana")
-VIDEO_FAMILIES = ("wan", "ltxv", "cogvideox", "mochi")
+IMAGE_FAMILIES = F.ids(Kind.IMAGE)
+VIDEO_FAMILIES = F.ids(Kind.VIDEO)
 # The chat engine's families: GGUF general.architecture / HF model_type -> our family name.
-LLM_FAMILIES = {"llama": "llama", "mistral": "mistral", "mistral3": "mistral", "qwen2": "qwen2",
-                "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
-                "gemma3_text": "gemma3", "phi3": "phi3"}
+LLM_FAMILIES = {name: f.id for f in F.FAMILIES.values() if f.kind is Kind.CHAT for name in (f.id, *f.aliases)}
 # Activations at the family's native resolution / clip length on top of the weights (rough).
-_ACTIVATIONS = {"sd1": 0.6, "sd2": 0.8, "sdxl": 1.5, "sd3": 2.0, "flux": 3.0, "pixart": 1.5, "sana": 1.5,
-                "wan": 6.0, "ltxv": 4.0, "cogvideox": 6.0, "mochi": 10.0}
 _GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
                     11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
                     17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
@@ -89,23 +87,23 @@ def _lora(h: ModelHeader) -> Detection | None:
 
     family, why = "", ""
     if re.search(r"double_blocks|single_blocks|single_transformer_blocks", names):
-        family, why = "flux", "double/single stream blocks"
+        family, why = F.FLUX, "double/single stream blocks"
     elif "joint_blocks" in names:
-        family, why = "sd3", "joint_blocks"
+        family, why = F.SD3, "joint_blocks"
     elif re.search(r"(^|\.)blocks[._]\d+[._](self_attn|cross_attn|ffn)", names):
-        family, why = "wan", "blocks.N.self_attn/cross_attn"
+        family, why = F.WAN, "blocks.N.self_attn/cross_attn"
         d = in_dim(r"self_attn[._]q")
         if d > 0:
             why += f" (dim {d}: {'1.3B' if d == 1536 else '14B' if d == 5120 else '?'})"
     elif re.search(r"transformer_blocks[._]\d+[._]attn[._]add_k_proj", names):
         d = in_dim(r"attn[._]to_k")
-        family = {3072: "flux", 1536: "sd3", 2432: "sd3"}.get(d, "")
+        family = {3072: F.FLUX, 1536: F.SD3, 2432: F.SD3}.get(d, "")
         why = f"dual-stream attention, width {d}"
     elif re.search(r"input_blocks|down_blocks|output_blocks|up_blocks|mid_block", names) or "lora_te" in names:
         d = in_dim(r"attn2[._]to_k")
-        family = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(d, "")
+        family = {768: F.SD1, 1024: F.SD2, 2048: F.SDXL}.get(d, "")
         if not family and re.search(r"lora_te[12]_", names):
-            family, d = "sdxl", 2048
+            family, d = F.SDXL, 2048
         why = f"UNet cross-attention width {d}"
     det = Detection(family or "unknown", f"rank {rank}", "lora", h.format, "kohya" if kohya else "peft",
                     compatible=[family] if family else [], markers=sorted(downs)[:4])
@@ -203,7 +201,8 @@ def _shapes(h: ModelHeader) -> dict[str, tuple[int, ...]]:
 def _prediction(det: Detection, h: ModelHeader, k: Keys) -> None:
     meta = {key.lower(): str(v).lower() for key, v in h.metadata.items()}
     hint = " ".join(f"{a}={b}" for a, b in meta.items() if "predict" in a or "v_param" in a or "architecture" in a)
-    if det.family in ("sd3", "flux", "sana", "ltxv", "mochi", "wan"):
+    catalog = F.FAMILIES.get(det.family)
+    if catalog is not None and catalog.prediction == "flow":
         det.prediction = "flow"
     elif "v_pred" in k.shapes or re.search(r"prediction_type=v|v_parameterization=true|-v\b|v-prediction", hint):
         det.prediction = "v"
@@ -211,17 +210,17 @@ def _prediction(det: Detection, h: ModelHeader, k: Keys) -> None:
     elif re.search(r"prediction_type=eps|prediction_type=epsilon", hint):
         det.prediction = "eps"
         det.markers.append("__metadata__ prediction hint")
-    elif det.family == "sd2":
+    elif det.family == F.SD2:
         det.prediction = "v?"
         det.notes.append("v or eps: unknown from the weights, default v for 768 models; "
                          "override the prediction if images come out grey or noisy")
-    elif det.family in ("sd1", "sdxl", "pixart", "cogvideox"):
-        det.prediction = "v" if det.family == "cogvideox" else "eps"
+    elif catalog is not None and catalog.prediction:
+        det.prediction = catalog.prediction
 
 
 # diffusers VAE configs carry the latent scaling factor, which is what tells same-shaped VAEs apart.
-_VAE_SCALES = {0.18215: ("sd", ["sd1", "sd2"]), 0.13025: ("sdxl", ["sdxl"]), 1.5305: ("sd3", ["sd3"]),
-               0.3611: ("flux", ["flux"])}
+_VAE_SCALES = {0.18215: ("sd", [F.SD1, F.SD2]), 0.13025: ("sdxl", [F.SDXL]), 1.5305: ("sd3", [F.SD3]),
+               0.3611: ("flux", [F.FLUX])}
 
 
 def _vae_from_config(det: Detection, config: dict) -> None:
@@ -237,8 +236,13 @@ def _detect_gguf_t5(h: ModelHeader) -> Detection:
     vocab = h.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in h.tensors else 0
     umt5 = vocab >= 250000
     return Detection("umt5" if umt5 else "t5", "xxl", "text_encoder", "gguf", "gguf",
-                     compatible=["wan"] if umt5 else ["sd3", "flux", "pixart", "ltxv", "cogvideox", "mochi"],
+                     compatible=_users_of("umt5" if umt5 else "t5"),
                      markers=[f"general.architecture={_gguf_arch(h)}", f"token_embd.weight vocab {vocab}"])
+
+
+def _users_of(part: str) -> list[str]:
+    """The families whose catalog entry names `part` as a companion."""
+    return [f.id for f in F.FAMILIES.values() if any(c.family == part for c in f.companions)]
 
 
 def _gguf_arch(h: ModelHeader) -> str:
@@ -277,12 +281,6 @@ def _detect_llm(h: ModelHeader) -> Detection:
                      markers=markers, notes=notes)
 
 
-_PIPELINE_CLASSES = {"StableDiffusionPipeline": "sd1", "StableDiffusionXLPipeline": "sdxl",
-                     "StableDiffusionXLImg2ImgPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
-                     "FluxPipeline": "flux", "PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart",
-                     "SanaPipeline": "sana", "WanPipeline": "wan", "WanImageToVideoPipeline": "wan",
-                     "LTXPipeline": "ltxv", "LTXImageToVideoPipeline": "ltxv", "CogVideoXPipeline": "cogvideox",
-                     "CogVideoXImageToVideoPipeline": "cogvideox", "MochiPipeline": "mochi"}
 
 
 def _detect_pipeline(h: ModelHeader) -> Detection:
@@ -294,7 +292,7 @@ def _detect_pipeline(h: ModelHeader) -> Detection:
         if sub.role in ("diffusion_model", "checkpoint"):
             det = sub
     if det is None:
-        family = _PIPELINE_CLASSES.get(cls)
+        family = getattr(F.by_pipeline_class(cls), "id", None)
         if family is None:
             return _unrecognised(h, f"diffusers pipeline {cls!r} with components {sorted(h.components)}")
         det = Detection(family, "", "checkpoint", "diffusers", "diffusers")
@@ -303,7 +301,7 @@ def _detect_pipeline(h: ModelHeader) -> Detection:
     det.markers.append(f"model_index.json _class_name={cls}")
     if cls == "StableDiffusionXLImg2ImgPipeline" and h.config.get("requires_aesthetics_score"):
         det.variant = "refiner"
-    if det.family == "flux" and main is not None and "guidance_embeds" in main.config:
+    if det.family == F.FLUX and main is not None and "guidance_embeds" in main.config:
         det.variant = "dev" if main.config["guidance_embeds"] else "schnell"
         det.markers.append(f"transformer config guidance_embeds={main.config['guidance_embeds']}")
     sched = h.components.get("scheduler")
@@ -337,7 +335,8 @@ def _fill_stats(det: Detection, h: ModelHeader) -> None:
         det.dtype = _GGUF_FILE_TYPES.get(h.metadata["general.file_type"], det.dtype)
     # fp32 files compute in half precision on a GPU; quantized files stay quantized.
     gpu_weights = min(weights, det.params * 2) if det.dtype in ("F32", "F64") else weights
-    act = _ACTIVATIONS.get(det.family, 0.0) * GiB if det.role in ("checkpoint", "diffusion_model") else 0
+    catalog = F.FAMILIES.get(det.family)
+    act = (catalog.activation_gib if catalog else 0.0) * GiB if det.role in ("checkpoint", "diffusion_model") else 0
     if det.role == "vae":
         act = GiB  # one tiled decode
     if det.role == "llm":
