@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from studio import families as F
+
 
 class Keys:
     """Tensor names and shapes with a record of which ones a decision used."""
@@ -62,13 +64,13 @@ def _unet(k: Keys) -> tuple[str, str, list[str]] | None:
     in_ch = k.dim("input_blocks.0.0.weight" if ldm else "conv_in.weight", 1)
     notes = [f"inpainting UNet ({in_ch} input channels)"] if in_ch == 9 else []
     if label[1:] == (2816,) or ctx == 2048:
-        return "sdxl", "base", notes
+        return F.SDXL, "base", notes
     if label[1:] == (2560,) or ctx == 1280:
-        return "sdxl", "refiner", notes
+        return F.SDXL, "refiner", notes
     if ctx == 1024:
-        return "sd2", "2.x", notes
+        return F.SD2, "2.x", notes
     if ctx == 768:
-        return "sd1", "1.x", notes
+        return F.SD1, "1.x", notes
     return None
 
 
@@ -82,10 +84,10 @@ def _sd3(k: Keys) -> tuple[str, str, list[str]] | None:
     else:
         return None
     if hidden == 2432:
-        return "sd3", "3.5-large", ["3.5 Large and Large Turbo share shapes; turbo wants ~4 steps, CFG 1"]
+        return F.SD3, "3.5-large", ["3.5 Large and Large Turbo share shapes; turbo wants ~4 steps, CFG 1"]
     if tokens == 147456:
-        return "sd3", "3.5-medium", []
-    return "sd3", "3-medium" if tokens == 36864 else f"hidden {hidden}", []
+        return F.SD3, "3.5-medium", []
+    return F.SD3, "3-medium" if tokens == 36864 else f"hidden {hidden}", []
 
 
 def _flux(k: Keys) -> tuple[str, str, list[str]] | None:
@@ -100,23 +102,23 @@ def _flux(k: Keys) -> tuple[str, str, list[str]] | None:
     extra = {384: "-fill", 128: "-depth/canny"}.get(img_in, "")
     notes = ["guidance_in present: guidance-distilled (dev)" if guided else
              "no guidance_in: timestep-distilled (schnell), ~4 steps"]
-    return "flux", variant + extra, notes
+    return F.FLUX, variant + extra, notes
 
 
 def _pixart_sana(k: Keys) -> tuple[str, str, list[str]] | None:
     if k.has("blocks.0.cross_attn.q_linear.weight"):
         if k.has("blocks.0.mlp.inverted_conv.conv.weight"):
             hidden = k.dim("x_embedder.proj.weight", 0)
-            return "sana", {1152: "600M", 2240: "1.6B"}.get(hidden, f"hidden {hidden}"), []
+            return F.SANA, {1152: "600M", 2240: "1.6B"}.get(hidden, f"hidden {hidden}"), []
         if k.has("blocks.0.mlp.fc1.weight"):
             tokens = k.dim("y_embedder.y_embedding", 0)
-            return "pixart", {120: "alpha", 300: "sigma"}.get(tokens, "unknown"), []
+            return F.PIXART, {120: "alpha", 300: "sigma"}.get(tokens, "unknown"), []
         return None
     if k.has("transformer_blocks.0.ff.conv_inverted.weight", "caption_projection.linear_1.weight"):
         hidden = k.dim("patch_embed.proj.weight", 0)
-        return "sana", {1152: "600M", 2240: "1.6B"}.get(hidden, f"hidden {hidden}"), []
+        return F.SANA, {1152: "600M", 2240: "1.6B"}.get(hidden, f"hidden {hidden}"), []
     if k.has("adaln_single.linear.weight", "pos_embed.proj.weight", "transformer_blocks.0.attn2.to_k.weight"):
-        return "pixart", "alpha or sigma", ["diffusers layout; the pipeline config says which"]
+        return F.PIXART, "alpha or sigma", ["diffusers layout; the pipeline config says which"]
     return None
 
 
@@ -129,13 +131,13 @@ def _wan(k: Keys) -> tuple[str, str, list[str]] | None:
         return None
     dim, in_ch = k.dim("patch_embedding.weight", 0), k.dim("patch_embedding.weight", 1)
     if dim == 3072 and in_ch == 48:
-        return "wan", "2.2-ti2v-5B", ["text and image to video, 48-channel Wan 2.2 VAE"]
+        return F.WAN, "2.2-ti2v-5B", ["text and image to video, 48-channel Wan 2.2 VAE"]
     size = {1536: "1.3B", 5120: "14B"}.get(dim, f"dim {dim}")
     if in_ch == 36:
-        return "wan", f"i2v-{size}", ["Wan 2.1 I2V (CLIP image input)" if image else
+        return F.WAN, f"i2v-{size}", ["Wan 2.1 I2V (CLIP image input)" if image else
                                       "image-to-video without CLIP input: a Wan 2.2 I2V expert"]
     notes = ["Wan 2.1 and 2.2 T2V 14B experts have the same shapes"] if dim == 5120 else []
-    return "wan", f"t2v-{size}", notes
+    return F.WAN, f"t2v-{size}", notes
 
 
 def _ltxv(k: Keys) -> tuple[str, str, list[str]] | None:
@@ -145,7 +147,7 @@ def _ltxv(k: Keys) -> tuple[str, str, list[str]] | None:
               and len(k.shape("proj_in.weight")) == 2):
         return None
     blocks = k.count(r"transformer_blocks\.(\d+)\.")
-    return "ltxv", {28: "2B", 48: "13B"}.get(blocks, f"{blocks} blocks"), []
+    return F.LTXV, {28: "2B", 48: "13B"}.get(blocks, f"{blocks} blocks"), []
 
 
 def _cogvideox(k: Keys) -> tuple[str, str, list[str]] | None:
@@ -154,13 +156,13 @@ def _cogvideox(k: Keys) -> tuple[str, str, list[str]] | None:
     s = k.shape("patch_embed.proj.weight")
     size = {1920: "2B", 3072: "5B"}.get(s[0] if s else -1, "unknown size")
     if len(s) == 2:
-        return "cogvideox", f"1.5-{size}", ["CogVideoX 1.5 (temporal patches)"]
-    return "cogvideox", f"{'i2v' if len(s) > 1 and s[1] == 32 else 't2v'}-{size}", []
+        return F.COGVIDEOX, f"1.5-{size}", ["CogVideoX 1.5 (temporal patches)"]
+    return F.COGVIDEOX, f"{'i2v' if len(s) > 1 and s[1] == 32 else 't2v'}-{size}", []
 
 
 def _mochi(k: Keys) -> tuple[str, str, list[str]] | None:
     if k.has("blocks.0.attn.qkv_x.weight") or k.has("pos_frequencies", "patch_embed.proj.weight"):
-        return "mochi", "1-preview", []
+        return F.MOCHI, "1-preview", []
     return None
 
 
@@ -174,17 +176,17 @@ def vae(k: Keys) -> tuple[str, str, list[str], list[str]] | None:
     if k.has("decoder.middle.0.residual.0.gamma") or k.has("encoder.mid_block.resnets.0.norm1.gamma"):
         z = k.dim("conv1.weight", 0) // 2 if "conv1.weight" in k.shapes else k.dim("quant_conv.weight", 0) // 2
         if z == 48:
-            return "wan-vae", "2.2", ["wan"], ["48 latent channels: Wan 2.2 TI2V 5B"]
-        return "wan-vae", "2.1", ["wan"], ["16 latent channels: Wan 2.1 and Wan 2.2 14B"]
+            return "wan-vae", "2.2", [F.WAN], ["48 latent channels: Wan 2.2 TI2V 5B"]
+        return "wan-vae", "2.1", [F.WAN], ["16 latent channels: Wan 2.1 and Wan 2.2 14B"]
     ldm = k.has("encoder.conv_in.weight", "decoder.conv_out.weight")
     if not ldm:
         return None
     z = k.dim("encoder.conv_out.weight", 0) // 2
     if z == 4:
-        return ("vae-kl-f8", "sd/sdxl", ["sd1", "sd2", "sdxl", "pixart"],
+        return ("vae-kl-f8", "sd/sdxl", [F.SD1, F.SD2, F.SDXL, F.PIXART],
                 ["SD1.x/2.x and SDXL VAEs have the same shapes; the weights differ (SDXL scale 0.13025)"])
     if z == 16:
-        return ("vae-16ch", "sd3/flux", ["sd3", "flux"],
+        return ("vae-16ch", "sd3/flux", [F.SD3, F.FLUX],
                 ["SD3 and Flux VAEs have the same shapes; the weights differ"])
     return "vae", f"{z} latent channels", [], []
 
@@ -204,9 +206,9 @@ def taesd(k: Keys) -> tuple[str, str, list[str], list[str]] | None:
         z = k.dim(first_dec + ".weight", 1) if has_dec else k.dim(enc + "14.weight", 0)
         notes = [] if has_dec and has_enc else ["decoder only"] if has_dec else ["encoder only"]
         if z == 16:
-            return "taesd", "16ch (TAESD3/TAEF1)", ["sd3", "flux"], notes
+            return "taesd", "16ch (TAESD3/TAEF1)", [F.SD3, F.FLUX], notes
         if z == 4:
-            return "taesd", "4ch (TAESD/TAESDXL)", ["sd1", "sd2", "sdxl"], \
+            return "taesd", "4ch (TAESD/TAESDXL)", [F.SD1, F.SD2, F.SDXL], \
                 notes + ["TAESD and TAESDXL have the same shapes"]
         return "taesd", f"{z}ch", [], notes
     return None
@@ -227,18 +229,18 @@ def text_encoder(k: Keys) -> tuple[str, str, list[str], list[str]] | None:
         umt5 = vocab >= 250000 or k.has("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight")
         d = k.dim("encoder.block.0.layer.0.SelfAttention.q.weight", 1)
         size = {4096: "xxl", 1024: "large", 768: "base"}.get(d, f"d{d}")
-        return ("umt5", size, ["wan"], []) if umt5 else ("t5", size, ["sd3", "flux", "pixart", "ltxv",
-                                                                      "cogvideox", "mochi"], [])
+        return ("umt5", size, [F.WAN], []) if umt5 else ("t5", size, [F.SD3, F.FLUX, F.PIXART, F.LTXV,
+                                                                      F.COGVIDEOX, F.MOCHI], [])
     elif k.has("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight"):
-        return "umt5", "xxl", ["wan"], ["Wan's original umT5 layout"]
+        return "umt5", "xxl", [F.WAN], ["Wan's original umT5 layout"]
     else:
         return None
     if width == 768:
-        return "clip-l", f"{layers} layers", ["sd1", "sdxl", "sd3", "flux"], []
+        return "clip-l", f"{layers} layers", [F.SD1, F.SDXL, F.SD3, F.FLUX], []
     if width == 1280:
-        return "clip-g", f"{layers} layers", ["sdxl", "sd3"], []
+        return "clip-g", f"{layers} layers", [F.SDXL, F.SD3], []
     if width == 1024:
-        return "clip-h", f"{layers} layers", ["sd2"], ["OpenCLIP ViT-H text encoder (SD2.x)"]
+        return "clip-h", f"{layers} layers", [F.SD2], ["OpenCLIP ViT-H text encoder (SD2.x)"]
     return "clip", f"width {width}", [], []
 
 
@@ -253,7 +255,7 @@ def image_encoder(k: Keys) -> tuple[str, str, list[str], list[str]] | None:
     else:
         return None
     if width == 1280 and layers == 32:
-        return "clip-vision-h", "ViT-H/14", ["wan"], ["the image encoder Wan 2.1 image-to-video needs"]
+        return "clip-vision-h", "ViT-H/14", [F.WAN], ["the image encoder Wan 2.1 image-to-video needs"]
     return "clip-vision", f"width {width}, {layers} layers", [], []
 
 
@@ -261,16 +263,16 @@ def controlnet(k: Keys) -> tuple[str, str] | None:
     if k.has("control_model.input_hint_block.0.weight") or k.has("control_model.time_embed.0.weight"):
         sub = Keys(k.shapes, "control_model.")
         if sub.has("label_emb.0.0.weight"):
-            return "sdxl", "ldm"
+            return F.SDXL, "ldm"
         ctx = _context_dim(sub)
-        return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown"), "ldm"
+        return {768: F.SD1, 1024: F.SD2, 2048: F.SDXL}.get(ctx, "unknown"), "ldm"
     if k.has("controlnet_cond_embedding.conv_in.weight"):
         if k.has("add_embedding.linear_1.weight"):
-            return "sdxl", "diffusers"
-        return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(_context_dim(k), "unknown"), "diffusers"
+            return F.SDXL, "diffusers"
+        return {768: F.SD1, 1024: F.SD2, 2048: F.SDXL}.get(_context_dim(k), "unknown"), "diffusers"
     if k.has("controlnet_blocks.0.weight"):
         if k.has("controlnet_x_embedder.weight") or k.has("controlnet_single_blocks.0.weight"):
-            return "flux", "diffusers"
+            return F.FLUX, "diffusers"
         if k.has("pos_embed.proj.weight"):
-            return "sd3", "diffusers"
+            return F.SD3, "diffusers"
     return None
