@@ -313,7 +313,7 @@ def test_rescan_notices_a_changed_file(lib, home):
 # --- the `studio models` command -----------------------------------------------------------------
 
 def cli(*argv: str) -> int:
-    from studio.cli_models import main
+    from studio.cli.models import main
     return main(list(argv))
 
 

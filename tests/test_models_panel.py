@@ -207,7 +207,7 @@ def test_panel_module_does_not_import_torch():
     import subprocess
     import sys
     code = ("import os; os.environ['QT_QPA_PLATFORM']='offscreen'; import sys; import studio.ui.models_panel, "
-            "studio.library.scan, studio.cli_models; assert 'torch' not in sys.modules, 'torch imported'")
+            "studio.library.scan, studio.cli.models; assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr

@@ -179,10 +179,11 @@ def test_cli_text_encoder_option_repeats_into_the_job(monkeypatch, tmp_path):
     from dataclasses import asdict
 
     import studio.cli
+    from studio.cli import common
     from studio.protocol import job_from_dict
 
     seen = []
-    monkeypatch.setattr(studio.cli, "run_cli_job", lambda args, job, on_event=None: (seen.append(job), (None, 3))[1])
+    monkeypatch.setattr(common, "run_cli_job", lambda args, job, on_event=None: (seen.append(job), (None, 3))[1])
     args = studio.cli.build_parser().parse_args(
         ["generate", "image", "--model", str(tmp_path / "unet.safetensors"), "--prompt", "fox", "--width", "64",
          "--text-encoder", "a.safetensors", "--text-encoder", "b.safetensors"])

@@ -169,15 +169,14 @@ def test_cli_generate_video_runs_through_the_engine(wan_folder, tmp_path, capsys
     import argparse
     import contextlib
 
-    import studio.cli
-    from studio.cli import _engine_args
-    from studio.cli_video import add_video_parser
+    from studio.cli import common
+    from studio.cli.video import add_video_parser
 
     # the session's engine process stands in for the one the CLI would start (and must not close)
-    monkeypatch.setattr(studio.cli, "make_client", lambda args: contextlib.nullcontext(engine))
+    monkeypatch.setattr(common, "make_client", lambda args: contextlib.nullcontext(engine))
 
     parser = argparse.ArgumentParser()
-    add_video_parser(parser.add_subparsers(dest="kind"), _engine_args)
+    add_video_parser(parser.add_subparsers(dest="kind"), common.engine_args)
     out = tmp_path / "cli.mp4"
     args = parser.parse_args(["video", "--model", str(wan_folder), "--prompt", "a fox", "--frames", "6", "--fps", "8",
                               "--width", "32", "--height", "32", "--steps", "1", "--cfg", "3", "--shift", "3",
@@ -213,7 +212,7 @@ def test_cli_job_uses_absolute_paths_and_the_progress_line_shows_time_left(tmp_p
     import argparse
     import io
 
-    from studio.cli_video import ProgressLine, add_video_parser, job_from_args
+    from studio.cli.video import ProgressLine, add_video_parser, job_from_args
     from studio.protocol import make
 
     parser = argparse.ArgumentParser()

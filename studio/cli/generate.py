@@ -6,8 +6,13 @@ import argparse
 import json
 import sys
 
+from studio.cli import common
+from studio.cli.video import add_video_parser
+from studio.library.detect import detect
+from studio.protocol import ImageJob
 
-def add_parser(sub, engine_args) -> None:
+
+def add_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate an image or a video")
     kinds = gen.add_subparsers(dest="kind", metavar="KIND", required=True)
 
@@ -39,14 +44,10 @@ def add_parser(sub, engine_args) -> None:
     p.add_argument("--out", default="", help="a .png path (numbered if taken, never overwritten) or a folder")
     p.add_argument("--no-previews", action="store_true")
     p.add_argument("--json", action="store_true")
-    engine_args(p)
+    common.engine_args(p)
     p.set_defaults(func=cmd_image)
 
-    try:
-        from studio.cli.video import add_video_parser
-    except ImportError:
-        return
-    add_video_parser(kinds, engine_args)
+    add_video_parser(kinds, common.engine_args)
 
 
 def parse_lora(spec: str) -> dict:
@@ -60,9 +61,6 @@ def parse_lora(spec: str) -> dict:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from studio.cli import run_cli_job
-    from studio.protocol import ImageJob
-
     size = args.width or args.height or 0
     job = ImageJob(model=args.model, prompt=args.prompt, negative=args.negative,
                    width=args.width or size or 512, height=args.height or size or 512, steps=args.steps,
@@ -81,7 +79,7 @@ def cmd_image(args: argparse.Namespace) -> int:
             sys.stderr.write(f"\r{msg['stage']:<10} {msg['step']}/{msg['total']}   ")
             sys.stderr.flush()
 
-    result, code = run_cli_job(args, job, on_event)
+    result, code = common.run_cli_job(args, job, on_event)
     if result is None:
         return code
     if tty:
@@ -102,8 +100,6 @@ def _default_size(job):
     from dataclasses import replace
 
     try:
-        from studio.library.detect import detect
-
         family = detect(job.model).family
     except Exception:  # detection is a convenience here; the engine reports real problems
         return job

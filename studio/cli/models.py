@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from studio.errors import UserError
 from studio.library.detect import ROLES, Detection, detect
 from studio.library.headers import HeaderError
 from studio.library.library import Library, LibraryError, ModelEntry
 from studio.library.scan import default_locations, scan
+from studio.units import fmt_bytes
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -100,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _quant_report(path: str, mode: str) -> dict:
     """Runs in this process with torch (the CLI may; the GUI never calls this)."""
-    from studio.engine.context import UserError
     from studio.engine.quant_report import quant_report
 
     try:
@@ -112,8 +113,8 @@ def _quant_report(path: str, mode: str) -> dict:
 def _format_quant(q: dict | None) -> str:
     if not q:
         return ""
-    return (f"\nquantized:   {q['mode']} {q['component']}: {human_bytes(q['bytes_original'])} -> "
-            f"{human_bytes(q['bytes_quantized'])} ({q['ratio']:.0%}), saves {human_bytes(q['bytes_saved'])}; "
+    return (f"\nquantized:   {q['mode']} {q['component']}: {fmt_bytes(q['bytes_original'])} -> "
+            f"{fmt_bytes(q['bytes_quantized'])} ({q['ratio']:.0%}), saves {fmt_bytes(q['bytes_saved'])}; "
             f"error on a fixed input: max {q['relative_error']:.2%} of the largest output, "
             f"mean abs {q['mean_abs_error']:.4g}")
 
@@ -129,14 +130,6 @@ def _out(args: argparse.Namespace, obj: dict, human: Any) -> None:
     print(json.dumps(obj, default=str) if getattr(args, "json", False) else human())
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def human_count(n: int) -> str:
     for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
@@ -147,9 +140,9 @@ def human_count(n: int) -> str:
 def _format_detection(d: Detection) -> str:
     rows = [("family", d.family), ("variant", d.variant or "-"), ("role", d.role.replace("_", " ")),
             ("format", f"{d.format} ({d.layout})" if d.layout else d.format), ("dtype", d.dtype or "-"),
-            ("parameters", f"{human_count(d.params)} ({d.params:,})"), ("file size", human_bytes(d.file_size)),
-            ("RAM to run", f"~{human_bytes(d.ram_bytes)} (CPU)"),
-            ("VRAM to run", f"~{human_bytes(d.vram_bytes)} (fully on GPU)")]
+            ("parameters", f"{human_count(d.params)} ({d.params:,})"), ("file size", fmt_bytes(d.file_size)),
+            ("RAM to run", f"~{fmt_bytes(d.ram_bytes)} (CPU)"),
+            ("VRAM to run", f"~{fmt_bytes(d.vram_bytes)} (fully on GPU)")]
     if d.prediction:
         rows.append(("prediction", d.prediction))
     if d.compatible:
@@ -162,14 +155,14 @@ def _format_detection(d: Detection) -> str:
 
 def _describe(e: ModelEntry) -> str:
     fam = e.effective_family + (f" (detected {e.family})" if e.family_override else "")
-    return f"{fam} {e.variant} {e.role.replace('_', ' ')}, {human_bytes(e.size)}"
+    return f"{fam} {e.variant} {e.role.replace('_', ' ')}, {fmt_bytes(e.size)}"
 
 
 def _table(entries: list[ModelEntry]) -> str:
     if not entries:
         return "no models yet: `studio models add FILE` or `studio models scan FOLDER`"
     head = ("NAME", "FAMILY", "VARIANT", "ROLE", "SIZE", "WHERE")
-    rows = [(e.name.replace("\n", " "), e.effective_family, e.variant, e.role, human_bytes(e.size),
+    rows = [(e.name.replace("\n", " "), e.effective_family, e.variant, e.role, fmt_bytes(e.size),
              "MISSING " + str(e.path) if e.missing else str(e.path)) for e in entries]
     widths = [min(40, max(len(r[i]) for r in [head, *rows])) for i in range(5)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"

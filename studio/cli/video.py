@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from studio.cli import common
 from studio.protocol import VideoJob
 
 
@@ -79,11 +80,9 @@ class ProgressLine:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from studio.cli import run_cli_job
-
     job = job_from_args(args)
     line = ProgressLine() if sys.stderr.isatty() and not args.json else None
-    result, code = run_cli_job(args, job, line)
+    result, code = common.run_cli_job(args, job, line)
     if result is None:
         return code
     if line is not None and line.shown:

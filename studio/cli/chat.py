@@ -1,0 +1,114 @@
+"""`studio chat`: one answer, or an interactive session, from a language model through the engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from studio.cli import common
+from studio.client import EngineError, JobCancelledError
+from studio.protocol import ChatJob
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a language model (an interactive prompt without PROMPT)")
+    p.add_argument("prompt", nargs="?", help="one message to answer; omit for an interactive session")
+    p.add_argument("--model", default="", help="a .gguf file, a Hugging Face folder or a library name "
+                                                "(default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--truncate", action="store_true", help="drop the oldest turns when the context is full")
+    p.add_argument("--quant", choices=["int8", "int4"], default="",
+                   help="quantize a full-precision model's weights at load (GGUF files keep their own)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the answer and its timings")
+    common.engine_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    def job_for(messages: list[dict]) -> ChatJob:
+        return ChatJob(messages=messages, model=args.model, system=args.system, temperature=args.temperature,
+                       top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                       stop=list(args.stop), overflow="truncate" if args.truncate else "error", quant=args.quant)
+
+    stream = not args.json
+
+    def on_event(msg) -> None:
+        if msg.type == "token" and stream:
+            sys.stdout.write(msg["text"])
+            sys.stdout.flush()
+        elif msg.type == "progress" and msg["stage"] == "loading" and stream and sys.stderr.isatty():
+            sys.stderr.write(f"\rloading model {msg['step']}/{msg['total']}")
+            sys.stderr.flush()
+
+    with common.make_client(args) as client:
+        if args.prompt is not None:
+            try:
+                result = common.run_job(client, job_for([{"role": "user", "content": args.prompt}]), on_event)
+            except EngineError as exc:
+                return common.fail(str(exc))
+            except JobCancelledError:
+                print()
+                return 130
+            if args.json:
+                keys = ("text", "prompt_tokens", "completion_tokens", "ttft_s", "tokens_per_s", "model",
+                        "finish_reason", "context_length", "notes")
+                print(json.dumps({k: result.get(k) for k in keys}, ensure_ascii=False))
+            else:
+                print()
+                for note in result.get("notes") or []:
+                    print(f"note: {note}", file=sys.stderr)
+            return 0
+        return _chat_repl(client, job_for, on_event)
+
+
+def _chat_repl(client, job_for: Callable[[list[dict]], ChatJob], on_event) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ModuleNotFoundError as exc:  # Windows has no readline: input() still works, without history
+        if exc.name != "readline":
+            raise
+    print("Studio chat. /reset starts over, /exit or Ctrl+D quits, Ctrl+C stops an answer.", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            messages.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            result = common.run_job(client, job_for(messages), on_event)
+        except JobCancelledError:
+            print("\n(stopped)", file=sys.stderr)
+            messages.pop()
+            continue
+        except EngineError as exc:
+            print(f"\nstudio: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        print(f"\n[{result.get('completion_tokens', 0)} tokens, {result.get('tokens_per_s', 0):.1f} tok/s]",
+              file=sys.stderr)
+        messages.append({"role": "assistant", "content": result.get("text", "")})
