@@ -199,7 +199,7 @@ def test_torch_pickle_checkpoint_is_detected_from_key_names_only(tmp_path):
 
 def test_diffusers_vae_folder_is_told_apart_by_its_scaling_factor(tmp_path):
     from library_fixtures import KL_VAE
-    for scale, variant, compatible in ((0.13025, "sdxl", ["sdxl"]), (0.18215, "sd", ["sd1", "sd2"])):
+    for scale, variant, compatible in ((0.13025, "sdxl", ["sdxl", "pixart"]), (0.18215, "sd", ["sd1", "sd2"])):
         root = tmp_path / variant
         root.mkdir()
         (root / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "scaling_factor": scale}))

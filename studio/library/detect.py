@@ -219,8 +219,12 @@ def _prediction(det: Detection, h: ModelHeader, k: Keys) -> None:
 
 
 # diffusers VAE configs carry the latent scaling factor, which is what tells same-shaped VAEs apart.
-_VAE_SCALES = {0.18215: ("sd", [F.SD1, F.SD2]), 0.13025: ("sdxl", [F.SDXL]), 1.5305: ("sd3", [F.SD3]),
-               0.3611: ("flux", [F.FLUX])}
+# The variant is the families' common name ("sd" for SD 1.x and 2.x, which share a VAE).
+_VAE_SCALES: dict[float, tuple[str, list[str]]] = {}
+for _f in F.FAMILIES.values():
+    if _f.kind is Kind.IMAGE and _f.latent_scale != 1.0:
+        _VAE_SCALES.setdefault(round(_f.latent_scale, 5), ("", []))[1].append(_f.id)
+_VAE_SCALES = {k: (ids[0] if len(ids) == 1 else ids[0].rstrip("0123456789"), ids) for k, (_, ids) in _VAE_SCALES.items()}
 
 
 def _vae_from_config(det: Detection, config: dict) -> None:
