@@ -85,3 +85,78 @@ def test_models_panel_removes_the_selected_entry_even_when_its_name_is_digits(qt
     panel.remove_button.click()
     assert [e.name for e in lib.list()] == ["alpha"]
     panel.installer.wait()
+
+
+# --- 2. chat templates are bounded in time, size and loops, and cancel stops them ---------------
+
+HOSTILE_TEMPLATES = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ (messages[0]['content'] ~ 'x') * 100000000 }}",
+    "{{ 'a' * 10000000000 }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{{ 'x'.center(10000000000) }}",
+    "{{ 'x'|center(10000000000) }}",
+    "{{ range(100000)|join('y' * 1000000) }}",
+    "{{ '%9999999999d' % 1 }}",
+    "{{ lipsum(100000000) }}",
+    "{{ messages|tojson(indent=10000000000) }}",
+    "{{ 'ab'.replace('', 'x' * 1000000) }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES)
+def test_hostile_chat_template_is_refused_quickly_with_a_clear_message(template):
+    import resource
+    import time
+
+    from studio.errors import UserError
+    from studio.models.chat_template import render_chat
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as info:
+        render_chat(template, [{"role": "user", "content": "hi"}], time_limit=1.0)
+    assert time.monotonic() - t0 < 3.0
+    assert info.value.kind == "bad_model" and "chat template" in info.value.message
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400_000  # KiB
+
+
+def test_cancel_stops_a_slow_chat_template():
+    import time
+
+    from studio.models.chat_template import render_chat
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 1000:
+            raise Stop
+
+    t0 = time.monotonic()
+    with pytest.raises(Stop):
+        render_chat(HOSTILE_TEMPLATES[1], [{"role": "user", "content": "hi"}], cancel_check=check)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_long_conversations_still_render_through_the_bounds():
+    from studio.models.chat_template import CHATML_TEMPLATE, render_chat
+    msgs = [{"role": "user", "content": "w" * 3_000_000}]
+    assert len(render_chat(CHATML_TEMPLATE, msgs)) > 3_000_000
+
+
+def test_engine_prompt_rendering_passes_the_jobs_cancel_into_the_template():
+    from types import SimpleNamespace
+
+    from studio.engine.context import CancelToken, JobCancelled
+    from studio.engine.pipelines.chat import render_prompt
+    cm = SimpleNamespace(chat_template=HOSTILE_TEMPLATES[1], bos_token="", eos_token="")
+    token = CancelToken()
+    token.set()
+    with pytest.raises(JobCancelled):
+        render_prompt(cm, [{"role": "user", "content": "hi"}], token.check)

@@ -26,7 +26,7 @@ import torch
 from studio.engine.context import JobContext, UserError
 from studio.engine.pipelines.decoding import StopFilter, compile_decode_step, generate_tokens
 from studio.engine.resolve import library_path
-from studio.engine.sampling import Sampler, SamplingParams
+from studio.engine.sampling import SAMPLING_KEYS, RepetitionGuard, Sampler, SamplingParams, resolve_sampling
 from studio.models.llm import LLM
 from studio.models.llm_build import (
     LLM_QUANT_MODES,
@@ -62,7 +62,8 @@ class ChatModel:
     dtype: torch.dtype
     name: str
     nbytes: int
-    generation_defaults: dict = field(default_factory=dict)
+    generation_defaults: dict = field(default_factory=dict)  # sampling the model file recommends
+    model_name: str = ""  # what the file calls the model: picks its authors' sampling (sampling.MODEL_SAMPLING)
     compiled_step: Callable | None = None
     compile_failed: bool = False  # torch.compile could not handle it: eager from then on
     fused_failed: bool = False  # the fused step could not be built here: torch.compile from then on
@@ -240,7 +241,8 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
                    bos_token=loaded.bos_token, eos_token=loaded.eos_token, stop_ids=stop,
                    add_bos=loaded.add_bos, context_length=ctx_len, device=device, dtype=dtype,
                    name=str(path), nbytes=weight_bytes(model),
-                   generation_defaults=dict(loaded.generation_defaults), notes=notes)
+                   generation_defaults=dict(loaded.generation_defaults), model_name=loaded.model_name,
+                   notes=notes)
     progress(3, total, "loading")
     return cm
 
@@ -269,7 +271,7 @@ def check_messages(job: ChatJob) -> list[dict]:
     return msgs
 
 
-def render_prompt(cm: ChatModel, messages: list[dict]) -> str:
+def render_prompt(cm: ChatModel, messages: list[dict], cancel_check: Callable[[], None] | None = None) -> str:
     if not cm.chat_template:
         # No template shipped: a plain transcript the model can at least continue.
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
@@ -280,7 +282,7 @@ def render_prompt(cm: ChatModel, messages: list[dict]) -> str:
 
     try:
         return render_chat(cm.chat_template, messages, bos_token=cm.bos_token, eos_token=cm.eos_token,
-                           add_generation_prompt=True)
+                           add_generation_prompt=True, cancel_check=cancel_check)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise UserError("bad_input", f"The model's chat template refused this conversation: {exc}. "
                         "Check that user and assistant turns alternate.") from None
@@ -295,11 +297,12 @@ def encode_prompt(cm: ChatModel, text: str) -> list[int]:
     return ids
 
 
-def fit_prompt(cm: ChatModel, messages: list[dict], max_tokens: int, overflow: str) -> tuple[list[int], int]:
+def fit_prompt(cm: ChatModel, messages: list[dict], max_tokens: int, overflow: str,
+               cancel_check: Callable[[], None] | None = None) -> tuple[list[int], int]:
     """(prompt ids, number of turns dropped). Room is kept for min(max_tokens, context/2) new tokens."""
     limit = cm.context_length
     reserve = min(max_tokens, limit // 2)
-    ids = encode_prompt(cm, render_prompt(cm, messages))
+    ids = encode_prompt(cm, render_prompt(cm, messages, cancel_check))
     if len(ids) + reserve <= limit:
         return ids, 0
     if overflow == "error":
@@ -324,7 +327,7 @@ def fit_prompt(cm: ChatModel, messages: list[dict], max_tokens: int, overflow: s
                 dropped += 1
             else:
                 break
-        ids = encode_prompt(cm, render_prompt(cm, msgs))
+        ids = encode_prompt(cm, render_prompt(cm, msgs, cancel_check))
     return ids, dropped
 
 
@@ -369,11 +372,9 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
         raise UserError("bad_input", f"max_tokens must be at least 1, got {job.max_tokens!r}.")
     if not all(isinstance(s, str) for s in job.stop):
         raise UserError("bad_input", "stop must be a list of strings.")
-    params = SamplingParams(temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, min_p=job.min_p,
-                            repetition_penalty=job.repetition_penalty, presence_penalty=job.presence_penalty,
-                            seed=job.seed)
-    try:
-        params.validate()
+    requested = {k: getattr(job, k) for k in SAMPLING_KEYS}
+    try:  # the values the job sets are checked before a model is loaded for it
+        SamplingParams(**{k: v for k, v in requested.items() if v is not None}).validate()
     except ValueError as exc:
         raise UserError("bad_input", f"{exc}.") from None
     messages = check_messages(job)
@@ -393,10 +394,17 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
         nbytes=lambda m: m.nbytes, path=str(path), where="RAM" if device.type == "cpu" else "VRAM")
 
     t_start = time.perf_counter()
-    prompt, dropped = fit_prompt(cm, messages, job.max_tokens, job.overflow)
+    prompt, dropped = fit_prompt(cm, messages, job.max_tokens, job.overflow, ctx.cancel.check)
     max_new = min(job.max_tokens, cm.context_length - len(prompt))
     ensure_cache(cm, len(prompt) + max_new)
+    sampling, _ = resolve_sampling(requested, cm.generation_defaults, cm.model_name)
+    params = SamplingParams(**sampling, presence_penalty=job.presence_penalty, seed=job.seed)
+    try:  # a model file's own values may be out of range too
+        params.validate()
+    except ValueError as exc:
+        raise UserError("bad_input", f"{exc} (from the model's defaults; set it in the chat's settings).") from None
     sampler = Sampler(params, cm.model.config.vocab_size, device)
+    guard = RepetitionGuard()
 
     decoder = IncrementalDecoder(cm.tokenizer, skip_special=True)
     stops = StopFilter(list(job.stop))
@@ -435,6 +443,9 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
             if cut:
                 finish = "stop"
                 break
+            if guard.push(tok):  # a loop of the same phrase would otherwise run to max_tokens
+                finish = "repetition"
+                break
             if ctx.cancel.cancelled:
                 emit(stops.flush())  # the text so far reaches the user before the job ends
                 ctx.cancel.check()
@@ -458,4 +469,5 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
         seed=sampler.seed,
         dropped_turns=dropped,
         notes=list(cm.notes) if fresh else [],
+        sampling={**sampling, "presence_penalty": job.presence_penalty},
     )
