@@ -32,6 +32,11 @@ class QtEngine(QObject):
     def state(self) -> str:
         return self.client.state
 
+    @property
+    def restarts_after_crash(self) -> bool:
+        """Whether the client starts a new engine by itself when one dies (JobRunner tells the tabs)."""
+        return self.client.options.auto_restart
+
     def start(self) -> None:
         self.client.start(wait=False)
         self._poll.start()

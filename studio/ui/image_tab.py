@@ -1,8 +1,8 @@
 """The Image tab: prompts and settings on the left, live preview and results on the right.
 
-State lives in the widgets; a job is one ImageJob built from them. The engine answers with
-protocol Messages for that job id (progress, preview, result, error, cancelled), handled in
-`_on_message`. Nothing here blocks: submit returns at once and thumbnails load in a pool.
+State lives in the widgets; a job is one ImageJob built from them. A JobRunner follows it and
+reports progress, previews, the result, a failure (an engine crash included) or the cancel.
+Nothing here blocks: submit returns at once and thumbnails load in a pool.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from typing import Any
 from PySide6.QtCore import QSize, Qt, QTimer
 from PySide6.QtGui import QImage, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QHBoxLayout,
     QLabel,
-    QPushButton,
     QScrollArea,
     QSplitter,
     QVBoxLayout,
@@ -25,7 +23,7 @@ from PySide6.QtWidgets import (
 
 from studio.library.pngmeta import read_png_parameters
 from studio.paths import Paths
-from studio.protocol import ImageJob, Message, job_to_dict
+from studio.protocol import ImageJob, job_to_dict
 from studio.settings import Settings
 from studio.ui.image.gallery import Gallery, GalleryItem
 from studio.ui.image.mask_canvas import InitImagePanel
@@ -33,6 +31,8 @@ from studio.ui.image.options import IMAGE_FAMILIES, read_json, refuse_file_drops
 from studio.ui.image.params import ModelChoice, ParamsPanel
 from studio.ui.image.preview import PreviewPanel, format_seconds
 from studio.ui.image.prompt_box import PromptEdit, PromptHistory
+from studio.ui.job_runner import JobRunner, failure_text
+from studio.ui.job_widgets import GenerateBar
 
 STATE_FILE = "image_tab.json"
 HISTORY_FILE = "image_prompt_history.json"
@@ -62,8 +62,7 @@ class ImageTab(QWidget):
         self.library = library
         self.state_path = paths.data / STATE_FILE
         self.history = PromptHistory(paths.data / HISTORY_FILE)
-        self.job_id: str | None = None
-        self.job: ImageJob | None = None  # the running job, or the last one (Retry resubmits it)
+        self.runner = JobRunner(engine, self)
         self._installer_hooked = False
         self.setStyleSheet(STYLE)
 
@@ -74,12 +73,10 @@ class ImageTab(QWidget):
         self.prompt.setMaximumHeight(130)  # the settings below need the height more than a long prompt does
         self.negative.setMinimumHeight(40)
         self.negative.setMaximumHeight(64)
-        self.generate_button = QPushButton("Generate")
-        self.generate_button.setObjectName("GenerateButton")
-        self.generate_button.setToolTip("Generate (Ctrl+Enter)")
+        self.buttons = GenerateBar("Stop this image (Esc)")
+        self.generate_button = self.buttons.generate_button
+        self.cancel_button = self.buttons.cancel_button
         self.generate_button.clicked.connect(self.generate)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop this image (Esc)")
         self.cancel_button.clicked.connect(self.cancel)
         self.notice = QLabel()
         self.notice.setObjectName("ImageNotice")
@@ -104,15 +101,12 @@ class ImageTab(QWidget):
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(settings_box)
 
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.generate_button, 1)
-        buttons.addWidget(self.cancel_button)
         left = QWidget()
         left_layout = QVBoxLayout(left)
         left_layout.setContentsMargins(8, 8, 4, 8)
         left_layout.addWidget(self.prompt, 2)
         left_layout.addWidget(self.negative, 1)
-        left_layout.addLayout(buttons)
+        left_layout.addWidget(self.buttons)
         left_layout.addWidget(self.notice)
         left_layout.addWidget(self.scroll, 5)
         left.setMinimumWidth(360)
@@ -146,7 +140,15 @@ class ImageTab(QWidget):
         QShortcut(QKeySequence("Esc"), self, self.cancel, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
         self.setAcceptDrops(True)
         refuse_file_drops(self)
-        self.engine.message.connect(self._on_message)
+        runner = self.runner
+        runner.accepted.connect(self._on_accepted)
+        runner.started.connect(lambda: self.preview.status_label.setText("Starting…"))
+        runner.progress.connect(lambda step, total, stage: self.preview.set_progress(stage, step, total))
+        runner.preview.connect(self._on_preview)
+        runner.finished.connect(self._on_result)
+        runner.failed.connect(self._on_failed)
+        runner.cancelled.connect(lambda: self._finish("Cancelled."))
+        runner.busy_changed.connect(self._set_busy)
 
         self.refresh_models()
         self.load_state()
@@ -204,7 +206,16 @@ class ImageTab(QWidget):
     # -- the job -----------------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self.job_id is not None
+        return self.runner.busy
+
+    @property
+    def job_id(self) -> str | None:
+        return self.runner.job_id
+
+    @property
+    def job(self) -> ImageJob | None:
+        """The running job, or the last one (Retry resubmits it)."""
+        return self.runner.job
 
     def build_job(self, roll_seed: bool = True) -> ImageJob:
         """The ImageJob the controls describe. Unlocked, the seed is rolled first (and shown)."""
@@ -246,11 +257,8 @@ class ImageTab(QWidget):
         return self.submit(job)
 
     def submit(self, job: ImageJob) -> str:
-        self.job = job
-        self.job_id = self.engine.submit(job)
         self.preview.start()
-        self._set_busy(True)
-        return self.job_id
+        return self.runner.submit(job)
 
     def retry(self) -> str | None:
         """Send the job that failed again, exactly as it was (same seed)."""
@@ -259,52 +267,28 @@ class ImageTab(QWidget):
         return self.submit(self.job)
 
     def cancel(self) -> None:
-        if self.job_id is None:
-            return
-        self.engine.cancel(self.job_id)
-        self.cancel_button.setEnabled(False)
-        self.preview.status_label.setText("Cancelling…")
+        if self.runner.cancel():
+            self.cancel_button.setEnabled(False)
+            self.preview.status_label.setText("Cancelling…")
 
     def _set_busy(self, busy: bool) -> None:
-        has_model = bool(self.params.checkpoints)
-        self.generate_button.setEnabled(not busy and has_model)
-        self.generate_button.setToolTip("Generate (Ctrl+Enter)" if has_model else
-                                        "Install a Stable Diffusion checkpoint first: drop it on this window")
-        self.cancel_button.setEnabled(busy)
+        self.buttons.set_busy(busy, bool(self.params.checkpoints),
+                              "Install a Stable Diffusion checkpoint first: drop it on this window")
 
     def _finish(self, text: str) -> None:
-        self.job_id = None
         self.preview.set_idle(text)
-        self._set_busy(False)
 
-    # -- engine messages -------------------------------------------------------------------------------------------
-    def _on_message(self, msg: Message) -> None:
-        if self.job_id is None or msg.get("job_id") != self.job_id:
-            return
-        match msg.type:
-            case "accepted":
-                ahead = msg["position"]
-                if ahead > 0:
-                    self.preview.status_label.setText(f"Waiting for {ahead} job{'s' if ahead > 1 else ''} "
-                                                      "ahead in the engine…")
-            case "started":
-                self.preview.status_label.setText("Starting…")
-            case "progress":
-                self.preview.set_progress(msg["stage"], msg["step"], msg["total"])
-            case "preview":
-                if msg.payloads:
-                    image = QImage.fromData(msg.payloads[0])
-                    if not image.isNull():
-                        job = self.job
-                        self.preview.show_image(image, QSize(job.width, job.height) if job else None)
-            case "result":
-                self._on_result(msg["result"])
-            case "error":
-                self.job_id = None
-                self._set_busy(False)
-                self.preview.show_error(f"{msg['message']}" + (f"  ({msg['kind']})" if msg.get("kind") else ""))
-            case "cancelled":
-                self._finish("Cancelled.")
+    # -- the runner's reports -------------------------------------------------------------------------------------
+    def _on_accepted(self, ahead: int) -> None:
+        if ahead > 0:
+            self.preview.status_label.setText(f"Waiting for {ahead} job{'s' if ahead > 1 else ''} ahead in the engine…")
+
+    def _on_preview(self, image: QImage) -> None:
+        job = self.job
+        self.preview.show_image(image, QSize(job.width, job.height) if job else None)
+
+    def _on_failed(self, kind: str, message: str, engine_restarted: bool) -> None:
+        self.preview.show_error(failure_text(message, engine_restarted, "Retry") + f"  ({kind})")
 
     def _on_result(self, result: dict) -> None:
         images = [i for i in result.get("images", []) if isinstance(i, dict) and i.get("path")]

@@ -1,7 +1,7 @@
 """The Video tab: Wan settings on the left; live preview, player and gallery of past videos on the right.
 
-A job is one VideoJob built from the widgets; the engine answers with protocol Messages for that
-job id (progress, preview, result, error, cancelled), handled in `_on_message`.
+A job is one VideoJob built from the widgets; a JobRunner follows it and reports progress, previews,
+the result, a failure (an engine crash included) or the cancel.
 
 The player (video_player.py) decodes the MP4 with OpenCV in a worker thread and shows the frames
 on a timer: play, pause, scrub, loop.
@@ -37,9 +37,11 @@ from PySide6.QtWidgets import (
 )
 
 from studio.paths import Paths
-from studio.protocol import Message, VideoJob, job_to_dict
+from studio.protocol import VideoJob, job_to_dict
 from studio.settings import Settings
 from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
+from studio.ui.job_runner import JobRunner, failure_text
+from studio.ui.job_widgets import GenerateBar, SeedField
 from studio.ui.video_player import VideoPlayer, thumbnail
 
 GALLERY_FILE = "video_gallery.json"
@@ -84,8 +86,7 @@ class VideoTab(QWidget):
         self.paths = paths
         self.settings = settings
         self.library = library
-        self.job_id: str | None = None
-        self.job: VideoJob | None = None
+        self.runner = JobRunner(engine, self)
         self.clock = ProgressClock()
         self.gallery_path = paths.data / GALLERY_FILE
         self.past: list[dict] = []  # {"path": str, "job": dict}, newest first
@@ -117,8 +118,7 @@ class VideoTab(QWidget):
         self.shift = self._dspin(0.1, 20, 5.0, 0.5)
         self.sampler = QComboBox()
         self.sampler.addItems(SAMPLERS)
-        self.seed = self._spin(-1, 2**31 - 1, -1, 1)
-        self.seed.setSpecialValueText("random")
+        self.seed = SeedField()
         self.image = QLineEdit()
         self.image.setPlaceholderText("Optional: an image to start from (I2V / TI2V models)")
         browse = QPushButton("…")
@@ -153,16 +153,11 @@ class VideoTab(QWidget):
         form.addRow("Seed", self.seed)
         form.addRow("Init image", image_row)
 
-        self.generate_button = QPushButton("Generate")
-        self.generate_button.setObjectName("GenerateButton")  # the accent style of the app's primary action
-        self.generate_button.setToolTip("Generate (Ctrl+Enter)")
+        self.buttons = GenerateBar("Cancel (Esc)")
+        self.generate_button = self.buttons.generate_button
+        self.cancel_button = self.buttons.cancel_button
         self.generate_button.clicked.connect(self.generate)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Cancel (Esc)")
         self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.generate_button, 1)
-        buttons.addWidget(self.cancel_button)
         self.notice = QLabel("")
         self.notice.setObjectName("VideoNotice")
         self.notice.setWordWrap(True)
@@ -175,7 +170,7 @@ class VideoTab(QWidget):
         col.addWidget(QLabel("Negative prompt"))
         col.addWidget(self.negative)
         col.addLayout(form)
-        col.addLayout(buttons)
+        col.addWidget(self.buttons)
         col.addWidget(self.notice)
         col.addStretch()
 
@@ -232,7 +227,13 @@ class VideoTab(QWidget):
         for keys in ("Ctrl+Return", "Ctrl+Enter"):
             QShortcut(QKeySequence(keys), self, self.generate, context=scope)
         QShortcut(QKeySequence("Esc"), self, self.cancel, context=scope)
-        self.engine.message.connect(self._on_message)
+        runner = self.runner
+        runner.progress.connect(self._on_progress)
+        runner.preview.connect(self._on_preview)
+        runner.finished.connect(self._on_result)
+        runner.failed.connect(self._on_failed)
+        runner.cancelled.connect(self._on_cancelled)
+        runner.busy_changed.connect(self._set_busy)
         self.refresh_models()
         self.load_state()
         self.load_gallery()
@@ -349,7 +350,15 @@ class VideoTab(QWidget):
     # -- the job ---------------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self.job_id is not None
+        return self.runner.busy
+
+    @property
+    def job_id(self) -> str | None:
+        return self.runner.job_id
+
+    @property
+    def job(self) -> VideoJob | None:
+        return self.runner.job
 
     def build_job(self) -> VideoJob:
         values = dict(model=self.model_path(), prompt=self.prompt.toPlainText().strip(),
@@ -371,63 +380,52 @@ class VideoTab(QWidget):
         if not self.model_path():
             self.show_notice(NO_MODEL)
             return None
-        self.job = self.build_job()
         self.notice.hide()
-        self.job_id = self.engine.submit(self.job)
         self.preview.set_image(None)
         self.stack.setCurrentWidget(self.preview)
         self.player.stop()
         self.status.setText("Sending to the engine…")
         self.progress.setRange(0, 0)
-        self._set_busy(True)
+        job_id = self.runner.submit(self.build_job())
         self.save_state()
-        return self.job_id
+        return job_id
 
     def cancel(self) -> None:
-        if self.job_id is None:
-            return
-        self.engine.cancel(self.job_id)
-        self.cancel_button.setEnabled(False)
-        self.status.setText("Cancelling…")
+        if self.runner.cancel():
+            self.cancel_button.setEnabled(False)
+            self.status.setText("Cancelling…")
 
     def _set_busy(self, busy: bool) -> None:
-        self.generate_button.setEnabled(not busy and bool(self.model_path()))
-        self.cancel_button.setEnabled(busy)
+        self.buttons.set_busy(busy, bool(self.model_path()), NO_MODEL)
 
     def _finish(self, text: str) -> None:
-        self.job_id = None
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.status.setText(text)
-        self._set_busy(False)
 
     def show_notice(self, text: str) -> None:
         self.notice.setText(text)
         self.notice.show()
 
-    # -- engine messages -------------------------------------------------------------------------------------
-    def _on_message(self, msg: Message) -> None:
-        if self.job_id is None or msg.get("job_id") != self.job_id:
-            return
-        match msg.type:
-            case "progress":
-                total = max(1, msg["total"])
-                self.progress.setRange(0, total)
-                self.progress.setValue(min(msg["step"], total))
-                self.status.setText(self.clock.update(msg["stage"], msg["step"], msg["total"]))
-            case "preview":
-                image = QImage.fromData(msg.payloads[0]) if msg.payloads else QImage()
-                if not image.isNull():
-                    job = self.job
-                    self.preview.set_image(image, QSize(job.width, job.height) if job else None)
-            case "result":
-                self._on_result(msg["result"])
-            case "error":
-                self._finish(f"Failed: {msg['message']}")
-                self.show_notice(msg["message"])
-            case "cancelled":
-                self._finish("Cancelled.")
-                self.stack.setCurrentWidget(self.player)
+    # -- the runner's reports -------------------------------------------------------------------------------
+    def _on_progress(self, step: int, total: int, stage: str) -> None:
+        self.progress.setRange(0, max(1, total))
+        self.progress.setValue(min(step, max(1, total)))
+        self.status.setText(self.clock.update(stage, step, total))
+
+    def _on_preview(self, image: QImage) -> None:
+        job = self.job
+        self.preview.set_image(image, QSize(job.width, job.height) if job else None)
+
+    def _on_failed(self, kind: str, message: str, engine_restarted: bool) -> None:
+        text = failure_text(message, engine_restarted)
+        self._finish(f"Failed: {text}")
+        self.show_notice(text)
+        self.stack.setCurrentWidget(self.player)
+
+    def _on_cancelled(self) -> None:
+        self._finish("Cancelled.")
+        self.stack.setCurrentWidget(self.player)
 
     def _on_result(self, result: dict) -> None:
         videos = [v for v in result.get("videos", []) if isinstance(v, dict) and v.get("path")]
@@ -559,3 +557,4 @@ class VideoTab(QWidget):
 
     def shutdown(self) -> None:
         self.player.stop()
+

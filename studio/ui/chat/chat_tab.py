@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 
 from studio.chatstore import INTERRUPTED_ON_EXIT, ChatStore, ChatStoreError, Thread, move_aside
 from studio.paths import Paths
-from studio.protocol import ChatJob, Message
+from studio.protocol import ChatJob
 from studio.settings import Settings
 from studio.ui.chat.chat_pane import ChatPane
 from studio.ui.chat.message_view import is_dark
@@ -36,10 +36,10 @@ from studio.ui.chat.settings_panel import SettingsPanel
 from studio.ui.chat.state import Stream, db_action
 from studio.ui.chat.style import stylesheet
 from studio.ui.chat.thread_list import ThreadList
+from studio.ui.job_runner import ENGINE_GONE, JobRunner, failure_text
 
 PAINT_INTERVAL_MS = 30
 SAVE_INTERVAL_S = 0.25
-ENGINE_GONE = ("engine_crashed", "engine_hung", "engine_stopped", "engine_failed")
 JOB_FIELDS = {f.name for f in dataclasses.fields(ChatJob)}
 BUNDLED_LABEL = "SmolLM2 135M (bundled)"
 
@@ -60,6 +60,8 @@ class ChatTab(QWidget):
         self.streams: dict[str, Stream] = {}
         self.ui_updates = 0  # repaints of streaming text (tests check answers arrive incrementally)
         self.error: ChatStoreError | None = None
+        self._runners: list[JobRunner] = []
+        self._context_stats: dict | None = None  # the footer's last finished answer, counted on while streaming
 
         self.pages = QStackedWidget(self)
         outer = QVBoxLayout(self)
@@ -83,7 +85,6 @@ class ChatTab(QWidget):
         self._retry_timer.setInterval(1000)
         self._retry_timer.timeout.connect(self._retry_pending)
         self._shortcuts()
-        self.engine.message.connect(self._on_engine_message)
         self._dark = is_dark()
         self.setStyleSheet(stylesheet(self._dark))
         self.open_store()
@@ -268,7 +269,7 @@ class ChatTab(QWidget):
     def delete_thread(self, thread_id: int) -> None:
         for s in list(self.streams.values()):
             if s.thread_id == thread_id:
-                self.engine.cancel(s.job_id)
+                s.runner.cancel()
         title = self.store.thread(thread_id).title
         self.store.delete_thread(thread_id)
         self._undo_thread = thread_id
@@ -378,9 +379,10 @@ class ChatTab(QWidget):
         answer = self.store.add_message(thread_id, "assistant", "", status="streaming")
         sampling = {k: v for k, v in t.settings.items() if k in JOB_FIELDS}
         job = ChatJob(messages=history, model=t.model, system=t.system, overflow=overflow, **sampling)
-        job_id = self.engine.submit(job)
-        now = time.monotonic()
-        self.streams[job_id] = Stream(job_id, thread_id, answer.id, saved_at=now)
+        runner = self._idle_runner()
+        s = Stream("", thread_id, answer.id, saved_at=time.monotonic(), runner=runner)
+        s.job_id = runner.submit(job)
+        self.streams[s.job_id] = s
         if thread_id == self.thread_id:
             bubble = self.view.add(answer)
             bubble.status_label.setText("waiting for the engine…")
@@ -390,7 +392,7 @@ class ChatTab(QWidget):
     def stop(self) -> None:
         s = self._stream_for(self.thread_id)
         if s is not None:
-            self.engine.cancel(s.job_id)
+            s.runner.cancel()
 
     @db_action
     def regenerate(self, message_id: int) -> int | None:
@@ -421,30 +423,54 @@ class ChatTab(QWidget):
         self.view.bubbles[message_id].update_message(self.store.message(message_id))
         return self._generate(m.thread_id)
 
-    def _on_engine_message(self, msg: Message) -> None:
-        s = self.streams.get(msg.get("job_id") or "")
-        if s is None:
-            return
-        if msg.type == "token":
-            s.parts.append(msg["text"])
-            s.dirty = s.unsaved = True
-            if not self._paint_timer.isActive():
-                self._paint_timer.start()
-        elif msg.type == "started":
-            s.started = True
+    def _idle_runner(self) -> JobRunner:
+        """A runner with no job: answers in different threads stream at once, each with its own runner.
+        Runners are kept and reused rather than deleted, since one finishes inside its own signal."""
+        busy = {s.runner for s in self.streams.values()}
+        runner = next((r for r in self._runners if r not in busy and not r.busy), None)
+        if runner is None:
+            runner = JobRunner(self.engine, self)
+            self._runners.append(runner)
+            on = self._with_stream
+            runner.token.connect(lambda text, r=runner: on(r, self._on_token, text))
+            runner.started.connect(lambda r=runner: on(r, self._on_started))
+            runner.progress.connect(lambda _step, _total, stage, r=runner: on(r, self._on_progress, stage))
+            runner.finished.connect(lambda result, r=runner: on(r, self._on_result, result))
+            runner.cancelled.connect(lambda r=runner: on(r, lambda st: self._finish(st, "stopped", st.text)))
+            runner.failed.connect(lambda kind, message, restarted, r=runner:
+                                  on(r, self._on_failed, kind, message, restarted))
+        return runner
+
+    def _with_stream(self, runner: JobRunner, handler: Any, *args: Any) -> None:
+        s = next((s for s in self.streams.values() if s.runner is runner), None)
+        if s is not None:
+            handler(s, *args)
+
+    def _on_token(self, s: Stream, text: str) -> None:
+        if not s.parts:  # the first token: whatever the loading stages said is over
             self._set_bubble_status(s, "typing…")
-        elif msg.type == "progress" and not s.parts:
-            self._set_bubble_status(s, f"{msg['stage']}…")
-        elif msg.type == "result":
-            r = dict(msg["result"])
-            text = r.pop("text", s.text)
-            self._finish(s, "done", text, stats=r)
-        elif msg.type == "cancelled":
-            self._finish(s, "stopped", s.text)
-        elif msg.type == "error":
-            kind = msg["kind"]
-            status = "interrupted" if kind in ENGINE_GONE else "error"
-            self._finish(s, status, s.text, error={"kind": kind, "message": msg["message"]})
+        s.parts.append(text)
+        s.dirty = s.unsaved = True
+        if not self._paint_timer.isActive():
+            self._paint_timer.start()
+
+    def _on_started(self, s: Stream) -> None:
+        s.started = True
+        self._set_bubble_status(s, "typing…")
+
+    def _on_progress(self, s: Stream, stage: str) -> None:
+        if not s.parts:  # loading stages; once text streams the bubble says "typing…"
+            self._set_bubble_status(s, f"{stage}…")
+
+    def _on_result(self, s: Stream, result: dict) -> None:
+        r = dict(result)
+        text = r.pop("text", s.text)
+        self._finish(s, "done", text, stats=r)
+
+    def _on_failed(self, s: Stream, kind: str, message: str, engine_restarted: bool) -> None:
+        status = "interrupted" if kind in ENGINE_GONE else "error"
+        self._finish(s, status, s.text, error={"kind": kind, "message": failure_text(message, engine_restarted,
+                                                                                      "Retry")})
 
     def _set_bubble_status(self, s: Stream, text: str) -> None:
         b = self.view.bubbles.get(s.msg_id) if s.thread_id == self.thread_id else None
@@ -460,6 +486,7 @@ class ChatTab(QWidget):
                 if b is not None:
                     t0 = time.monotonic()
                     b.set_streaming_text(s.text)
+                    self._update_context(s)
                     self.ui_updates += 1
                     # Re-rendering grows with the answer; keep it under a quarter of the wall time.
                     s.paint_after = now + 3 * (time.monotonic() - t0)
@@ -512,16 +539,25 @@ class ChatTab(QWidget):
         self.send_button.style().polish(self.send_button)
         self.view.refresh_actions(busy)
 
-    def _update_context(self) -> None:
-        msgs = self.store.messages(self.thread_id) if self.store is not None and self.thread_id is not None else []
-        last = next((m.stats for m in reversed(msgs) if m.stats.get("context_length")), None)
+    def _update_context(self, streaming: Stream | None = None) -> None:
+        """The footer: context used by the last finished answer, and while one streams, that plus its tokens
+        so far (the engine tells the exact prompt size only with the result, so the running count is "about")."""
+        if streaming is not None:
+            last = self._context_stats
+        else:
+            msgs = self.store.messages(self.thread_id) if self.store is not None and self.thread_id is not None else []
+            last = next((m.stats for m in reversed(msgs) if m.stats.get("context_length")), None)
+            self._context_stats = last
+        so_far = len(streaming.parts) if streaming is not None else 0  # one token message is about one token
         if last is None:
-            self.context_label.setText("Context: nothing used yet")
+            self.context_label.setText(f"Context: answering, {so_far:,} tokens so far" if streaming is not None
+                                       else "Context: nothing used yet")
             self.context_bar.setRange(0, 1)
             self.context_bar.setValue(0)
             return
-        used, total = last["prompt_tokens"] + last["completion_tokens"], last["context_length"]
-        self.context_label.setText(f"Context: {used:,} / {total:,} tokens")
+        used, total = last["prompt_tokens"] + last["completion_tokens"] + so_far, last["context_length"]
+        about = "about " if streaming is not None else ""
+        self.context_label.setText(f"Context: {about}{used:,} / {total:,} tokens")
         self.context_bar.setRange(0, total)
         self.context_bar.setValue(min(used, total))
         self.context_bar.setToolTip(f"{used / total:.0%} of this model's context is used by this chat")
@@ -584,13 +620,14 @@ class ChatTab(QWidget):
         """Save what is streaming, mark it interrupted, forget deleted threads, close the database."""
         if self.store is None:
             return
-        self.engine.message.disconnect(self._on_engine_message)
         self._paint_timer.stop()
         self._retry_timer.stop()
         for s in list(self.streams.values()):
-            self.engine.cancel(s.job_id)
+            s.runner.cancel()
             self._save(s.msg_id, content=s.text, status="interrupted", error=INTERRUPTED_ON_EXIT)
         self.streams.clear()
+        for runner in self._runners:
+            runner.close()  # stop listening: nothing may arrive after the store closes
         self._retry_pending()
         try:
             self.settings_panel.flush()

@@ -38,6 +38,7 @@ class Stream:
     saved_at: float = 0.0
     paint_after: float = 0.0  # long answers repaint less often so a repaint never eats the frame budget
     started: bool = False
+    runner: Any = None  # the JobRunner following this answer's job
 
     @property
     def text(self) -> str:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QRegularExpression, Qt, Signal
-from PySide6.QtGui import QRegularExpressionValidator
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -16,7 +14,6 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPushButton,
     QSpinBox,
     QToolButton,
@@ -34,8 +31,8 @@ from studio.ui.image.options import (
     size_presets,
     snap8,
 )
+from studio.ui.job_widgets import SeedField
 
-SEED_MAX = (1 << 64) - 1  # ComfyUI seeds go this high; the engine takes any of them
 CUSTOM = "custom"
 
 
@@ -190,22 +187,12 @@ class ParamsPanel(QWidget):
         sampler_row.addWidget(self.sampler_combo, 1)
         sampler_row.addWidget(self.schedule_combo, 1)
 
-        self.seed_edit = QLineEdit("0")
-        self.seed_edit.setMinimumWidth(60)
-        self.seed_edit.setValidator(QRegularExpressionValidator(QRegularExpression(r"\d{1,20}")))
-        self.seed_edit.setToolTip("The same seed and settings give the same image on the same device")
-        self.dice_button = QToolButton()
-        self.dice_button.setText("⚄")  # a die face: in DejaVu, Segoe UI Symbol and Apple Symbols, unlike 🎲
-        font = self.dice_button.font()
-        font.setPointSizeF(font.pointSizeF() * 1.4)
-        self.dice_button.setFont(font)
-        self.dice_button.setToolTip("New random seed")
-        self.dice_button.clicked.connect(self.roll_seed)
+        self.seed_field = SeedField()
+        self.seed_edit = self.seed_field.edit
+        self.dice_button = self.seed_field.dice_button
         self.lock_check = QCheckBox("Lock")
         self.lock_check.setToolTip("Keep this seed for the next images; unlocked, every Generate rolls a new one")
-        seed_row = QHBoxLayout()
-        seed_row.addWidget(self.seed_edit, 1)
-        seed_row.addWidget(self.dice_button)
+        seed_row = self.seed_field.row
         seed_row.addWidget(self.lock_check)
 
         self.batch_size_spin = QSpinBox()
@@ -237,7 +224,7 @@ class ParamsPanel(QWidget):
         form.addRow("", size_row)
         form.addRow("Steps", steps_row)
         form.addRow("Sampler", sampler_row)
-        form.addRow("Seed", seed_row)
+        form.addRow("Seed", self.seed_field)
         form.addRow("Batch", batch_row)
         form.addRow("Clip skip", self.clip_skip_spin)
         form.addRow("Prediction", self.prediction_combo)
@@ -405,22 +392,22 @@ class ParamsPanel(QWidget):
 
     # -- seed ----------------------------------------------------------------------------------------------
     def seed(self) -> int:
-        text = self.seed_edit.text().strip()
-        return min(int(text), SEED_MAX) if text else 0
+        """The seed shown, or -1 while the field says "random"."""
+        return self.seed_field.value()
 
     def set_seed(self, seed: int, lock: bool | None = None) -> None:
-        self.seed_edit.setText(str(max(0, min(int(seed), SEED_MAX))))
+        self.seed_field.setValue(int(seed))
         if lock is not None:
             self.lock_check.setChecked(lock)
 
     def roll_seed(self) -> int:
-        seed = random.randrange(1 << 32)  # A1111's range, so seeds stay short enough to read out
-        self.set_seed(seed)
-        return seed
+        return self.seed_field.roll()
 
     def next_seed(self) -> int:
-        """The seed for the next job: the locked one, or a fresh one shown in the field."""
-        return self.seed() if self.lock_check.isChecked() else self.roll_seed()
+        """The seed for the next job: the locked one, or a fresh one shown in the field (so it can be kept)."""
+        if self.lock_check.isChecked() and self.seed() >= 0:
+            return self.seed()
+        return self.roll_seed()
 
     # -- all values --------------------------------------------------------------------------------------------
     def values(self) -> dict:
