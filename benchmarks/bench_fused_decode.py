@@ -36,14 +36,8 @@ from studio.engine.pipelines.decoding import decode_step, generate_tokens
 from studio.engine.sampling import greedy_on_device
 from studio.models.llm import LLMConfig
 from studio.models.llm_build import build_llm
-from studio.models.llm_decode import (
-    FusedDecoder,
-    MatvecConfig,
-    _matvec_kernel,
-    _qkv_rope_kernel,
-    default_config,
-    triton,
-)
+from studio.models.llm_decode import FusedDecoder
+from studio.nn.kernels.decode import MatvecConfig, default_config, matvec_kernel, qkv_rope_kernel, triton
 
 CANDIDATES = [MatvecConfig(r, c, w) for r, c, w in
               [(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4),
@@ -154,7 +148,7 @@ def sweep(dec: FusedDecoder, device: torch.device, out: list) -> dict:
 
                 def fn(cfg=cfg, bh=bh, mats=mats, k=k, xin=xin, g=g):
                     for w, L in zip(mats, Ls, strict=True):
-                        _qkv_rope_kernel[((dec.hq + 2 * dec.hkv) * (dec.d // 2 // bh),)](
+                        qkv_rope_kernel[((dec.hq + 2 * dec.hkv) * (dec.d // 2 // bh),)](
                             w, xin, g, w, dec.cos, dec.sin, dec.pos, dec.q, L.k_cache, L.v_cache, dec.k_raw, k,
                             eps, dec.cache_len, HQ=dec.hq, HKV=dec.hkv, D=dec.d, BIAS=False, ROPE=True, BH=bh,
                             BK=cfg.chunk, num_warps=cfg.warps)
@@ -163,7 +157,7 @@ def sweep(dec: FusedDecoder, device: torch.device, out: list) -> dict:
 
                 def fn(cfg=cfg, mats=mats, xin=xin, y=y, n=n, k=k, norm=norm, gated=kind == "gated", g=g):
                     for w in mats:
-                        _matvec_kernel[(triton.cdiv(n, cfg.rows),)](
+                        matvec_kernel[(triton.cdiv(n, cfg.rows),)](
                             w, xin, g, w, y, n, k, eps, NORM=norm, BIAS=False, RESID=False, GATED=gated,
                             BN=cfg.rows, BK=cfg.chunk, num_warps=cfg.warps)
             try:

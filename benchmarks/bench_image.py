@@ -105,8 +105,8 @@ def bench_unet(args, device: str, dtype: torch.dtype) -> None:
 def bench_vae(args, device: str, dtype: torch.dtype) -> None:
     from diffusers import AutoencoderKL as RefVAE
 
-    from studio.engine.tiling import tiled_decode
     from studio.models.vae import load_vae
+    from studio.nn.tiling import tiled_decode
 
     side = 32 if args.tiny else 256  # latent side: 2048² pixels
     blocks = (32, 32) if args.tiny else (128, 256, 512, 512)

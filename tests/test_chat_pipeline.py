@@ -445,8 +445,8 @@ def test_cuda_compiled_step_with_packed_int4_weights_matches_eager():
     # GGUF Q4 weights become Int4Linear modules: they must survive torch.compile + CUDA graphs.
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from studio.engine.quant import quantize_int4
     from studio.models.llm_build import build_llm
+    from studio.nn.packed_int import quantize_int4
 
     cfg = LLMConfig(model_type="llama", vocab_size=256, hidden_size=256, n_layers=2, n_heads=4, n_kv_heads=2,
                     head_dim=64, intermediate_size=512, max_position_embeddings=256)

@@ -19,9 +19,10 @@ from studio.engine.pipelines.chat import (  # noqa: E402
     load_chat_model,
     run_chat,
 )
-from studio.engine.quant import Int4Weight, Int8Weight, QuantEmbedding  # noqa: E402
 from studio.models.llm import LLM, LLMConfig  # noqa: E402
 from studio.models.llm_build import quantize_state, weight_bytes  # noqa: E402
+from studio.nn.packed import QuantEmbedding  # noqa: E402
+from studio.nn.packed_int import Int4Weight, Int8Weight  # noqa: E402
 from studio.protocol import ChatJob  # noqa: E402
 
 

@@ -14,16 +14,16 @@ import torch
 from safetensors.torch import save_file
 
 from studio.engine.context import UserError
-from studio.engine.offload import Fp8Linear, estimate_module_bytes
+from studio.engine.offload import estimate_module_bytes
 from studio.engine.pipelines.video_parts import read_state_dict as read_video_part
-from studio.engine.quant_gguf import GGUFLinear, GGUFWeight
-from studio.engine.weights import load_weights
 from studio.library.detect import detect
-from studio.models.diffusion_quant import Fp8Weight
 from studio.models.sd_checkpoint import _build_unet, load_sd
 from studio.models.unet import UNet, UNetConfig, build_unet
 from studio.models.unet_convert import to_ldm
 from studio.models.wan import WanConfig, WanTransformer, load_wan_transformer
+from studio.models.weights_io import load_weights
+from studio.nn.packed_fp8 import Fp8Linear, Fp8Weight
+from studio.nn.packed_gguf import GGUFLinear, GGUFWeight
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

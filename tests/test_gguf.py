@@ -11,9 +11,9 @@ import torch
 from gguf.quants import quantize as gguf_quantize
 
 from studio.engine.context import UserError
-from studio.engine.quant_gguf import GGUFWeight
 from studio.models.gguf_llm import gguf_weight_bytes, load_gguf_llm, read_gguf
 from studio.models.tokenizer import _bytes_to_unicode
+from studio.nn.packed_gguf import GGUFWeight
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, VOCAB = 64, 4, 2, 128, 2, 288
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

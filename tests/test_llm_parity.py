@@ -236,8 +236,8 @@ def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path):
 def test_int8_quantized_load_of_every_family_stays_close_to_the_reference(tmp_path, family):
     # ChatJob.quant packs each family's matrices and fuses q/k/v and gate/up while packing
     # (qkv biases, q/k norms, tied heads and Phi-3's already-fused layout included)
-    from studio.engine.quant import QuantEmbedding
     from studio.models.llm_build import quantize_state
+    from studio.nn.packed import QuantEmbedding
 
     ref, folder = make_folder(tmp_path, family)
     loaded = load_hf_folder(folder)

@@ -20,7 +20,7 @@ from studio.engine.memory import (
     quantize_model,
     run_with_oom_retry,
 )
-from studio.engine.offload import Fp8Linear, fp8_supported
+from studio.nn.packed_fp8 import Fp8Linear, fp8_supported
 
 GiB = 1 << 30
 R, M, B, S = Policy.RESIDENT, Policy.MODEL_OFFLOAD, Policy.BLOCK_STREAM, Policy.SEQUENTIAL
@@ -303,7 +303,7 @@ def test_quantize_model_saves_the_expected_bytes_within_error_bounds(mode):
 
     if mode == "fp8" and not fp8_supported():
         pytest.skip("this torch cannot cast to float8_e4m3fn")
-    pytest.importorskip("studio.engine.quant")
+    pytest.importorskip("studio.nn.packed_int")
     torch.manual_seed(0)
     net = Net(width=W, depth=3).eval()
     q = copy.deepcopy(net)

@@ -8,12 +8,11 @@ from torch import nn
 
 from studio.engine.offload import (
     BlockStreamer,
-    Fp8Linear,
     WholeModule,
     find_blocks,
-    fp8_supported,
     leaf_blocks,
 )
+from studio.nn.packed_fp8 import Fp8Linear, fp8_supported
 
 
 class Block(nn.Module):

@@ -9,15 +9,15 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from studio.engine.quant import (
+from studio.nn.gguf_dequant import GGML_TYPE_BY_NAME, dequantize
+from studio.nn.packed_gguf import GGUFWeight
+from studio.nn.packed_int import (
     Int4Linear,
     Int8Linear,
     quantize_int4,
     quantize_int8,
     quantize_linear,
 )
-from studio.engine.quant_gguf import GGUFWeight
-from studio.models.gguf_dequant import GGML_TYPE_BY_NAME, dequantize
 
 QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -240,7 +240,7 @@ def test_int8_linear_with_k_not_a_multiple_of_16_is_correct_and_does_not_crash(k
     import subprocess
     import sys
 
-    code = ("import torch; from studio.engine.quant import quantize_linear;"
+    code = ("import torch; from studio.nn.packed_int import quantize_linear;"
             f"w = torch.randn(32, {k}); qw = quantize_linear(w, 'int8'); m = qw.to_module(None);"
             f"x = torch.randn(3, {k}); ref = x @ qw.dequantize(torch.float32).T; y = m(x);"
             "print(tuple(y.shape), float((y - ref).abs().max() / ref.abs().max()))")
@@ -255,7 +255,7 @@ def test_int8_linear_with_k_not_a_multiple_of_16_is_correct_and_does_not_crash(k
 def _old_two_copy_output(qw, x: torch.Tensor) -> torch.Tensor:
     """What the module computed before it dropped its canonical copy: the CPU kernel on a packing
     made from the canonical buffers, with a bf16 table made from the float32 scale and zero."""
-    from studio.engine.quant import _unpack_int4
+    from studio.nn.packed_int import _unpack_int4
 
     k = qw.shape[1]
     tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
@@ -306,7 +306,7 @@ def test_int4_kernel_module_holds_only_the_kernel_packing_and_computes_what_it_d
 
 @pytest.mark.parametrize("n,k", [(64, 256), (16, 64), (48, 96), (80, 576), (176, 128), (240, 192)])
 def test_cpu_packing_undone_by_reshapes_matches_the_kernel_reading_it_back(n, k):
-    from studio.engine.quant import _cpu_layout_nibbles, _kernel_nibbles, _pack_for, _pack_int4
+    from studio.nn.packed_int import _cpu_layout_nibbles, _kernel_nibbles, _pack_for, _pack_int4
 
     q = torch.randint(0, 16, (n, k), dtype=torch.int32)
     w = _pack_for(_pack_int4(q), "cpu")
@@ -315,7 +315,7 @@ def test_cpu_packing_undone_by_reshapes_matches_the_kernel_reading_it_back(n, k)
 
 
 def test_int4_dequantize_is_exact_nibbles_with_the_bf16_scale_and_zero_the_kernel_uses():
-    from studio.engine.quant import Int4Weight
+    from studio.nn.packed_int import Int4Weight
 
     torch.manual_seed(1)
     qw = quantize_int4(torch.randn(64, 256) * 0.05, 32)

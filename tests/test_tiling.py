@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL as RefVAE
 
 from studio.engine.context import UserError
-from studio.engine.tiling import decode_with_fallback, plan, tiled_decode, tiled_decode_3d, tiled_encode
 from studio.models.vae import load_vae
+from studio.nn.tiling import decode_with_fallback, plan, tiled_decode, tiled_decode_3d, tiled_encode
 
 WEIGHT = torch.randn(3, 4, 1, 1, generator=torch.Generator().manual_seed(0))
 

@@ -123,7 +123,7 @@ def test_missing_parts_name_the_file_to_install(wan_folder, tmp_path):
     single.mkdir(parents=True)
     from safetensors.torch import save_file
 
-    from studio.engine.weights import load_weights
+    from studio.models.weights_io import load_weights
 
     sd = load_weights(next((wan_folder / "transformer").glob("*.safetensors")))
     save_file({k: v.contiguous() for k, v in sd.items()}, single / "wan_tiny.safetensors")

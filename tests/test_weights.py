@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from studio.engine.context import UserError
-from studio.engine.weights import (
-    load_into,
+from studio.engine.weights import load_into
+from studio.models.weights_io import (
     load_pickle_weights,
     load_safetensors_mmap,
     load_weights,
@@ -47,7 +47,8 @@ def big_file(tmp_path_factory):
 _MEASURE = """
 import json, sys, torch
 from torch import nn
-from studio.engine.weights import load_into, load_safetensors_mmap
+from studio.engine.weights import load_into
+from studio.models.weights_io import load_safetensors_mmap
 
 def rss():
     out = {}

@@ -11,9 +11,6 @@ are, so the output is bitwise the same as with everything resident.
 
 On a CPU device every "move" is a no-op unless `copy_on_cpu=True`, which makes real copies so
 the bookkeeping can be checked without a GPU.
-
-Also here: `Fp8Linear`, e4m3 weight storage with per-output-channel scales, upcast per layer
-just before use (the same idea as streaming: keep weights small until the moment they are needed).
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -347,55 +343,3 @@ class WholeModule:
         for slot, h in zip(self.slots, self.host, strict=True):
             _set(slot, h)
         self.on_device = False
-
-
-# ---------------------------------------------------------------------------
-# fp8 storage
-
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-class Fp8Linear(nn.Module):
-    """A Linear whose weight is stored as float8 e4m3 with one scale per output channel.
-
-    Halves the bytes of a bf16 weight (quarters fp32). The matmul runs in the input's dtype after
-    upcasting the weight for this layer only, so it works wherever torch can cast to fp8.
-    """
-
-    def __init__(self, weight_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features = weight_fp8.shape[1]
-        self.out_features = weight_fp8.shape[0]
-        self.register_buffer("weight", weight_fp8)  # (out, in) float8_e4m3fn
-        self.register_buffer("scale", scale)  # (out,) float32
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        w = linear.weight.detach().float()  # (out, in)
-        amax = w.abs().amax(dim=1).clamp(min=1e-12)  # (out,)
-        scale = amax / FP8_MAX
-        q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return cls(q, scale, linear.bias)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize(x.dtype), bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, storage=float8_e4m3fn"
-
-
-def fp8_supported() -> bool:
-    """Whether this torch build can cast to float8_e4m3fn (needed for Fp8Linear's storage)."""
-    if not hasattr(torch, "float8_e4m3fn"):
-        return False
-    try:
-        torch.zeros(1).to(torch.float8_e4m3fn).float()
-    except (RuntimeError, TypeError):
-        return False
-    return True

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.models.loader import build_on_meta
+from studio.nn.attention import attention
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
         q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        o = attention(q, k, v, causal=self.causal)
         return self.out_proj(o.transpose(1, 2).reshape(b, t, c))
 
 

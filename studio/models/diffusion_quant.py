@@ -10,8 +10,8 @@ fp8: `*_fp8_e4m3fn.safetensors` stores weights as float8_e4m3fn; `*_fp8_scaled.s
 one `<layer>.scale_weight` per fp8 layer (real weight = fp8 value * scale), `<layer>.scale_input`
 (activation scales for fp8 matmuls, unused for weight-only use) and a `scaled_fp8` marker.
 
-Reading gives a state dict whose compact entries are QuantWeights: GGUFWeight for quantized
-matrices, Fp8Weight for fp8 tensors. `build_compact` then builds the model on the meta device:
+Reading gives a state dict whose compact entries are QuantWeights (studio.nn): GGUFWeight for
+quantized matrices, Fp8Weight for fp8 tensors. `build_compact` then builds the model on the meta device:
 a compact weight of an nn.Linear becomes a GGUFLinear / Fp8Linear that keeps it as stored and
 dequantizes per call on its own device; every other compact tensor (convs, norms, modulation
 tables) is dequantized to the compute dtype. `dequantized` turns a compact state dict back into
@@ -29,54 +29,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from studio.engine.quant import QuantWeight
-from studio.engine.quant_gguf import GGUFWeight
 from studio.errors import UserError
-from studio.models.gguf_dequant import GGML_TYPE_BY_NAME, dequantize, row_bytes
 from studio.models.loader import build_on_meta
+from studio.nn.gguf_dequant import GGML_TYPE_BY_NAME, dequantize, row_bytes
+from studio.nn.packed import QuantWeight
+from studio.nn.packed_fp8 import FP8_DTYPES, Fp8Linear, Fp8Weight
+from studio.nn.packed_gguf import GGUFLinear, GGUFWeight
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                   if hasattr(torch, n))
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 # --- fp8 ------------------------------------------------------------------------------------------
-
-class Fp8Weight(QuantWeight):
-    """A float8 tensor as stored, with its scale: one number per tensor (ComfyUI's scale_weight) or
-    one per output channel. w = q * scale. Any number of dims; only matrices become modules."""
-
-    def __init__(self, q: Tensor, scale: Tensor | None = None) -> None:
-        self.q = q
-        self.scale = torch.ones((), device=q.device) if scale is None else scale.detach().float()
-        self.shape = tuple(q.shape)  # type: ignore[assignment]
-        if self.scale.numel() not in (1, self.shape[0] if self.shape else 1):
-            raise UserError("bad_model", f"an fp8 scale has {self.scale.numel()} values for a weight of shape "
-                            f"{self.shape}; the file is damaged or of a newer format Studio cannot read yet")
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.numel() * self.q.element_size() + self.scale.numel() * 4
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    def _scale_for(self, ndim: int) -> Tensor:
-        if self.scale.numel() == 1:
-            return self.scale.reshape(())
-        return self.scale.reshape(-1, *([1] * (ndim - 1)))  # (out, 1, ...)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return (self.q.float() * self._scale_for(self.q.ndim).to(self.q.device)).to(dtype)
-
-    def to_module(self, bias: Tensor | None = None) -> nn.Module:
-        from studio.engine.offload import Fp8Linear
-
-        per_channel = self.scale.reshape(-1).expand(self.shape[0]).contiguous().to(self.q.device)  # (out,)
-        return Fp8Linear(self.q, per_channel, bias)
-
 
 def unpack_fp8(sd: dict[str, Tensor], *, compact: bool, dtype: torch.dtype | None = None) -> dict:
     """A safetensors state dict with fp8 weights -> one a model loads: scale keys folded in, markers dropped.
@@ -213,9 +177,6 @@ def build_compact(make: Callable[[], nn.Module], sd: dict, *, dtype: torch.dtype
 
 def compact_summary(model: nn.Module) -> str:
     """What a loaded model keeps compact, for notes: "312 GGUF Q8_0 / 4 fp8 layers"."""
-    from studio.engine.offload import Fp8Linear
-    from studio.engine.quant_gguf import GGUFLinear
-
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, GGUFLinear):

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from studio.engine.quant import QuantWeight
-from studio.engine.quant_gguf import GGUFWeight
 from studio.errors import UserError
-from studio.models.gguf_dequant import GGML_TYPES, dequantize, type_name
 from studio.models.llm_build import LoadedLLM
 from studio.models.tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
+from studio.nn.gguf_dequant import GGML_TYPES, dequantize, type_name
+from studio.nn.packed import QuantWeight
+from studio.nn.packed_gguf import GGUFWeight
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")

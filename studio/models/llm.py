@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from studio.errors import UserError
+from studio.nn.attention import attention
 
 # model_type -> family behaviour. Gemma variants differ in norms and attention extras.
 SUPPORTED_MODEL_TYPES = (
@@ -362,14 +363,7 @@ class Attention(nn.Module):
         # `mask` comes folded the same way: (rep*T, S).
         rep = self.n_heads // self.n_kv
         qg = q.reshape(B, self.n_kv, rep * T, self.head_dim)  # (B, H_kv, rep*T, D)
-        mg = mask
-        if self.softcap is None:
-            y = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mg, scale=self.scale)
-        else:  # Gemma2 caps attention logits: SDPA cannot, so the plain path
-            s = (qg @ k_all.transpose(-1, -2)) * self.scale
-            s = torch.tanh(s / self.softcap) * self.softcap
-            s = s.masked_fill(~mg, float("-inf"))
-            y = torch.softmax(s.float(), dim=-1).to(q.dtype) @ v_all
+        y = attention(qg, k_all, v_all, mask=mask, scale=self.scale, softcap=self.softcap)  # Gemma2 caps logits
         y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, q_dim)
         return self.o_proj(y)
 

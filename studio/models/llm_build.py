@@ -36,7 +36,7 @@ class LoadedLLM:
 
 
 def is_quant(w: Any) -> bool:
-    """A packed weight (studio.engine.quant.QuantWeight or alike), not a plain Tensor."""
+    """A packed weight (studio.nn.packed.QuantWeight or alike), not a plain Tensor."""
     return not isinstance(w, Tensor) and hasattr(w, "dequantize") and hasattr(w, "to_module")
 
 
@@ -44,8 +44,8 @@ def _concat_rows(ws: list) -> Any:
     """Stack Linear weights along out_features, exactly, or None where no exact form exists."""
     if all(isinstance(w, Tensor) for w in ws):
         return torch.cat(ws, dim=0)
-    from studio.engine.quant import Int4Weight, Int8Weight, quantize_int8
-    from studio.engine.quant_gguf import GGUFWeight
+    from studio.nn.packed_gguf import GGUFWeight
+    from studio.nn.packed_int import Int4Weight, Int8Weight, quantize_int8
 
     if all(isinstance(w, Int4Weight) for w in ws) and len({w.group_size for w in ws}) == 1:
         return Int4Weight(*(torch.cat([getattr(w, a) for w in ws]) for a in ("packed", "scale", "zero")),
@@ -181,7 +181,7 @@ def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device
     """
     if mode not in LLM_QUANT_MODES:
         raise UserError("bad_input", f"quantization {mode!r} is not one of {', '.join(LLM_QUANT_MODES)} (or none).")
-    from studio.engine.quant import quantize_linear
+    from studio.nn.packed_int import quantize_linear
 
     c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
     multiple = 64 if mode == "int4" else 16
@@ -234,7 +234,7 @@ def _packed_head(w: Any, table: Tensor | None) -> nn.Module:
     become per-channel int8 (as GGUFWeight.to_module does), reusing a dequantized table."""
     if getattr(w, "type_name", None) in (None, "Q4_0", "Q4_1"):
         return w.to_module(None)
-    from studio.engine.quant import quantize_int8
+    from studio.nn.packed_int import quantize_int8
 
     return quantize_int8(w.dequantize(torch.float32) if table is None else table).to_module(None)
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from studio.engine.quant import QuantWeight
 from studio.errors import UserError
 from studio.models.clip import PREFIXES, ClipTextModel, build_clip, find_text_encoders
 from studio.models.clip_tokenizer import ClipTokenizer
 from studio.models.diffusion_quant import build_compact, is_compact
 from studio.models.unet import UNet, UNetConfig, build_unet
 from studio.models.vae import AutoencoderKL, load_vae
+from studio.models.weights_io import load_weights
+from studio.nn.packed import QuantWeight
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 _COMPONENT_PREFIXES = ("first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")  # all but the UNet
@@ -97,8 +98,6 @@ def read_state_dict(path: Path, compact: bool = False) -> dict[str, torch.Tensor
 
     GGUF and fp8 files come dequantized, or with compact=True as stored (see studio.models.diffusion_quant).
     """
-    from studio.engine.weights import load_weights
-
     try:
         return load_weights(path, compact=compact)
     except UserError:

@@ -27,6 +27,7 @@ from torch import nn
 
 from studio.errors import UserError
 from studio.models.loader import build_on_meta
+from studio.nn.attention import attention
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # x (B, L, D); bias (B|1, H, L, L) holds the position bias and the padding mask
         q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # T5: no 1/sqrt(d)
+        out = attention(q, k, v, mask=bias.to(q.dtype), scale=1.0)  # T5: no 1/sqrt(d)
         return self.o(out.transpose(1, 2).flatten(2))
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from studio.errors import UserError
 from studio.models.diffusion_quant import build_compact
+from studio.nn.attention import attention
 
 TEXT_LEN = 512  # umT5 tokens the models were trained with; prompts are zero-padded to this
 
@@ -210,7 +211,7 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # (B, S, H, Dh) in, SDPA wants (B, H, S, Dh); returns (B, S, H*Dh)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2).flatten(2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,

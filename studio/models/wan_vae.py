@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from studio.engine.tiling import tiled_decode_3d
 from studio.errors import UserError
 from studio.models.loader import build_on_meta
+from studio.nn.attention import attention
+from studio.nn.tiling import tiled_decode_3d
 
 State = dict  # module -> cached frames / flags, one per video being encoded or decoded
 
@@ -202,7 +203,7 @@ class AttentionBlock(nn.Module):
         y = x.transpose(1, 2).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(y)).reshape(b * t, 1, 3 * c, h * w).transpose(2, 3)  # (BT, 1, HW, 3C)
         q, k, v = qkv.chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        y = attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
         y = self.proj(y).reshape(b, t, c, h, w).transpose(1, 2)
         return x + y
 

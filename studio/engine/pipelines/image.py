@@ -28,8 +28,10 @@ from studio.engine.context import JobContext, UserError
 from studio.engine.previews import preview_jpeg
 from studio.engine.prompts import encode_prompt, pad_to_chunks
 from studio.engine.resolve import resolve_path
-from studio.engine.tiling import decode_with_fallback, tiled_encode
 from studio.models.sd_checkpoint import SDModel, load_sd
+from studio.nn.packed_fp8 import Fp8Linear
+from studio.nn.packed_gguf import GGUFLinear
+from studio.nn.tiling import decode_with_fallback, tiled_encode
 from studio.protocol import ImageJob, ImageResult
 
 log = logging.getLogger(__name__)
@@ -205,8 +207,10 @@ def to_pil(image: torch.Tensor):
 
 def packed_layer_kind(module: torch.nn.Module) -> str:
     """"fp8" / "GGUF" when `module` holds layers whose weights are stored packed, else ""."""
-    names = {type(m).__name__ for m in module.modules()}
-    return "fp8" if "Fp8Linear" in names else "GGUF" if "GGUFLinear" in names else ""
+    layers = list(module.modules())
+    if any(isinstance(m, Fp8Linear) for m in layers):
+        return "fp8"
+    return "GGUF" if any(isinstance(m, GGUFLinear) for m in layers) else ""
 
 
 @torch.inference_mode()

@@ -124,7 +124,7 @@ def read_state_dict(path: Path, compact: bool = False) -> dict[str, torch.Tensor
     compact=True keeps quantized weights as stored (GGUF blocks, fp8 with their scales) for a model
     builder that takes them (the Wan transformer); otherwise they come dequantized.
     """
-    from studio.engine.weights import load_weights
+    from studio.models.weights_io import load_weights
 
     files = [path] if path.is_file() else sorted(
         p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and not p.name.startswith("."))

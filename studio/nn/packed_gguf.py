@@ -9,11 +9,11 @@ module's device at every call.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from studio.engine.quant import Int4Weight, Int8Weight, QuantWeight, _pack_int4, quantize_int8
-from studio.models.gguf_dequant import GGML_TYPES, dequantize, k_scale_min
+from studio.nn.gguf_dequant import GGML_TYPES, dequantize, k_scale_min
+from studio.nn.packed import PackedLinear, QuantWeight
+from studio.nn.packed_int import Int4Weight, Int8Weight, _pack_int4, quantize_int8
 
 
 class GGUFWeight(QuantWeight):
@@ -97,7 +97,7 @@ class GGUFWeight(QuantWeight):
         raise ValueError(f"unknown mode {mode!r}: use int4, int8, gguf or float")
 
 
-class GGUFLinear(nn.Module):
+class GGUFLinear(PackedLinear):
     """A Linear whose weight stays in its GGUF blocks, dequantized to the input's dtype at every call.
 
     For diffusion models (city96-style GGUF files): a step is compute-bound, so rebuilding one
@@ -121,9 +121,6 @@ class GGUFLinear(nn.Module):
         """The (out, in) weight, on the blocks' device."""
         return dequantize(self.raw, self.type_id, (self.out_features, self.in_features), dtype)
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        w = self.dequantize(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, GGUF {GGML_TYPES[self.type_id].name}"
+    @property
+    def storage(self) -> str:
+        return f"GGUF {GGML_TYPES[self.type_id].name}"

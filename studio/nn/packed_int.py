@@ -1,7 +1,6 @@
-"""Weight-only quantized Linear layers: int8 per channel, int4 group-wise (GGUF blocks: quant_gguf.py).
+"""Weight-only int8 (per channel) and int4 (group-wise) weights and their PackedLinear layers.
 
-A `QuantWeight` is the compact form of one Linear weight, logically (out_features, in_features).
-`.to_module(bias)` turns it into a Linear-like module that computes from the packed data.
+The shared interface is in packed.py; GGUF blocks convert to these in packed_gguf.py.
 
 Kernels, measured on the 2-core AMD EPYC CPU of CI (batch 1, SmolLM2 shapes, cold cache,
 microseconds per matmul; torch 2.13):
@@ -30,63 +29,12 @@ An int4 module holds only its kernel's packing and bf16 table: 0.5 + 4/group byt
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class QuantWeight(ABC):
-    """Compact weight of one Linear, logically (out_features, in_features)."""
-
-    shape: tuple[int, int]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    @abstractmethod
-    def nbytes(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
-
-    @abstractmethod
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The (out, in) float weight this stands for."""
-
-    @abstractmethod
-    def to_module(self, bias: Tensor | None = None) -> nn.Module:
-        """A Linear-like module: forward(x) = x @ W.T + b, computed from the packed data."""
-
-    def rows(self, ids: Tensor) -> Tensor:
-        """Dequantized rows `ids` (an embedding lookup) without dequantizing the whole matrix."""
-        return self.dequantize()[ids]
-
-    def to_embedding(self) -> nn.Module:
-        """An Embedding-like module that keeps this weight packed and dequantizes only the rows it looks up
-        (SmolLM2's 49152 x 576 table: 28 MiB as Q8_0 instead of 113 MiB as float32)."""
-        return QuantEmbedding(self)
-
-
-class QuantEmbedding(nn.Module):
-    """forward(ids (...)) -> (..., dim) float32 rows of a QuantWeight."""
-
-    def __init__(self, weight: QuantWeight) -> None:
-        super().__init__()
-        self.weight_q = weight
-        self.num_embeddings, self.embedding_dim = weight.shape
-
-    def forward(self, ids: Tensor) -> Tensor:
-        # The packed table stays where it was loaded (usually CPU RAM); only the looked-up rows move.
-        return self.weight_q.rows(ids.to(self.weight_q.device, torch.long)).to(ids.device)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, packed {type(self.weight_q).__name__}"
-
+from studio.errors import UserError
+from studio.nn.packed import PackedLinear, QuantWeight
 
 # --- int8, per output channel --------------------------------------------------------------------
 
@@ -133,7 +81,7 @@ def _int8_two_pass(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     return y.reshape(*lead, -1).to(x.dtype)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(PackedLinear):
     """Weight-only int8 Linear. backend: "auto", "int8pack", "int_mm" or "dequant"."""
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None, backend: str = "auto") -> None:
@@ -169,8 +117,13 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per channel, backend={self.backend}"
+    @property
+    def storage(self) -> str:
+        return f"int8 per channel, backend={self.backend}"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (out, in) weight: q * scale per row."""
+        return (self.q.float() * self.scale[:, None]).to(dtype)
 
 
 # --- int4, group-wise asymmetric -----------------------------------------------------------------
@@ -303,8 +256,6 @@ def _nibbles(w: Tensor, n: int, k: int, group_size: int) -> Tensor:
         return _kernel_nibbles(w, n, k, group_size)
     # A CUDA packing parked in RAM (e.g. a host copy of a streamed block) is read back on the GPU.
     if not torch.cuda.is_available():
-        from studio.engine.context import UserError
-
         raise UserError("unsupported", "these int4 weights are packed for a CUDA GPU and no GPU is available; "
                                        "load the model again on this machine instead of reusing the GPU copy")
     return _kernel_nibbles(w.cuda(), n, k, group_size).to(w.device)
@@ -322,7 +273,7 @@ def _canonical_from(bufs: dict, n: int, k: int, group_size: int) -> tuple[Tensor
     return _pack_int4(_nibbles(w, n, k, group_size)), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(PackedLinear):
     """Weight-only int4 Linear. backend: "auto", "int4pack" or "dequant".
 
     It holds one representation of its weight at a time, as buffers, so .to(), state_dict, byte
@@ -463,9 +414,9 @@ class Int4Linear(nn.Module):
             y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, int4 group {self.group_size}, "
-                f"backend={self.backend}, layout={self.layout}")
+    @property
+    def storage(self) -> str:
+        return f"int4 group {self.group_size}, backend={self.backend}, layout={self.layout}"
 
 
 # --- quantizing a float weight -------------------------------------------------------------------

@@ -21,7 +21,7 @@ from itertools import product
 
 import torch
 
-from studio.engine.context import UserError
+from studio.errors import UserError
 
 Fn = Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
 
