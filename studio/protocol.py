@@ -202,11 +202,12 @@ class ChatJob:
     messages: list = field(default_factory=list)  # [{"role": "user"|"assistant"|"system", "content": str}]
     model: str = ""
     system: str = ""
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repetition_penalty: float = 1.0
+    # Sampling: None = the model's own recommendation (its file, else its authors', else Studio's)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int = 512
@@ -271,7 +272,40 @@ class VideoJob:
     version: int = JOB_VERSION
 
 
-JOB_TYPES: dict[str, type] = {cls.kind: cls for cls in (SelfTestJob, ChatJob, ImageJob, VideoJob)}
+@dataclass
+class CompletionJob:
+    """Text continuation for the HTTP API: a raw `prompt`, or `messages` (OpenAI shape, tool turns
+    included) rendered with the model's own chat template together with `tools`."""
+
+    kind: typing.ClassVar[str] = "completion"
+    prompt: str = ""
+    messages: list = field(default_factory=list)
+    tools: list = field(default_factory=list)  # OpenAI function specs, passed to the template as `tools`
+    model: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list = field(default_factory=list)
+    version: int = JOB_VERSION
+
+
+@dataclass
+class EmbedJob:
+    """Embeddings: each text's mean-pooled, L2-normalised last hidden state of an LLM."""
+
+    kind: typing.ClassVar[str] = "embed"
+    texts: list = field(default_factory=list)  # [str]
+    model: str = ""  # as ChatJob.model; "" is the bundled chat model
+    version: int = JOB_VERSION
+
+
+JOB_TYPES: dict[str, type] = {cls.kind: cls for cls in (SelfTestJob, ChatJob, ImageJob, VideoJob, CompletionJob,
+                                                         EmbedJob)}
 
 
 def job_to_dict(job: Any) -> dict:
@@ -362,11 +396,12 @@ class ChatResult(_Result):
     ttft_s: float
     tokens_per_s: float
     model: str
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "repetition" (ended in a loop of the same phrase)
     context_length: int
     seed: int | None
     dropped_turns: int = 0
     notes: list = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)  # the settings used, after the model's defaults
 
 
 @dataclass
@@ -397,7 +432,18 @@ class VideoResult(_Result):
     job: dict = field(default_factory=dict)
 
 
-RESULT_TYPES: dict[str, type] = {cls.kind: cls for cls in (SelfTestResult, ChatResult, ImageResult, VideoResult)}
+@dataclass
+class EmbedResult(_Result):
+    kind: typing.ClassVar[str] = "embed"
+    marker: typing.ClassVar[str] = "embeddings"
+    embeddings: list  # one list of floats per text, in order
+    token_counts: list  # tokens per text
+    model: str
+    dimensions: int
+
+
+RESULT_TYPES: dict[str, type] = {cls.kind: cls for cls in (SelfTestResult, ChatResult, ImageResult, VideoResult,
+                                                           EmbedResult)}
 
 
 def result_from_dict(data: dict, kind: str | None = None) -> Any:
