@@ -55,18 +55,29 @@ def _pipelines() -> dict[str, Callable[[Any, JobContext], dict]]:
         return run_chat(job, ctx)
 
     def image(job, ctx):
-        from studio.engine.pipelines.image import run_image
+        from studio.engine.pipelines.diffusion.sd import run_image
 
         return run_image(job, ctx)
 
     def video(job, ctx):
         try:
-            from studio.engine.pipelines.video import run_video
+            from studio.engine.pipelines.diffusion.wan import run_video
         except ImportError:
             raise UserError("unsupported", "Video generation is not available in this version of Studio yet.") from None
         return run_video(job, ctx)
 
-    return {"selftest": selftest, "chat": chat, "image": image, "video": video}
+    def completion(job, ctx):
+        from studio.engine.pipelines.complete import run_completion
+
+        return run_completion(job, ctx)
+
+    def embed(job, ctx):
+        from studio.engine.pipelines.embed import run_embed
+
+        return run_embed(job, ctx)
+
+    return {"selftest": selftest, "chat": chat, "image": image, "video": video, "completion": completion,
+            "embed": embed}
 
 
 class Engine:
