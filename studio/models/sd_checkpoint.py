@@ -42,6 +42,8 @@ class SDModel:
     notes: list[str] = field(default_factory=list)
     original: dict[str, torch.Tensor] = field(default_factory=dict)  # weights a LoRA replaced, to restore
     loras: tuple = ()  # ((path, weight), ...) currently applied
+    # DiscreteSchedule.from_betas arguments from a folder's scheduler config; empty: SD's own schedule
+    betas: dict[str, Any] = field(default_factory=dict)
 
     @property
     def inpaint(self) -> bool:
@@ -125,9 +127,8 @@ def load_sd(path: str | Path, vae_path: str | Path | None = None, dtype: torch.d
     else:
         model = _load_single_file(path, dtype, need_vae=not vae_path, text_encoders=given)
     if vae_path:
-        vae_sd = _read_component(Path(vae_path))
         try:
-            model.vae = load_vae(vae_sd, family=model.latent_family, dtype=dtype)
+            model.vae = load_vae_component(Path(vae_path), model.latent_family, dtype)
         except (ValueError, KeyError) as exc:
             raise UserError("bad_model", f"{Path(vae_path).name} is not a VAE for {model.family}: {exc}") from None
         model.notes.insert(0, f"VAE from {Path(vae_path).name}")
@@ -393,29 +394,62 @@ def _missing_parts(path: Path, family: str, vae: bool, slots: list[_Slot]) -> Us
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> SDModel:
+    """Each component's config.json decides what its shapes cannot (studio.models.diffusers_config)."""
+    from studio.models import diffusers_config as dc
+
     if not (path / "unet").is_dir():
         raise UserError("bad_model", f"{path} is not a diffusers Stable Diffusion folder (no unet/ inside).")
-    unet = build_unet(_read_component(path / "unet"), dtype=dtype)
+    unet_cfg = dc.read_config(path / "unet")
+    unet = _config_fitted("unet", lambda: build_unet(_read_component(path / "unet"), dtype=dtype,
+                                                     **(dc.unet_settings(unet_cfg) if unet_cfg else {})))
     family = _family_from_folder(path) or family_of(unet.config)
-    vae = load_vae(_read_component(path / "vae"), family="sdxl" if family.startswith("sdxl") else family, dtype=dtype)
+    vae = load_vae_component(path / "vae", "sdxl" if family.startswith("sdxl") else family, dtype)
     encoders, tokenizers = [], []
     names = {"sd1": ["text_encoder"], "sd2": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"],
              "sdxl_refiner": ["text_encoder_2"]}[family]
     for name in names:
         enc_sd = _read_component(path / name)
-        enc = build_clip(enc_sd, prefix="" if "text_model.embeddings.token_embedding.weight" in enc_sd else None,
-                         dtype=dtype)
+        enc_cfg = dc.read_config(path / name)
+        settings = dc.clip_settings(enc_cfg) if enc_cfg else {}
+        enc = _config_fitted(name, lambda sd=enc_sd, s=settings: build_clip(
+            sd, prefix="" if "text_model.embeddings.token_embedding.weight" in sd else None, dtype=dtype, **s))
         encoders.append(enc)
         tok_dir = path / name.replace("text_encoder", "tokenizer")
         tokenizers.append(ClipTokenizer.load(tok_dir, pad_id=None if enc.config.width == 768 else 0))
     model = SDModel(family, unet, vae, encoders, tokenizers, "eps", str(path))
-    sched = path / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        try:
-            model._metadata = {"prediction_type": json.loads(sched.read_text()).get("prediction_type", "")}  # type: ignore[attr-defined]
-        except (OSError, ValueError):
-            pass
+    sched_cfg = dc.read_config(path / "scheduler", "scheduler_config.json")
+    if sched_cfg:
+        sched = dc.scheduler_settings(sched_cfg)
+        model._metadata = {"prediction_type": sched["prediction"]}  # type: ignore[attr-defined]
+        model.betas = sched["betas"]
     return model
+
+
+def load_vae_component(path: Path, family: str, dtype: torch.dtype) -> AutoencoderKL:
+    """A VAE file or diffusers vae/ folder; a folder's config.json sets norm groups and latent scaling
+    (a config's scaling_factor wins over the family's: it describes this VAE's latent space)."""
+    from dataclasses import replace
+
+    from studio.models import diffusers_config as dc
+
+    config = dc.read_config(path)
+    settings = dc.vae_settings(config) if config else {}
+    groups = settings.pop("norm_num_groups", 32)
+    vae = _config_fitted("vae", lambda: load_vae(_read_component(path), family=family, dtype=dtype,
+                                                 norm_num_groups=groups))
+    if settings:
+        vae.cfg = replace(vae.cfg, **settings)
+    return vae
+
+
+def _config_fitted(component: str, build):
+    """Shape errors after a config.json was applied mean the config and the weights disagree."""
+    try:
+        return build()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise UserError("bad_model", f"The {component}/ weights do not fit a model Studio can build from them "
+                        f"and their config.json ({str(exc)[:300]}): the folder is damaged or mixes two models. "
+                        "Download it again.") from None
 
 
 def _family_from_folder(path: Path) -> str | None:
