@@ -9,7 +9,7 @@
 A generation is text encoding + 30 Euler steps with CFG 7 + VAE decode, bf16, one image. The diffusers
 components are built from configs with random weights (real sizes), then written as ONE single-file
 checkpoint in the original LDM layout with Studio's converters; Studio's own pipeline
-(`studio.engine.pipelines.image.run_image`) loads that file, so both sides run the same tensors.
+(`studio.engine.pipelines.diffusion.sd.run_image`) loads that file, so both sides run the same tensors.
 Both get the same initial noise latent (Studio's seeded draw) and the same sigmas (Studio's "normal"
 schedule, handed to diffusers' EulerDiscreteScheduler as custom sigmas), so the two images should
 agree up to bf16 rounding: each `generation` row reports their mean abs pixel difference (0-255).
@@ -275,7 +275,7 @@ def run_ours(ckpt: Path, side: int, steps: int, device: str, cache, memory, out_
     from PIL import Image
 
     from studio.engine.context import JobContext
-    from studio.engine.pipelines.image import run_image
+    from studio.engine.pipelines.diffusion.sd import run_image
     from studio.protocol import ImageJob
 
     stamps: list[float] = []

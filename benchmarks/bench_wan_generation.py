@@ -263,7 +263,7 @@ def run_ours(folder: Path, a, device: torch.device, budget_gib: float = 0.0, ste
     cannot quietly exceed it. On the CPU (--tiny) a budget forces block streaming, the path it selects."""
     from studio.engine.context import JobContext, ModelCache
     from studio.engine.device import probe
-    from studio.engine.pipelines.video import run_video
+    from studio.engine.pipelines.diffusion.wan import run_video
     from studio.protocol import VideoJob
 
     steps = steps or a.steps

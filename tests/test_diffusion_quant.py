@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from studio.engine.context import UserError
 from studio.engine.offload import estimate_module_bytes
-from studio.engine.pipelines.video_parts import read_state_dict as read_video_part
+from studio.engine.pipelines.diffusion.wan_parts import read_state_dict as read_video_part
 from studio.library.detect import detect
 from studio.models.sd_checkpoint import _build_unet, load_sd
 from studio.models.unet import UNet, UNetConfig, build_unet
@@ -290,7 +290,7 @@ def test_fp8_scaled_full_sdxl_checkpoint_loads_in_the_image_loader(tmp_path):
     ours = load_sd(tmp_path / "fp8.safetensors", dtype=torch.float32)
     ref = load_sd(tmp_path / "ref.safetensors", dtype=torch.float32)
     assert any(isinstance(m, Fp8Linear) for m in ours.unet.modules())
-    from studio.engine.pipelines.image import packed_layer_kind
+    from studio.engine.pipelines.diffusion.sd import packed_layer_kind
 
     assert packed_layer_kind(ours.unet) == "fp8" and packed_layer_kind(ref.unet) == ""
     g = torch.Generator().manual_seed(3)
@@ -328,7 +328,7 @@ def test_video_job_on_a_gguf_wan_file_matches_the_dequantized_safetensors(tmp_pa
     from video_fixtures import Collector, build_wan_folder, make_job, write_tokenizer
 
     from studio.engine.context import ModelCache
-    from studio.engine.pipelines import video as V
+    from studio.engine.pipelines.diffusion import wan as V
     from studio.media.video import read_frames
 
     folder = build_wan_folder(tmp_path / "wan")
@@ -363,7 +363,7 @@ def test_a_lora_on_an_fp8_checkpoint_is_refused_not_applied_to_the_raw_fp8_weigh
 
     from studio.engine.context import JobContext, ModelCache, UserError
     from studio.engine.device import probe
-    from studio.engine.pipelines.image import run_image
+    from studio.engine.pipelines.diffusion.sd import run_image
     from studio.protocol import ImageJob
 
     full = load_file(str(tiny_sdxl(tmp_path / "full.safetensors")))

@@ -13,7 +13,7 @@ from sd_fixtures import tiny_lora, tiny_sd1, tiny_sdxl
 
 from studio.engine.context import CancelToken, JobCancelled, JobContext, ModelCache, UserError
 from studio.engine.device import probe
-from studio.engine.pipelines.image import run_image
+from studio.engine.pipelines.diffusion.sd import run_image
 from studio.library.pngmeta import read_png_parameters
 from studio.models.sd_checkpoint import load_sd
 from studio.protocol import ImageJob

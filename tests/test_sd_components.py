@@ -18,7 +18,7 @@ from sd_fixtures import _clip, _unet, _vae, tiny_sd1, tiny_sdxl
 
 from studio.engine.context import JobContext, ModelCache, UserError
 from studio.engine.device import probe
-from studio.engine.pipelines.image import run_image
+from studio.engine.pipelines.diffusion.sd import run_image
 from studio.models.clip import PREFIXES, ClipConfig, ClipTextModel, to_openclip, to_ours
 from studio.models.sd_checkpoint import load_sd
 from studio.models.unet import UNetConfig

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from studio.engine.context import UserError
-from studio.engine.pipelines import video as V
+from studio.engine.pipelines.diffusion import wan as V
 from studio.media.video import video_info
 from studio.protocol import VideoJob
 
@@ -194,3 +194,4 @@ def test_ti2v_keeps_the_first_frame_and_matches_diffusers(wan_folder, tmp_path, 
     torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match="multiple of 32: use 32 or 64"):
         V.run_video(replace(job, width=48), Collector(tmp_path).ctx)
+

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from studio.engine.context import JobCancelled, UserError
-from studio.engine.pipelines import video as V
+from studio.engine.pipelines.diffusion import wan as V
 from studio.media.video import read_frames, read_mp4_metadata, video_info
 from studio.protocol import VideoJob
 

@@ -44,7 +44,7 @@ from studio.units import fmt_bytes
 # The quantization hooks live beside the weight loaders; the manager's callers reach them from here.
 __all__ = [
     "ComponentShape", "MemoryManager", "Plan", "Policy", "QUANT_MODES", "QuantSummary", "estimate_module_bytes",
-    "fmt_bytes", "is_oom", "memory_report", "plan_job", "quantize_model", "run_with_oom_retry",
+    "fmt_bytes", "is_oom", "memory_report", "out_of_memory", "plan_job", "quantize_model", "run_with_oom_retry",
 ]
 
 T = TypeVar("T")
@@ -136,6 +136,10 @@ class Plan:
     activations: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, ComponentShape] = field(default_factory=dict)
     vae_tiles: bool = False  # the pipeline should decode in tiles (set on an OOM retry)
+    # Streamed policies make real copies even on the CPU, so the streaming path runs (and is tested)
+    # without a GPU; otherwise a CPU "move" is a no-op.
+    copy_on_cpu: bool = False
+    advice: str = ""  # what the user can try when this job runs out of memory
 
     def needs_text(self) -> str:
         """'needs 2.1 GiB VRAM + 6.9 GiB RAM; has 4.0 GiB VRAM budget + 31.2 GiB RAM'."""
@@ -178,17 +182,27 @@ def _needs(shapes: Mapping[str, ComponentShape], policies: Mapping[str, Policy],
     return vram, sum(shapes[n].bytes for n, p in policies.items() if p is not Policy.RESIDENT)
 
 
+DEFAULT_ADVICE = "try a smaller size, a quantized model (int8/int4), or a larger --vram-budget"
+
+
 def plan_job(
     components: Mapping[str, int | ComponentShape],
     activations_bytes: int | Mapping[str, int],
     budget: int | None,
     ram_available: int = 0,
+    *,
+    force: Mapping[str, Policy] | None = None,
+    advice: str = DEFAULT_ADVICE,
 ) -> Plan:
     """Choose the fastest placement that fits `budget`; raise UserError('out_of_memory') when none does.
 
     `activations_bytes` is one peak for the whole job or a peak per component (a VAE decode at
     1024² needs far more than a UNet step). Components are assumed to run one at a time.
+    `force` pins components to a policy (a setting that asks for streaming; a chat model whose
+    decode step needs it resident); a pinned component that does not fit is refused with numbers.
+    `advice` ends every refusal: what the user can change for this kind of job.
     """
+    force = dict(force or {})
     shapes = {n: c if isinstance(c, ComponentShape) else ComponentShape(int(c)) for n, c in components.items()}
     if isinstance(activations_bytes, Mapping):
         acts = {n: int(activations_bytes.get(n, 0)) for n in shapes}
@@ -197,15 +211,27 @@ def plan_job(
     sizes = " + ".join(f"{n} {fmt_bytes(s.bytes)}" for n, s in shapes.items())
 
     def make(per: dict[str, Policy], reason: str) -> Plan:
+        per = {**per, **{n: p for n, p in force.items() if n in per}}
         vram, ram = _needs(shapes, per, acts)
         policy = max(per.values(), key=_ORDER.index, default=Policy.RESIDENT)
-        return Plan(policy, per, reason, vram, ram, budget, ram_available, acts, shapes)
+        return Plan(policy, per, reason, vram, ram, budget, ram_available, acts, shapes, advice=advice)
 
     if budget is None:
-        return make(dict.fromkeys(shapes, Policy.RESIDENT), f"{sizes}: no VRAM budget applies, every component stays resident")
+        plan = make(dict.fromkeys(shapes, Policy.RESIDENT), f"{sizes}: no VRAM budget applies, every component "
+                    "stays resident")
+        if any(p is not Policy.RESIDENT for p in plan.per_component.values()):
+            plan.reason = f"{sizes}: {_how(plan.per_component)} as asked"
+        return plan
+    for name, policy in force.items():
+        if name in shapes and _device_need(shapes[name], policy) + acts[name] > budget:
+            need = _device_need(shapes[name], policy) + acts[name]
+            raise UserError("out_of_memory", f"{name} needs {fmt_bytes(need)} of VRAM with {policy.label} "
+                            f"({fmt_bytes(shapes[name].bytes)} of weights), but the budget is "
+                            f"{fmt_bytes(budget)}; {advice}")
     resident = make(dict.fromkeys(shapes, Policy.RESIDENT), "")
     if resident.vram_needed <= budget:
-        resident.reason = f"{sizes} fit the {fmt_bytes(budget)} budget with activations; all resident"
+        resident.reason = f"{sizes} fit the {fmt_bytes(budget)} budget with activations; " + (
+            _how(resident.per_component) if resident.policy is not Policy.RESIDENT else "all resident")
         return resident
 
     per: dict[str, Policy] = {}
@@ -219,8 +245,7 @@ def plan_job(
             raise UserError(
                 "out_of_memory",
                 f"{name} cannot run in the {fmt_bytes(budget)} VRAM budget even one layer at a time: "
-                f"{plan.needs_text()}; "
-                "try a smaller image size, a quantized model (int8/int4), or a larger --vram-budget",
+                f"{plan.needs_text()}; {advice}",
             )
     plan = make(per, "")
     if ram_available and plan.ram_needed > ram_available:
@@ -229,6 +254,13 @@ def plan_job(
             f"{sizes} do not fit the {fmt_bytes(budget)} VRAM budget and the weights do not fit in RAM "
             f"either: {plan.needs_text()}; try a quantized model (int8/int4) or close other programs",
         )
+    plan.reason = (f"{sizes} (+ {fmt_bytes(max(acts.values(), default=0))} activations) exceed the "
+                   f"{fmt_bytes(budget)} budget; " + _how(plan.per_component))
+    return plan
+
+
+def _how(per: Mapping[str, Policy]) -> str:
+    """'streaming transformer blocks; loading vae, text_encoder one at a time': what moves, streaming first."""
     how = {
         Policy.MODEL_OFFLOAD: "loading {} one at a time",
         Policy.BLOCK_STREAM: "streaming {} blocks",
@@ -239,9 +271,7 @@ def plan_job(
         names = [n for n, p in per.items() if p is policy]
         if names:
             parts.append(how[policy].format(", ".join(names)))
-    plan.reason = (f"{sizes} (+ {fmt_bytes(max(acts.values(), default=0))} activations) exceed the "
-                   f"{fmt_bytes(budget)} budget; " + "; ".join(parts))
-    return plan
+    return "; ".join(parts) or "all resident"
 
 
 # ---------------------------------------------------------------------------
@@ -283,24 +313,30 @@ class MemoryManager:
         self.on_notice = on_notice or (lambda text: None)
         self._entries: dict[str, _Entry] = {}
         self._activations: dict[str, int] = {}
+        self._copy_on_cpu = False
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
 
     # -- planning ----------------------------------------------------------
     def estimate_job(self, components: Mapping[str, int | ComponentShape],
-                     activations_bytes: int | Mapping[str, int] = 0) -> Plan:
-        """plan_job against this manager's budget.
+                     activations_bytes: int | Mapping[str, int] = 0, *,
+                     force: Mapping[str, Policy] | None = None, advice: str = DEFAULT_ADVICE,
+                     copy_on_cpu: bool = False) -> Plan:
+        """plan_job against this manager's budget (see plan_job for `force` and `advice`).
 
         A byte count given for a registered component keeps that size but takes its block structure
         from the measured module, so streaming needs are exact rather than the default guess.
         """
         shaped = {n: self._entries[n].shape.scaled(int(c)) if n in self._entries and not isinstance(c, ComponentShape)
                   else c for n, c in components.items()}
-        return plan_job(shaped, activations_bytes, self.budget, self.profile.total_ram)
+        plan = plan_job(shaped, activations_bytes, self.budget, self.profile.total_ram, force=force, advice=advice)
+        plan.copy_on_cpu = copy_on_cpu and self.device.type == "cpu"
+        return plan
 
     def apply_plan(self, plan: Plan) -> None:
         """Switch registered components to the plan's policies (offloading those that change)."""
         with self._lock:
+            self._copy_on_cpu = plan.copy_on_cpu
             self._activations = dict(plan.activations)
             for name, policy in plan.per_component.items():
                 if name in self._entries:
@@ -316,6 +352,36 @@ class MemoryManager:
             module.to("cpu")
             shape = ComponentShape.of(module, blocks)
             self._entries[name] = _Entry(name, module, policy, shape, blocks)
+
+    def adopt(self, name: str, module: nn.Module) -> None:
+        """Register a module that was built on the device (after `make_room`), resident; building a
+        large model in place needs no second copy of it in RAM."""
+        with self._lock:
+            if name in self._entries:
+                self.unload(name)
+            entry = _Entry(name, module, Policy.RESIDENT, ComponentShape.of(module), None, on_device=True)
+            entry.last_used = next(self._clock)
+            self._entries[name] = entry
+
+    def make_room(self, nbytes: int, keep: str | None = None) -> None:
+        """Evict least-recently-used idle components until `nbytes` are free within the budget."""
+        if self.budget is None:
+            return
+        with self._lock:
+            while self.budget - self.used < nbytes:
+                idle = [e for e in self._entries.values() if e.on_device and not e.in_use and e.name != keep]
+                if not idle:
+                    break
+                self._offload(min(idle, key=lambda e: e.last_used))
+        self.free_cache()
+
+    def budget_for(self, name: str) -> int | None:
+        """The budget left to `name` next to the other components now on the device (None: no cap)."""
+        if self.budget is None:
+            return None
+        with self._lock:
+            others = sum(e.device_bytes() for e in self._entries.values() if e.on_device and e.name != name)
+        return self.budget - others
 
     def set_policy(self, name: str, policy: Policy) -> None:
         with self._lock:
@@ -376,9 +442,12 @@ class MemoryManager:
         return moved
 
     def unload(self, name: str | None = None) -> list[str]:
-        """Forget one component (or all): off the device, hooks removed, references dropped."""
+        """Forget one component (or all): off the device, hooks removed, references dropped.
+
+        A model's cache key also names its parts ("<key>|unet", ...), so unloading the key drops them all."""
         with self._lock:
-            names = list(self._entries) if name is None else [name] if name in self._entries else []
+            names = list(self._entries) if name is None else [
+                n for n in self._entries if n == name or n.startswith(f"{name}|")]
             for n in names:
                 entry = self._entries[n]
                 if entry.in_use:
@@ -434,10 +503,11 @@ class MemoryManager:
             elif entry.policy in (Policy.RESIDENT, Policy.MODEL_OFFLOAD):
                 entry.module.to(self.device)
             elif entry.policy is Policy.SEQUENTIAL:
-                entry.streamer = BlockStreamer.sequential(entry.module, self.device).attach()
+                entry.streamer = BlockStreamer.sequential(entry.module, self.device,
+                                                          copy_on_cpu=self._copy_on_cpu).attach()
             else:
                 blocks = entry.blocks if entry.blocks is not None else find_blocks(entry.module)
-                entry.streamer = BlockStreamer(entry.module, blocks, self.device).attach()
+                entry.streamer = BlockStreamer(entry.module, blocks, self.device, copy_on_cpu=self._copy_on_cpu).attach()
         except BaseException:
             # A real OOM halfway through a move leaves some weights on the device: take them back,
             # so the retry starts from a clean slate.
@@ -495,11 +565,15 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def run_with_oom_retry(fn: Callable[[Plan], T], manager: MemoryManager, plan: Plan,
-                       on_retry: Callable[[str], None] | None = None) -> T:
-    """Run `fn(plan)`; on a device OOM free what we can, step every component down once and retry.
+                       on_retry: Callable[[str], None] | None = None,
+                       can_retry: Callable[[], bool] | None = None) -> T:
+    """The one out-of-memory path of every job: run `fn(plan)`; on a device OOM free what we can,
+    step every component down once and retry; a second OOM becomes UserError('out_of_memory')
+    saying what was needed against the budget and what to try (the plan's `advice`).
 
-    `on_retry` gets the sentence the user should see. A second OOM becomes
-    UserError('out_of_memory') with the numbers of the frugal plan.
+    `on_retry` gets the sentence the user should see. `can_retry` says whether a rerun is still
+    harmless (a chat answer that already streamed text cannot start over): when it returns False
+    the first OOM fails at once, with the same message.
     """
     manager.apply_plan(plan)
     try:
@@ -511,9 +585,8 @@ def run_with_oom_retry(fn: Callable[[Plan], T], manager: MemoryManager, plan: Pl
     # hold) is already gone, so emptying the allocator's cache actually frees them.
     manager.offload()
     frugal = plan.more_frugal()
-    if frugal is None:
-        raise UserError("out_of_memory", f"ran out of VRAM with {plan.policy.label}, the most frugal placement: "
-                        f"{plan.needs_text()}; try a smaller size, a quantized model or closing other GPU programs")
+    if frugal is None or (can_retry is not None and not can_retry()):
+        raise out_of_memory(plan, again=False)
     (on_retry or manager.on_notice)(f"ran out of VRAM with {plan.policy.label}; retrying with {frugal.policy.label}")
     manager.apply_plan(frugal)
     try:
@@ -522,8 +595,10 @@ def run_with_oom_retry(fn: Callable[[Plan], T], manager: MemoryManager, plan: Pl
         if not is_oom(exc):
             raise
     manager.offload()
-    raise UserError(
-        "out_of_memory",
-        f"ran out of VRAM again with {frugal.policy.label}: {frugal.needs_text()}; "
-        "try a smaller image size, fewer frames, a quantized model (int8/int4), or close other GPU programs",
-    )
+    raise out_of_memory(frugal, again=True)
+
+
+def out_of_memory(plan: Plan, again: bool) -> UserError:
+    """'ran out of VRAM [again] with <policy>: needs X VRAM + Y RAM; has Z VRAM budget + W RAM; <advice>'."""
+    return UserError("out_of_memory", f"ran out of VRAM{' again' if again else ''} with {plan.policy.label}: "
+                     f"{plan.needs_text()}; {plan.advice or DEFAULT_ADVICE}")

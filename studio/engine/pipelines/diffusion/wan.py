@@ -28,7 +28,7 @@ import torch
 from studio.engine import outputs
 from studio.engine.context import JobCancelled, JobContext, UserError
 from studio.engine.flow_samplers import get_flow_sampler, wan_flow_sigmas
-from studio.engine.pipelines.video_parts import (  # noqa: F401  (tests reach them through this module)
+from studio.engine.pipelines.diffusion.wan_parts import (  # noqa: F401  (tests reach them through this module)
     PIXEL_MULTIPLE,
     TEXT_LEN,
     WanParts,
@@ -364,3 +364,4 @@ def save_video(job: VideoJob, ctx: JobContext, parts: WanParts, frames: np.ndarr
         raise UserError("bad_input", f"Cannot save the video in {folder}: {exc}. Pick another outputs folder in "
                         "Settings.") from None
     return path, sidecar, codec
+

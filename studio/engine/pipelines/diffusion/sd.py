@@ -296,7 +296,7 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
                         "regular checkpoint for text-to-image.")
 
     # -- schedule ---------------------------------------------------------------------------
-    schedule = S.DiscreteSchedule.from_betas()
+    schedule = S.DiscreteSchedule.from_betas(**model.betas)  # a diffusers folder's scheduler config, else SD's
     sigmas = S.get_sigmas(job.schedule, schedule, job.steps)
     if init_latent is not None and job.strength < 1.0:
         # img2img: run the last `strength` part of the full schedule, as A1111 and ComfyUI do
