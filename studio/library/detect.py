@@ -27,8 +27,8 @@ from studio.library.markers import (
     text_encoder,
     vae,
 )
+from studio.units import GiB
 
-GiB = 1 << 30
 DIFFUSION_PREFIX = "model.diffusion_model."
 ROLES = ("checkpoint", "diffusion_model", "vae", "text_encoder", "image_encoder", "lora", "controlnet", "llm",
          "unknown")
