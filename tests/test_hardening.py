@@ -160,3 +160,70 @@ def test_engine_prompt_rendering_passes_the_jobs_cancel_into_the_template():
     token.set()
     with pytest.raises(JobCancelled):
         render_prompt(cm, [{"role": "user", "content": "hi"}], token.check)
+
+
+# --- 3. A1111 parameters parse in linear time; dropped PNGs parse off the GUI thread ------------
+
+def test_a_long_a1111_line_without_colons_parses_in_linear_time():
+    import time
+
+    from studio.library.pngmeta import parse_a1111
+    for line in ("a " * 20_000, "a" * 40_000 + ")" + "b" * 40_000 + ": 1", ('Key: "' + "\\\\" * 20_000) * 2,
+                 "k, " * 30_000 + ": x"):
+        t0 = time.monotonic()
+        parse_a1111("a cat\n" + line)
+        assert time.monotonic() - t0 < 0.5, line[:20]
+
+
+def test_a1111_settings_line_is_read_like_before():
+    from studio.library.pngmeta import parse_a1111
+    out = parse_a1111('cat\nNegative prompt: dog\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, '
+                      'Seed: 5, Size: 512x768, Lora hashes: "a: 1, b: 2", Model: m')
+    assert (out["prompt"], out["negative"], out["steps"], out["sampler"], out["schedule"], out["cfg"],
+            out["seed"], out["width"], out["height"], out["model"]) == (
+        "cat", "dog", 20, "dpmpp_2m", "karras", 7.0, 5, 512, 768, "m")
+    assert out["settings"]["Lora hashes"] == "a: 1, b: 2"
+    assert parse_a1111("just a prompt, with: commas")["prompt"] == "just a prompt, with: commas"
+
+
+def test_a_compressed_parameters_chunk_that_expands_hugely_is_quick(tmp_path):
+    import time
+
+    from PIL import Image, PngImagePlugin
+
+    from studio.library.pngmeta import read_png_parameters
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a " * 400_000, zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "z.png", pnginfo=info)
+    t0 = time.monotonic()
+    try:
+        read_png_parameters(tmp_path / "z.png")
+    except ValueError:
+        pass
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_dropping_a_png_does_not_parse_it_on_the_gui_thread(qtbot, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from test_image_tab import MockEngine, drag_events, make_paths, png
+
+    from studio.settings import Settings
+    from studio.ui import image_tab
+    threads = []
+
+    def slow_read(path):
+        threads.append(threading.current_thread())
+        time.sleep(0.3)
+        return {"prompt": "from the png", "source": "a1111"}
+
+    monkeypatch.setattr(image_tab, "read_png_parameters", slow_read)
+    tab = image_tab.ImageTab(MockEngine(), make_paths(tmp_path), Settings())
+    qtbot.addWidget(tab)
+    _, enter, drop = drag_events(png(tmp_path / "a.png"))
+    t0 = time.monotonic()
+    tab.dropEvent(drop)
+    assert time.monotonic() - t0 < 0.2
+    qtbot.waitUntil(lambda: tab.prompt.text() == "from the png", timeout=3000)
+    assert threads and threads[0] is not threading.main_thread()

@@ -331,7 +331,7 @@ COMFY_PROMPT = {
 
 
 @pytest.mark.parametrize("source", ["a1111", "comfyui", "studio"])
-def test_dropping_a_png_loads_its_parameters(tab, library, tmp_path, source):
+def test_dropping_a_png_loads_its_parameters(qtbot, tab, library, tmp_path, source):
     if source == "a1111":
         path = png(tmp_path / "a.png", text={"parameters": A1111_TEXT})
         want = ("masterpiece, a cat in a hat", "lowres, bad hands", "sd15", 23, 6.5, "dpmpp_2m", "karras",
@@ -349,6 +349,7 @@ def test_dropping_a_png_loads_its_parameters(tab, library, tmp_path, source):
     tab.dragEnterEvent(enter)
     assert enter.isAccepted()
     tab.dropEvent(drop)
+    qtbot.waitUntil(lambda: "Loaded the settings" in tab.notice.text())  # read in a thread
     p = tab.params
     got = (tab.prompt.text(), tab.negative.text(), library.get(p.model().name).name, p.steps_spin.value(),
            p.cfg_spin.value(), p.sampler_combo.currentData(), p.schedule_combo.currentData(), p.seed(),
@@ -358,11 +359,12 @@ def test_dropping_a_png_loads_its_parameters(tab, library, tmp_path, source):
     assert "Loaded the settings" in tab.notice.text()
 
 
-def test_a_png_without_parameters_becomes_the_init_image(tab, tmp_path):
+def test_a_png_without_parameters_becomes_the_init_image(qtbot, tab, tmp_path):
     path = png(tmp_path / "photo.png")
     mime, enter, drop = drag_events(path)
     tab.dragEnterEvent(enter)
     tab.dropEvent(drop)
+    qtbot.waitUntil(lambda: bool(tab.init_panel.path))  # read in a thread
     assert tab.init_panel.path == str((tmp_path / "photo.png").resolve())
 
 

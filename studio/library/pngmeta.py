@@ -170,13 +170,55 @@ def read_png_parameters(path: str | os.PathLike | IO[bytes]) -> dict:
     return {}
 
 
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+MAX_PARAMETERS_CHARS = 256 * 1024  # A1111 infotext is a few kB; a longer one is not parsed
+_KEY_CHARS = re.compile(r"[\w \-/]")
+_QUOTED = re.compile(r'"(?:\\.|[^\\"])+"')  # unambiguous: linear from a given start
+
+
+def _settings_pairs(line: str) -> list[tuple[str, str]]:
+    """The `Key: value, Key: "quoted, value", ...` pairs of A1111's last line, in one pass.
+
+    A1111's own regex backtracks quadratically on a long line without colons (40 kB took 8 s,
+    on the GUI thread); this scans each character a bounded number of times."""
+    pairs: list[tuple[str, str]] = []
+    i, n, colon = 0, len(line), -1
+    while i < n:
+        if colon < i:
+            colon = line.find(":", i)
+            if colon < 0:
+                break
+        comma = line.find(",", i, colon)
+        if comma >= 0:  # a piece without a colon: not a setting
+            i = comma + 1
+            continue
+        raw = line[i:colon]
+        start = len(raw)
+        while start > 0 and _KEY_CHARS.match(raw[start - 1]):
+            start -= 1
+        key = raw[start:].lstrip(" -/").strip()
+        v = colon + 1
+        while v < n and line[v].isspace():
+            v += 1
+        m = _QUOTED.match(line, v) if v < n and line[v] == '"' else None
+        if m and (m.end() == n or line[m.end()] == ","):
+            value, i = m.group(), m.end() + 1
+        else:
+            end = line.find(",", v)
+            end = n if end < 0 else end
+            value, i = line[v:end], end + 1
+        if len(key) >= 2:
+            pairs.append((key, value))
+    return pairs
 
 
 def parse_a1111(text: str) -> dict:
     """Parse A1111 infotext: prompt lines, "Negative prompt:" lines, then the `Key: value, ...` line."""
+    if len(text) > MAX_PARAMETERS_CHARS:
+        raise ValueError(f"this image's parameters text is {len(text):,} characters, more than any tool writes "
+                         f"(limit {MAX_PARAMETERS_CHARS:,}); it was not read")
     *lines, last = text.strip().split("\n")
-    if len(_PARAM.findall(last)) < 3:  # no settings line: everything is prompt
+    pairs = _settings_pairs(last)
+    if len(pairs) < 3:  # no settings line: everything is prompt
         lines.append(last)
         last = ""
     prompt, negative, in_negative = [], [], False
@@ -186,7 +228,7 @@ def parse_a1111(text: str) -> dict:
             line = line[len("Negative prompt:"):].lstrip()
         (negative if in_negative else prompt).append(line)
     settings: dict[str, str] = {}
-    for key, value in _PARAM.findall(last):
+    for key, value in pairs:
         value = value.strip()
         if value.startswith('"') and value.endswith('"'):
             try:

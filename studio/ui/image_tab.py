@@ -7,11 +7,12 @@ Nothing here blocks: submit returns at once and thumbnails load in a pool.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QSize, Qt, QTimer
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QImage, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QLabel,
@@ -53,6 +54,8 @@ QLabel#SectionTitle { font-weight: 600; }
 
 
 class ImageTab(QWidget):
+    png_read = Signal(str, object)  # (path, parameters dict or error text), from the reader thread
+
     def __init__(self, engine: Any, paths: Paths, settings: Settings, parent: QWidget | None = None,
                  library: Any = None) -> None:
         super().__init__(parent)
@@ -64,6 +67,7 @@ class ImageTab(QWidget):
         self.history = PromptHistory(paths.data / HISTORY_FILE)
         self.runner = JobRunner(engine, self)
         self._installer_hooked = False
+        self.png_read.connect(self.load_image_parameters)
         self.setStyleSheet(STYLE)
 
         self.prompt = PromptEdit(self.history, "prompt", "Describe the picture: subject, style, light…  "
@@ -349,13 +353,18 @@ class ImageTab(QWidget):
             self.init_panel.strength_spin.setValue(float(params["strength"]))
         return skipped
 
-    def load_image_parameters(self, path: str) -> bool:
-        """A PNG dropped on the tab: its settings go into the controls. One without any becomes the init image."""
+    def load_image_parameters(self, path: str, params: dict | str | None = None) -> bool:
+        """A PNG dropped on the tab: its settings go into the controls. One without any becomes the init image.
+
+        `params` is what a reader thread already got from the file (a dict, or the error text)."""
         name = Path(path).name
-        try:
-            params = read_png_parameters(path)
-        except ValueError as exc:
-            self.show_notice(str(exc))
+        if params is None:
+            try:
+                params = read_png_parameters(path)
+            except ValueError as exc:
+                params = str(exc)
+        if isinstance(params, str):
+            self.show_notice(params)
             return False
         if not params:
             self.init_panel.set_image(path)
@@ -381,7 +390,18 @@ class ImageTab(QWidget):
             event.ignore()
             return
         event.acceptProposedAction()
-        self.load_image_parameters(path)
+        # A crafted PNG can take long to parse: read it off the GUI thread so the window keeps responding.
+        threading.Thread(target=self._read_png, args=(path,), name="png-parameters", daemon=True).start()
+
+    def _read_png(self, path: str) -> None:
+        try:
+            params: dict | str = read_png_parameters(path)
+        except ValueError as exc:
+            params = str(exc)
+        try:
+            self.png_read.emit(path, params)  # queued to the GUI thread
+        except RuntimeError:  # the tab was closed meanwhile
+            pass
 
     @staticmethod
     def _dropped_png(mime) -> str | None:
