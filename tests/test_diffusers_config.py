@@ -220,3 +220,94 @@ def test_keys_without_effect_are_ignored() -> None:
     assert dc.scheduler_settings({"timestep_spacing": "trailing", "steps_offset": 1, "clip_sample": False,
                                   "prediction_type": "epsilon"})["prediction"] == "eps"
     assert dc.unet_settings({"upcast_attention": True, "dropout": 0.1, "sample_size": 96})["norm_groups"] == 32
+
+
+# ------------------------------------------------------------------------------------------------ Wan
+
+def _saved(model, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """save_pretrained, then what Studio reads back: the weights file(s) and the folder's config."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd, dc.read_config(path)
+
+
+def _wan(**overrides):
+    torch.manual_seed(5)
+    kwargs = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                  text_dim=32, freq_dim=16, ffn_dim=96, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-4, rope_max_seq_len=64)  # 32-wide heads, eps 1e-4
+    kwargs.update(overrides)
+    model = diffusers.WanTransformer3DModel(**kwargs).eval()
+    _randomize(model, 0.1)
+    return model
+
+
+def test_wan_transformer_head_width_and_eps_come_from_config(tmp_path) -> None:
+    from studio.models.wan import load_wan_transformer
+
+    ref = _wan()
+    sd, config = _saved(ref, tmp_path / "transformer")
+    ours = load_wan_transformer(sd, config=config)
+    assert (ours.cfg.heads, ours.cfg.head_dim, ours.cfg.eps) == (2, 32, 1e-4)
+    g = torch.Generator().manual_seed(6)
+    x, t, ctx = torch.randn(2, 4, 3, 4, 6, generator=g), torch.tensor([999.0, 250.5]), torch.randn(2, 512, 32, generator=g)
+    with torch.no_grad():
+        want = ref(x, t, ctx, return_dict=False)[0]
+        got = ours(x, t, ctx)
+    assert (got - want).abs().max() < TOL
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("qk_norm", "layer_norm", r"transformer/config.json: qk_norm='layer_norm' is not supported"),
+    ("num_attention_heads", 3, r"num_attention_heads=3 x attention_head_dim=32 does not match the weights' width 64"),
+    ("_class_name", "WanVACETransformer3DModel", r"_class_name='WanVACETransformer3DModel' is not supported"),
+])
+def test_wan_transformer_configs_studio_cannot_run_are_refused(tmp_path, key, value, match) -> None:
+    from studio.models.wan import load_wan_transformer
+
+    sd, config = _saved(_wan(), tmp_path / "transformer")
+    with pytest.raises(UserError, match=match):
+        load_wan_transformer(sd, config={**config, key: value})
+
+
+def test_wan_vae_latent_statistics_come_from_config(tmp_path) -> None:
+    from studio.models.wan_vae import load_wan_vae
+
+    mean, std = [0.1 * i for i in range(16)], [1.0 + 0.05 * i for i in range(16)]
+    torch.manual_seed(7)
+    ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std)
+    sd, config = _saved(ref, tmp_path / "vae")
+    ours = load_wan_vae(sd, config=config)
+    assert ours.cfg.latents_mean == pytest.approx(tuple(mean)) and ours.cfg.latents_std == pytest.approx(tuple(std))
+    assert load_wan_vae(sd).cfg.latents_mean != ours.cfg.latents_mean  # shapes alone pick Wan 2.1's published ones
+    with pytest.raises(UserError, match=r"vae/config.json: attn_scales=\[0.5\] is not supported"):
+        load_wan_vae(sd, config={**config, "attn_scales": [0.5]})
+    with pytest.raises(UserError, match=r"vae/config.json: latents_std=.*supported: a list of 16 numbers"):
+        load_wan_vae(sd, config={**config, "latents_std": [1.0, 2.0]})
+
+
+def test_umt5_max_distance_and_eps_come_from_config(tmp_path) -> None:
+    from studio.models.t5 import load_t5_encoder
+
+    torch.manual_seed(8)
+    cfg = transformers.UMT5Config(vocab_size=100, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                                  relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                                  feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-3)
+    ref = transformers.UMT5EncoderModel(cfg).eval()
+    _randomize(ref, 0.3)
+    sd, config = _saved(ref, tmp_path / "text_encoder")
+    ours = load_t5_encoder(sd, config=config)
+    assert (ours.cfg.max_distance, ours.cfg.eps) == (12, 1e-3)
+    ids = torch.randint(1, 100, (2, 30), generator=torch.Generator().manual_seed(9))  # 30 > 12: log buckets
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert (ours(ids, mask) - want).abs().max() < TOL
+        assert (load_t5_encoder(sd)(ids, mask) - want).abs().max() > 1e-3  # the config matters here
+    with pytest.raises(UserError, match=r"text_encoder/config.json: feed_forward_proj='relu' is not supported"):
+        load_t5_encoder(sd, config={**config, "feed_forward_proj": "relu"})

@@ -276,8 +276,15 @@ def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def load_t5_encoder(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, **overrides) -> T5Encoder:
-    """Build on the meta device and take the tensors as they are (copies only for a dtype/device change)."""
+                    device: torch.device | str | None = None, config: dict | None = None, **overrides) -> T5Encoder:
+    """Build on the meta device and take the tensors as they are (copies only for a dtype/device change).
+
+    `config`: a transformers text_encoder/config.json (studio.models.diffusers_config.read_config) for
+    what shapes cannot tell (relative_attention_max_distance, layer_norm_epsilon)."""
+    if config:
+        from studio.models.diffusers_config import t5_settings
+
+        overrides = {**t5_settings(config), **overrides}
     sd = normalize_state_dict(sd)
     cfg = T5Config.from_state_dict(sd, **overrides)
     model, missing, unexpected = build_on_meta(lambda: T5Encoder(cfg), sd, dtype=dtype, device=device)

@@ -455,19 +455,33 @@ def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def load_wan_transformer(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                         device: torch.device | str | None = None, head_dim: int = 128) -> WanTransformer:
+                         device: torch.device | str | None = None, head_dim: int = 128,
+                         config: dict | None = None) -> WanTransformer:
     """Build on the meta device and take the tensors as they are (copies only for a dtype/device change).
 
     `sd` may hold compact weights (GGUF blocks, fp8 with scales: studio.models.diffusion_quant); their
     Linear layers keep them as stored and dequantize per call, the rest is dequantized to `dtype`.
+    `config`: a diffusers transformer/config.json (studio.models.diffusers_config.read_config); its head
+    width and eps win over `head_dim` and the released models' 1e-6.
     """
+    overrides: dict = {}
+    heads = None
+    if config:
+        from studio.models.diffusers_config import wan_transformer_settings
+
+        settings = wan_transformer_settings(config)
+        head_dim, heads, overrides["eps"] = settings["head_dim"], settings["heads"], settings["eps"]
     sd = normalize_state_dict(sd)
     for marker, what in (("vace_blocks.", "a Wan VACE model"), ("motion_encoder.", "a Wan Animate model"),
                          ("casual_audio_encoder.", "a Wan S2V (speech-to-video) model")):
         if any(k.startswith(marker) for k in sd):
             raise UserError("unsupported", f"This file is {what}, which is not supported yet: use a Wan 2.1 / 2.2 "
                             "text-to-video, image-to-video or TI2V model.")
-    cfg = WanConfig.from_state_dict(sd, head_dim=head_dim)
+    cfg = WanConfig.from_state_dict(sd, head_dim=head_dim, **overrides)
+    if heads is not None and (heads * head_dim != cfg.dim):
+        raise UserError("bad_model", f"{config.get('_where', 'transformer/config.json')}: num_attention_heads={heads} "
+                        f"x attention_head_dim={head_dim} does not match the weights' width {cfg.dim}: the folder "
+                        "mixes two models. Download it again.")
     model, missing, unexpected = build_compact(lambda: WanTransformer(cfg), sd, dtype=dtype, device=device)
     if missing or unexpected:
         raise UserError("bad_model", "The weights do not fit a Wan transformer (missing "

@@ -574,10 +574,22 @@ def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def load_wan_vae(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> WanVAE:
-    """Build on the meta device and take the tensors as they are (copies only for a dtype/device change)."""
+                 device: torch.device | str | None = None, config: dict | None = None) -> WanVAE:
+    """Build on the meta device and take the tensors as they are (copies only for a dtype/device change).
+
+    `config`: a diffusers vae/config.json (studio.models.diffusers_config.read_config); its latent
+    statistics win over the released ones the latent width picks."""
+    overrides: dict = {}
+    if config:
+        from studio.models.diffusers_config import wan_vae_settings
+
+        overrides = wan_vae_settings(config)
     sd = normalize_state_dict(sd)
-    cfg = WanVAEConfig.from_state_dict(sd)
+    cfg = WanVAEConfig.from_state_dict(sd, **overrides)
+    if len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+        raise UserError("bad_model", f"{(config or {}).get('_where', 'vae/config.json')}: latents_mean/latents_std "
+                        f"do not have one value per latent channel ({cfg.z_dim} in the weights): the folder mixes "
+                        "two models. Download it again.")
     try:
         vae, missing, unexpected = build_on_meta(lambda: WanVAE(cfg), sd, dtype=dtype, device=device)
     except RuntimeError as e:  # a tensor of the wrong shape
