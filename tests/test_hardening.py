@@ -221,9 +221,81 @@ def test_dropping_a_png_does_not_parse_it_on_the_gui_thread(qtbot, tmp_path, mon
     monkeypatch.setattr(image_tab, "read_png_parameters", slow_read)
     tab = image_tab.ImageTab(MockEngine(), make_paths(tmp_path), Settings())
     qtbot.addWidget(tab)
-    _, enter, drop = drag_events(png(tmp_path / "a.png"))
+    mime, enter, drop = drag_events(png(tmp_path / "a.png"))
     t0 = time.monotonic()
     tab.dropEvent(drop)
     assert time.monotonic() - t0 < 0.2
     qtbot.waitUntil(lambda: tab.prompt.text() == "from the png", timeout=3000)
     assert threads and threads[0] is not threading.main_thread()
+
+
+# --- 7. every unreadable PNG gives one error type, PngMetadataError --------------------------------
+
+def _png_with_text(path, text: dict):
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def _png_claiming_size(path, width: int, height: int):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+CRAFTED_PNG_TEXT = {
+    "comfy_inputs_not_a_dict": {"prompt": '{"1": {"class_type": "KSampler", "inputs": []}}'},
+    "comfy_no_inputs": {"prompt": '{"1": {"class_type": "KSampler"}}'},
+    "comfy_link_to_list": {"prompt": '{"1": {"class_type": "KSampler", "inputs": {"seed": [[1], 0]}}}'},
+    "workflow_list_sampler": {"workflow": '{"nodes": [{"id": 1, "type": "KSampler", '
+                                          '"widgets_values": [1, 0, 2, 3, [1], "x"]}]}'},
+    "workflow_list_link": {"workflow": '{"nodes": [{"id": 1, "type": "KSampler", "inputs": '
+                                       '[{"name": "positive", "link": [1]}]}], "links": [[[1], 2]]}'},
+    "workflow_nodes_not_dicts": {"workflow": '{"nodes": [{"id": [], "type": "KSampler"}], "links": 5}'},
+    "deep_prompt": {"prompt": "[" * 100_000 + "]" * 100_000},
+    "deep_studio": {"studio": '{"a":' * 100_000 + "1" + "}" * 100_000},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_PNG_TEXT))
+def test_crafted_png_parameters_give_png_metadata_error_or_a_result(tmp_path, case):
+    from studio.library.pngmeta import PngMetadataError, read_png_parameters
+    path = _png_with_text(tmp_path / "x.png", CRAFTED_PNG_TEXT[case])
+    try:
+        out = read_png_parameters(path)
+    except PngMetadataError as e:
+        assert "parameters" in str(e) or "image" in str(e)
+    else:
+        assert isinstance(out, dict)
+
+
+def test_a_decompression_bomb_png_is_a_png_metadata_error(tmp_path):
+    from studio.library.pngmeta import PngMetadataError, read_png_parameters
+    with pytest.raises(PngMetadataError, match="pixels"):
+        read_png_parameters(_png_claiming_size(tmp_path / "bomb.png", 100_000, 100_000))
+
+
+def test_png_metadata_error_is_a_value_error():
+    from studio.library.pngmeta import PngMetadataError
+    assert issubclass(PngMetadataError, ValueError)
+
+
+def test_image_tab_shows_why_a_crafted_png_cannot_be_read(qtbot, tmp_path):
+    from test_image_tab import MockEngine, drag_events, make_paths
+
+    from studio.settings import Settings
+    from studio.ui import image_tab
+    tab = image_tab.ImageTab(MockEngine(), make_paths(tmp_path), Settings())
+    qtbot.addWidget(tab)
+    path = _png_with_text(tmp_path / "c.png", CRAFTED_PNG_TEXT["comfy_no_inputs"])
+    mime, _, drop = drag_events(str(path))  # the event does not own its mime data: keep it alive
+    tab.dropEvent(drop)
+    qtbot.waitUntil(lambda: "c.png" in tab.notice.text() or "cannot" in tab.notice.text(), timeout=3000)

@@ -139,16 +139,42 @@ def unique_output_path(folder: str | os.PathLike, stem: str, ext: str = ".png") 
 # ---------------------------------------------------------------- reading
 
 
+class PngMetadataError(ValueError):
+    """This file's image or its generation parameters cannot be read. The only error
+    read_png_parameters raises, whatever the file holds."""
+
+
+# What crafted chunks make the parsers below raise (a list where a dict belongs, JSON nested
+# 100,000 deep, a header claiming 10^10 pixels); all mean "these parameters cannot be read".
+_PARSE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError, OverflowError,
+                 Image.DecompressionBombError, EOFError, SyntaxError, OSError)
+
+
 def read_png_parameters(path: str | os.PathLike | IO[bytes]) -> dict:
     """Parameters of an image made by Studio, A1111/Forge or ComfyUI; {} when it holds none.
 
-    Raises ValueError when the file is not an image Pillow can open.
+    Raises PngMetadataError (a ValueError) when the file is not an image Pillow can open or its
+    parameters cannot be read.
     """
     try:
         with Image.open(path) as img:
             text = {**getattr(img, "text", {}), **{k: v for k, v in img.info.items() if isinstance(v, str)}}
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read this file as an image ({exc}); drop a PNG made by Studio, A1111 or ComfyUI") from None
+    except Image.DecompressionBombError as exc:
+        raise PngMetadataError(f"this image claims too many pixels to open safely ({exc}); drop a PNG made by "
+                               "Studio, A1111 or ComfyUI") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise PngMetadataError(f"cannot read this file as an image ({exc}); drop a PNG made by Studio, "
+                               "A1111 or ComfyUI") from None
+    try:
+        return _parameters_from_text(text)
+    except PngMetadataError:
+        raise
+    except _PARSE_ERRORS as exc:
+        raise PngMetadataError(f"this image's generation parameters cannot be read ({type(exc).__name__}: "
+                               f"{str(exc)[:120]}); they are damaged or were written by an unknown tool") from None
+
+
+def _parameters_from_text(text: dict[str, str]) -> dict:
     if "studio" in text:
         try:
             job = json.loads(text["studio"])
@@ -214,7 +240,7 @@ def _settings_pairs(line: str) -> list[tuple[str, str]]:
 def parse_a1111(text: str) -> dict:
     """Parse A1111 infotext: prompt lines, "Negative prompt:" lines, then the `Key: value, ...` line."""
     if len(text) > MAX_PARAMETERS_CHARS:
-        raise ValueError(f"this image's parameters text is {len(text):,} characters, more than any tool writes "
+        raise PngMetadataError(f"this image's parameters text is {len(text):,} characters, more than any tool writes "
                          f"(limit {MAX_PARAMETERS_CHARS:,}); it was not read")
     *lines, last = text.strip().split("\n")
     pairs = _settings_pairs(last)
