@@ -60,10 +60,8 @@ def _pipelines() -> dict[str, Callable[[Any, JobContext], dict]]:
         return run_image(job, ctx)
 
     def video(job, ctx):
-        try:
-            from studio.engine.pipelines.diffusion.wan import run_video
-        except ImportError:
-            raise UserError("unsupported", "Video generation is not available in this version of Studio yet.") from None
+        from studio.engine.pipelines.diffusion.wan import run_video
+
         return run_video(job, ctx)
 
     def completion(job, ctx):

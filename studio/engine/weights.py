@@ -97,10 +97,7 @@ def quantize_model(module: nn.Module, mode: str,
         def convert(lin: nn.Linear) -> nn.Module:
             return Fp8Linear.from_linear(lin)
     else:
-        try:
-            from studio.nn.packed_int import quantize_linear
-        except ImportError as exc:
-            raise UserError("unsupported", f"{mode} quantization is not available in this build ({exc})") from exc
+        from studio.nn.packed_int import quantize_linear
 
         def convert(lin: nn.Linear) -> nn.Module:
             return quantize_linear(lin.weight.detach(), mode).to_module(lin.bias)
