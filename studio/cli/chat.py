@@ -30,11 +30,21 @@ def add_parser(sub) -> None:
     p.add_argument("--quant", choices=["int8", "int4"], default="",
                    help="quantize a full-precision model's weights at load (GGUF files keep their own)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and its timings")
+    p.add_argument("--server", default="", metavar="URL",
+                   help="chat with an OpenAI-compatible server (vLLM, llama.cpp, Ollama, studio serve) instead")
+    p.add_argument("--api-key", default=None, help="the server's key (default: $STUDIO_API_KEY, else the keychain)")
+    p.add_argument("--save-key", action="store_true", help="store --api-key in the OS keychain for this server")
+    p.add_argument("--list-models", action="store_true", help="list the server's models and exit")
     common.engine_args(p)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.server:
+        from studio.cli.chat_remote import cmd_chat_remote
+
+        return cmd_chat_remote(args)
+
     def job_for(messages: list[dict]) -> ChatJob:
         return ChatJob(messages=messages, model=args.model, system=args.system, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
