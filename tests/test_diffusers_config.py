@@ -150,6 +150,17 @@ def test_the_job_can_still_force_the_prediction(folder) -> None:
     assert load_sd(folder[0], prediction="eps").prediction == "eps"
 
 
+def test_a_scheduler_config_without_prediction_type_leaves_it_to_the_loader(folder, tmp_path) -> None:
+    """Folders converted before diffusers had the key: the SD2 probe and family rules decide, as for files."""
+    from studio.models.sd_checkpoint import load_sd
+
+    assert dc.scheduler_settings({"beta_schedule": "scaled_linear"})["prediction"] is None
+    old = _rewrite(folder[0], tmp_path / "old", "scheduler", "scheduler_config.json")
+    path = old / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "prediction_type"}))
+    assert load_sd(old).prediction == "eps"  # an SD1 folder (quick_gelu text encoder)
+
+
 def test_head_counts_with_one_head_width_become_a_head_dim() -> None:
     cfg = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}

@@ -260,15 +260,16 @@ PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 
 
 def scheduler_settings(config: Config) -> dict[str, Any]:
-    """A discrete-time scheduler_config.json -> {"prediction": "eps" | "v", "betas": {...}} (the
+    """A discrete-time scheduler_config.json -> {"prediction": "eps" | "v" | None, "betas": {...}} (the
     arguments of DiscreteSchedule.from_betas). Which sampler runs is the job's choice, not the config's."""
     r = _Reader(config, "scheduler/scheduler_config.json")
     name = config.get("_class_name")
     if isinstance(name, str) and name.startswith("FlowMatch"):
         raise UserError("unsupported", f"{r.where}: _class_name={name!r} is a flow-matching scheduler, which no "
                         "Stable Diffusion 1/2/XL UNet uses (supported: the discrete DDPM-family schedulers).")
-    value = r.get("prediction_type", "epsilon")
-    if value not in PREDICTIONS:
+    # absent in folders converted before diffusers had the key: None lets the loader's own checks decide
+    value = r.get("prediction_type", None)
+    if value is not None and value not in PREDICTIONS:
         raise r.refuse("prediction_type", value, " or ".join(repr(p) for p in PREDICTIONS),
                        "Choose eps or v prediction by hand in the job if you know better.")
     r.expect("trained_betas", (None,), "Custom beta tables are not run by Studio.")
@@ -278,7 +279,7 @@ def scheduler_settings(config: Config) -> dict[str, Any]:
              "steps": r.positive_int("num_train_timesteps", 1000), "schedule": schedule}
     if not betas["beta_start"] < betas["beta_end"] < 1:
         raise r.refuse("beta_end", betas["beta_end"], "a value above beta_start and below 1")
-    return {"prediction": PREDICTIONS[value], "betas": betas}
+    return {"prediction": PREDICTIONS.get(value), "betas": betas}
 
 
 # ------------------------------------------------------------------------------------------------ Wan
