@@ -299,3 +299,63 @@ def test_image_tab_shows_why_a_crafted_png_cannot_be_read(qtbot, tmp_path):
     mime, _, drop = drag_events(str(path))  # the event does not own its mime data: keep it alive
     tab.dropEvent(drop)
     qtbot.waitUntil(lambda: "c.png" in tab.notice.text() or "cannot" in tab.notice.text(), timeout=3000)
+
+
+# --- 4. header readers cap dimensions, counts and arrays ------------------------------------------
+
+def _ckpt_with_shape(path, shape: list[int]):
+    """A zip torch.save layout whose data.pkl gives tensor 'w' this shape (pickle opcodes by hand)."""
+    import struct
+    import zipfile
+
+    def uni(s: str) -> bytes:
+        return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+    def tup(xs) -> bytes:
+        return b"(" + b"".join(b"J" + struct.pack("<i", x) for x in xs) + b"t"
+    pid = b"(" + uni("storage") + b"ctorch\nFloatStorage\n" + uni("0") + uni("cpu") + b"K\x01tQ"
+    pkl = (b"\x80\x02}" + uni("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"K\x00" + tup(shape)
+           + tup(shape) + b"\x89}tRs.")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+    return path
+
+
+def test_a_pickle_tensor_with_60000_dimensions_is_refused_quickly(tmp_path):
+    import time
+
+    from studio.library.detect import detect
+    from studio.library.headers import HeaderError
+    path = _ckpt_with_shape(tmp_path / "x.ckpt", [2**31 - 1] * 60_000)
+    t0 = time.monotonic()
+    with pytest.raises(HeaderError, match="dimensions"):
+        detect(path)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_a_normal_pickle_shape_still_reads(tmp_path):
+    from studio.library.headers import read_pickle
+    h = read_pickle(_ckpt_with_shape(tmp_path / "x.ckpt", [4, 3]))
+    assert h.tensors["w"].shape == (4, 3)
+
+
+def test_a_large_gguf_metadata_array_is_not_turned_into_python_objects(tmp_path):
+    import struct
+    import tracemalloc
+
+    from library_fixtures import ARRAY, STRING, U32, gguf_bytes
+
+    from studio.library.headers import read_gguf
+    count = 4_000_000
+    head, _ = gguf_bytes({"general.architecture": (STRING, "llama")}, {})
+    key = b"big.array"  # a second kv appended by hand: a u32 array of 4M elements (16 MB)
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", ARRAY, U32, count) + bytes(4 * count)
+    prefix = b"GGUF" + struct.pack("<IQQ", 3, 0, 2)
+    rest = head[len(prefix):].rstrip(b"\0")
+    (tmp_path / "big.gguf").write_bytes(prefix + rest + kv)
+    tracemalloc.start()
+    h = read_gguf(tmp_path / "big.gguf")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(h.metadata["big.array"]) == count and "not loaded" in str(h.metadata["big.array"])
+    assert peak < 20_000_000, peak

@@ -25,6 +25,9 @@ MAX_GGUF_NDIMS = 8
 MAX_GGUF_ARRAY_DEPTH = 4
 MAX_GGUF_OBJECT_ARRAY = 1 << 24  # string arrays: the largest vocabularies are ~260k entries
 MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds only structure; real ones are < 10 MiB
+MAX_TENSOR_DIMS = 16  # real tensors have at most 6; a product of 60,000 huge dims took 28 s
+MAX_GGUF_INLINE_ARRAY = 1 << 16  # number arrays longer than this stay in the file (GGUFArray)
+MAX_GGUF_STRING_ARRAY = 1 << 21  # strings: vocabularies and merges are < 1M entries
 
 
 class HeaderError(ValueError):
@@ -170,6 +173,24 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 _GGUF_MIN_SIZE = {**{t: struct.calcsize(f) for t, f in _GGUF_SCALARS.items()}, 8: 8, 9: 12}
 
 
+@dataclass(frozen=True)
+class GGUFArray:
+    """A long GGUF metadata array left in the file: its element type, length and byte offset.
+
+    Reading one into Python objects cost ~50 bytes per element (a 190 MB file took 2.4 GB), and
+    nothing that reads headers needs the values of such arrays."""
+
+    etype: int
+    count: int
+    offset: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __str__(self) -> str:
+        return f"<array of {self.count} values of type {self.etype}, not loaded>"
+
+
 class _Reader:
     """Bounded reads from a stream: never asks for more than the file has left."""
 
@@ -189,6 +210,13 @@ class _Reader:
             raise HeaderError(f"{self.name}: file ended while reading {what}; download it again")
         self.pos += n
         return data
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise HeaderError(f"{self.name}: {what} needs {n} bytes but only {self.left} are left; "
+                              "the file is truncated or corrupt, download it again")
+        self.f.seek(n, os.SEEK_CUR)
+        self.pos += n
 
     def unpack(self, fmt: str, what: str) -> Any:
         return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))[0]
@@ -216,12 +244,18 @@ class _Reader:
             if count * _GGUF_MIN_SIZE[etype] > self.left:
                 raise HeaderError(f"{self.name}: {what} claims {count} elements, more than the file can "
                                   "hold; the file is corrupt")
-            if etype not in _GGUF_SCALARS and count > MAX_GGUF_OBJECT_ARRAY:
+            if etype == 9 and count > MAX_GGUF_OBJECT_ARRAY or etype == 8 and count > MAX_GGUF_STRING_ARRAY:
                 raise HeaderError(f"{self.name}: {what} claims {count} strings or arrays (limit "
-                                  f"{MAX_GGUF_OBJECT_ARRAY}); the file is corrupt")
-            if etype in _GGUF_SCALARS:  # one read for the whole array, not one per element
+                                  f"{MAX_GGUF_STRING_ARRAY if etype == 8 else MAX_GGUF_OBJECT_ARRAY}); "
+                                  "the file is corrupt")
+            if etype in _GGUF_SCALARS:
                 fmt = _GGUF_SCALARS[etype]
-                raw = self.read(count * struct.calcsize(fmt), what)
+                nbytes = count * struct.calcsize(fmt)
+                if count > MAX_GGUF_INLINE_ARRAY:
+                    start = self.pos
+                    self.skip(nbytes, what)
+                    return GGUFArray(etype, count, start)
+                raw = self.read(nbytes, what)  # one read for the whole array, not one per element
                 return list(struct.unpack(f"<{count}{fmt[1]}", raw))
             return [self.value(etype, what, depth + 1) for _ in range(count)]
         raise HeaderError(f"{self.name}: {what} has unknown value type {vtype}; the file is corrupt "
@@ -306,10 +340,19 @@ class _Storage:
         self.dtype, self.numel = dtype, numel
 
 
+class _BadTensor(Exception):
+    """A tensor in a pickle that no real checkpoint has (caught and reported as HeaderError)."""
+
+
 class _TensorStub:
     def __init__(self, storage: Any, size: Any) -> None:
         self.dtype = storage.dtype if isinstance(storage, _Storage) else "unknown"
-        self.shape = tuple(int(d) for d in size) if isinstance(size, tuple) else ()
+        if isinstance(size, tuple) and len(size) > MAX_TENSOR_DIMS:
+            raise _BadTensor(f"a tensor claims {len(size)} dimensions (real ones have at most "
+                              f"{MAX_TENSOR_DIMS})")
+        if isinstance(size, tuple) and not all(type(d) is int and 0 <= d < 1 << 48 for d in size):
+            raise _BadTensor("a tensor's dimensions are not non-negative integers")
+        self.shape = tuple(size) if isinstance(size, tuple) else ()
 
 
 class _Opaque:
@@ -386,6 +429,8 @@ def read_pickle(path: Path | str) -> ModelHeader:
         obj = _KeysOnlyUnpickler(io.BytesIO(raw)).load()
     except HeaderError:
         raise
+    except _BadTensor as e:
+        raise HeaderError(f"{path}: {e}; the file is corrupt or hostile, {convert}") from None
     # Unpickling hostile bytes can fail in any way; every failure means "cannot inspect".
     except Exception as e:  # noqa: BLE001
         raise HeaderError(f"{path}: this is a PyTorch pickle that Studio cannot inspect safely "
