@@ -451,7 +451,28 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
         chat_template=template if isinstance(template, str) else None,
         bos_token=special["bos_token"], eos_token=special["eos_token"],
         stop_token_ids=special["stop_token_ids"], add_bos=special["add_bos"], source=str(g.path),
+        generation_defaults=gguf_sampling(g.metadata), model_name=gguf_model_name(g.metadata),
     )
+
+
+# Sampling settings llama.cpp's converter copies from generation_config.json -> our names.
+GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                      "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                      "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def gguf_sampling(metadata: dict) -> dict:
+    """The sampling settings a GGUF file recommends (often none)."""
+    return {ours: metadata[key] for key, ours in GGUF_SAMPLING_KEYS.items()
+            if isinstance(metadata.get(key), (int, float)) and not isinstance(metadata.get(key), bool)}
+
+
+def gguf_model_name(metadata: dict) -> str:
+    """general.basename ("smollm2"), else general.name: how the file names its model."""
+    for key in ("general.basename", "general.name"):
+        if isinstance(metadata.get(key), str) and metadata[key].strip():
+            return metadata[key].strip()
+    return ""
 
 
 def gguf_weight_bytes(state_dict: dict[str, Tensor | QuantWeight]) -> int:

@@ -176,5 +176,6 @@ def load_hf_folder(folder: str | Path, progress: Callable[[int, int], None] | No
         stop_token_ids=stop,
         add_bos=bool(tok_cfg.get("add_bos_token", False)),
         generation_defaults=defaults,
+        model_name=str(config.get("_name_or_path") or "").rstrip("/").rsplit("/", 1)[-1],
         source=str(folder),
     )

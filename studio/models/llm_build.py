@@ -32,6 +32,7 @@ class LoadedLLM:
     stop_token_ids: list = field(default_factory=list)
     add_bos: bool = False
     generation_defaults: dict = field(default_factory=dict)  # temperature, top_p, ... from the model
+    model_name: str = ""  # what the file calls the model (GGUF general.basename, HF _name_or_path), for its defaults
     source: str = ""  # the path it came from
 
 

@@ -241,10 +241,17 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
                    bos_token=loaded.bos_token, eos_token=loaded.eos_token, stop_ids=stop,
                    add_bos=loaded.add_bos, context_length=ctx_len, device=device, dtype=dtype,
                    name=str(path), nbytes=weight_bytes(model),
-                   generation_defaults=dict(loaded.generation_defaults), model_name=loaded.model_name,
+                   generation_defaults=file_sampling(path, loaded), model_name=loaded.model_name,
                    notes=notes)
     progress(3, total, "loading")
     return cm
+
+
+def file_sampling(path: Path, loaded: LoadedLLM) -> dict:
+    """The sampling the model file recommends; for the bundled SmolLM2, what was measured to answer right."""
+    from studio.models.bundled import BUNDLED_SAMPLING, is_bundled
+
+    return {**loaded.generation_defaults, **BUNDLED_SAMPLING} if is_bundled(path) else dict(loaded.generation_defaults)
 
 
 def ensure_cache(cm: ChatModel, needed: int) -> None:
@@ -397,7 +404,7 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
     prompt, dropped = fit_prompt(cm, messages, job.max_tokens, job.overflow, ctx.cancel.check)
     max_new = min(job.max_tokens, cm.context_length - len(prompt))
     ensure_cache(cm, len(prompt) + max_new)
-    sampling, _ = resolve_sampling(requested, cm.generation_defaults, cm.model_name)
+    sampling = resolve_sampling(requested, cm.generation_defaults, cm.model_name)
     params = SamplingParams(**sampling, presence_penalty=job.presence_penalty, seed=job.seed)
     try:  # a model file's own values may be out of range too
         params.validate()
