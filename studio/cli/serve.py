@@ -48,12 +48,15 @@ def example(base: str, token: str, model: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
+        import starlette  # noqa: F401
         import uvicorn
-
-        from studio.server import ServerConfig, create_app
-        from studio.server.catalog import BUNDLED_ID
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("starlette", "uvicorn"):
+            raise
         return common.fail(f"the server needs {exc.name}: pip install starlette uvicorn httpx")
+    from studio.server import ServerConfig, create_app
+    from studio.server.catalog import BUNDLED_ID
+
     token = args.token if args.token is not None else os.environ.get("STUDIO_API_TOKEN", "")
     config = ServerConfig(host=args.host, port=args.port, token=token, cors_origins=list(args.cors),
                           max_body_bytes=args.max_body, max_tokens=args.max_tokens,

@@ -35,10 +35,8 @@ def _bundled_installed() -> bool:
 
 def served_models() -> list[ServedModel]:
     out = [ServedModel(BUNDLED_ID, "chat", "", "llama")] if _bundled_installed() else []
-    try:
-        from studio.library.library import Library, LibraryError
-    except ImportError:
-        return out
+    from studio.library.library import Library, LibraryError
+
     try:
         with Library() as lib:
             entries = lib.list(include_missing=False)
