@@ -184,3 +184,95 @@ def test_a_model_copied_into_a_watched_folder_is_registered_without_a_restart(qt
     shutil.copy(default_chat_model(), tmp_path / "ComfyUI" / "models" / "late.gguf")
     qtbot.waitUntil(lambda: any(e.path.name == "late.gguf" for e in win.library.list()), timeout=30000)
     win.close()
+
+
+def test_view_menu_and_ctrl_digits_open_each_tab(window):
+    from PySide6.QtGui import QKeySequence
+
+    view = next(a.menu() for a in window.menuBar().actions() if a.text() == "&View")
+    actions = {a.text(): a for a in view.actions()}
+    for name, index in (("Video", 1), ("Chat", 2), ("Image", 0)):
+        actions[name].trigger()  # triggered(checked=False): the checked flag must not become the index
+        assert window.tabs.currentIndex() == index, name
+    # Ctrl+N fires the same action (offscreen windows never become active, so keys can't be sent here).
+    assert [actions[n].shortcut() for n in ("Image", "Video", "Chat")] == [
+        QKeySequence(f"Ctrl+{i}") for i in (1, 2, 3)]
+
+
+QUIT_AFTER_SETTINGS = """
+import sys
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+from studio.paths import Paths
+from studio.settings import Settings
+from studio.ui.main_window import MainWindow
+
+app = QApplication(sys.argv)
+paths = Paths.default().ensure()
+window = MainWindow(paths, Settings.load(paths))
+window.show()
+quit_action = next(a for m in window.menuBar().actions() for a in m.menu().actions() if a.text() == "&Quit")
+
+def settings_then_quit():
+    QTimer.singleShot(300, lambda: QApplication.activeModalWidget().reject())  # Esc
+    window.open_settings()  # Ctrl+,
+    QTimer.singleShot(300, quit_action.trigger)  # Ctrl+Q
+
+QTimer.singleShot(500, settings_then_quit)
+QTimer.singleShot(60000, lambda: app.exit(3))
+sys.exit(app.exec())
+"""
+
+
+def test_quitting_after_settings_was_opened_exits_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STUDIO_HOME": str(tmp_path), "QT_QPA_PLATFORM": "offscreen"}
+    out = subprocess.run([sys.executable, "-c", QUIT_AFTER_SETTINGS], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, f"exit code {out.returncode}: {out.stderr[-2000:]}"
+
+
+def test_settings_offer_only_the_devices_the_engine_found(qtbot):
+    from studio.ui.settings_dialog import SettingsDialog
+
+    cpu_only = {"device": {"kind": "cpu", "label": "CPU · 2 threads", "torch_build": "cpu"}}
+    dialog = SettingsDialog(Settings(), None, cpu_only)
+    qtbot.addWidget(dialog)
+    assert [dialog.device.itemText(i) for i in range(dialog.device.count())] == ["auto", "cpu"]
+    assert "No GPU" in dialog.device_note.text()
+    assert not dialog.budget.isEnabled() and not dialog.reserve.isEnabled()
+    assert "no VRAM" in dialog.budget.toolTip()
+
+    cuda = {"device": {"kind": "cuda", "label": "CUDA · RTX 4090 · 24 GiB", "extra": {"device_count": 2}}}
+    dialog = SettingsDialog(Settings(), None, cuda)
+    qtbot.addWidget(dialog)
+    assert [dialog.device.itemText(i) for i in range(dialog.device.count())] == ["auto", "cpu", "cuda", "cuda:1"]
+    assert dialog.budget.isEnabled()
+
+    unknown = SettingsDialog(Settings(), None, None)  # before the engine reported: everything, and why
+    qtbot.addWidget(unknown)
+    assert unknown.device.count() == 6 and "not reported" in unknown.device_note.text()
+
+
+def test_at_the_default_size_the_init_image_controls_fit_and_both_seeds_start_random(window, qtbot):
+    from PySide6.QtCore import QPoint
+
+    window.resize(1280, 820)
+    window.show()
+    qtbot.waitExposed(window)
+    image, video = window.image_tab, window.video_tab
+    for tab, scroll, field in ((image, image.scroll, image.init_panel), (video, video.scroll, video.image)):
+        window.tabs.setCurrentWidget(tab)
+        qtbot.wait(50)
+        bar = scroll.verticalScrollBar()
+        bar.setValue(bar.maximum())
+        qtbot.wait(50)
+        top = field.mapTo(scroll.viewport(), QPoint(0, 0)).y()
+        assert top >= 0 and top + field.height() <= scroll.viewport().height(), type(tab).__name__
+        assert field.height() >= field.sizeHint().height(), type(tab).__name__  # not squeezed to its minimum
+    assert image.init_panel.canvas.height() >= image.init_panel.canvas.sizeHint().height()
+    assert video.image.width() >= 200  # the path field, not its two buttons, gets the row
+    assert image.params.seed_edit.text() == "" and image.params.seed_edit.placeholderText() == "random"
+    assert video.seed.value() == -1 and video.seed.edit.placeholderText() == "random"

@@ -33,7 +33,7 @@ from studio.ui.image.params import ModelChoice, ParamsPanel
 from studio.ui.image.preview import PreviewPanel, format_seconds
 from studio.ui.image.prompt_box import PromptEdit, PromptHistory
 from studio.ui.job_runner import JobRunner, failure_text
-from studio.ui.job_widgets import GenerateBar
+from studio.ui.job_widgets import GenerateBar, NaturalHeight
 
 STATE_FILE = "image_tab.json"
 HISTORY_FILE = "image_prompt_history.json"
@@ -93,7 +93,7 @@ class ImageTab(QWidget):
         self.params = ParamsPanel()
         self.init_panel = InitImagePanel()
         self.init_panel.failed.connect(self.show_notice)
-        settings_box = QWidget()
+        settings_box = NaturalHeight()
         box = QVBoxLayout(settings_box)
         box.setContentsMargins(0, 0, 6, 0)
         box.addWidget(self.params)

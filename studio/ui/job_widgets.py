@@ -1,15 +1,23 @@
-"""Widgets the generating tabs share: the Generate / Cancel row and the seed field."""
+"""Widgets the generating tabs share: the Generate / Cancel row, the seed field, the settings column."""
 
 from __future__ import annotations
 
 import random
 
-from PySide6.QtCore import QRegularExpression, Signal
+from PySide6.QtCore import QRegularExpression, QSize, Signal
 from PySide6.QtGui import QRegularExpressionValidator
 from PySide6.QtWidgets import QHBoxLayout, QLineEdit, QPushButton, QToolButton, QWidget
 
 SEED_MAX = (1 << 64) - 1  # ComfyUI seeds go this high; the engine takes any of them
 RANDOM_SEED = -1  # what a job carries when the engine should pick the seed
+
+
+class NaturalHeight(QWidget):
+    """A scroll area's content that scrolls at its natural height instead of being squeezed to its minimum
+    (which cut the img2img drop box and the video init image row off at the default window size)."""
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt override)
+        return QSize(super().minimumSizeHint().width(), self.sizeHint().height())
 
 
 class GenerateBar(QWidget):

@@ -16,7 +16,6 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QTabWidget,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -24,9 +23,15 @@ from studio import __version__
 from studio.client import EngineOptions
 from studio.paths import Paths
 from studio.settings import Settings
+from studio.ui.chat.chat_tab import ChatTab
 from studio.ui.engine_qt import QtEngine
+from studio.ui.image_tab import ImageTab
+from studio.ui.job_runner import JobRunner, failure_text
+from studio.ui.memory_panel import MemoryPanel
+from studio.ui.models_panel import ModelsPanel
 from studio.ui.settings_dialog import SettingsDialog
 from studio.ui.theme import app_icon, apply_theme
+from studio.ui.video_tab import VideoTab
 
 log = logging.getLogger("studio.ui")
 
@@ -41,26 +46,6 @@ STATE_TEXT = {
     "restarting": ("#d9a441", "Engine restarting after a crash…"),
     "stopped": ("#d9534f", "Engine stopped"),
 }
-
-
-class EmptyState(QWidget):
-    """What a tab shows before it has anything to do: what it is for and the next step."""
-
-    def __init__(self, title: str, body: str, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        t = QLabel(title)
-        t.setObjectName("EmptyTitle")
-        t.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        b = QLabel(body)
-        b.setObjectName("EmptyBody")
-        b.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        b.setWordWrap(True)
-        b.setEnabled(False)
-        layout = QVBoxLayout(self)
-        layout.addStretch()
-        layout.addWidget(t)
-        layout.addWidget(b)
-        layout.addStretch()
 
 
 def engine_options(settings: Settings, paths: Paths | None = None) -> EngineOptions:
@@ -97,6 +82,10 @@ class MainWindow(QMainWindow):
         self._build_status_bar()
         self._build_docks()
         self._build_menus()
+        self._selftest = JobRunner(self.engine, self)
+        self._selftest.finished.connect(self._on_selftest)
+        self._selftest.failed.connect(lambda _kind, message, restarted: self.statusBar().showMessage(
+            f"Self-test failed: {failure_text(message, restarted, 'Run device self-test')}", 20000))
         self.engine.state_changed.connect(self._on_state)
         self.engine.status_changed.connect(self._on_status)
         self._on_state(self.engine.state, "")
@@ -126,27 +115,12 @@ class MainWindow(QMainWindow):
 
     # -- tabs ------------------------------------------------------------------------
     def _make_image_tab(self) -> QWidget:
-        try:
-            from studio.ui.image_tab import ImageTab
-        except ImportError:
-            return EmptyState("Image", "Drop a Stable Diffusion checkpoint (.safetensors) here to install it, "
-                              "then describe the picture you want.")
         return ImageTab(self.engine, self.paths, self.settings, self, library=self.library)
 
     def _make_video_tab(self) -> QWidget:
-        try:
-            from studio.ui.video_tab import VideoTab
-        except ImportError:
-            return EmptyState("Video", "Drop a Wan 2.x model file here to install it. Video generation needs a GPU "
-                              "with 8 GiB or more to be practical.")
         return VideoTab(self.engine, self.paths, self.settings, self, library=self.library)
 
     def _make_chat_tab(self) -> QWidget:
-        try:
-            from studio.ui.chat.chat_tab import ChatTab
-        except ImportError:
-            return EmptyState("Chat", "Chat with the bundled SmolLM2 model from the command line: "
-                              "studio chat \"your question\". Drop a .gguf file here to add another model.")
         return ChatTab(self.engine, self.paths, self.settings, self, library=self.library)
 
     # -- status bar ------------------------------------------------------------------
@@ -208,20 +182,13 @@ class MainWindow(QMainWindow):
         self.models_dock = None
         self.memory_dock = None
         if self.library is not None:
-            from studio.ui.models_panel import ModelsPanel
-
             self.models_panel = ModelsPanel(self.library, parent=self)
             self.models_dock = self._dock("Models", self.models_panel, Qt.DockWidgetArea.RightDockWidgetArea)
             self.models_panel.installer.finished.connect(lambda *_: self.refresh_model_pickers())
             self.models_panel.use_model.connect(self.use_model)
-        try:
-            from studio.ui.memory_panel import MemoryPanel
-        except ImportError:
-            MemoryPanel = None  # noqa: N806
-        if MemoryPanel is not None:
-            self.memory_panel = MemoryPanel(self)
-            self.memory_panel.unload_all_requested.connect(lambda: self.engine.unload(None))
-            self.memory_dock = self._dock("Memory", self.memory_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.memory_panel = MemoryPanel(self)
+        self.memory_panel.unload_all_requested.connect(lambda: self.engine.unload(None))
+        self.memory_dock = self._dock("Memory", self.memory_panel, Qt.DockWidgetArea.RightDockWidgetArea)
 
     def scan_model_folders(self) -> None:
         """Register what the user's other apps keep in the folders named in Settings (in the background:
@@ -330,7 +297,9 @@ class MainWindow(QMainWindow):
 
         view = self.menuBar().addMenu("&View")
         for i, name in enumerate(("Image", "Video", "Chat")):
-            self._action(view, name, lambda i=i: self.tabs.setCurrentIndex(i), QKeySequence(f"Ctrl+{i + 1}"))
+            # triggered passes `checked` positionally: take it explicitly so it never lands in the index
+            self._action(view, name, lambda _checked=False, i=i: self.tabs.setCurrentIndex(i),
+                         QKeySequence(f"Ctrl+{i + 1}"))
         view.addSeparator()
         if self.models_dock is not None:
             act = self.models_dock.toggleViewAction()
@@ -381,29 +350,25 @@ class MainWindow(QMainWindow):
     def run_selftest(self) -> None:
         from studio.protocol import SelfTestJob
 
-        job_id = self.engine.submit(SelfTestJob())
+        if self._selftest.busy:
+            self.statusBar().showMessage("The device self-test is already running…")
+            return
+        self._selftest.submit(SelfTestJob())
         self.statusBar().showMessage("Running the device self-test…")
 
-        def on_message(msg) -> None:
-            if msg.get("job_id") != job_id:
-                return
-            if msg.type == "result":
-                r = msg["result"]
-                self.statusBar().showMessage(f"Self-test on {r['device_label']}: {r['tflops']:.2f} TFLOP/s "
-                                             f"({r['dtype']}), {'correct' if r['ok'] else 'WRONG RESULTS'}", 20000)
-            elif msg.type == "error":
-                self.statusBar().showMessage(f"Self-test failed: {msg['message']}", 20000)
-            else:
-                return
-            self.engine.message.disconnect(on_message)
-
-        self.engine.message.connect(on_message)
+    def _on_selftest(self, r: dict) -> None:
+        self.statusBar().showMessage(f"Self-test on {r['device_label']}: {r['tflops']:.2f} TFLOP/s "
+                                     f"({r['dtype']}), {'correct' if r['ok'] else 'WRONG RESULTS'}", 20000)
 
     def open_settings(self) -> None:
-        dialog = SettingsDialog(self.settings, self)
-        if dialog.exec() != SettingsDialog.DialogCode.Accepted:
-            return
-        new = dialog.result_settings()
+        dialog = SettingsDialog(self.settings, self, self.engine.client.last_status)
+        try:
+            accepted = dialog.exec() == SettingsDialog.DialogCode.Accepted
+            new = dialog.result_settings() if accepted else None
+        finally:
+            # Delete the dialog while Qt runs: one left as the window's child until interpreter shutdown was
+            # destroyed there out of order ("shared QObject was deleted directly", then a bus error on quit).
+            dialog.deleteLater()
         if new is None:
             return
         engine_changed = (new.device, new.vram_budget, new.vram_reserve, new.outputs_folder) != (

@@ -26,8 +26,26 @@ DEVICES = ["auto", "cpu", "cuda", "cuda:1", "mps", "xpu"]
 THEMES = ["system", "light", "dark"]
 
 
+def offered_devices(status: dict | None, current: str) -> tuple[list[str], str, bool]:
+    """The devices worth offering, from the engine's last engine_status: (devices, why others are missing,
+    whether a GPU exists). Before the engine has reported, everything is offered."""
+    device = (status or {}).get("device") or {}
+    kind = device.get("kind")
+    if not kind:
+        return DEVICES, "The engine has not reported its hardware yet, so every device is listed.", True
+    build = device.get("torch_build") or "this torch build"
+    if kind == "cpu":
+        if current not in ("auto", ""):
+            return ["auto", "cpu"], f"Device is set to {current}; choose auto to let the engine look for a GPU.", False
+        return ["auto", "cpu"], f"No GPU was found ({build}), so cuda, mps and xpu are not offered.", False
+    gpu = "cuda" if kind == "rocm" else kind
+    count = int(device.get("extra", {}).get("device_count", 1) or 1)
+    gpus = [gpu] + ([f"{gpu}:{i}" for i in range(1, count)] if gpu == "cuda" else [])
+    return ["auto", "cpu", *gpus], f"The engine found {device.get('label', gpu)}; other kinds of GPU are not offered.", True
+
+
 class SettingsDialog(QDialog):
-    def __init__(self, settings: Settings, parent: QWidget | None = None) -> None:
+    def __init__(self, settings: Settings, parent: QWidget | None = None, status: dict | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Settings")
         self.setMinimumWidth(520)
@@ -40,7 +58,7 @@ class SettingsDialog(QDialog):
         add = QPushButton("Add folder…")
         add.clicked.connect(self._add_folder)
         remove = QPushButton("Remove")
-        remove.clicked.connect(lambda: [self.folders.takeItem(self.folders.row(i)) for i in self.folders.selectedItems()])
+        remove.clicked.connect(self._remove_folders)
         folder_buttons = QHBoxLayout()
         folder_buttons.addWidget(add)
         folder_buttons.addWidget(remove)
@@ -57,14 +75,24 @@ class SettingsDialog(QDialog):
         outputs_row.addWidget(self.outputs)
         outputs_row.addWidget(browse)
 
+        devices, why, has_gpu = offered_devices(status, settings.device)
         self.device = QComboBox()
-        self.device.setEditable(True)
-        self.device.addItems(DEVICES)
+        self.device.addItems(devices)
+        if settings.device not in devices:  # keep what the user saved visible, even if not found now
+            self.device.addItem(settings.device)
         self.device.setCurrentText(settings.device)
+        self.device_note = QLabel(why)
+        self.device_note.setWordWrap(True)
+        self.device_note.setEnabled(False)
         self.budget = QLineEdit(settings.vram_budget)
         self.budget.setPlaceholderText("all of it, e.g. 6GiB")
         self.reserve = QLineEdit(settings.vram_reserve)
         self.reserve.setPlaceholderText("e.g. 1GiB")
+        for field in (self.budget, self.reserve):
+            field.setEnabled(has_gpu)
+            if not has_gpu:
+                field.setToolTip("No GPU: the engine runs on the CPU and uses RAM, so there is no VRAM to budget.")
+                field.setPlaceholderText("no GPU found")
         self.theme = QComboBox()
         self.theme.addItems(THEMES)
         self.theme.setCurrentText(settings.theme)
@@ -77,6 +105,7 @@ class SettingsDialog(QDialog):
         form.addRow("Model folders", folder_box)
         form.addRow("Outputs folder", outputs_row)
         form.addRow("Device", self.device)
+        form.addRow("", self.device_note)
         form.addRow("VRAM budget", self.budget)
         form.addRow("VRAM reserve", self.reserve)
         form.addRow("Theme", self.theme)
@@ -91,6 +120,11 @@ class SettingsDialog(QDialog):
         layout.addWidget(hint)
         layout.addWidget(self.error)
         layout.addWidget(buttons)
+
+    def _remove_folders(self) -> None:
+        # A method, not a lambda over self: the lambda kept the dialog alive past the window (a crash on quit).
+        for item in self.folders.selectedItems():
+            self.folders.takeItem(self.folders.row(item))
 
     def _add_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Add a model folder")

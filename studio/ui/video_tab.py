@@ -29,9 +29,11 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QSplitter,
     QStackedWidget,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -41,7 +43,7 @@ from studio.protocol import VideoJob, job_to_dict
 from studio.settings import Settings
 from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
 from studio.ui.job_runner import JobRunner, failure_text
-from studio.ui.job_widgets import GenerateBar, SeedField
+from studio.ui.job_widgets import GenerateBar, NaturalHeight, SeedField
 from studio.ui.video_player import VideoPlayer, thumbnail
 
 GALLERY_FILE = "video_gallery.json"
@@ -121,9 +123,14 @@ class VideoTab(QWidget):
         self.seed = SeedField()
         self.image = QLineEdit()
         self.image.setPlaceholderText("Optional: an image to start from (I2V / TI2V models)")
-        browse = QPushButton("…")
+        # Tool buttons stay narrow, so the path field gets the row's width.
+        browse = QToolButton()
+        browse.setText("…")
+        browse.setToolTip("Choose an image")
         browse.clicked.connect(self._browse_image)
-        clear = QPushButton("×")
+        clear = QToolButton()
+        clear.setText("×")
+        clear.setToolTip("No init image")
         clear.clicked.connect(self.image.clear)
         image_row = QHBoxLayout()
         image_row.addWidget(self.image, 1)
@@ -163,8 +170,8 @@ class VideoTab(QWidget):
         self.notice.setWordWrap(True)
         self.notice.hide()
 
-        left = QWidget()
-        col = QVBoxLayout(left)
+        left_box = NaturalHeight()
+        col = QVBoxLayout(left_box)
         col.addWidget(QLabel("Prompt"))
         col.addWidget(self.prompt)
         col.addWidget(QLabel("Negative prompt"))
@@ -173,6 +180,13 @@ class VideoTab(QWidget):
         col.addWidget(self.buttons)
         col.addWidget(self.notice)
         col.addStretch()
+        # The column scrolls when the window is short rather than cutting the init image row off.
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(left_box)
+        left = self.scroll
 
         # -- preview / player / gallery ------------------------------------------------------------------
         self.preview = ImageView()
@@ -219,6 +233,8 @@ class VideoTab(QWidget):
         split.addWidget(left)
         split.addWidget(right)
         split.setStretchFactor(1, 1)
+        left.setMinimumWidth(360)
+        split.setSizes([400, 880])  # a scroll area's own size hint is small: give the settings their width
         layout = QHBoxLayout(self)
         layout.addWidget(split)
 

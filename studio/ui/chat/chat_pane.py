@@ -6,6 +6,7 @@ Widgets only; ChatTab wires them to the store and the engine.
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QResizeEvent
 from PySide6.QtWidgets import (
     QComboBox,
     QFrame,
@@ -13,6 +14,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
@@ -20,6 +22,32 @@ from PySide6.QtWidgets import (
 
 from studio.ui.chat.composer import Composer
 from studio.ui.chat.message_view import MessageView
+
+
+class ElidedLabel(QLabel):
+    """A one-line label that shortens its text with "…" (full text in the tooltip) instead of claiming the
+    width of the whole text: a long chat title must not squeeze the thread list beside it."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._full = ""
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt name)
+        self._full = text
+        self.setToolTip(text)
+        self._elide()
+
+    def text(self) -> str:
+        return self._full
+
+    def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        super().setText(self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight, max(0, self.width())))
 
 
 class ChatPane(QWidget):
@@ -33,7 +61,7 @@ class ChatPane(QWidget):
         header.setObjectName("ChatHeader")
         hl = QHBoxLayout(header)
         hl.setContentsMargins(16, 8, 12, 8)
-        self.title_label = QLabel("New chat")
+        self.title_label = ElidedLabel("New chat")
         self.title_label.setObjectName("ChatTitle")
         hl.addWidget(self.title_label, 1)
         hl.addWidget(QLabel("Model"))
