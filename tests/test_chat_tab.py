@@ -408,3 +408,48 @@ def test_the_weights_choice_is_saved_with_the_chat_and_sent_with_its_jobs(tab, m
     assert sent and sent[0].quant == "int4"
     tab.settings_panel.load("", {})  # a chat saved before the choice existed: as stored
     assert panel.quant.currentData() == "" and panel.values()["quant"] == ""
+
+
+# -- against a scripted engine: what the tab shows while an answer streams ------------------------------------
+
+def test_loading_clears_on_the_first_token_and_the_context_footer_counts_while_streaming(qtbot, paths):
+    from test_job_runner import ScriptedEngine
+
+    engine = ScriptedEngine()
+    tab = make_tab(qtbot, engine, paths)
+    tab.input.setPlainText("hi")
+    first = tab.send()
+    job_id = engine.submitted[-1][0]
+    engine.send("started", job_id=job_id)
+    engine.send("progress", job_id=job_id, step=0, total=4, stage="loading")
+    bubble = tab.view.bubbles[first]
+    assert bubble.status_label.text() == "loading…"
+    engine.send("token", job_id=job_id, text="Hel")
+    assert bubble.status_label.text() != "loading…"
+    qtbot.waitUntil(lambda: tab.context_label.text() != "Context: nothing used yet", timeout=2000)
+    assert "1 tokens so far" in tab.context_label.text()
+    stats = {"prompt_tokens": 10, "completion_tokens": 5, "context_length": 8192}
+    engine.send("result", job_id=job_id, result={"text": "Hello", **stats})
+    assert tab.context_label.text() == "Context: 15 / 8,192 tokens"
+
+    tab.input.setPlainText("more")
+    tab.send()
+    job_id = engine.submitted[-1][0]
+    for piece in ("a", "b", "c"):
+        engine.send("token", job_id=job_id, text=piece)
+    qtbot.waitUntil(lambda: tab.context_label.text() == "Context: about 18 / 8,192 tokens", timeout=2000)
+    tab.shutdown()
+
+
+def test_a_long_chat_title_does_not_squeeze_the_thread_list(qtbot, paths):
+    from test_job_runner import ScriptedEngine
+
+    tab = make_tab(qtbot, ScriptedEngine(), paths)
+    title = "A very long chat title about planning a three week trip through Portugal and Spain by train"
+    t = tab.new_chat()
+    tab.rename_thread(t.id, title)
+    tab.resize(760, 600)  # the window's width with the Models panel open beside the tab
+    qtbot.wait(50)
+    assert tab.sidebar.width() >= 240
+    assert tab.title_label.toolTip() == title and tab.title_label.text() == title
+    tab.shutdown()

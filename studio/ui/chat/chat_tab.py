@@ -129,7 +129,7 @@ class ChatTab(QWidget):
         split.addWidget(self.settings_panel)
         split.setStretchFactor(1, 1)
         split.setSizes([240, 800, 280])
-        self.sidebar.setMinimumWidth(190)
+        self.sidebar.setMinimumWidth(240)  # room for chat titles when the Models panel takes the side
         return split
 
     def _shortcuts(self) -> None:
