@@ -359,3 +359,45 @@ def test_a_large_gguf_metadata_array_is_not_turned_into_python_objects(tmp_path)
     tracemalloc.stop()
     assert len(h.metadata["big.array"]) == count and "not loaded" in str(h.metadata["big.array"])
     assert peak < 20_000_000, peak
+
+
+# --- 5. one wrongly typed GGUF is a per-file error; scans register the good files ------------------
+
+def _bad_llm_gguf(path, **override):
+    from library_fixtures import STRING, U32, write_gguf
+    kv = {"general.architecture": (STRING, "llama"), "llama.block_count": (STRING, "thirty"),
+          "llama.attention.head_count": (U32, 8), "llama.embedding_length": (U32, 64),
+          "llama.context_length": (U32, 2048)}
+    kv.update(override)
+    return write_gguf(path, kv, {"token_embd.weight": ((32, 64), "F16"), "blk.0.attn_q.weight": ((64, 64), "F16")})
+
+
+@pytest.mark.parametrize("key", ["llama.block_count", "llama.attention.head_count", "llama.context_length",
+                                 "llama.embedding_length"])
+def test_wrongly_typed_gguf_metadata_is_a_header_error_naming_the_key(tmp_path, key):
+    from library_fixtures import STRING, U32
+
+    from studio.library.detect import detect
+    from studio.library.headers import HeaderError
+    over = {"llama.block_count": (U32, 2), key: (STRING, "x")}
+    with pytest.raises(HeaderError, match=key.replace(".", r"\.")):
+        detect(_bad_llm_gguf(tmp_path / "bad.gguf", **over))
+
+
+def test_cli_info_on_a_wrongly_typed_gguf_is_one_line(home, capsys):
+    from studio.cli import main
+    bad = _bad_llm_gguf(home / "bad.gguf")
+    assert main(["models", "info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "block_count" in err and err.count("\n") == 1
+
+
+def test_scan_reports_a_bad_gguf_and_registers_the_good_files(lib, home):
+    from studio.library.scan import scan
+    folder = home / "models"
+    _bad_llm_gguf(folder / "bad.gguf")
+    _model(folder / "good.safetensors")
+    report = scan(lib, [folder])
+    assert report.added == ["good"]
+    assert [p for p, _ in report.errors] == [str(folder / "bad.gguf")]
+    assert "block_count" in report.errors[0][1]

@@ -17,7 +17,7 @@ from typing import Any
 
 from studio import families as F
 from studio.families import Kind
-from studio.library.headers import ModelHeader, read_header
+from studio.library.headers import HeaderError, ModelHeader, read_header
 from studio.library.markers import (
     DIFFUSION_DETECTORS,
     Keys,
@@ -127,7 +127,56 @@ def detect(path: Path | str) -> Detection:
     return detect_header(read_header(path))
 
 
+# GGUF keys detection reads, by suffix after "<arch>.": per-layer lists are allowed where llama.cpp allows them.
+_GGUF_INT_KEYS = ("block_count", "context_length", "embedding_length", "attention.key_length",
+                  "attention.value_length", "expert_count", "expert_used_count")
+_GGUF_INT_OR_LIST_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+_GGUF_STR_KEYS = ("general.architecture", "general.name", "general.basename", "general.size_label")
+
+
+def _check_gguf_types(h: ModelHeader) -> None:
+    """Wrongly typed metadata (block_count as a string) is this file's error, said plainly."""
+    m = h.metadata
+
+    def bad(key: str, want: str) -> HeaderError:
+        v = m[key]
+        return HeaderError(f"{h.path}: GGUF metadata {key} is {type(v).__name__} {str(v)[:40]!r}, not {want}; "
+                           "the file is corrupt or was written by a broken converter, download it again")
+
+    def is_int(v: object) -> bool:
+        return type(v) is int and v >= 0
+    for key in _GGUF_STR_KEYS:
+        if key in m and not isinstance(m[key], str):
+            raise bad(key, "text")
+    if "general.file_type" in m and not is_int(m["general.file_type"]):
+        raise bad("general.file_type", "an integer")
+    arch = _gguf_arch(h)
+    for suffix in _GGUF_INT_KEYS:
+        key = f"{arch}.{suffix}"
+        if key in m and not is_int(m[key]):
+            raise bad(key, "a non-negative integer")
+    for suffix in _GGUF_INT_OR_LIST_KEYS:
+        key = f"{arch}.{suffix}"
+        v = m.get(key)
+        if key in m and not (is_int(v) or isinstance(v, list) and all(is_int(x) for x in v)):
+            raise bad(key, "a non-negative integer or a list of them")
+
+
 def detect_header(h: ModelHeader) -> Detection:
+    """Detection from a header. Raises HeaderError when the header's values have the wrong types."""
+    if h.format == "gguf":
+        _check_gguf_types(h)
+    try:
+        return _detect_header(h)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
+        if isinstance(e, HeaderError):
+            raise
+        # A value of a shape no real file has; the file is the problem, not Studio.
+        raise HeaderError(f"{h.path}: this file's header holds a value of an unexpected type or shape "
+                          f"({type(e).__name__}: {str(e)[:100]}); the file is corrupt, download it again") from None
+
+
+def _detect_header(h: ModelHeader) -> Detection:
     if h.format == "diffusers" and h.components:
         det = _detect_pipeline(h)
     elif h.format == "hf" or (h.format == "gguf" and _gguf_arch(h) in LLM_FAMILIES):
@@ -351,6 +400,13 @@ def _fill_stats(det: Detection, h: ModelHeader) -> None:
 
 def _kv_cache_bytes(h: ModelHeader, ctx: int = 4096) -> int:
     """fp16 K and V for every layer at `ctx` tokens (or the model's context if shorter)."""
+    try:
+        return _kv_estimate(h, ctx)
+    except (TypeError, ValueError):  # per-layer lists or odd metadata: no estimate rather than a crash
+        return 0
+
+
+def _kv_estimate(h: ModelHeader, ctx: int) -> int:
     if h.format == "gguf":
         arch = _gguf_arch(h)
         m = h.metadata
@@ -364,7 +420,4 @@ def _kv_cache_bytes(h: ModelHeader, ctx: int = 4096) -> int:
         kv = c.get("num_key_value_heads", heads)
         head_dim = c.get("head_dim") or c.get("hidden_size", 0) // max(heads, 1)
         ctx = min(ctx, c.get("max_position_embeddings", ctx))
-    try:
-        return int(2 * layers * kv * head_dim * ctx * 2)
-    except TypeError:  # metadata of the wrong type: no estimate rather than a crash
-        return 0
+    return int(2 * layers * kv * head_dim * ctx * 2)
