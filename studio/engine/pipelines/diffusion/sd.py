@@ -1,30 +1,38 @@
 """Stable Diffusion 1.x / 2.x / SDXL: txt2img, img2img and inpainting, with live previews.
 
-run_image(job, ctx):
-  1. load (or reuse) the checkpoint, apply LoRAs, place the parts on the device;
-  2. encode prompt and negative prompt (weights, long prompts in 77-token chunks);
-  3. per batch: seeded noise -> sampler over the model's sigmas (CFG in one UNet batch),
-     a preview JPEG and a progress event every step, cancel checked every step;
-  4. VAE decode (tiles on OOM, fp32 retry on NaN), PNG with A1111 + JSON metadata.
+The family module for the diffusion skeleton (skeleton.py runs the steps; this supplies them):
+  load      the checkpoint (or the cached one), LoRAs applied on the CPU copy;
+  parts     UNet (streamed by its down/mid/up blocks), VAE, text encoders;
+  generate  encode prompt and negative prompt (weights, long prompts in 77-token chunks); per batch:
+            seeded noise -> sampler over the model's sigmas (CFG in one UNet batch), a preview JPEG and
+            a progress event every step, cancel checked every step; VAE decode (tiles on OOM, fp32 retry
+            on NaN); PNG with A1111 + JSON metadata.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from studio.engine import outputs
 from studio.engine import samplers as S
 from studio.engine.context import JobContext, UserError
+from studio.engine.pipelines.diffusion.files import read_state_dict
+from studio.engine.pipelines.diffusion.skeleton import (
+    Part,
+    Run,
+    keep_one,
+    load_image,
+    memory_of,
+    noise,
+    output_target,
+    part_bytes,
+    run_diffusion,
+)
 from studio.engine.previews import preview_jpeg
 from studio.engine.prompts import encode_prompt, pad_to_chunks
 from studio.engine.resolve import resolve_path
@@ -80,13 +88,6 @@ def validate(job: ImageJob) -> None:
 
 # ---------------------------------------------------------------------------------- loading
 
-def compute_dtype(ctx: JobContext) -> torch.dtype:
-    kind = ctx.device.kind
-    if kind == "cpu":
-        return torch.float32
-    return torch.bfloat16 if ctx.device.bf16 else torch.float16
-
-
 def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
     path = resolve_path(job.model, "model")
     vae = resolve_path(job.vae, "VAE") if job.vae else None
@@ -94,12 +95,7 @@ def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
     key = f"sd:{path}:{vae}:{','.join(map(str, encoders))}:{dtype}:{job.prediction}:{job.quant or 'full'}"
     model = ctx.models.get(key)
     if model is None:
-        # One SD model at a time: a second would double the memory for no gain in speed.
-        for other in [m["key"] for m in ctx.models.summary() if m["key"].startswith("sd:")]:
-            ctx.models.unload(other)
-        for name in memory_of(ctx).names():
-            if name.startswith("sd:"):
-                memory_of(ctx).unload(name)
+        keep_one(ctx, "sd:")  # a second SD model would double the memory for no gain in speed
         ctx.progress(0, 2, "loading")
         model = load_sd(path, vae, dtype, job.prediction, text_encoders=encoders)
         model.key = key  # type: ignore[attr-defined]
@@ -110,36 +106,16 @@ def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
             model.notes.append(f"UNet weights {job.quant}: {summary.bytes_before / 2**30:.2f} -> "
                                f"{summary.bytes_after / 2**30:.2f} GiB ({len(summary.replaced)} layers; "
                                f"{len(summary.skipped)} kept in full precision)")
-        nbytes = sum(p.numel() * p.element_size() for part in parts(model).values() for p in part.parameters())
+        nbytes = sum(part_bytes(part.module) for part in parts(model).values())
         ctx.models.put(key, model, nbytes, path=str(path))
         ctx.progress(1, 2, "loading")
     return model
 
 
-def memory_of(ctx: JobContext):
-    """The engine's placement manager; a job run outside the engine (tests, scripts) gets its own."""
-    if ctx.memory is None:
-        from studio.engine.memory import MemoryManager
-
-        ctx.memory = MemoryManager(ctx.device)
-    return ctx.memory
-
-
-def parts(model: SDModel) -> dict[str, torch.nn.Module]:
-    named = {"unet": model.unet, "vae": model.vae}
-    named.update({f"text_encoder_{i}": enc for i, enc in enumerate(model.encoders)})
+def parts(model: SDModel) -> dict[str, Part]:
+    named = {"unet": Part(model.unet, model.unet.stream_blocks()), "vae": Part(model.vae)}
+    named.update({f"text_encoder_{i}": Part(enc) for i, enc in enumerate(model.encoders)})
     return named
-
-
-def register(model: SDModel, ctx: JobContext) -> dict[str, str]:
-    """Hand the model's parts to the memory manager (once), -> part -> manager name."""
-    mem = memory_of(ctx)
-    names = {part: f"{model.key}|{part}" for part in parts(model)}  # type: ignore[attr-defined]
-    for part, module in parts(model).items():
-        if names[part] not in mem.names():
-            blocks = module.stream_blocks() if part == "unet" else None
-            mem.register(names[part], module, blocks=blocks)
-    return names
 
 
 def activation_bytes(model: SDModel, job: ImageJob, dtype: torch.dtype) -> dict[str, int]:
@@ -183,19 +159,6 @@ def sdxl_y(model: SDModel, pooled: torch.Tensor, width: int, height: int, negati
 
 # ---------------------------------------------------------------------------------- images
 
-def load_image(path: str, width: int, height: int, mode: str = "RGB") -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode).resize((width, height), Image.Resampling.LANCZOS)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError("bad_input", f"Cannot read the image {Path(path).name}: {exc}") from None
-    t = torch.from_numpy(arr.copy())
-    return t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]  # (1, C, H, W) in [0, 1]
-
-
 def to_pil(image: torch.Tensor):
     from PIL import Image
 
@@ -213,44 +176,55 @@ def packed_layer_kind(module: torch.nn.Module) -> str:
     return "GGUF" if any(isinstance(m, GGUFLinear) for m in layers) else ""
 
 
+class StableDiffusion:
+    """SD 1.x / 2.x / SDXL for the diffusion skeleton."""
+
+    advice = "try a smaller image size or batch, a quantized model (int8/int4), or a larger --vram-budget"
+
+    def validate(self, job: ImageJob, ctx: JobContext) -> tuple[ImageJob, list[str]]:
+        validate(job)
+        return job, []
+
+    def load(self, job: ImageJob, ctx: JobContext, dtype: torch.dtype, notes: list[str]) -> SDModel:
+        model = get_model(job, ctx, dtype)
+        notes += model.notes
+        if job.loras and (packed := packed_layer_kind(model.unet)):
+            raise UserError("unsupported", f"LoRAs cannot be applied to this checkpoint yet: its UNet keeps {packed} "
+                            "weights (an fp8 or GGUF file). Use the fp16/bf16 version of the model with LoRAs, "
+                            "or drop the LoRAs.")
+        from studio.models.lora import apply_loras
+
+        loras = [(resolve_path(lo["path"], "LoRA"), float(lo.get("weight", 1.0))) for lo in job.loras]
+        if tuple((str(p), w) for p, w in loras) != model.loras:
+            # LoRAs patch weights in place: on the CPU copy, with the parts out of the manager's hands
+            memory_of(ctx).unload(model.key)  # type: ignore[attr-defined]
+        notes += apply_loras(model, loras)
+        return model
+
+    def parts(self, model: SDModel) -> dict[str, Part]:
+        return parts(model)
+
+    def activations(self, model: SDModel, job: ImageJob, dtype: torch.dtype) -> dict[str, int]:
+        return activation_bytes(model, job, dtype)
+
+    def force(self, job: ImageJob, ctx: JobContext) -> dict:
+        return {}
+
+    def generate(self, run: Run) -> ImageResult:
+        return _generate(run)
+
+
+FAMILY = StableDiffusion()
+
+
 @torch.inference_mode()
 def run_image(job: ImageJob, ctx: JobContext) -> ImageResult:
-    validate(job)
-    started = time.perf_counter()
-    # the seed is fixed before anything runs, so an OOM retry makes the same image
-    job = replace(job, seed=job.seed if job.seed >= 0 else random.randrange(2**32))
-    dtype = compute_dtype(ctx)
-    model = get_model(job, ctx, dtype)
-    notes = list(model.notes)
-    if job.loras and (packed := packed_layer_kind(model.unet)):
-        raise UserError("unsupported", f"LoRAs cannot be applied to this checkpoint yet: its UNet keeps {packed} "
-                        "weights (an fp8 or GGUF file). Use the fp16/bf16 version of the model with LoRAs, "
-                        "or drop the LoRAs.")
-    from studio.models.lora import apply_loras
-
-    loras = [(resolve_path(lo["path"], "LoRA"), float(lo.get("weight", 1.0))) for lo in job.loras]
-    mem = memory_of(ctx)
-    if tuple((str(p), w) for p, w in loras) != model.loras:
-        # LoRAs patch weights in place: do it on the CPU copy with the parts out of the manager's hands
-        for name in register(model, ctx).values():
-            mem.unload(name)
-    notes += apply_loras(model, loras)
-    names = register(model, ctx)
-    from studio.engine.memory import run_with_oom_retry
-
-    sizes = {names[p]: sum(t.numel() * t.element_size() for t in m.parameters()) for p, m in parts(model).items()}
-    acts = {names[p]: b for p, b in activation_bytes(model, job, dtype).items() if p in names}
-    plan = mem.estimate_job(sizes, acts)
-    if plan.policy.value != "resident":
-        notes.append(f"memory: {plan.reason}")
-    return run_with_oom_retry(lambda p: _generate(job, ctx, model, names, p, notes, started), mem, plan,
-                              on_retry=lambda text: (notes.append(text), ctx.progress(0, 1, text)))
+    return run_diffusion(job, ctx, FAMILY)
 
 
-def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, str], plan, notes: list[str],
-              started: float) -> ImageResult:
-    mem = memory_of(ctx)
-    device = mem.device
+def _generate(run: Run) -> ImageResult:
+    job, ctx, model, names, plan, mem = run.job, run.ctx, run.model, run.names, run.plan, run.mem
+    device = run.device
     dtype = next(model.unet.parameters()).dtype
     seed = job.seed
     down = model.vae.downscale
@@ -263,10 +237,7 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
 
     # -- text ------------------------------------------------------------------------------
     ctx.progress(0, 1, "encoding")
-    with contextlib.ExitStack() as stack:
-        for part in names:
-            if part.startswith("text_encoder"):
-                stack.enter_context(mem.use(names[part]))
+    with run.use(*(part for part in names if part.startswith("text_encoder"))):
         cond, pooled = encode_text(model, job.prompt, job.clip_skip)
         uncond, upooled = encode_text(model, job.negative, job.clip_skip)
         if cond.shape[1] != uncond.shape[1]:  # CFG needs equal lengths: pad the shorter with empty chunks
@@ -281,15 +252,17 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
     # -- init image and mask ------------------------------------------------------------------
     init_latent = mask = masked_latent = None
     if job.init_image:
-        pixels = load_image(job.init_image, job.width, job.height).to(device, dtype) * 2 - 1
-        with mem.use(names["vae"]):
+        pixels = load_image(job.init_image, job.width, job.height, fit="stretch", value_range="-1..1")
+        pixels = pixels.to(device, dtype)
+        with run.use("vae"):
             init_latent = encode_image(model, pixels)
         if job.mask:
-            m = load_image(job.mask, job.width, job.height, mode="L").to(device, dtype)  # (1, 1, H, W); 1 = repaint
+            m = load_image(job.mask, job.width, job.height, fit="stretch", value_range="0..1", mode="L")
+            m = m.to(device, dtype)  # (1, 1, H, W); 1 = repaint
             m = (m > 0.5).to(dtype)
             mask = F.interpolate(m, size=(lat_h, lat_w), mode="nearest")
             if model.inpaint:
-                with mem.use(names["vae"]):
+                with run.use("vae"):
                     masked_latent = encode_image(model, pixels * (1 - m))
     elif model.inpaint:
         raise UserError("bad_input", "This is an inpainting model: give it an init image and a mask, or pick a "
@@ -313,18 +286,17 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
     sampler = S.get_sampler(job.sampler)
 
     taesd = preview_decoder(model, ctx, device) if job.previews else None
-    out_dir, stem = output_target(job, ctx)
+    out_dir, stem = image_target(job, ctx)
     images = []
     total_images = job.batch_size * job.batch_count
     for b in range(job.batch_count):
         seeds = [(seed + b * job.batch_size + i) % 2**32 for i in range(job.batch_size)]
-        noise = torch.cat([torch.randn((1, model.unet.config.out_channels, lat_h, lat_w),
-                                       generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device, dtype)
+        eps = torch.cat([noise((1, model.unet.config.out_channels, lat_h, lat_w), s, device, dtype) for s in seeds])
         gen = torch.Generator().manual_seed(seeds[0] ^ 0x5EED)  # the sampler's own noise (ancestral / SDE)
         if init_latent is not None:
-            x = init_latent.expand(job.batch_size, -1, -1, -1) + noise * sigmas[0]
+            x = init_latent.expand(job.batch_size, -1, -1, -1) + eps * sigmas[0]
         else:
-            x = noise * sigmas[0]
+            x = eps * sigmas[0]
 
         def callback(step: int, total: int, x_now: torch.Tensor, denoised: torch.Tensor, b=b) -> None:
             done = b * total + step
@@ -333,12 +305,12 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
                 ctx.preview(preview_jpeg(denoised[:1].float(), model.latent_family, taesd=taesd), "image/jpeg",
                             job.width, job.height)
 
-        with mem.use(names["unet"]):
+        with run.use("unet"):
             latent = sampler(denoiser, x, sigmas, callback=callback, generator=gen, cancel=ctx.cancel.check)
         if mask is not None and not model.inpaint:
             latent = init_latent * (1 - mask) + latent * mask
         ctx.progress(b, job.batch_count, "decoding")
-        with mem.use(names["vae"]):
+        with run.use("vae"):
             pixels = decode(model, latent, ctx, tiled=plan.vae_tiles or vae_needs_tiles(plan, names, mem))
         for i, image in enumerate(pixels):
             meta = {**asdict(job), "kind": "image", "seed": seeds[i], "batch_size": job.batch_size,
@@ -347,8 +319,8 @@ def _generate(job: ImageJob, ctx: JobContext, model: SDModel, names: dict[str, s
             path = save_png(to_pil(image), meta, out_dir, stem)
             images.append({"path": str(path), "seed": seeds[i], "width": image.shape[-1], "height": image.shape[-2]})
         ctx.progress(len(images), total_images, "saved")
-    return ImageResult(images=images, seconds=round(time.perf_counter() - started, 3), model=str(model.path),
-                       family=model.family, prediction=model.prediction, notes=notes,
+    return ImageResult(images=images, seconds=run.timings.seconds(), model=str(model.path),
+                       family=model.family, prediction=model.prediction, notes=run.notes,
                        job={**asdict(job), "kind": "image"})
 
 
@@ -380,7 +352,6 @@ def preview_decoder(model: SDModel, ctx: JobContext, device: torch.device):
     decoder = None
     if found is not None:
         from studio.engine.previews import TAESD
-        from studio.models.sd_checkpoint import read_state_dict
 
         try:
             decoder = TAESD.from_state_dict(read_state_dict(found)).to(device, torch.float32).eval()
@@ -468,8 +439,8 @@ def decode(model: SDModel, latent: torch.Tensor, ctx: JobContext, tiled: bool = 
     return image
 
 
-def output_target(job: ImageJob, ctx: JobContext) -> tuple[Path, str]:
-    return outputs.output_target(job.out, ".png", ctx, Path.home() / "Pictures" / "Studio")
+def image_target(job: ImageJob, ctx: JobContext) -> tuple[Path, str]:
+    return output_target(job.out, ".png", ctx, Path.home() / "Pictures" / "Studio")
 
 
 def save_png(image, meta: dict, folder: Path, stem: str) -> Path:
