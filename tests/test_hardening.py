@@ -401,3 +401,44 @@ def test_scan_reports_a_bad_gguf_and_registers_the_good_files(lib, home):
     assert report.added == ["good"]
     assert [p for p, _ in report.errors] == [str(folder / "bad.gguf")]
     assert "block_count" in report.errors[0][1]
+
+
+# --- 9. FIFOs and other non-regular files are skipped, never opened -------------------------------
+
+def _run_with_timeout(fn, seconds: float):
+    import threading
+    box = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (handed to the test thread)
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"still running after {seconds} s (blocked opening a FIFO?)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_scan_skips_a_fifo_named_like_a_model(lib, home):
+    from studio.library.scan import scan
+    folder = home / "models"
+    _model(folder / "good.safetensors")
+    os.mkfifo(folder / "x.safetensors")
+    os.mkfifo(folder / "blob")  # no suffix: would be sniffed for the GGUF magic
+    report = _run_with_timeout(lambda: scan(lib, [folder]), 5)
+    assert report.added == ["good"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_detecting_a_fifo_is_a_header_error_not_a_hang(home):
+    from studio.library.detect import detect
+    from studio.library.headers import HeaderError
+    os.mkfifo(home / "x.gguf")
+    with pytest.raises(HeaderError, match="not a regular file"):
+        _run_with_timeout(lambda: detect(home / "x.gguf"), 5)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -468,7 +469,8 @@ def read_json(path: Path, limit: int = 16 << 20) -> dict:
     try:
         if path.stat().st_size > limit:
             raise HeaderError(f"{path}: {path.stat().st_size} bytes is too large for a config file")
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as f:
+            obj = json.loads(f.read(limit + 1).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise HeaderError(f"{path}: cannot read this config ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(obj, dict):
@@ -542,11 +544,30 @@ def read_header(path: Path | str) -> ModelHeader:
     return read_pickle(path)
 
 
-def _open(path: Path) -> BinaryIO:
+def open_regular(path: Path | str, buffering: int = -1) -> BinaryIO:
+    """Open a regular file for reading; anything else (a FIFO named x.safetensors, a device) raises
+    HeaderError. Opened non-blocking first: opening a FIFO for reading blocks until a writer comes."""
     try:
-        return open(path, "rb", buffering=1 << 20)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except IsADirectoryError:
         raise HeaderError(f"{path}: is a folder; drop the model file or a model folder") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise HeaderError(f"{path}: is a folder; drop the model file or a model folder")
+        if not stat.S_ISREG(mode):
+            raise HeaderError(f"{path}: not a regular file (a pipe, socket or device); Studio reads model files")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return open_regular(path, buffering=1 << 20)
     except FileNotFoundError:
         raise HeaderError(f"{path}: file not found") from None
     except PermissionError:

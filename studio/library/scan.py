@@ -10,6 +10,7 @@ never fatal.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +99,19 @@ def iter_models(root: Path, errors: list[tuple[str, str]]) -> Iterator[Path]:
                              and not (n == "blobs" and d.name.startswith("models--")))
         for name in sorted(filenames):
             p = d / name
-            if name.startswith("."):
-                continue
+            if name.startswith(".") or not _is_regular(p):
+                continue  # a FIFO named x.safetensors would block the scan (and the watcher) on open
             if p.suffix.lower() in WEIGHT_SUFFIXES or (not p.suffix and _is_gguf_blob(p)):
                 if p.suffix.lower() == ".bin" and "config.json" not in names and not _is_torch_zip(p):
                     continue  # stray .bin files (tokenizers, optimizer state) are not models
                 yield p
+
+
+def _is_regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(p.stat().st_mode)
+    except OSError:
+        return False
 
 
 def _is_torch_zip(p: Path) -> bool:
