@@ -32,9 +32,10 @@ STATUSES = ("streaming", "done", "stopped", "error", "interrupted")
 INTERRUPTED_ON_EXIT = {"kind": "app_closed", "message": "Studio stopped before this answer was finished; "
                        "the text so far is kept. Retry answers again."}
 
+# Sampling left at None is the model's own recommendation (resolved in the engine, engine/sampling.py).
+MODEL_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0,
-    "presence_penalty": 0.0, "seed": None, "max_tokens": 1024,
+    **dict.fromkeys(MODEL_DEFAULT_KEYS), "presence_penalty": 0.0, "seed": None, "max_tokens": 1024,
     "quant": "",  # "", "int8", "int4": how a full-precision model's weights are kept (GGUF keeps its own)
 }
 
@@ -455,8 +456,15 @@ def _free_name(dest: Path) -> Path:
     return candidate
 
 
+# Every thread made before "model default" existed stored these; nobody chose them, so they mean
+# what a new chat means (the bundled 135M model answers nonsense at 0.7).
+_OLD_DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0}
+
+
 def _thread(r: sqlite3.Row) -> Thread:
     settings = {**DEFAULT_SETTINGS, **json.loads(r["settings"] or "{}")}
+    if all(settings.get(k) == v for k, v in _OLD_DEFAULTS.items()):
+        settings.update(dict.fromkeys(_OLD_DEFAULTS))
     return Thread(r["id"], r["title"], r["created"], r["updated"], bool(r["pinned"]), r["system"], r["model"],
                   settings)
 

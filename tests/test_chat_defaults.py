@@ -141,3 +141,42 @@ def test_bundled_model_answers_the_readme_question_in_19_of_20_fresh_chats(engin
         answers.append(out.text)
     right = sum("Paris" in a for a in answers)
     assert right >= 19, answers
+
+
+# -- front ends leave sampling to the model ----------------------------------------------------
+
+def test_cli_chat_leaves_sampling_unset_unless_given():
+    from studio.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "hi"])
+    assert all(getattr(args, k) is None for k in FALLBACK_SAMPLING)
+    args = build_parser().parse_args(["chat", "hi", "--temperature", "0.9", "--top-k", "0"])
+    assert (args.temperature, args.top_k) == (0.9, 0)
+
+
+def test_settings_panel_shows_model_default_and_returns_none(qtbot):
+    from studio.chatstore import DEFAULT_SETTINGS
+    from studio.ui.chat.settings_panel import SettingsPanel
+
+    panel = SettingsPanel()
+    qtbot.addWidget(panel)
+    panel.load("", DEFAULT_SETTINGS)
+    assert panel.fields["temperature"].text() == "model default"
+    values = panel.values()
+    assert all(values[k] is None for k in FALLBACK_SAMPLING) and values["max_tokens"] == 1024
+    panel.fields["temperature"].setValue(0.3)
+    panel.fields["top_k"].setValue(0)  # 0 is "no limit", a value of its own
+    values = panel.values()
+    assert values["temperature"] == pytest.approx(0.3) and values["top_k"] == 0 and values["top_p"] is None
+    panel.reset()
+    assert panel.values()["temperature"] is None
+
+
+def test_threads_saved_with_the_old_fixed_defaults_now_mean_model_default(tmp_path):
+    from studio.chatstore import ChatStore
+
+    store = ChatStore(tmp_path / "chats.sqlite")
+    old = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0}
+    assert store.thread(store.create_thread(settings=old).id).settings["temperature"] is None
+    chosen = store.thread(store.create_thread(settings={**old, "temperature": 0.8}).id).settings
+    assert (chosen["temperature"], chosen["top_k"]) == (0.8, 40)

@@ -18,11 +18,12 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="", help="a .gguf file, a Hugging Face folder or a library name "
                                                 "(default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--system", default="", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # Unset sampling options are the model's own recommendation (engine/sampling.py resolves them).
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None, help="(default: the model's)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = no limit (default: the model's)")
+    p.add_argument("--min-p", type=float, default=None, help="(default: the model's, else 0.05)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off (default: the model's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")

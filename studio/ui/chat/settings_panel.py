@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.chatstore import DEFAULT_SETTINGS
+from studio.chatstore import DEFAULT_SETTINGS, MODEL_DEFAULT_KEYS
 
 # name -> (label, minimum, maximum, step, decimals or None for an int, tooltip)
 FIELDS: dict[str, tuple[str, float, float, float, int | None, str]] = {
@@ -65,6 +65,10 @@ class SettingsPanel(QFrame):
                 box.setRange(lo, hi)
                 box.setSingleStep(step)
                 box.setDecimals(decimals)
+            if name in MODEL_DEFAULT_KEYS:  # one step below the range reads "model default" (None)
+                box.setMinimum(box.minimum() - box.singleStep())
+                box.setSpecialValueText("model default")
+                tip += ". \"model default\" uses what the model recommends"
             box.setToolTip(tip)
             box.valueChanged.connect(self._schedule)
             self.fields[name] = box
@@ -98,7 +102,8 @@ class SettingsPanel(QFrame):
         self._loading = True
         self.system.setPlainText(system)
         for name, box in self.fields.items():
-            box.setValue(settings.get(name, DEFAULT_SETTINGS[name]))
+            value = settings.get(name, DEFAULT_SETTINGS[name])
+            box.setValue(box.minimum() if value is None else value)
         seed = settings.get("seed")
         self.seed.setValue(-1 if seed is None else int(seed))
         index = self.quant.findData(settings.get("quant", ""))
@@ -107,7 +112,8 @@ class SettingsPanel(QFrame):
         self._timer.stop()
 
     def values(self) -> dict[str, Any]:
-        out: dict[str, Any] = {name: box.value() for name, box in self.fields.items()}
+        out: dict[str, Any] = {name: None if name in MODEL_DEFAULT_KEYS and box.value() == box.minimum()
+                               else box.value() for name, box in self.fields.items()}
         out["seed"] = None if self.seed.value() < 0 else self.seed.value()
         out["quant"] = self.quant.currentData() or ""
         return out
