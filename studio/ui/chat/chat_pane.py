@@ -50,6 +50,19 @@ class ElidedLabel(QLabel):
         super().setText(self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight, max(0, self.width())))
 
 
+def ask_export_path(parent: QWidget, title: str, fmt: str) -> str:
+    """The file a chat is exported to ("" when the user cancels), named after the chat."""
+    from pathlib import Path
+
+    from PySide6.QtWidgets import QFileDialog
+
+    safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in title).strip() or "chat"
+    ext = "md" if fmt == "md" else "json"
+    path, _ = QFileDialog.getSaveFileName(parent, "Export chat", str(Path.home() / f"{safe}.{ext}"),
+                                          "Markdown (*.md)" if fmt == "md" else "JSON (*.json)")
+    return path
+
+
 class ChatPane(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -131,3 +144,19 @@ class ChatPane(QWidget):
         foot.addWidget(hint)
         bl.addLayout(foot)
         col.addWidget(box)
+
+    def show_context(self, stats: dict | None, streamed: int | None = None) -> None:
+        """The footer: the context the last finished answer used (`stats`), plus `streamed` tokens while an
+        answer streams (the engine tells the exact prompt size only with the result, so that count is "about")."""
+        if stats is None:
+            self.context_label.setText(f"Context: answering, {streamed:,} tokens so far" if streamed is not None
+                                       else "Context: nothing used yet")
+            self.context_bar.setRange(0, 1)
+            self.context_bar.setValue(0)
+            return
+        used, total = stats["prompt_tokens"] + stats["completion_tokens"] + (streamed or 0), stats["context_length"]
+        about = "about " if streamed is not None else ""
+        self.context_label.setText(f"Context: {about}{used:,} / {total:,} tokens")
+        self.context_bar.setRange(0, total)
+        self.context_bar.setValue(min(used, total))
+        self.context_bar.setToolTip(f"{used / total:.0%} of this model's context is used by this chat")

@@ -29,7 +29,7 @@ from studio.chatstore import INTERRUPTED_ON_EXIT, ChatStore, ChatStoreError, Thr
 from studio.paths import Paths
 from studio.protocol import ChatJob
 from studio.settings import Settings
-from studio.ui.chat.chat_pane import ChatPane
+from studio.ui.chat.chat_pane import ChatPane, ask_export_path
 from studio.ui.chat.message_view import is_dark
 from studio.ui.chat.problem_page import ProblemPage
 from studio.ui.chat.settings_panel import SettingsPanel
@@ -175,15 +175,7 @@ class ChatTab(QWidget):
 
     def _show_problem(self, exc: ChatStoreError) -> None:
         self.error = exc
-        titles = {"corrupt": "The chat history cannot be read", "locked": "The chat history is in use",
-                  "newer": "The chat history is from a newer Studio"}
-        title = titles.get(exc.kind, "The chat history cannot be opened")
-        body = exc.message
-        if exc.kind == "corrupt":
-            body += ("\n\nYou can keep it for recovery: “Move the file aside” renames it with today's date "
-                     "(nothing is deleted) and starts an empty history in its place.")
-        self.problem.set_text(title, body)
-        self.problem.move_button.setVisible(exc.kind == "corrupt")
+        self.problem.show_store_error(exc.kind, exc.message)
         self.pages.setCurrentIndex(0)
 
     def move_database_aside(self) -> Path | None:
@@ -548,19 +540,8 @@ class ChatTab(QWidget):
             msgs = self.store.messages(self.thread_id) if self.store is not None and self.thread_id is not None else []
             last = next((m.stats for m in reversed(msgs) if m.stats.get("context_length")), None)
             self._context_stats = last
-        so_far = len(streaming.parts) if streaming is not None else 0  # one token message is about one token
-        if last is None:
-            self.context_label.setText(f"Context: answering, {so_far:,} tokens so far" if streaming is not None
-                                       else "Context: nothing used yet")
-            self.context_bar.setRange(0, 1)
-            self.context_bar.setValue(0)
-            return
-        used, total = last["prompt_tokens"] + last["completion_tokens"] + so_far, last["context_length"]
-        about = "about " if streaming is not None else ""
-        self.context_label.setText(f"Context: {about}{used:,} / {total:,} tokens")
-        self.context_bar.setRange(0, total)
-        self.context_bar.setValue(min(used, total))
-        self.context_bar.setToolTip(f"{used / total:.0%} of this model's context is used by this chat")
+        # one token message is about one token
+        self.pane.show_context(last, len(streaming.parts) if streaming is not None else None)
 
     # -- search ---------------------------------------------------------------------------------------------------
     def focus_search(self) -> None:
@@ -599,11 +580,7 @@ class ChatTab(QWidget):
         return t
 
     def _export_dialog(self, thread_id: int, fmt: str) -> None:
-        t = self.store.thread(thread_id)
-        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in t.title).strip() or "chat"
-        ext = "md" if fmt == "md" else "json"
-        path, _ = QFileDialog.getSaveFileName(self, "Export chat", str(Path.home() / f"{safe}.{ext}"),
-                                              "Markdown (*.md)" if fmt == "md" else "JSON (*.json)")
+        path = ask_export_path(self, self.store.thread(thread_id).title, fmt)
         if path:
             try:
                 self.show_notice(f"Exported to {self.export_thread(thread_id, path, fmt)}.")

@@ -42,3 +42,14 @@ class ProblemPage(QWidget):
         self.title.setText(title)
         self.body.setText(body)
         self.body.setFixedHeight(self.body.heightForWidth(self.body.width()))
+
+    def show_store_error(self, kind: str, message: str) -> None:
+        """A ChatStoreError's kind and message as a title, an explanation and the buttons that apply."""
+        titles = {"corrupt": "The chat history cannot be read", "locked": "The chat history is in use",
+                  "newer": "The chat history is from a newer Studio"}
+        body = message
+        if kind == "corrupt":
+            body += ("\n\nYou can keep it for recovery: “Move the file aside” renames it with today's date "
+                     "(nothing is deleted) and starts an empty history in its place.")
+        self.set_text(titles.get(kind, "The chat history cannot be opened"), body)
+        self.move_button.setVisible(kind == "corrupt")
