@@ -154,7 +154,7 @@ def test_a_scheduler_config_without_prediction_type_leaves_it_to_the_loader(fold
     """Folders converted before diffusers had the key: the SD2 probe and family rules decide, as for files."""
     from studio.models.sd_checkpoint import load_sd
 
-    assert dc.scheduler_settings({"beta_schedule": "scaled_linear"})["prediction"] is None
+    assert dc.scheduler_settings({"beta_schedule": "linear"}) == {"prediction": None, "betas": {"schedule": "linear"}}
     old = _rewrite(folder[0], tmp_path / "old", "scheduler", "scheduler_config.json")
     path = old / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "prediction_type"}))
@@ -164,9 +164,9 @@ def test_a_scheduler_config_without_prediction_type_leaves_it_to_the_loader(fold
 def test_head_counts_with_one_head_width_become_a_head_dim() -> None:
     cfg = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
-    assert dc.unet_settings(cfg) == {"norm_groups": 32, "num_heads": None, "head_dim": 64}
+    assert dc.unet_settings(cfg) == {"num_heads": None, "head_dim": 64}
     sd1 = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8}
-    assert dc.unet_settings(sd1) == {"norm_groups": 32, "num_heads": 8, "head_dim": None}
+    assert dc.unet_settings(sd1) == {"num_heads": 8, "head_dim": None}
 
 
 # ------------------------------------------------------------------------------------------- refusals
@@ -227,10 +227,19 @@ def test_a_damaged_config_is_named(tmp_path) -> None:
 
 def test_keys_without_effect_are_ignored() -> None:
     assert dc.vae_settings({"force_upcast": True, "sample_size": 1024, "shift_factor": None}) == {
-        "norm_num_groups": 32, "shift_factor": 0.0}
+        "shift_factor": 0.0}
     assert dc.scheduler_settings({"timestep_spacing": "trailing", "steps_offset": 1, "clip_sample": False,
                                   "prediction_type": "epsilon"})["prediction"] == "eps"
-    assert dc.unet_settings({"upcast_attention": True, "dropout": 0.1, "sample_size": 96})["norm_groups"] == 32
+    assert dc.unet_settings({"upcast_attention": True, "dropout": 0.1, "sample_size": 96}) == {}
+
+
+def test_absent_keys_leave_what_the_shapes_imply() -> None:
+    """Hand-written partial configs: only the stated keys are applied (diffusers' own defaults are not)."""
+    assert dc.clip_settings({"hidden_act": "gelu"}) == {"activation": "gelu"}
+    assert dc.scheduler_settings({"prediction_type": "epsilon"}) == {"prediction": "eps", "betas": {}}
+    assert dc.wan_transformer_settings({}) == {} and dc.t5_settings({}) == {}
+    with pytest.raises(UserError, match="beta_end=0.0001 .*supported: a value above beta_start=0.00085"):
+        dc.scheduler_settings({"beta_end": 0.0001})
 
 
 # ------------------------------------------------------------------------------------------------ Wan

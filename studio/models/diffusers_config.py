@@ -10,7 +10,9 @@ Every key a reader looks at is listed in its `*_KEYS` tuple (the applied ones an
 must hold their usual value). Keys not listed do not change what we compute and are ignored:
 sizes the shapes give (block_out_channels, layers_per_block, cross_attention_dim, ...),
 training-only settings (dropout, initializer ranges), and sampler choices the job makes
-(timestep_spacing, use_karras_sigmas, solver settings).
+(timestep_spacing, use_karras_sigmas, solver settings). A listed key that is absent changes nothing
+either: what the shapes and the family imply stands (diffusers and transformers write every key,
+so only hand-written configs lack some).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class _Reader:
         if all(any(_same(v, a) for a in allowed) for v in entries):
             return value
         raise self.refuse(key, value, " or ".join(repr(a) for a in allowed), why)
+
+    def has(self, key: str) -> bool:
+        return self.config.get(key) is not None
 
     def positive_int(self, key: str, default: int) -> int:
         value = self.get(key, default)
@@ -154,18 +159,26 @@ def unet_settings(config: Config) -> dict[str, Any]:
     channels = r.get("block_out_channels", [320, 640, 1280, 1280])
     if not isinstance(down, list):
         down = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    out: dict[str, Any] = {}
+    if r.has("norm_num_groups"):
+        out["norm_groups"] = _groups(r, channels)
+    if r.has("num_attention_heads") or r.has("attention_head_dim"):
+        out.update(_unet_heads(r, channels, down))
+    return out
+
+
+def _groups(r: _Reader, channels: list[int]) -> int:
     groups = r.positive_int("norm_num_groups", 32)
-    bad = [c for c in channels if c % groups]
-    if bad:
+    if any(c % groups for c in channels):
         raise r.refuse("norm_num_groups", groups, f"a divisor of every block width {tuple(channels)}",
                        "The config does not fit the weights: download the folder again.")
-    return {"norm_groups": groups, **_unet_heads(r, channels, down)}
+    return groups
 
 
 def _unet_heads(r: _Reader, channels: list[int], down: list[str]) -> dict[str, Any]:
     """diffusers' `attention_head_dim` is the head count per level (a historic misnomer); our UNet
     takes either one head count for every level (SD1) or one head width (SD2, SDXL: 64)."""
-    key = "num_attention_heads" if r.config.get("num_attention_heads") is not None else "attention_head_dim"
+    key = "num_attention_heads" if r.has("num_attention_heads") else "attention_head_dim"
     value = r.get(key, 8)
     heads = list(value) if isinstance(value, list) else [value] * len(channels)
     if len(heads) != len(channels) or not all(isinstance(h, int) and h > 0 for h in heads):
@@ -203,13 +216,10 @@ def vae_settings(config: Config) -> dict[str, Any]:
     r.expect("up_block_types", ("UpDecoderBlock2D",))
     for key in ("latents_mean", "latents_std"):
         r.expect(key, (None,), "Per-channel latent statistics (Playground v2.5 style) are not applied by Studio.")
-    groups = r.positive_int("norm_num_groups", 32)
-    channels = r.get("block_out_channels", [64])
-    if any(c % groups for c in channels):
-        raise r.refuse("norm_num_groups", groups, f"a divisor of every block width {tuple(channels)}",
-                       "The config does not fit the weights: download the folder again.")
-    out: dict[str, Any] = {"norm_num_groups": groups}
-    if "scaling_factor" in config:
+    out: dict[str, Any] = {}
+    if r.has("norm_num_groups"):
+        out["norm_num_groups"] = _groups(r, r.get("block_out_channels", [64]))
+    if r.has("scaling_factor"):
         out["scaling_factor"] = r.positive_float("scaling_factor", 0.18215)
     if "shift_factor" in config:
         shift = r.get("shift_factor", 0.0)
@@ -236,16 +246,23 @@ def clip_settings(config: Config) -> dict[str, Any]:
     if isinstance(config.get("text_config"), dict):
         r = _Reader({**config["text_config"], "_where": r.where}, r.where)
     r.expect("model_type", ("clip_text_model", "clip"))
-    width = r.positive_int("hidden_size", 512)
-    heads = r.positive_int("num_attention_heads", 8)
-    if width % heads:
-        raise r.refuse("num_attention_heads", heads, f"a divisor of hidden_size={width}")
-    act = r.expect("hidden_act", CLIP_ACTIVATIONS)
-    eos = r.get("eos_token_id", 49407)
-    # transformers pools at the highest token id when eos_token_id is its old default 2; with the
-    # CLIP vocabulary that is the end token 49407, which ours finds directly
-    return {"heads": heads, "activation": act, "eps": r.positive_float("layer_norm_eps", 1e-5),
-            "eos_token_id": 49407 if eos == 2 else int(eos)}
+    out: dict[str, Any] = {}
+    if r.has("num_attention_heads"):
+        heads = r.positive_int("num_attention_heads", 12)
+        width = r.positive_int("hidden_size", heads)
+        if width % heads:
+            raise r.refuse("num_attention_heads", heads, f"a divisor of hidden_size={width}")
+        out["heads"] = heads
+    if r.has("hidden_act"):
+        out["activation"] = r.expect("hidden_act", CLIP_ACTIVATIONS)
+    if r.has("layer_norm_eps"):
+        out["eps"] = r.positive_float("layer_norm_eps", 1e-5)
+    if r.has("eos_token_id"):
+        # transformers pools at the highest token id when eos_token_id is its old default 2; with the
+        # CLIP vocabulary that is the end token 49407, which ours finds directly
+        eos = r.positive_int("eos_token_id", 49407)
+        out["eos_token_id"] = 49407 if eos == 2 else eos
+    return out
 
 
 # ------------------------------------------------------------------------------------------- scheduler
@@ -274,11 +291,17 @@ def scheduler_settings(config: Config) -> dict[str, Any]:
                        "Choose eps or v prediction by hand in the job if you know better.")
     r.expect("trained_betas", (None,), "Custom beta tables are not run by Studio.")
     r.expect("rescale_betas_zero_snr", (False,), "Zero-terminal-SNR schedules are not run by Studio.")
-    schedule = r.expect("beta_schedule", ("linear", "scaled_linear"))  # diffusers' defaults when absent
-    betas = {"beta_start": r.positive_float("beta_start", 0.0001), "beta_end": r.positive_float("beta_end", 0.02),
-             "steps": r.positive_int("num_train_timesteps", 1000), "schedule": schedule}
-    if not betas["beta_start"] < betas["beta_end"] < 1:
-        raise r.refuse("beta_end", betas["beta_end"], "a value above beta_start and below 1")
+    betas: dict[str, Any] = {}  # absent keys keep SD's own (DiscreteSchedule.from_betas' defaults)
+    if r.has("beta_schedule"):
+        betas["schedule"] = r.expect("beta_schedule", ("scaled_linear", "linear"))
+    for key, name in (("beta_start", "beta_start"), ("beta_end", "beta_end")):
+        if r.has(key):
+            betas[name] = r.positive_float(key, 0.0)
+    if r.has("num_train_timesteps"):
+        betas["steps"] = r.positive_int("num_train_timesteps", 1000)
+    start, end = betas.get("beta_start", 0.00085), betas.get("beta_end", 0.012)
+    if not start < end < 1:
+        raise r.refuse("beta_end", end, f"a value above beta_start={start} and below 1")
     return {"prediction": PREDICTIONS.get(value), "betas": betas}
 
 
@@ -295,13 +318,18 @@ WAN_TRANSFORMER_KEYS = (
 
 
 def wan_transformer_settings(config: Config) -> dict[str, Any]:
-    """WanTransformer3DModel config -> {"head_dim": int, "heads": int, "eps": float} (WanConfig fields)."""
+    """WanTransformer3DModel config -> {"head_dim", "heads", "eps"}, each only when the config states it."""
     r = _Reader(config, "transformer/config.json")
     _class(r, ("WanTransformer3DModel",), "transformer")
     r.expect("qk_norm", ("rms_norm_across_heads", None))
-    head_dim = r.positive_int("attention_head_dim", 128)
-    heads = r.positive_int("num_attention_heads", 40)
-    return {"head_dim": head_dim, "heads": heads, "eps": r.positive_float("eps", 1e-6)}
+    out: dict[str, Any] = {}
+    if r.has("attention_head_dim"):
+        out["head_dim"] = r.positive_int("attention_head_dim", 128)
+        if r.has("num_attention_heads"):
+            out["heads"] = r.positive_int("num_attention_heads", 40)
+    if r.has("eps"):
+        out["eps"] = r.positive_float("eps", 1e-6)
+    return out
 
 
 WAN_VAE_KEYS = ("latents_mean", "latents_std", "_class_name", "attn_scales")
@@ -339,5 +367,9 @@ def t5_settings(config: Config) -> dict[str, Any]:
         r.expect("dense_act_fn", ("gelu_new",))
     if "is_gated_act" in config:
         r.expect("is_gated_act", (True,))
-    return {"max_distance": r.positive_int("relative_attention_max_distance", 128),
-            "eps": r.positive_float("layer_norm_epsilon", 1e-6)}
+    out: dict[str, Any] = {}
+    if r.has("relative_attention_max_distance"):
+        out["max_distance"] = r.positive_int("relative_attention_max_distance", 128)
+    if r.has("layer_norm_epsilon"):
+        out["eps"] = r.positive_float("layer_norm_epsilon", 1e-6)
+    return out

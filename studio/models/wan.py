@@ -470,7 +470,8 @@ def load_wan_transformer(sd: dict[str, torch.Tensor], dtype: torch.dtype | None 
         from studio.models.diffusers_config import wan_transformer_settings
 
         settings = wan_transformer_settings(config)
-        head_dim, heads, overrides["eps"] = settings["head_dim"], settings["heads"], settings["eps"]
+        head_dim, heads = settings.pop("head_dim", head_dim), settings.pop("heads", None)
+        overrides.update(settings)
     sd = normalize_state_dict(sd)
     for marker, what in (("vace_blocks.", "a Wan VACE model"), ("motion_encoder.", "a Wan Animate model"),
                          ("casual_audio_encoder.", "a Wan S2V (speech-to-video) model")):
