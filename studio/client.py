@@ -86,6 +86,19 @@ class EngineOptions:
     settings: dict = field(default_factory=dict)
 
 
+def engine_boot() -> str:
+    """Python code that runs `studio engine` from this very Studio, wherever the engine's working directory is.
+
+    `python -m studio` would put the working directory first on sys.path, and a user's own folder named
+    "studio" there shadows the package ("cannot import name '__version__' from 'studio'"). `-c` puts ""
+    there instead; the code drops it and puts the folder holding this package first. The working
+    directory itself stays, so relative model paths given on the command line still resolve.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    return (f"import runpy, sys; sys.path[:] = [{root!r}] + [p for p in sys.path if p not in ('', {root!r})]; "
+            "runpy.run_module('studio', run_name='__main__', alter_sys=True)")
+
+
 class EngineClient:
     def __init__(self, paths: Paths | None = None, options: EngineOptions | None = None) -> None:
         self.paths = paths or Paths.default()
@@ -175,7 +188,7 @@ class EngineClient:
             address = rf"\\.\pipe\studio-{os.getpid()}-{secrets.token_hex(8)}"
         else:
             address = str(self._runtime_dir() / f"engine-{os.getpid()}-{secrets.token_hex(4)}.sock")
-        cmd = [self.options.python, "-m", "studio", "engine", "--address", address, "--device", self.options.device,
+        cmd = [self.options.python, "-c", engine_boot(), "engine", "--address", address, "--device", self.options.device,
                "--settings-json", json.dumps(self.options.settings)]
         if self.options.vram_budget:
             cmd += ["--vram-budget", self.options.vram_budget]
@@ -311,11 +324,19 @@ class EngineClient:
             conn.send_bytes(frame)
 
     def _send(self, msg: Message) -> bool:
+        try:
+            return self._send_frame(protocol.encode(msg))
+        except ProtocolError as exc:  # our own message: a bug, not a dead engine
+            log.error("cannot encode %s: %s", msg.type, exc)
+            return False
+
+    def _send_frame(self, frame: bytes) -> bool:
         conn = self._conn
         if conn is None:
             return False
         try:
-            self._send_on(conn, msg)
+            with self._send_lock:
+                conn.send_bytes(frame)
             return True
         except (OSError, ValueError, EOFError):
             return False
@@ -399,10 +420,19 @@ class EngineClient:
         handle = JobHandle(job_id, job)
         with self._lock:
             self._jobs[job_id] = handle
+        try:  # checked before anything else, so a bad value is named instead of "engine not running"
+            job_dict = protocol.job_to_dict(job)
+            protocol.check_values(job_dict)
+            frame = protocol.encode(protocol.make("submit", job_id=job_id, job=job_dict))
+        except (ProtocolError, RecursionError) as exc:
+            why = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            self._finish(handle, Message("error", {"job_id": job_id, "kind": "bad_input", "detail": "",
+                                                   "message": f"This job cannot be sent to the engine: {why}. "
+                                                   "Fix that setting (an imported chat can carry such values)."}))
+            return handle
         if self._conn is None:
             self.start(wait=True)
-        msg = protocol.make("submit", job_id=job_id, job=protocol.job_to_dict(job))
-        if not self._send(msg):
+        if not self._send_frame(frame):
             self._finish(handle, Message("error", {"job_id": job_id, "kind": "engine_failed",
                                                    "message": "The engine is not running; it could not take the job.",
                                                    "detail": ""}))
