@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 import types
 import typing
@@ -22,7 +23,11 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 MAGIC = b"STU1"
-MAX_HEADER_BYTES = 1 << 20  # 1 MiB of JSON is far more than any message needs
+# The job JSON rides in the header. A conversation filling a 1M-token context is ~4 MiB of text;
+# 32 MiB leaves room for JSON escapes. (1 MiB made long chats fail as "engine not running".)
+MAX_HEADER_BYTES = 32 << 20
+MAX_JSON_DEPTH = 32  # jobs nest 3 levels; deeper is a crafted import
+_INT64 = 1 << 63
 MAX_PAYLOADS = 16
 MAX_FRAME_BYTES = 64 << 20  # a 4K PNG preview or a batch of video frames fits
 
@@ -105,6 +110,25 @@ def validate(msg: Message, allowed: dict[str, dict[str, tuple]] | None = None) -
             raise ProtocolError(f"{msg.type}: field {name!r} must be {_kind_names(kinds)}, got {type(value).__name__}")
     if len(msg.payloads) > MAX_PAYLOADS:
         raise ProtocolError(f"{msg.type}: too many payloads ({len(msg.payloads)} > {MAX_PAYLOADS})")
+
+
+def check_values(value: Any, where: str = "") -> None:
+    """Refuse what JSON or the engine cannot take, naming the field: inf and NaN, integers outside
+    64 bits (seeds), nesting deeper than MAX_JSON_DEPTH. Iterative, so depth cannot overflow it."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        name = path or "the value"
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(f"{name} is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ProtocolError(f"{name} is {v}; use a finite number")
+        if isinstance(v, int) and not isinstance(v, bool) and not -_INT64 <= v < _INT64:
+            raise ProtocolError(f"{name} is {v}, outside the 64-bit range; use a smaller number")
+        if isinstance(v, dict):
+            stack.extend((x, f"{path}.{k}" if path else str(k), depth + 1) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
 
 
 def _kind_names(kinds: tuple) -> str:
@@ -316,6 +340,7 @@ def job_from_dict(data: dict) -> Any:
     """Build a typed job, checking every field's type. Unknown fields are refused, not ignored."""
     if not isinstance(data, dict):
         raise ProtocolError("job must be an object")
+    check_values(data)
     data = dict(data)
     kind = data.pop("kind", None)
     cls = JOB_TYPES.get(kind)  # type: ignore[arg-type]

@@ -442,3 +442,56 @@ def test_detecting_a_fifo_is_a_header_error_not_a_hang(home):
     os.mkfifo(home / "x.gguf")
     with pytest.raises(HeaderError, match="not a regular file"):
         _run_with_timeout(lambda: detect(home / "x.gguf"), 5)
+
+
+# --- 6. a job that cannot be sent says why; long conversations go through -------------------------
+
+@pytest.mark.parametrize("field,value,word", [("temperature", float("inf"), "temperature"),
+                                              ("top_p", float("nan"), "top_p"),
+                                              ("seed", 2**64, "seed")])
+def test_a_job_with_an_unsendable_value_is_refused_before_any_engine_starts(tmp_path, monkeypatch, field, value,
+                                                                               word):
+    from studio.client import EngineClient
+    from studio.paths import Paths
+    from studio.protocol import ChatJob
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    client = EngineClient(Paths.default())
+    monkeypatch.setattr(client, "start", lambda wait=True: pytest.fail("an engine was started for a bad job"))
+    job = ChatJob(messages=[{"role": "user", "content": "hi"}], **{field: value})
+    handle = client.submit(job)
+    assert handle.done.is_set() and handle.error is not None
+    assert handle.error.kind == "bad_input" and word in str(handle.error)
+    assert "not running" not in str(handle.error)
+
+
+def test_a_deeply_nested_job_is_refused_with_a_clear_message(tmp_path, monkeypatch):
+    from studio.client import EngineClient
+    from studio.paths import Paths
+    from studio.protocol import ChatJob
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    client = EngineClient(Paths.default())
+    monkeypatch.setattr(client, "start", lambda wait=True: pytest.fail("an engine was started for a bad job"))
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    handle = client.submit(ChatJob(messages=[{"role": "user", "content": "hi", "extra": nested}]))
+    assert handle.error is not None and handle.error.kind == "bad_input" and "nested" in str(handle.error)
+
+
+def test_a_conversation_over_one_mib_encodes_and_decodes():
+    from studio import protocol
+    from studio.protocol import ChatJob
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "é" * 100_000} for i in range(30)]
+    frame = protocol.encode(protocol.make("submit", job_id="j", job=protocol.job_to_dict(ChatJob(messages=msgs))))
+    assert len(frame) > 4 << 20
+    back = protocol.decode(frame, protocol.CLIENT_MESSAGES)
+    assert protocol.job_from_dict(back["job"]).messages == msgs
+
+
+def test_a_conversation_over_one_mib_reaches_the_real_engine(engine):
+    from studio.client import EngineError
+    from studio.protocol import ChatJob
+    job = ChatJob(messages=[{"role": "user", "content": "w" * (3 << 20)}], model="/nonexistent/model.gguf")
+    with pytest.raises(EngineError) as err:
+        engine.submit(job).wait(120)
+    assert err.value.kind in ("model_not_found", "bad_input"), err.value  # the engine read it and answered
