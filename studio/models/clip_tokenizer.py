@@ -6,7 +6,7 @@ Hugging Face's CLIPTokenizer does (and so what A1111 and ComfyUI feed their enco
 hold our ids equal to it.
 
 The vocabulary comes from the model folder (diffusers `tokenizer/vocab.json` + `merges.txt`) when
-present, else from the copy bundled in studio/assets/clip (the OpenAI CLIP BPE file, MIT).
+present, else from the copy shipped in assets/clip (the OpenAI CLIP BPE file, MIT).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-BUNDLED_BPE = Path(__file__).resolve().parent.parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+from studio.resources import asset_path
+
+BUNDLED_BPE = ("clip", "bpe_simple_vocab_16e6.txt.gz")  # under the shipped assets (studio.resources)
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 CONTEXT_LENGTH = 77  # BOS + 75 tokens + EOS
@@ -49,8 +51,9 @@ def _vocab_order() -> list[int]:
     return keep + [b for b in range(256) if b not in keep]
 
 
-def bundled_vocab(path: Path = BUNDLED_BPE) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def bundled_vocab(path: Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) rebuilt from the gzipped CLIP BPE merges file, ids as in openai/clip vocab.json."""
+    path = asset_path(*BUNDLED_BPE) if path is None else path
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         lines = fh.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + _N_MERGES]]  # line 0 is a version header

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QGuiApplication, QIcon, QPalette
 from PySide6.QtWidgets import QApplication
 
+from studio.resources import assets_dir
+
 ACCENT = QColor("#e8704f")
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ICON_SIZES = (16, 24, 32, 48, 64, 128, 256, 512)
 
 
 def app_icon() -> QIcon:
-    return QIcon(str(ASSETS / "icon.png"))
+    """Every shipped size, so each place Qt shows the icon gets a sharp one."""
+    icon = QIcon()
+    try:
+        folder = assets_dir() / "icons"
+    except FileNotFoundError as exc:  # a window without its icon still works; say what is wrong
+        logging.getLogger(__name__).warning("%s", exc)
+        return icon
+    for size in ICON_SIZES:
+        icon.addFile(str(folder / f"studio-{size}.png"))
+    return icon
 
 
 def is_dark(theme: str) -> bool:
