@@ -41,3 +41,64 @@ def test_engine_boot_code_ignores_the_working_directory(tmp_path):
     booted = subprocess.run([sys.executable, "-c", engine_boot(), "--version"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert booted.returncode == 0 and "the wrong studio" not in booted.stderr, booted.stderr
+
+
+def _bundled_or_skip():
+    from studio.library.bundled import find_bundled
+
+    path, why = find_bundled()
+    if path is None:
+        import pytest
+
+        pytest.skip(f"bundled model {why}")
+    return path
+
+
+def test_models_list_shows_the_bundled_chat_model(tmp_path):
+    _bundled_or_skip()
+    env = {**os.environ, "STUDIO_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "studio", "models", "list"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "no models yet" not in out.stdout
+    line = next(line for line in out.stdout.splitlines() if line.startswith("SmolLM2-135M-Instruct"))
+    assert "(bundled)" in line and "llm" in line
+
+
+def test_bundled_entry_is_registered_once_and_follows_the_file(tmp_path):
+    from studio.library.library import Library
+
+    path = _bundled_or_skip()
+    stale = tmp_path / "old-venv.gguf"
+    stale.write_bytes(path.read_bytes()[: 1 << 20])  # where the bundled file was before a venv moved
+    with Library(tmp_path / "library.db", tmp_path / "models") as lib:
+        first = lib.ensure_bundled()
+        assert lib.ensure_bundled().id == first.id and len(lib.list()) == 1
+        assert first.source == "bundled" and "bundled" in first.tags and first.role == "llm"
+        assert lib.resolve("SmolLM2-135M-Instruct") == first.path
+        # an entry left from an older location is dropped (the file itself stays)
+        with lib._tx() as db:
+            db.execute("UPDATE models SET path = ? WHERE id = ?", (str(stale), first.id))
+        again = lib.ensure_bundled()
+        assert [e.path for e in lib.list()] == [again.path] and stale.exists()
+
+
+def test_models_panel_lists_the_bundled_model(qtbot, tmp_path, monkeypatch):
+    _bundled_or_skip()
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    from studio.paths import Paths
+    from studio.settings import Settings
+    from studio.ui.main_window import MainWindow
+
+    paths = Paths.default().ensure()
+    settings = Settings.load(paths)
+    settings.device = "cpu"
+    win = MainWindow(paths, settings)
+    qtbot.addWidget(win)
+    try:
+        model = win.models_panel.model
+        names = [model.item(r).child(c).text() for r in range(model.rowCount())
+                 for c in range(model.item(r).rowCount())]
+        assert "SmolLM2-135M-Instruct" in names
+    finally:
+        win.close()

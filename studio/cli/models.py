@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 _out(args, e.to_dict(), lambda: f"added {e.name!r}: {_describe(e)}\n  {e.path}")
             case "list":
                 with Library() as lib:
+                    lib.ensure_bundled()  # the model Chat uses with no other installed is listed too
                     entries = lib.list(role=args.role)
                 _out(args, {"models": [e.to_dict() for e in entries]}, lambda: _table(entries))
             case "remove":
@@ -163,7 +164,8 @@ def _table(entries: list[ModelEntry]) -> str:
         return "no models yet: `studio models add FILE` or `studio models scan FOLDER`"
     head = ("NAME", "FAMILY", "VARIANT", "ROLE", "SIZE", "WHERE")
     rows = [(e.name.replace("\n", " "), e.effective_family, e.variant, e.role, fmt_bytes(e.size),
-             "MISSING " + str(e.path) if e.missing else str(e.path)) for e in entries]
+             "MISSING " + str(e.path) if e.missing else ("(bundled) " if "bundled" in e.tags else "") + str(e.path))
+            for e in entries]
     widths = [min(40, max(len(r[i]) for r in [head, *rows])) for i in range(5)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     return "\n".join(fmt.format(*(c[:40] if i < 5 else c for i, c in enumerate(r))) for r in [head, *rows])

@@ -285,6 +285,20 @@ class Library:
             progress(1.0, "added")
         return self._need(entry_name)
 
+    def ensure_bundled(self) -> ModelEntry | None:
+        """Register the bundled chat model (tag and source "bundled") so it is listed like any other, and
+        forget an entry left from where it was before (a moved venv). None when it is not installed."""
+        from studio.library.bundled import BUNDLED_NAME, BUNDLED_SOURCE, find_bundled
+
+        path, _ = find_bundled()
+        current = _canonical(str(path)) if path is not None else None
+        for e in self.list():
+            if e.source == BUNDLED_SOURCE and str(e.path) != current:
+                self.remove(e.id)  # never deletes the file: the entry is in place
+        if path is None:
+            return None
+        return self.add(path, name=BUNDLED_NAME, tags=["bundled"], source=BUNDLED_SOURCE, exist_ok=True)
+
     def remove(self, name_or_id: str | int, delete_file: bool = False) -> ModelEntry:
         """Forget a model. Its file is deleted only when asked; a link Studio made is always removed.
 

@@ -107,7 +107,9 @@ class MainWindow(QMainWindow):
         from studio.library.library import Library, LibraryError
 
         try:
-            return Library(self.paths.data / "library.db", self.paths.models)
+            library = Library(self.paths.data / "library.db", self.paths.models)
+            library.ensure_bundled()  # the model Chat uses is listed in the Models panel like any other
+            return library
         except LibraryError as exc:
             # The window still opens (Chat works on the bundled model); the user sees why models are missing.
             QMessageBox.warning(self, "Model library unavailable", str(exc))
