@@ -102,3 +102,28 @@ def test_models_panel_lists_the_bundled_model(qtbot, tmp_path, monkeypatch):
         assert "SmolLM2-135M-Instruct" in names
     finally:
         win.close()
+
+
+def test_models_panel_add_and_scan_buttons_register_models(qtbot, tmp_path, monkeypatch):
+    from library_fixtures import SAFETENSORS_CASES, write_safetensors
+    from PySide6.QtWidgets import QFileDialog
+
+    from studio.library.library import Library
+    from studio.ui.models_panel import DropInstaller, ModelsPanel
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    one = write_safetensors(tmp_path / "picked" / "flux.safetensors", SAFETENSORS_CASES["flux_dev"][0])
+    write_safetensors(tmp_path / "comfy" / "loras" / "style.safetensors", SAFETENSORS_CASES["lora_kohya_sdxl"][0])
+    with Library() as lib:
+        panel = ModelsPanel(lib, DropInstaller(lib, hash_files=False))
+        qtbot.addWidget(panel)
+        assert panel.add_button.isVisibleTo(panel) and panel.scan_button.isVisibleTo(panel)
+        monkeypatch.setattr(QFileDialog, "getOpenFileNames", lambda *a, **k: ([str(one)], ""))
+        panel.add_button.click()
+        qtbot.waitUntil(lambda: lib.get("flux") is not None, timeout=20000)
+        monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path / "comfy"))
+        with qtbot.waitSignal(panel.scanned, timeout=20000):
+            panel.scan_button.click()
+        assert lib.get("style") is not None and "1 added" in panel.hint.text()
+        assert {r["Name"] for r in panel.rows()} >= {"flux", "style"}
+        panel.installer.wait()

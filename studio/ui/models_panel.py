@@ -23,6 +23,7 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QDesktopServices, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QFileDialog,
     QFrame,
     QHBoxLayout,
     QInputDialog,
@@ -241,6 +242,7 @@ class ModelsPanel(QWidget):
     """Installed models grouped by kind, with search and actions. Accepts dropped files and folders."""
 
     use_model = Signal(str, str)  # path, role
+    scanned = Signal(str)  # summary of a "Scan folder…" run, or what went wrong
 
     def __init__(self, library: Library, installer: DropInstaller | None = None,
                  parent: QWidget | None = None) -> None:
@@ -278,11 +280,22 @@ class ModelsPanel(QWidget):
         for b in (self.use_button, self.reveal_button, self.remove_button, self.family_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
-        self.hint = QLabel("Drop model files or folders here to add them")
+        self.add_button = QPushButton("Add…")
+        self.add_button.setToolTip("Choose model files to add (.safetensors, .gguf, .ckpt …)")
+        self.add_button.clicked.connect(self._ask_add)
+        self.scan_button = QPushButton("Scan folder…")
+        self.scan_button.setToolTip("Add every model in a folder and its subfolders (ComfyUI, A1111, LM Studio …)")
+        self.scan_button.clicked.connect(self._ask_scan)
+        adding = QHBoxLayout()
+        adding.addWidget(self.add_button)
+        adding.addWidget(self.scan_button)
+        adding.addStretch(1)
+        self.hint = QLabel("Add models with the buttons above, or drop files and folders here")
         self.hint.setEnabled(False)
         self.card_area = QVBoxLayout()
 
         lay = QVBoxLayout(self)
+        lay.addLayout(adding)
         lay.addWidget(self.search)
         lay.addWidget(self.view, 1)
         lay.addLayout(buttons)
@@ -296,7 +309,43 @@ class ModelsPanel(QWidget):
         self.installer.finished.connect(self._card_finished)
         self.installer.failed.connect(self._card_failed)
         self.installer.hashed.connect(self._card_hashed)
+        self.scanned.connect(self._scan_finished)
         self.setAcceptDrops(True)
+        self.refresh()
+
+    # -- adding -------------------------------------------------------------------------------
+
+    def _ask_add(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Add models", "", "Models (*.safetensors *.gguf *.ckpt *.pt "
+                                                "*.pth *.bin *.sft);;All files (*)")
+        if paths:
+            self.installer.install(paths)
+
+    def _ask_scan(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Scan a folder for models")
+        if folder:
+            self.scan_folder(folder)
+
+    def scan_folder(self, folder: str) -> threading.Thread:
+        """Register every model under `folder` in the background (headers only); `scanned` tells the outcome."""
+        from studio.library.scan import scan
+
+        self.scan_button.setEnabled(False)
+        self.hint.setText(f"Scanning {folder}…")
+
+        def work() -> None:
+            try:
+                self.scanned.emit(f"{folder}: {scan(self.library, [folder]).summary()}")
+            except (OSError, ValueError) as exc:  # LibraryError is a ValueError
+                self.scanned.emit(f"Could not scan {folder}: {exc}")
+
+        thread = threading.Thread(target=work, name="studio-scan-folder", daemon=True)
+        thread.start()
+        return thread
+
+    def _scan_finished(self, summary: str) -> None:
+        self.scan_button.setEnabled(True)
+        self.hint.setText(summary)
         self.refresh()
 
     # -- contents -----------------------------------------------------------------------------
