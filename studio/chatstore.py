@@ -10,6 +10,7 @@ asks for it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -38,6 +39,66 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     **dict.fromkeys(MODEL_DEFAULT_KEYS), "presence_penalty": 0.0, "seed": None, "max_tokens": 1024,
     "quant": "",  # "", "int8", "int4": how a full-precision model's weights are kept (GGUF keeps its own)
 }
+
+
+# What an imported chat's settings may hold: (description, check). Anything else is refused
+# before it reaches the engine (a seed of 2^63 used to come back as an "internal" engine error).
+def _number(lo: float, hi: float, lo_open: bool = False) -> Any:
+    return lambda v: (type(v) in (int, float) and math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi)
+
+
+def _integer(lo: int, hi: int) -> Any:
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+_SETTING_RULES: dict[str, tuple[str, Any]] = {
+    "temperature": ("a number from 0 to 100", _number(0, 100)),
+    "top_p": ("a number above 0, at most 1", _number(0, 1, lo_open=True)),
+    "top_k": ("a whole number from 0 to 1,000,000", _integer(0, 1_000_000)),
+    "min_p": ("a number from 0 to 1", _number(0, 1)),
+    "repetition_penalty": ("a number above 0, at most 100", _number(0, 100, lo_open=True)),
+    "presence_penalty": ("a number from -2 to 2", _number(-2, 2)),
+    "seed": ("a whole number from 0 to 2^63-1", _integer(0, (1 << 63) - 1)),
+    "max_tokens": ("a whole number from 1 to 2^31", _integer(1, 1 << 31)),
+    "quant": ('"", "int8" or "int4"', lambda v: v in ("", "int8", "int4")),
+}
+_NULLABLE = (*MODEL_DEFAULT_KEYS, "seed")
+
+
+def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The known chat settings, each checked; ValueError names the first bad one."""
+    out = {}
+    for key, value in settings.items():
+        if key not in DEFAULT_SETTINGS:
+            continue
+        if value is None and key in _NULLABLE:
+            out[key] = None
+            continue
+        rule, ok = _SETTING_RULES[key]
+        if not ok(value):
+            raise ValueError(f"Setting {key} in this chat export is {str(value)[:40]}; it must be {rule}. "
+                             "Fix it in the file, or remove it to use the default.")
+        out[key] = value
+    return out
+
+
+def load_export(path: Path) -> Any:
+    """The JSON of a chat export file. ValueError (with why) for anything unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("This file's JSON is nested too deeply to be a chat export.") from None
+    except UnicodeDecodeError:
+        raise ValueError("This file is not UTF-8 text, so it is not a chat export.") from None
+
+
+def _flat(stats: Any) -> dict[str, Any]:
+    """Message stats (tokens, speed) are flat numbers and text; anything nested is dropped."""
+    if not isinstance(stats, dict):
+        return {}
+    keep = {k: v for k, v in stats.items() if isinstance(k, str)
+            and (v is None or type(v) in (str, bool, int) or type(v) is float and math.isfinite(v))}
+    return keep if len(keep) == len(stats) else {}
 
 
 class ChatStoreError(Exception):
@@ -385,10 +446,9 @@ class ChatStore:
                 raise ValueError(f"Message {i + 1} of the export is not a user/assistant message with text.")
             status = m.get("status") if m.get("status") in STATUSES else "done"
             clean.append((m["role"], m["content"], "interrupted" if status == "streaming" else status,
-                          m.get("stats") if isinstance(m.get("stats"), dict) else {}))
+                          _flat(m.get("stats"))))
         title = data.get("title") if isinstance(data.get("title"), str) else "Imported chat"
-        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
-        settings = {k: v for k, v in settings.items() if k in DEFAULT_SETTINGS}
+        settings = check_settings(data.get("settings") if isinstance(data.get("settings"), dict) else {})
         system = data.get("system") if isinstance(data.get("system"), str) else ""
         model = data.get("model") if isinstance(data.get("model"), str) else ""
         now = time.time()

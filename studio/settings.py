@@ -33,7 +33,7 @@ class Settings:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return cls()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested 100,000 deep
             # Keep the damaged file for the user; start from defaults rather than refuse to open.
             log.warning("settings file %s is unreadable (%s); using defaults", path, exc)
             try:
@@ -44,8 +44,12 @@ class Settings:
         known = {f.name: f for f in fields(cls)}
         clean = {}
         for key, value in data.items() if isinstance(data, dict) else ():
-            if key in known and isinstance(value, type(getattr(cls(), key))):
-                clean[key] = value
+            default = getattr(cls(), key) if key in known else None
+            if key not in known or type(value) is not type(default):  # bool is not an int here
+                continue
+            if isinstance(value, list):
+                value = [v for v in value if isinstance(v, str)]  # folders are text; drop anything else
+            clean[key] = value
         return cls(**clean)
 
     def save(self, paths: Paths) -> None:

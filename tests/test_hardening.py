@@ -495,3 +495,95 @@ def test_a_conversation_over_one_mib_reaches_the_real_engine(engine):
     with pytest.raises(EngineError) as err:
         engine.submit(job).wait(120)
     assert err.value.kind in ("model_not_found", "bad_input"), err.value  # the engine read it and answered
+
+
+# --- 8. chat import and settings edge cases --------------------------------------------------------
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+def test_importing_a_deeply_nested_chat_file_is_a_value_error(tmp_path):
+    from studio.chatstore import ChatStore, load_export
+    path = tmp_path / "chat.json"
+    path.write_text('{"format": "studio-chat", "version": 1, "messages": ' + _deep(100_000) + "}")
+    with pytest.raises(ValueError, match="nested"):
+        load_export(path)
+    store = ChatStore(tmp_path / "chats.db")
+    deep: list = []
+    for _ in range(500):
+        deep = [deep]
+    t = store.import_json({"format": "studio-chat", "version": 1, "settings": {"temperature": 0.5},
+                           "messages": [{"role": "user", "content": "hi", "stats": {"x": deep}}]})
+    assert store.messages(t.id)[0].stats == {}  # only flat stats are kept
+    store.close()
+
+
+@pytest.mark.parametrize("key,value", [("seed", 2**63), ("seed", -1), ("repetition_penalty", 2**63),
+                                       ("repetition_penalty", 1e300), ("temperature", [[[1]]]),
+                                       ("top_k", 1.5), ("max_tokens", 2**70), ("quant", {"a": 1})])
+def test_an_imported_setting_out_of_range_is_refused_naming_it(tmp_path, key, value):
+    from studio.chatstore import ChatStore
+    store = ChatStore(tmp_path / "chats.db")
+    with pytest.raises(ValueError, match=key):
+        store.import_json({"format": "studio-chat", "version": 1, "settings": {key: value},
+                           "messages": [{"role": "user", "content": "hi"}]})
+    assert store.threads() == []
+    store.close()
+
+
+def test_the_engine_answers_a_seed_of_2_63_with_bad_input_not_internal(engine):
+    import threading
+
+    from studio import protocol
+    got: dict = {}
+    done = threading.Event()
+
+    def listen(msg) -> None:
+        if msg.get("job_id") == "huge-seed" and msg.type == "error":
+            got.update(msg.fields)
+            done.set()
+    engine.add_listener(listen)
+    try:
+        job = {"kind": "chat", "messages": [{"role": "user", "content": "hi"}], "seed": 2**63,
+               "repetition_penalty": 2**63}
+        engine.send_raw(protocol.encode(protocol.make("submit", job_id="huge-seed", job=job)))
+        assert done.wait(60)
+    finally:
+        engine.remove_listener(listen)
+    assert got["kind"] == "bad_input" and ("seed" in got["message"] or "repetition_penalty" in got["message"])
+
+
+def test_a_deeply_nested_settings_file_is_moved_aside(tmp_path, monkeypatch):
+    from studio.paths import Paths
+    from studio.settings import Settings, settings_path
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    paths = Paths.default()
+    path = settings_path(paths)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"model_folders": ' + _deep(100_000) + "}")
+    assert Settings.load(paths) == Settings()
+    assert path.with_suffix(".json.broken").exists() and not path.exists()
+
+
+def test_settings_with_wrongly_typed_list_items_fall_back_to_defaults(tmp_path, monkeypatch):
+    from studio.paths import Paths
+    from studio.settings import Settings, settings_path
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    paths = Paths.default()
+    path = settings_path(paths)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"model_folders": [["a"], 3, "/ok"], "last_tab": true, "device": "cpu"}')
+    s = Settings.load(paths)
+    assert s.model_folders == ["/ok"] and s.last_tab == Settings().last_tab and s.device == "cpu"
+
+
+def test_chat_tab_import_of_a_deeply_nested_file_shows_a_notice(qtbot, tmp_path, monkeypatch):
+    from studio.chatstore import ChatStore
+    from studio.ui.chat import chat_tab
+    path = tmp_path / "chat.json"
+    path.write_text('{"format": "studio-chat", "version": 1, "messages": ' + _deep(100_000) + "}")
+    shown = []
+    fake = type("Tab", (), {"store": ChatStore(tmp_path / "c.db"), "show_notice": lambda self, t: shown.append(t)})()
+    assert chat_tab.ChatTab.import_file.__wrapped__(fake, path) is None  # the method itself, no window needed
+    assert shown and "nested" in shown[0]

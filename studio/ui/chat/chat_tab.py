@@ -9,7 +9,6 @@ loses at most a quarter of a second of text.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.chatstore import INTERRUPTED_ON_EXIT, ChatStore, ChatStoreError, Thread, move_aside
+from studio.chatstore import INTERRUPTED_ON_EXIT, ChatStore, ChatStoreError, Thread, load_export, move_aside
 from studio.paths import Paths
 from studio.protocol import ChatJob
 from studio.settings import Settings
@@ -568,8 +567,7 @@ class ChatTab(QWidget):
     def import_file(self, path: str | Path) -> Thread | None:
         """A JSON export becomes a new thread; a bad file leaves everything as it was and says why."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            t = self.store.import_json(data)
+            t = self.store.import_json(load_export(Path(path)))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             self.show_notice(f"Could not import {Path(path).name}: {exc}")
             return None
