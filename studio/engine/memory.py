@@ -44,7 +44,7 @@ from studio.units import fmt_bytes
 # The quantization hooks live beside the weight loaders; the manager's callers reach them from here.
 __all__ = [
     "ComponentShape", "MemoryManager", "Plan", "Policy", "QUANT_MODES", "QuantSummary", "estimate_module_bytes",
-    "fmt_bytes", "is_oom", "memory_report", "out_of_memory", "plan_job", "quantize_model", "run_with_oom_retry",
+    "describe", "fmt_bytes", "is_oom", "memory_report", "out_of_memory", "plan_job", "quantize_model", "run_with_oom_retry",
 ]
 
 T = TypeVar("T")
@@ -220,7 +220,7 @@ def plan_job(
         plan = make(dict.fromkeys(shapes, Policy.RESIDENT), f"{sizes}: no VRAM budget applies, every component "
                     "stays resident")
         if any(p is not Policy.RESIDENT for p in plan.per_component.values()):
-            plan.reason = f"{sizes}: {_how(plan.per_component)} as asked"
+            plan.reason = f"{sizes}: {describe(plan.per_component)} as asked"
         return plan
     for name, policy in force.items():
         if name in shapes and _device_need(shapes[name], policy) + acts[name] > budget:
@@ -231,7 +231,7 @@ def plan_job(
     resident = make(dict.fromkeys(shapes, Policy.RESIDENT), "")
     if resident.vram_needed <= budget:
         resident.reason = f"{sizes} fit the {fmt_bytes(budget)} budget with activations; " + (
-            _how(resident.per_component) if resident.policy is not Policy.RESIDENT else "all resident")
+            describe(resident.per_component) if resident.policy is not Policy.RESIDENT else "all resident")
         return resident
 
     per: dict[str, Policy] = {}
@@ -255,11 +255,11 @@ def plan_job(
             f"either: {plan.needs_text()}; try a quantized model (int8/int4) or close other programs",
         )
     plan.reason = (f"{sizes} (+ {fmt_bytes(max(acts.values(), default=0))} activations) exceed the "
-                   f"{fmt_bytes(budget)} budget; " + _how(plan.per_component))
+                   f"{fmt_bytes(budget)} budget; " + describe(plan.per_component))
     return plan
 
 
-def _how(per: Mapping[str, Policy]) -> str:
+def describe(per: Mapping[str, Policy]) -> str:
     """'streaming transformer blocks; loading vae, text_encoder one at a time': what moves, streaming first."""
     how = {
         Policy.MODEL_OFFLOAD: "loading {} one at a time",
@@ -354,12 +354,14 @@ class MemoryManager:
             self._entries[name] = _Entry(name, module, policy, shape, blocks)
 
     def adopt(self, name: str, module: nn.Module) -> None:
-        """Register a module that was built on the device (after `make_room`), resident; building a
-        large model in place needs no second copy of it in RAM."""
+        """Register a module where it is, resident: built in place on the device (after `make_room`) a
+        large model needs no second copy in RAM; one found on the CPU is loaded on its first use."""
         with self._lock:
             if name in self._entries:
                 self.unload(name)
-            entry = _Entry(name, module, Policy.RESIDENT, ComponentShape.of(module), None, on_device=True)
+            first = next(itertools.chain(module.parameters(), module.buffers()), None)
+            placed = first is not None and first.device.type == self.device.type
+            entry = _Entry(name, module, Policy.RESIDENT, ComponentShape.of(module), None, on_device=placed)
             entry.last_used = next(self._clock)
             self._entries[name] = entry
 

@@ -14,6 +14,7 @@ each token (lookahead; the `chat_lookahead` setting turns it off).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,15 @@ from typing import Any
 import torch
 
 from studio.engine.context import JobContext, UserError
+from studio.engine.memory import (
+    MemoryManager,
+    Plan,
+    Policy,
+    estimate_module_bytes,
+    fmt_bytes,
+    plan_job,
+    run_with_oom_retry,
+)
 from studio.engine.pipelines.decoding import StopFilter, compile_decode_step, generate_tokens
 from studio.engine.resolve import library_path
 from studio.engine.sampling import SAMPLING_KEYS, RepetitionGuard, Sampler, SamplingParams, resolve_sampling
@@ -149,14 +159,15 @@ def state_bytes(state: dict, dtype: torch.dtype) -> int:
     return total
 
 
-def _too_big(weights: int, per_pos: int, budget: int) -> UserError:
-    from studio.engine.memory import fmt_bytes
+CHAT_ADVICE = ("choose int4 (this chat's Weights setting, or --quant int4) or a smaller model (a Q4 GGUF), or "
+               "raise the VRAM budget in Settings")
 
-    need = weights + ACTIVATION_BASE + MIN_CONTEXT * per_pos
-    return UserError("out_of_memory", f"This model needs {fmt_bytes(need)} of VRAM for even a {MIN_CONTEXT}-token "
-                     f"chat ({fmt_bytes(weights)} of weights), but the budget is {fmt_bytes(budget)}. Choose int4 "
-                     "(this chat's Weights setting, or --quant int4) or a smaller model (a Q4 GGUF), or raise "
-                     "the VRAM budget in Settings.")
+
+def _check_fits(weights: int, per_pos: int, budget: int) -> None:
+    """The manager's verdict on the weights plus a MIN_CONTEXT-token chat, resident (the decode step's
+    graphs and static cache need it whole on the device); UserError('out_of_memory') with numbers."""
+    plan_job({f"the model for a {MIN_CONTEXT}-token chat": weights}, ACTIVATION_BASE + MIN_CONTEXT * per_pos,
+             budget, force={f"the model for a {MIN_CONTEXT}-token chat": Policy.RESIDENT}, advice=CHAT_ADVICE)
 
 
 def check_weights_fit(config: Any, state: dict, dtype: torch.dtype, budget: int | None) -> None:
@@ -167,10 +178,7 @@ def check_weights_fit(config: Any, state: dict, dtype: torch.dtype, budget: int 
     from studio.models.llm import LLMConfig
 
     c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
-    per_pos = sum(_position_bytes(c, dtype))
-    weights = state_bytes(state, dtype)
-    if weights + ACTIVATION_BASE + MIN_CONTEXT * per_pos > budget:
-        raise _too_big(weights, per_pos, budget)
+    _check_fits(state_bytes(state, dtype), sum(_position_bytes(c, dtype)), budget)
 
 
 def fit_context(model: LLM, dtype: torch.dtype, requested: int, budget: int | None) -> tuple[int, str]:
@@ -184,9 +192,7 @@ def fit_context(model: LLM, dtype: torch.dtype, requested: int, budget: int | No
     if fits >= requested:
         return requested, ""
     if fits < MIN_CONTEXT:
-        raise _too_big(weights, per_pos, budget)
-    from studio.engine.memory import fmt_bytes
-
+        _check_fits(weights, per_pos, budget)
     ctx_len = fits // 256 * 256
     return ctx_len, (f"Context shortened to {ctx_len} tokens (from {requested}) so the KV cache fits the "
                      f"{fmt_bytes(budget)} VRAM budget next to {fmt_bytes(weights)} of weights.")
@@ -194,9 +200,12 @@ def fit_context(model: LLM, dtype: torch.dtype, requested: int, budget: int | No
 
 def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dtype, dequantize: bool,
                     context_limit: int, progress: Callable[[int, int, str], None], quant: str = "",
-                    vram_budget: int | None = None) -> ChatModel:
+                    vram_budget: int | None = None, memory: MemoryManager | None = None,
+                    name: str = "llm") -> ChatModel:
     """Read, (optionally) quantize, build and place a chat model. `quant` ("int8"/"int4") packs the
-    full-precision matrices; `vram_budget` (bytes, CUDA only) shortens the context to fit."""
+    full-precision matrices; `vram_budget` (bytes, CUDA only) shortens the context to fit. With a
+    `memory` manager the model is registered there as `name`: it makes room first (evicting idle
+    parts of other jobs) and the context fits what the other resident models leave."""
     total = 3
     progress(0, total, "loading")
     if kind == "gguf":
@@ -213,8 +222,6 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
     if dequantize:
         state = {k: (v.dequantize(dtype) if is_quant(v) else v) for k, v in state.items()}
     if quant:
-        from studio.engine.memory import fmt_bytes
-
         progress(1, total, f"quantizing to {quant}")
         config, state, saved = quantize_state(config, state, quant, device)
         if saved:
@@ -224,6 +231,12 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
                          f"{quant} changes nothing, so they are kept as stored.")
     if device.type == "cuda":
         check_weights_fit(config, state, dtype, vram_budget)
+        if memory is not None:
+            from studio.models.llm import LLMConfig
+
+            c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
+            memory.make_room(state_bytes(state, dtype) + ACTIVATION_BASE + MIN_CONTEXT * sum(_position_bytes(c, dtype)))
+            vram_budget = memory.budget_for(name)
     model = build_llm(config, state, dtype=dtype, device=device, fuse=True)
     del state
     progress(2, total, "loading")
@@ -237,6 +250,8 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
         if note:
             notes.append(note)  # one static cache of the full context: CUDA graphs need fixed shapes
         model.setup_caches(1, ctx_len, dtype, device)
+    if memory is not None:
+        memory.adopt(name, model)  # built in place on the device: weights and cache, accounted from here on
     cm = ChatModel(model=model, tokenizer=loaded.tokenizer, chat_template=loaded.chat_template,
                    bos_token=loaded.bos_token, eos_token=loaded.eos_token, stop_ids=stop,
                    add_bos=loaded.add_bos, context_length=ctx_len, device=device, dtype=dtype,
@@ -393,12 +408,18 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
     if job.quant not in ("",) + LLM_QUANT_MODES:
         raise UserError("bad_input", f"quantization {job.quant!r} is not one of {', '.join(LLM_QUANT_MODES)} "
                         "(or empty for none).")
-    budget = ctx.memory.budget if ctx.memory is not None and device.type == "cuda" else None
+    # The manager places the model and says whether it fits; a job run outside the engine gets its own.
+    mem = ctx.memory if ctx.memory is not None else MemoryManager(ctx.device) if ctx.device is not None else None
+    budget = mem.budget if mem is not None and device.type == "cuda" else None
     key = f"llm:{path.resolve()}:{device}:{dtype}:{'dequant' if dequantize else 'packed'}:{limit}:{job.quant}:{budget}"
+    name = f"{key}|llm"  # the manager's name for the model: "<cache key>|<part>", as for every job
     fresh = ctx.models.get(key) is None  # loading notes are told once, with the answer that loaded it
     cm: ChatModel = ctx.models.get_or_load(
-        key, lambda: load_chat_model(path, kind, device, dtype, dequantize, limit, ctx.progress, job.quant, budget),
+        key, lambda: load_chat_model(path, kind, device, dtype, dequantize, limit, ctx.progress, job.quant, budget,
+                                     memory=mem, name=name),
         nbytes=lambda m: m.nbytes, path=str(path), where="RAM" if device.type == "cpu" else "VRAM")
+    if mem is not None and name not in mem.names():
+        mem.adopt(name, cm.model)  # loaded under another manager (a script's ModelCache shared between runs)
 
     t_start = time.perf_counter()
     prompt, dropped = fit_prompt(cm, messages, job.max_tokens, job.overflow, ctx.cancel.check)
@@ -410,71 +431,86 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
         params.validate()
     except ValueError as exc:
         raise UserError("bad_input", f"{exc} (from the model's defaults; set it in the chat's settings).") from None
-    sampler = Sampler(params, cm.model.config.vocab_size, device)
-    guard = RepetitionGuard()
+    started = [False]  # a token was sampled: the answer cannot start over after an out-of-memory
 
-    decoder = IncrementalDecoder(cm.tokenizer, skip_special=True)
-    stops = StopFilter(list(job.stop))
-    pieces: list[str] = []
+    def answer(plan: Plan | None) -> ChatResult:
+        if mem is not None and not mem.on_device(name):
+            cm.compiled_step = None  # the manager moved the model: graphs captured on the old copy are stale
+        with mem.use(name) if mem is not None else contextlib.nullcontext():
+            sampler = Sampler(params, cm.model.config.vocab_size, device)
+            guard = RepetitionGuard()
 
-    def emit(text: str) -> None:
-        if text:
-            pieces.append(text)
-            ctx.token(text)
+            decoder = IncrementalDecoder(cm.tokenizer, skip_special=True)
+            stops = StopFilter(list(job.stop))
+            pieces: list[str] = []
 
-    ctx.cancel.check()
-    step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
-    finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
-    if device.type == "cuda" and step is not None:
-        from studio.models.llm_decode import FusedDecoder
+            def emit(text: str) -> None:
+                if text:
+                    pieces.append(text)
+                    ctx.token(text)
 
-        if isinstance(step, FusedDecoder) and not step.built:  # kernels compile, the graph is captured
-            ctx.progress(0, 1, "preparing the GPU decode step")
-    ahead = bool(ctx.settings.get("chat_lookahead", True)) and device.type == "cuda"
-    tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step, lookahead=ahead,
-                             on_fallback=lambda exc: step_failed(cm, exc))
-    cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
-    try:
-        for tok in tokens:
-            t_last = time.perf_counter()
-            sampled += 1
-            if sampled == 1:
-                t_first = t_last
-                ttft = t_first - t_start
-            if tok in cm.stop_ids:
-                finish = "stop"
-                break
-            completion += 1
-            text, cut = stops.feed(decoder.push(tok))
-            emit(text)
-            if cut:
-                finish = "stop"
-                break
-            if guard.push(tok):  # a loop of the same phrase would otherwise run to max_tokens
-                finish = "repetition"
-                break
-            if ctx.cancel.cancelled:
-                emit(stops.flush())  # the text so far reaches the user before the job ends
-                ctx.cancel.check()
-        if not cut:
-            text, cut = stops.feed(decoder.flush())
-            emit(text)
-            finish = "stop" if cut else finish
-            emit("" if cut else stops.flush())
-    finally:
-        tokens.close()
-    decode_time = t_last - t_first  # `sampled - 1` decode steps, prefill excluded
-    return ChatResult(
-        text="".join(pieces),
-        prompt_tokens=len(prompt),
-        completion_tokens=completion,
-        ttft_s=round(ttft, 4),
-        tokens_per_s=round((sampled - 1) / decode_time, 2) if decode_time > 0 else 0.0,
-        model=cm.name,
-        finish_reason=finish,
-        context_length=cm.context_length,
-        seed=sampler.seed,
-        dropped_turns=dropped,
-        notes=list(cm.notes) if fresh else [],
-        sampling={**sampling, "presence_penalty": job.presence_penalty},
-    )
+            ctx.cancel.check()
+            step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
+            finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
+            if device.type == "cuda" and step is not None:
+                from studio.models.llm_decode import FusedDecoder
+
+                if isinstance(step, FusedDecoder) and not step.built:  # kernels compile, the graph is captured
+                    ctx.progress(0, 1, "preparing the GPU decode step")
+            ahead = bool(ctx.settings.get("chat_lookahead", True)) and device.type == "cuda"
+            tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step, lookahead=ahead,
+                                     on_fallback=lambda exc: step_failed(cm, exc))
+            cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
+            try:
+                for tok in tokens:
+                    t_last = time.perf_counter()
+                    sampled += 1
+                    started[0] = True
+                    if sampled == 1:
+                        t_first = t_last
+                        ttft = t_first - t_start
+                    if tok in cm.stop_ids:
+                        finish = "stop"
+                        break
+                    completion += 1
+                    text, cut = stops.feed(decoder.push(tok))
+                    emit(text)
+                    if cut:
+                        finish = "stop"
+                        break
+                    if guard.push(tok):  # a loop of the same phrase would otherwise run to max_tokens
+                        finish = "repetition"
+                        break
+                    if ctx.cancel.cancelled:
+                        emit(stops.flush())  # the text so far reaches the user before the job ends
+                        ctx.cancel.check()
+                if not cut:
+                    text, cut = stops.feed(decoder.flush())
+                    emit(text)
+                    finish = "stop" if cut else finish
+                    emit("" if cut else stops.flush())
+            finally:
+                tokens.close()
+            decode_time = t_last - t_first  # `sampled - 1` decode steps, prefill excluded
+            return ChatResult(
+                text="".join(pieces),
+                prompt_tokens=len(prompt),
+                completion_tokens=completion,
+                ttft_s=round(ttft, 4),
+                tokens_per_s=round((sampled - 1) / decode_time, 2) if decode_time > 0 else 0.0,
+                model=cm.name,
+                finish_reason=finish,
+                context_length=cm.context_length,
+                seed=sampler.seed,
+                dropped_turns=dropped,
+                notes=list(cm.notes) if fresh else [],
+                sampling={**sampling, "presence_penalty": job.presence_penalty},
+            )
+
+    if mem is None:
+        return answer(None)
+    # The one out-of-memory path: free, retry once with the model loaded on use, then numbers.
+    plan = mem.estimate_job({name: estimate_module_bytes(cm.model)}, {name: ACTIVATION_BASE},
+                            force={name: Policy.RESIDENT}, advice=CHAT_ADVICE)
+    return run_with_oom_retry(answer, mem, plan, on_retry=lambda text: ctx.progress(0, 1, text),
+                              can_retry=lambda: not started[0])

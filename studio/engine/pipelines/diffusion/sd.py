@@ -27,7 +27,6 @@ from studio.engine.pipelines.diffusion.skeleton import (
     Run,
     keep_one,
     load_image,
-    memory_of,
     noise,
     output_target,
     part_bytes,
@@ -197,7 +196,8 @@ class StableDiffusion:
         loras = [(resolve_path(lo["path"], "LoRA"), float(lo.get("weight", 1.0))) for lo in job.loras]
         if tuple((str(p), w) for p, w in loras) != model.loras:
             # LoRAs patch weights in place: on the CPU copy, with the parts out of the manager's hands
-            memory_of(ctx).unload(model.key)  # type: ignore[attr-defined]
+            if ctx.memory is not None:
+                ctx.memory.unload(model.key)  # type: ignore[attr-defined]
         notes += apply_loras(model, loras)
         return model
 

@@ -27,7 +27,7 @@ import torch
 
 from studio.engine import outputs
 from studio.engine.context import JobContext, UserError
-from studio.engine.memory import DEFAULT_ADVICE, MemoryManager, Plan, Policy, run_with_oom_retry
+from studio.engine.memory import DEFAULT_ADVICE, MemoryManager, Plan, Policy, describe, run_with_oom_retry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,10 +50,9 @@ def noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.
 
 
 def memory_of(ctx: JobContext) -> MemoryManager:
-    """The engine's placement manager; a job run outside the engine (tests, scripts) gets its own."""
-    if ctx.memory is None:
-        ctx.memory = MemoryManager(ctx.device)
-    return ctx.memory
+    """The engine's placement manager; a job run outside the engine (tests, scripts) gets one of its
+    own, which puts every part back in RAM when the job ends (run_diffusion)."""
+    return ctx.memory if ctx.memory is not None else MemoryManager(ctx.device)
 
 
 def read_rgb(path: str, mode: str = "RGB"):
@@ -99,10 +98,10 @@ def load_image(path: str, width: int, height: int, *, fit: Literal["stretch", "c
 def keep_one(ctx: JobContext, prefix: str) -> None:
     """Before loading a model of a family that keeps one at a time: drop the family's cached models
     (RAM) through the manager, which takes their parts off the device."""
-    mem = memory_of(ctx)
     for key in [m["key"] for m in ctx.models.summary() if m["key"].startswith(prefix)]:
         ctx.models.unload(key)
-        mem.unload(key)
+        if ctx.memory is not None:
+            ctx.memory.unload(key)
 
 
 def output_target(out: str, suffix: str, ctx: JobContext, fallback: Path) -> tuple[Path, str]:
@@ -221,7 +220,8 @@ def run_diffusion(job: Any, ctx: JobContext, family: Family) -> Any:
         plan = mem.estimate_job(sizes, acts, force=force, advice=family.advice or DEFAULT_ADVICE,
                                 copy_on_cpu=bool(force))
         if plan.policy is not Policy.RESIDENT:
-            notes.append(f"memory: {plan.reason}")
+            placed = describe({p: plan.per_component[n] for p, n in names.items()})
+            notes.append(f"memory: {placed} ({plan.needs_text()})")
 
         def attempt(p: Plan) -> Any:
             return family.generate(Run(job, ctx, model, dtype, mem, names, p, notes, timings))

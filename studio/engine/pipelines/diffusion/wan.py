@@ -1,4 +1,5 @@
-"""Wan 2.1 / 2.2 text- and image-to-video: `run_video(job, ctx) -> dict`.
+"""Wan 2.1 / 2.2 text- and image-to-video: `run_video(job, ctx) -> VideoResult`, the Wan family module
+of the diffusion skeleton (skeleton.py runs the steps; the MemoryManager places every part).
 
 Wan ships as three parts: the transformer, the causal 3D VAE and the umT5 text encoder (with
 its tokenizer.json); Wan 2.1 I2V adds a CLIP ViT-H/14 image encoder. `model` is either a diffusers
@@ -17,26 +18,31 @@ as in the reference and diffusers pipelines (both cast their timesteps to intege
 from __future__ import annotations
 
 import math
-import random
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from studio.engine import outputs
 from studio.engine.context import JobCancelled, JobContext, UserError
 from studio.engine.flow_samplers import get_flow_sampler, wan_flow_sigmas
+from studio.engine.memory import Policy
+from studio.engine.pipelines.diffusion.skeleton import (
+    Part,
+    Run,
+    load_image,
+    noise,
+    output_target,
+    read_rgb,
+    run_diffusion,
+)
 from studio.engine.pipelines.diffusion.wan_parts import (  # noqa: F401  (tests reach them through this module)
     PIXEL_MULTIPLE,
     TEXT_LEN,
     WanParts,
     find_image_encoder,
-    forced_on_cpu,
     load_image_encoder,
     load_parts,
-    should_stream,
 )
 from studio.engine.previews import latent_to_rgb, rgb_to_jpeg
 from studio.protocol import VideoJob, VideoResult
@@ -92,79 +98,26 @@ def get_sampler(name: str):
 
 # ---------------------------------------------------------------------------------- conditioning
 
-def encode_prompts(parts: WanParts, texts: list[str], ctx: JobContext, dtype: torch.dtype,
-                   notes: list[str]) -> torch.Tensor:
-    """-> (len(texts), 512, text_dim), zero past each prompt's end.
-
-    The encoder lives in RAM between jobs and visits the device only for this: whole when it fits
-    next to the transformer, else block by block (umT5-XXL is 11 GiB in bf16, more than a small card).
-    """
-    from studio.engine.offload import BlockStreamer, WholeModule, estimate_module_bytes, find_blocks
-
-    device = torch.device(ctx.device.torch_device)
+def encode_prompts(run: Run, texts: list[str]) -> torch.Tensor:
+    """-> (len(texts), 512, text_dim), zero past each prompt's end. The encoder (umT5-XXL is 11 GiB in
+    bf16) is placed by the manager: whole when it fits, streamed block by block when it does not."""
+    parts: WanParts = run.model
     ids, mask = parts.tokenizer(texts, max_length=TEXT_LEN)
-    encoder = parts.encoder
-    if device.type == "cpu" and not forced_on_cpu(ctx):
-        return encoder.encode(ids, mask).to(dtype)
-    streamed = {id(st.model) for st in parts.streamers}
-    resident = sum(estimate_module_bytes(m) for m in (parts.transformer, parts.transformer_2, parts.vae)
-                   if m is not None and id(m) not in streamed)
-    if should_stream(encoder, ctx, extra=resident):
-        notes.append("The text encoder streams its blocks through the device (it does not fit whole).")
-        with BlockStreamer(encoder, find_blocks(encoder), device, copy_on_cpu=forced_on_cpu(ctx)):
-            return encoder.encode(ids.to(device), mask.to(device)).to(dtype)
-    # Whole: copied in from pinned RAM (umT5-XXL's 11 GiB took 8.5 s each job with a pageable .to() and
-    # back; the streamed path, pinned, took 0.45 s) and dropped afterwards at no cost.
-    if parts.encoder_home is None:
-        parts.encoder_home = WholeModule(encoder, pin=device.type == "cuda")
-    parts.encoder_home.to_device(device)
-    try:
-        return encoder.encode(ids.to(device), mask.to(device)).to(dtype)
-    finally:
-        parts.encoder_home.to_host()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with run.use("text_encoder"):
+        return parts.encoder.encode(ids.to(run.device), mask.to(run.device)).to(run.dtype)
 
 
-def read_rgb(path: str):
-    """The init image as an RGB PIL image, or a UserError saying why it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError("bad_input", f"Cannot read the image {Path(path).name}: {exc}") from None
+def init_frame(path: str, width: int, height: int) -> torch.Tensor:
+    """-> (1, 3, H, W) in [-1, 1], resized to cover and centre-cropped (a video frame is never stretched)."""
+    return load_image(path, width, height, fit="cover", value_range="-1..1")
 
 
-def load_image(path: str, width: int, height: int) -> torch.Tensor:
-    """-> (1, 3, H, W) in [-1, 1], resized to cover and centre-cropped (no stretching)."""
-    from PIL import Image
-
-    im = read_rgb(path)
-    scale = max(width / im.width, height / im.height)
-    im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))),
-                   Image.Resampling.LANCZOS)
-    left, top = (im.width - width) // 2, (im.height - height) // 2
-    arr = np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
-
-
-def encode_image_context(parts: WanParts, path: str, ctx: JobContext, dtype: torch.dtype) -> torch.Tensor:
+def encode_image_context(run: Run, path: str) -> torch.Tensor:
     """Wan 2.1 I2V: the whole init image (not the crop the VAE sees) through CLIP -> (1, 257, 1280), as
     diffusers' pipeline hands the original image to its CLIPImageProcessor."""
-    device = torch.device(ctx.device.torch_device)
-    encoder = parts.image_encoder
     image = read_rgb(path)
-    if device.type == "cpu":
-        return encoder.encode_images(image).to(dtype)
-    encoder.to(device)  # ViT-H is 1.3 GiB in 16 bits: it visits whole and leaves
-    try:
-        return encoder.encode_images(image).to(dtype)
-    finally:
-        encoder.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with run.use("image_encoder"):
+        return run.model.image_encoder.encode_images(image).to(run.dtype)
 
 
 def image_condition(parts: WanParts, job: VideoJob, lat_frames: int, device: torch.device,
@@ -172,7 +125,7 @@ def image_condition(parts: WanParts, job: VideoJob, lat_frames: int, device: tor
     """Wan I2V (36-channel input): (1, 4 + 16, F', h, w) = [mask of known frames | latents of the image
     followed by grey frames], as the reference builds it."""
     vae = parts.vae
-    image = load_image(job.image, job.width, job.height).to(device, dtype)
+    image = init_frame(job.image, job.width, job.height).to(device, dtype)
     video = torch.cat([image[:, :, None], image.new_zeros(1, 3, job.frames - 1, job.height, job.width)], dim=2)
     latent = vae.normalize(vae.encode(video)[0])  # (1, 16, F', h, w)
     h, w = latent.shape[-2:]
@@ -187,38 +140,75 @@ def image_condition(parts: WanParts, job: VideoJob, lat_frames: int, device: tor
 
 # ---------------------------------------------------------------------------------- the job
 
-def compute_dtype(ctx: JobContext) -> torch.dtype:
-    if ctx.device.kind == "cpu":
-        return torch.float32
-    return torch.bfloat16 if getattr(ctx.device, "bf16", True) else torch.float16
+class Wan:
+    """Wan 2.1 / 2.2 (T2V, I2V, TI2V; the A14B pair of experts) for the diffusion skeleton."""
+
+    advice = ("try a smaller or shorter video, a quantized model (fp8 or GGUF), or a lower --vram-budget so "
+              "more of the model streams from RAM")
+
+    def validate(self, job: VideoJob, ctx: JobContext) -> tuple[VideoJob, list[str]]:
+        notes = validate(job)
+        wanted = nearest_4n1(job.frames)
+        if wanted != job.frames:
+            notes.append(f"Wan makes 1 + 4n frames: {job.frames} frames became {wanted}.")
+            job = replace(job, frames=wanted)
+        return job, notes
+
+    def load(self, job: VideoJob, ctx: JobContext, dtype: torch.dtype, notes: list[str]) -> WanParts:
+        parts = load_parts(job, ctx, dtype)
+        notes += parts.notes
+        return parts
+
+    def parts(self, model: WanParts) -> dict[str, Part]:
+        named = {"transformer": model.transformer, "transformer_2": model.transformer_2, "vae": model.vae,
+                 "text_encoder": model.encoder, "image_encoder": model.image_encoder}
+        return {name: Part(m) for name, m in named.items() if m is not None}
+
+    def activations(self, model: WanParts, job: VideoJob, dtype: torch.dtype) -> dict[str, int]:
+        """Rough peaks of working memory per part: one transformer pass over every latent token (CFG runs
+        as two passes), the VAE's widest level over a few frames at full size, the encoders small."""
+        cfg, vcfg = model.transformer.cfg, model.vae.cfg
+        elem = torch.finfo(dtype).bits // 8
+        lat_frames = (job.frames - 1) // vcfg.time_scale + 1
+        tokens = lat_frames * (job.height // vcfg.scale // cfg.patch_size[1]) * (job.width // vcfg.scale // cfg.patch_size[2])
+        transformer = tokens * (cfg.ffn_dim + 6 * cfg.dim) * elem
+        vae = job.width * job.height * (vcfg.decoder_base_dim or vcfg.base_dim) * elem * 4 * 6
+        return {"transformer": transformer, "transformer_2": transformer, "vae": vae,
+                "text_encoder": 256 << 20, "image_encoder": 256 << 20}
+
+    def force(self, job: VideoJob, ctx: JobContext) -> dict[str, Policy]:
+        """The `video_offload` setting: "stream" makes the big parts stream whatever the budget (tests and
+        users on tight cards); anything else leaves the choice to the manager's plan."""
+        if ctx.settings.get("video_offload", "auto") != "stream":
+            return {}
+        return dict.fromkeys(("transformer", "transformer_2", "text_encoder"), Policy.BLOCK_STREAM)
+
+    def generate(self, run: Run) -> VideoResult:
+        return _generate(run)
+
+
+FAMILY = Wan()
 
 
 @torch.inference_mode()
 def run_video(job: VideoJob, ctx: JobContext) -> VideoResult:
-    notes = validate(job)
-    wanted = nearest_4n1(job.frames)
-    if wanted != job.frames:
-        notes.append(f"Wan makes 1 + 4n frames: {job.frames} frames became {wanted}.")
-        job = replace(job, frames=wanted)
-    started = time.perf_counter()
-    dtype = compute_dtype(ctx)
-    parts = load_parts(job, ctx, dtype)
-    marks = {"load": time.perf_counter()}  # stage end times, reported as seconds per stage
-    notes += parts.notes
+    return run_diffusion(job, ctx, FAMILY)
+
+
+def _generate(run: Run) -> VideoResult:
+    job, ctx, parts, dtype, device, notes = run.job, run.ctx, run.model, run.dtype, run.device, run.notes
     net_cfg = parts.transformer.cfg
-    device = torch.device(ctx.device.torch_device)
     scale, ts = parts.vae.cfg.scale, parts.vae.cfg.time_scale
     check_size(job.width, job.height, scale * net_cfg.patch_size[1])
 
-    seed = job.seed if job.seed >= 0 else random.randrange(2**32)
-    job = replace(job, seed=seed)
+    seed = job.seed
     lat_frames = (job.frames - 1) // ts + 1
     shape = (1, net_cfg.out_channels, lat_frames, job.height // scale, job.width // scale)
 
     ctx.cancel.check()
     ctx.progress(0, 1, "encoding")
     use_cfg = job.cfg != 1.0
-    text = encode_prompts(parts, [job.prompt, job.negative] if use_cfg else [job.prompt], ctx, dtype, notes)
+    text = encode_prompts(run, [job.prompt, job.negative] if use_cfg else [job.prompt])
     cond, uncond = text[:1], (text[1:] if use_cfg else None)
 
     # -- image conditioning ----------------------------------------------------------------
@@ -227,12 +217,14 @@ def run_video(job: VideoJob, ctx: JobContext) -> VideoResult:
     image_context = None  # Wan 2.1 I2V: CLIP features of the init image, attended beside the prompt
     if job.image:
         if net_cfg.image_dim is not None:
-            image_context = encode_image_context(parts, job.image, ctx, dtype)
+            image_context = encode_image_context(run, job.image)
         if net_cfg.in_channels == net_cfg.out_channels + parts.vae.cfg.z_dim + ts:
-            extra = image_condition(parts, job, lat_frames, device, dtype)
+            with run.use("vae"):
+                extra = image_condition(parts, job, lat_frames, device, dtype)
         elif net_cfg.in_channels == net_cfg.out_channels and net_cfg.vae == "wan2.2":
-            image = load_image(job.image, job.width, job.height).to(device, dtype)[:, :, None]
-            first = parts.vae.normalize(parts.vae.encode(image)[0]).float()  # (1, C, 1, h, w)
+            image = init_frame(job.image, job.width, job.height).to(device, dtype)[:, :, None]
+            with run.use("vae"):
+                first = parts.vae.normalize(parts.vae.encode(image)[0]).float()  # (1, C, 1, h, w)
         else:
             raise UserError("unsupported", "This is a text-to-video Wan model: it cannot start from an image. Clear "
                             "the init image, or pick an image-to-video model (Wan 2.1 I2V 14B, Wan 2.2 I2V "
@@ -242,15 +234,15 @@ def run_video(job: VideoJob, ctx: JobContext) -> VideoResult:
                         "text-to-video model.")
 
     # -- sampling ---------------------------------------------------------------------------
-    _sync(device)
-    marks["encode"] = time.perf_counter()  # prompt and init image
+    run.timings.mark("encode", device)  # prompt and init image
     sigmas = wan_flow_sigmas(job.steps, job.shift)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(device)
+    eps = noise(shape, seed, device)
     tokens_per_frame = (shape[3] // net_cfg.patch_size[1]) * (shape[4] // net_cfg.patch_size[2])
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         t_int = math.floor(sigma * 1000.0)
-        net = parts.transformer_2 if parts.transformer_2 is not None and t_int < parts.boundary else parts.transformer
+        low = parts.transformer_2 is not None and t_int < parts.boundary
+        net, name = (parts.transformer_2, "transformer_2") if low else (parts.transformer, "transformer")
         if first is not None:
             # TI2V: the first frame's tokens are clean (t = 0), the rest at t
             t = torch.full((1, lat_frames * tokens_per_frame), float(t_int), device=device)
@@ -258,11 +250,12 @@ def run_video(job: VideoJob, ctx: JobContext) -> VideoResult:
         else:
             t = torch.full((1,), float(t_int), device=device)
         x_in = x.to(dtype) if extra is None else torch.cat([x.to(dtype), extra], dim=1)
-        v = net(x_in, t, cond, image_context).float()
-        if uncond is not None:
-            # two passes rather than one batch of 2: half the activation memory at video sizes
-            v_u = net(x_in, t, uncond, image_context).float()
-            v = v_u + job.cfg * (v - v_u)
+        with run.use(name):  # the expert about to run; the manager evicts the other one if both do not fit
+            v = net(x_in, t, cond, image_context).float()
+            if uncond is not None:
+                # two passes rather than one batch of 2: half the activation memory at video sizes
+                v_u = net(x_in, t, uncond, image_context).float()
+                v = v_u + job.cfg * (v - v_u)
         return v
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -286,14 +279,10 @@ def run_video(job: VideoJob, ctx: JobContext) -> VideoResult:
             ctx.preview(jpeg, "image/jpeg", w, h)
 
     sampler = get_sampler(job.sampler)
-    x = noise if first is None else torch.cat([first, noise[:, :, 1:]], dim=2)
+    x = eps if first is None else torch.cat([first, eps[:, :, 1:]], dim=2)
     partial = False
     try:
         latent = sampler(denoiser, x, sigmas.to(device), callback=callback, cancel=ctx.cancel.check)
-    except torch.OutOfMemoryError:
-        raise UserError("out_of_memory", f"Sampling {job.width}x{job.height}x{job.frames} ran out of device memory. "
-                        "Make the video smaller or shorter, close other programs using the GPU, or set a lower "
-                        "VRAM budget in Settings so the transformer streams its blocks from RAM.") from None
     except JobCancelled:
         if not (job.keep_partial or ctx.settings.get("keep_partial_video")) or "denoised" not in last:
             raise
@@ -305,31 +294,22 @@ def run_video(job: VideoJob, ctx: JobContext) -> VideoResult:
         latent = torch.cat([first, latent[:, :, 1:]], dim=2)
 
     # -- decode and save ---------------------------------------------------------------------
-    _sync(device)
-    marks["sampling"] = time.perf_counter()
+    run.timings.mark("sampling", device)
     ctx.progress(0, 1, "decoding")
-    frames = decode(parts, latent, ctx)  # (F, H, W, 3) uint8
-    marks["decode"] = time.perf_counter()
+    with run.use("vae"):
+        frames = decode(parts, latent, ctx)  # (F, H, W, 3) uint8
+    run.timings.mark("decode")
     path, sidecar, codec = save_video(job, ctx, parts, frames, notes, partial)
-    marks["save"] = time.perf_counter()
-    timings, last_mark = {}, started
-    for stage, at in marks.items():
-        timings[stage] = round(at - last_mark, 3)
-        last_mark = at
+    run.timings.mark("save")
+    timings = run.timings.stages()
     timings["per_step"] = round(timings["sampling"] / max(1, int(last.get("step", job.steps))), 4)
     ctx.progress(1, 1, "saved")
     return VideoResult(videos=[{"path": str(path), "sidecar": str(sidecar), "frames": int(frames.shape[0]),
                                 "width": int(frames.shape[2]), "height": int(frames.shape[1]), "fps": job.fps,
                                 "seed": seed, "codec": codec}],
-                       path=str(path), seconds=round(time.perf_counter() - started, 3), timings=timings,
+                       path=str(path), seconds=run.timings.seconds(), timings=timings,
                        model=parts.files["transformer"], files=parts.files, notes=notes, partial=partial,
                        job={**asdict(job), "kind": "video"})
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work so the stage timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decode(parts: WanParts, latent: torch.Tensor, ctx: JobContext) -> np.ndarray:
@@ -345,15 +325,15 @@ def decode(parts: WanParts, latent: torch.Tensor, ctx: JobContext) -> np.ndarray
     return video.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def output_target(job: VideoJob, ctx: JobContext) -> tuple[Path, str]:
-    return outputs.output_target(job.out, ".mp4", ctx, Path.home() / "Videos" / "Studio")
+def video_target(job: VideoJob, ctx: JobContext) -> tuple[Path, str]:
+    return output_target(job.out, ".mp4", ctx, Path.home() / "Videos" / "Studio")
 
 
 def save_video(job: VideoJob, ctx: JobContext, parts: WanParts, frames: np.ndarray, notes: list[str],
                partial: bool) -> tuple[Path, Path, str]:
     from studio.media.video import unique_video_path, write_mp4, write_sidecar
 
-    folder, stem = output_target(job, ctx)
+    folder, stem = video_target(job, ctx)
     meta = {**asdict(job), "kind": "video", "model_name": Path(parts.files["transformer"]).name,
             "files": parts.files, "partial": partial, "notes": notes}
     try:

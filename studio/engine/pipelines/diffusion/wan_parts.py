@@ -1,8 +1,9 @@
 """Finding and loading Wan's parts: transformer(s), VAE, umT5 encoder and tokenizer, CLIP image encoder.
 
-Split from video.py (the job itself). A part comes from a diffusers Wan folder, from a file next to
+Split from wan.py (the job itself). A part comes from a diffusers Wan folder, from a file next to
 the transformer (or ComfyUI's models/ subfolders) recognised by its headers, or from the library;
-whatever is missing is named with the file to install.
+whatever is missing is named with the file to install. Parts are built on the CPU: where they live
+during a job is the MemoryManager's decision (skeleton.py registers them).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 import torch
 
 from studio.engine.context import JobContext, UserError
+from studio.engine.pipelines.diffusion.files import find_companion, read_state_dict
+from studio.engine.pipelines.diffusion.skeleton import keep_one, part_bytes
 from studio.engine.resolve import resolve_path
 from studio.protocol import VideoJob
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 PIXEL_MULTIPLE = 16  # VAE 8x times patch 2 (Wan 2.2's 16x VAE needs 32; checked once it is loaded)
 TEXT_LEN = 512
 UMT5_HINT = ("umt5_xxl_fp16.safetensors (ComfyUI's Wan text encoder) or the text_encoder/ folder of a "
@@ -39,9 +41,8 @@ class WanParts:
     transformer_2: torch.nn.Module | None = None  # Wan 2.2 A14B low-noise expert
     boundary: float = 0.0  # sigma*1000 below which transformer_2 runs
     notes: list[str] = field(default_factory=list)
-    streamers: list = field(default_factory=list)  # BlockStreamers keeping big transformers in RAM
     image_encoder: torch.nn.Module | None = None  # Wan 2.1 I2V: studio.models.clip_vision.ClipVisionModel
-    encoder_home: object = None  # studio.engine.offload.WholeModule: the encoder's pinned RAM copy
+    key: str = ""  # the model cache key; the manager names the parts "<key>|<part>"
 
 
 # ---------------------------------------------------------------------------------- finding the parts
@@ -64,29 +65,8 @@ def _matches(det, family: str, variant: str | None) -> bool:
 def find_part(model_file: Path, family: str, variant: str | None, folders: tuple[str, ...]) -> Path | None:
     """A file of this detected family next to the model (its folder, ComfyUI's sibling folders), else
     in the library."""
-    return _find_file(model_file, folders, lambda p: _matches(_detect(p), family, variant),
-                      lambda e: e.effective_family == family and (variant is None or e.variant == variant))
-
-
-def _find_file(model_file: Path, folders: tuple[str, ...], accept, accept_entry) -> Path | None:
-    base = model_file.parent
-    dirs = [base, *(base.parent / f for f in folders), *(base / f for f in folders)]
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        for p in sorted(d.iterdir())[:200]:
-            if p != model_file and p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and accept(p):
-                return p
-    try:
-        from studio.library.library import Library, LibraryError
-
-        with Library() as lib:
-            for e in lib.list(include_missing=False):
-                if accept_entry(e) and e.path.exists():
-                    return e.path
-    except (LibraryError, OSError):
-        pass
-    return None
+    return find_companion(model_file, folders, lambda p: _matches(_detect(p), family, variant),
+                          lambda e: e.effective_family == family and (variant is None or e.variant == variant))
 
 
 def _is_clip_vision(path: Path) -> bool:
@@ -103,8 +83,8 @@ def find_image_encoder(model_file: Path) -> Path | None:
     """A CLIP vision file next to the model (ComfyUI keeps it in models/clip_vision), else in the library.
     The library's detection has no CLIP-vision kind (such files list as unrecognised), so headers decide."""
     other = ("checkpoint", "diffusion_model", "vae", "lora", "controlnet", "llm")
-    return _find_file(model_file, ("clip_vision", "image_encoder"), _is_clip_vision,
-                      lambda e: e.role not in other and e.path.is_file() and _is_clip_vision(e.path))
+    return find_companion(model_file, ("clip_vision", "image_encoder"), _is_clip_vision,
+                          lambda e: e.role not in other and e.path.is_file() and _is_clip_vision(e.path))
 
 
 def find_tokenizer(*folders: Path):
@@ -116,24 +96,6 @@ def find_tokenizer(*folders: Path):
                 return T5Tokenizer(d / "tokenizer.json")
     where = folders[0] / "tokenizer" / "tokenizer.json"
     raise UserError("model_not_found", f"No umT5 tokenizer found: put {TOKENIZER_HINT} at {where}.")
-
-
-def read_state_dict(path: Path, compact: bool = False) -> dict[str, torch.Tensor]:
-    """A weights file, or every weights file of a (sharded) diffusers component folder, merged.
-
-    compact=True keeps quantized weights as stored (GGUF blocks, fp8 with their scales) for a model
-    builder that takes them (the Wan transformer); otherwise they come dequantized.
-    """
-    from studio.models.weights_io import load_weights
-
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and not p.name.startswith("."))
-    if not files:
-        raise UserError("model_not_found", f"No weights in {path}: the download looks incomplete.")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_weights(f, compact=compact))
-    return sd
 
 
 def locate(model: Path, job: VideoJob) -> dict[str, Path]:
@@ -159,95 +121,40 @@ def locate(model: Path, job: VideoJob) -> dict[str, Path]:
     return parts
 
 
-ACTIVATION_RESERVE = 3 << 30  # activations of one pass at 720p x 81 frames, plus the VAE, stay below this
-
-
-def device_budget(ctx: JobContext) -> int:
-    """Bytes the engine may use on the device (0: no limit known, e.g. the CPU)."""
-    return int(getattr(ctx.device, "vram_budget", 0) or getattr(ctx.device, "total_vram", 0) or 0)
-
-
-def should_stream(module: torch.nn.Module, ctx: JobContext, extra: int = 0) -> bool:
-    """Stream blocks when the weights and a reserve for activations do not fit the budget, or when
-    the `video_offload` setting says "stream" (tests and users on tight cards force it)."""
-    from studio.engine.offload import estimate_module_bytes
-
-    mode = ctx.settings.get("video_offload", "auto")
-    if mode == "stream":
-        return True
-    if mode == "none" or ctx.device.kind == "cpu":
-        return False
-    budget = device_budget(ctx)
-    return bool(budget) and estimate_module_bytes(module) + extra + ACTIVATION_RESERVE > budget
-
-
-def forced_on_cpu(ctx: JobContext) -> bool:
-    """Streaming forced on the CPU makes real copies, so the whole path runs (and is tested) without a GPU."""
-    return ctx.device.kind == "cpu" and ctx.settings.get("video_offload") == "stream"
-
-
-def place(module: torch.nn.Module, ctx: JobContext, notes: list[str], name: str, extra: int = 0):
-    """Put a model on the device whole, or leave its blocks in RAM and stream them per pass.
-    Returns the attached BlockStreamer, or None when the model is resident."""
-    from studio.engine.offload import BlockStreamer, estimate_module_bytes, find_blocks
-
-    device = torch.device(ctx.device.torch_device)
-    if not should_stream(module, ctx, extra):
-        module.to(device)
-        return None
-    streamer = BlockStreamer(module, find_blocks(module), device, copy_on_cpu=forced_on_cpu(ctx)).attach()
-    gib = estimate_module_bytes(module) / (1 << 30)
-    notes.append(f"The {name} ({gib:.1f} GiB) does not fit the device budget with room to work: its blocks "
-                 "stay in RAM and visit the device one at a time (slower, but it runs).")
-    return streamer
-
-
 def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
+    from studio.models.diffusers_config import read_config
     from studio.models.t5 import load_t5_encoder
     from studio.models.wan import load_wan_transformer
     from studio.models.wan_vae import load_wan_vae
 
     model_path = resolve_path(job.model, "model")
     parts = locate(model_path, job)
-    mode = ctx.settings.get("video_offload", "auto")
-    key = f"wan:{model_path}:{parts.get('vae')}:{parts.get('text_encoder')}:{dtype}:{mode}"
+    key = f"wan:{model_path}:{parts.get('vae')}:{parts.get('text_encoder')}:{dtype}"
     cached = ctx.models.get(key)
     if cached is not None:
         return cached
-    for other in [m["key"] for m in ctx.models.summary() if m["key"].startswith("wan:")]:
-        ctx.models.unload(other)  # one Wan model at a time: two 14B models do not fit anywhere
+    keep_one(ctx, "wan:")  # one Wan model at a time: two 14B models do not fit anywhere
 
-    device = torch.device(ctx.device.torch_device)
     total = 4 + ("transformer_2" in parts)
     ctx.progress(0, total, "loading")
     notes: list[str] = []
-    streamers = []
     transformer = load_wan_transformer(read_state_dict(parts["transformer"], compact=True), dtype=dtype,
-                                       head_dim=_head_dim(parts["transformer"]))
+                                       config=read_config(parts["transformer"]))
     ctx.progress(1, total, "loading")
     transformer_2 = None
     boundary = 0.0
     if "transformer_2" in parts:
         transformer_2 = load_wan_transformer(read_state_dict(parts["transformer_2"], compact=True), dtype=dtype,
-                                             head_dim=_head_dim(parts["transformer_2"]))
+                                             config=read_config(parts["transformer_2"]))
         boundary = 1000.0 * _boundary_ratio(model_path)
         ctx.progress(2, total, "loading")
-    from studio.engine.offload import estimate_module_bytes
-
-    # Wan 2.2 A14B: both experts resident if they fit together, else each streams
-    both = estimate_module_bytes(transformer_2) if transformer_2 is not None else 0
-    for net, name in ((transformer, "transformer"), (transformer_2, "low-noise transformer")):
-        if net is not None:
-            streamer = place(net, ctx, notes, name, extra=both if net is transformer else 0)
-            if streamer is not None:
-                streamers.append(streamer)
     vae_variant = "2.2" if transformer.cfg.vae == "wan2.2" else "2.1"
     if parts["vae"] is None:
         parts["vae"] = find_part(model_path, "wan-vae", vae_variant, ("vae",))
         if parts["vae"] is None:
             raise UserError("model_not_found", f"No Wan VAE found for {model_path.name}: install "
                             f"{VAE_HINT[transformer.cfg.vae]} in the library or next to the model file.")
-    vae = load_wan_vae(read_state_dict(parts["vae"]), dtype=dtype).to(device)
+    vae = load_wan_vae(read_state_dict(parts["vae"]), dtype=dtype, config=read_config(parts["vae"]))
     if vae.cfg.z_dim != transformer.cfg.out_channels:
         raise UserError("bad_model", f"The VAE {Path(parts['vae']).name} has {vae.cfg.z_dim} latent channels but "
                         f"the transformer makes {transformer.cfg.out_channels}: install "
@@ -261,25 +168,18 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
     te_path = Path(parts["text_encoder"])
     tokenizer = find_tokenizer(*([parts["tokenizer"]] if "tokenizer" in parts else []),
                                te_path if te_path.is_dir() else te_path.parent, model_path.parent)
-    # The encoder (5.7B for umT5-XXL) waits on the CPU and visits the device only to encode.
-    encoder = load_t5_encoder(read_state_dict(te_path), dtype=dtype)
+    encoder = load_t5_encoder(read_state_dict(te_path), dtype=dtype, config=read_config(te_path))
     image_encoder = load_image_encoder(transformer.cfg, parts, model_path, dtype)
     ctx.progress(total, total, "loading")
     files = {k: str(v) for k, v in parts.items() if v is not None}
-    loaded = WanParts(transformer, vae, encoder, tokenizer, files, transformer_2, boundary, notes, streamers,
-                      image_encoder)
-    from studio.engine.offload import estimate_module_bytes
-
-    # buffers too: GGUF blocks and fp8 weights live in buffers, not parameters
-    nbytes = sum(estimate_module_bytes(m) for m in (transformer, transformer_2, vae, encoder, image_encoder)
-                 if m is not None)
+    loaded = WanParts(transformer, vae, encoder, tokenizer, files, transformer_2, boundary, notes, image_encoder, key)
+    nbytes = sum(part_bytes(m) for m in (transformer, transformer_2, vae, encoder, image_encoder) if m is not None)
     ctx.models.put(key, loaded, nbytes)
     return loaded
 
 
 def load_image_encoder(net_cfg, parts: dict, model_path: Path, dtype: torch.dtype) -> torch.nn.Module | None:
-    """Wan 2.1 I2V's CLIP image encoder (None for models without CLIP image input). It waits in RAM
-    and visits the device only to encode the init image, as the text encoder does."""
+    """Wan 2.1 I2V's CLIP image encoder (None for models without CLIP image input)."""
     import json
 
     from studio.models.clip_vision import ClipVisionConfig, build_clip_vision
