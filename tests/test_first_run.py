@@ -127,3 +127,71 @@ def test_models_panel_add_and_scan_buttons_register_models(qtbot, tmp_path, monk
         assert lib.get("style") is not None and "1 added" in panel.hint.text()
         assert {r["Name"] for r in panel.rows()} >= {"flux", "style"}
         panel.installer.wait()
+
+
+class Terminal:
+    """Both of a CLI's streams on one terminal line: \\r goes to column 0, ESC[2K erases the line."""
+
+    def __init__(self) -> None:
+        self.lines = [""]
+        self.col = 0
+
+    def stream(self):
+        term = self
+
+        class Stream:
+            def isatty(self) -> bool:
+                return True
+
+            def write(self, text: str) -> None:
+                term.write(text)
+
+            def flush(self) -> None:
+                pass
+
+        return Stream()
+
+    def write(self, text: str) -> None:
+        while text:
+            if text.startswith("\x1b[2K"):
+                self.lines[-1], text = "", text[4:]
+                continue
+            ch, text = text[0], text[1:]
+            if ch == "\r":
+                self.col = 0
+            elif ch == "\n":
+                self.lines.append("")
+                self.col = 0
+            else:
+                line = self.lines[-1]
+                self.lines[-1] = line[:self.col] + ch + line[self.col + 1:]
+                self.col += 1
+
+
+def test_cli_chat_progress_is_erased_before_the_answer():
+    from studio.cli.chat import StatusLine, answer_printer
+    from studio.protocol import Message
+
+    term = Terminal()
+    status = StatusLine(term.stream())
+    on_event = answer_printer(status, term.stream())
+    status.show("starting the engine…")
+    for step in range(4):
+        on_event(Message("progress", {"job_id": "j", "step": step, "total": 3, "stage": "loading"}))
+    assert term.lines[-1] == "loading model (3/3)…"
+    for text in ("The capital", " of France is Paris."):
+        on_event(Message("token", {"job_id": "j", "text": text}))
+    assert term.lines == ["The capital of France is Paris."]
+
+
+def test_cli_chat_status_line_stays_off_pipes():
+    import io
+
+    from studio.cli.chat import StatusLine, answer_printer
+    from studio.protocol import Message
+
+    err, out = io.StringIO(), io.StringIO()
+    on_event = answer_printer(StatusLine(err), out)
+    on_event(Message("progress", {"job_id": "j", "step": 1, "total": 3, "stage": "loading"}))
+    on_event(Message("token", {"job_id": "j", "text": "Paris"}))
+    assert (err.getvalue(), out.getvalue()) == ("", "Paris")

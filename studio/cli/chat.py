@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import Any, TextIO
 
 from studio.cli import common
 from studio.client import EngineError, JobCancelledError
@@ -52,25 +53,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
                        repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
                        stop=list(args.stop), overflow="truncate" if args.truncate else "error", quant=args.quant)
 
-    stream = not args.json
-
-    def on_event(msg) -> None:
-        if msg.type == "token" and stream:
-            sys.stdout.write(msg["text"])
-            sys.stdout.flush()
-        elif msg.type == "progress" and msg["stage"] == "loading" and stream and sys.stderr.isatty():
-            sys.stderr.write(f"\rloading model {msg['step']}/{msg['total']}")
-            sys.stderr.flush()
+    status = StatusLine(sys.stderr)
+    on_event = answer_printer(status, sys.stdout, stream=not args.json)
 
     with common.make_client(args) as client:
         if args.prompt is not None:
+            status.show("starting the engine…")
             try:
                 result = common.run_job(client, job_for([{"role": "user", "content": args.prompt}]), on_event)
             except EngineError as exc:
+                status.clear()
                 return common.fail(str(exc))
             except JobCancelledError:
+                status.clear()
                 print()
                 return 130
+            status.clear()
             if args.json:
                 keys = ("text", "prompt_tokens", "completion_tokens", "ttft_s", "tokens_per_s", "model",
                         "finish_reason", "context_length", "notes")
@@ -80,10 +78,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 for note in result.get("notes") or []:
                     print(f"note: {note}", file=sys.stderr)
             return 0
-        return _chat_repl(client, job_for, on_event)
+        return _chat_repl(client, job_for, on_event, status)
 
 
-def _chat_repl(client, job_for: Callable[[list[dict]], ChatJob], on_event) -> int:
+class StatusLine:
+    """One line of progress on a terminal ("loading model (2/3)…"), erased before anything else is printed.
+
+    Written to stderr and only on a terminal, so piped or --json output never holds it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.showing = False
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[2K" + text)  # \x1b[2K: erase the line, a shorter text leaves no tail
+            self.stream.flush()
+            self.showing = True
+
+    def clear(self) -> None:
+        if self.showing:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self.showing = False
+
+
+def answer_printer(status: StatusLine, out: TextIO, stream: bool = True) -> Callable[[Any], None]:
+    """The engine-event handler of `studio chat`: progress on the status line, tokens to `out` once it is gone."""
+
+    def on_event(msg: Any) -> None:
+        if msg.type == "token" and stream:
+            status.clear()
+            out.write(msg["text"])
+            out.flush()
+        elif msg.type == "progress" and stream:
+            stage = "loading model" if msg["stage"] == "loading" else msg["stage"]
+            total = msg["total"]
+            status.show(f"{stage} ({msg['step']}/{total})…" if total and total > 1 else f"{stage}…")
+        elif msg.type == "started" and stream:  # a warm model: the prompt is being read
+            status.show("thinking…")
+
+    return on_event
+
+
+def _chat_repl(client, job_for: Callable[[list[dict]], ChatJob], on_event, status: StatusLine) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ModuleNotFoundError as exc:  # Windows has no readline: input() still works, without history
@@ -110,16 +149,21 @@ def _chat_repl(client, job_for: Callable[[list[dict]], ChatJob], on_event) -> in
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
+        if client.state != "ready":
+            status.show("starting the engine…")
         try:
             result = common.run_job(client, job_for(messages), on_event)
         except JobCancelledError:
+            status.clear()
             print("\n(stopped)", file=sys.stderr)
             messages.pop()
             continue
         except EngineError as exc:
+            status.clear()
             print(f"\nstudio: {exc}", file=sys.stderr)
             messages.pop()
             continue
+        status.clear()
         print(f"\n[{result.get('completion_tokens', 0)} tokens, {result.get('tokens_per_s', 0):.1f} tok/s]",
               file=sys.stderr)
         messages.append({"role": "assistant", "content": result.get("text", "")})
