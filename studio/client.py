@@ -30,6 +30,7 @@ from typing import Any
 from studio import protocol
 from studio.paths import Paths
 from studio.protocol import Message, ProtocolError
+from studio.remote_link import new_session, save_outputs, strip_local_out
 
 log = logging.getLogger("studio.client")
 
@@ -84,6 +85,9 @@ class EngineOptions:
     hang_timeout_s: float = 30.0
     auto_restart: bool = True
     settings: dict = field(default_factory=dict)
+    remote: str = ""  # HOST:PORT of `studio engine serve` on another machine; "" spawns a local engine
+    token: str = ""  # the remote engine's token
+    reconnect_s: float = 60.0  # how long to keep trying after the link to a remote engine drops
 
 
 def engine_boot() -> str:
@@ -119,6 +123,11 @@ class EngineClient:
         self._runtime_tmp: tempfile.TemporaryDirectory | None = None
         self.engine_pid: int | None = None
         self.last_status: dict | None = None
+        # remote engine: who we are to the server (it keeps our jobs across reconnects), what was sent,
+        # and where each job's files go on this machine
+        self._session = new_session()
+        self._sent_jobs: set[str] = set()
+        self._local_out: dict[str, str] = {}
 
     # -- listeners ---------------------------------------------------------------
     def add_listener(self, fn: Listener) -> None:
@@ -183,6 +192,9 @@ class EngineClient:
             return Path(self._runtime_tmp.name)
 
     def _start_engine(self, generation: int) -> None:
+        if self.options.remote:
+            self._start_remote(generation)
+            return
         authkey = secrets.token_bytes(32)
         if sys.platform == "win32":
             address = rf"\\.\pipe\studio-{os.getpid()}-{secrets.token_hex(8)}"
@@ -256,10 +268,67 @@ class EngineClient:
             time.sleep(0.05)
         return None
 
-    def _fail_start(self, message: str) -> None:
+    def _start_remote(self, generation: int) -> None:
+        """Connect to a remote engine; after a lost link, keep trying for reconnect_s and name the jobs
+        we still wait for, so the server sends their results (or keeps routing their progress to us)."""
+        from studio.remote_link import connect
+        from studio.remote_trust import KnownEngines, UntrustedCertificate, known_engines_path
+
+        reconnecting = self._state == "restarting"
+        deadline = time.monotonic() + (self.options.reconnect_s if reconnecting else 0)
+        known = KnownEngines(known_engines_path(self.paths.data))
+        while True:
+            with self._lock:
+                resume = [j for j, h in self._jobs.items() if not h.done.is_set() and j in self._sent_jobs]
+            try:
+                link = connect(self.options.remote, self.options.token, known, self._session, resume)
+                break
+            except (UntrustedCertificate, PermissionError) as exc:  # retrying cannot help
+                self._fail_start(str(exc), "engine_refused")
+                return
+            except (ConnectionError, OSError, ValueError) as exc:
+                if time.monotonic() >= deadline or generation != self._generation or self._closing:
+                    if reconnecting:
+                        self._fail_start(f"The connection to the remote engine at {self.options.remote} was lost and "
+                                         f"could not be restored ({exc}). A job that finishes there is kept for 10 "
+                                         "minutes: reconnect and call resume(job_id) to fetch it.", "connection_lost")
+                    else:
+                        self._fail_start(str(exc))
+                    return
+                time.sleep(1.0)
+        with self._lock:
+            if generation != self._generation or self._closing:
+                link.conn.close()
+                return
+            self._conn = link.conn  # type: ignore[assignment]  (Connection-like)
+            self.engine_pid = link.welcome.get("pid")
+            self._last_pong = time.monotonic()
+        threading.Thread(target=self._read_loop, args=(link.conn, generation), daemon=True,
+                         name="studio-reader").start()
+        threading.Thread(target=self._heartbeat, args=(generation,), daemon=True, name="studio-heartbeat").start()
+        if link.first_use:
+            self._set_state("starting", f"Trusted the remote engine at {self.options.remote} on first use; its "
+                                        f"certificate's SHA-256 fingerprint is {link.fingerprint}")
+        self._set_state("ready")
+        self.request_status()
+
+    def resume(self, job_id: str) -> JobHandle:
+        """A handle for a job submitted to the remote engine before the link dropped: the server sends its
+        result if it finished (kept for a while) or its progress if it still runs."""
+        handle = JobHandle(job_id, None)
+        with self._lock:
+            self._jobs[job_id] = handle
+            self._sent_jobs.add(job_id)
+        if self._conn is None:
+            self.start(wait=True)  # the handshake names the job
+        else:
+            self._send(protocol.make("hello", client="studio", resume=[job_id]))
+        return handle
+
+    def _fail_start(self, message: str, kind: str = "engine_failed") -> None:
         log.info(message)
         self._set_state("stopped", message)
-        self._fail_jobs("engine_failed", message)
+        self._fail_jobs(kind, message)
 
     def close(self) -> None:
         """Ask the engine to exit and wait briefly; kill it if it doesn't."""
@@ -302,6 +371,13 @@ class EngineClient:
                 proc.stdin.close()
         if conn is not None:
             conn.close()
+        if self.options.remote:
+            # Only the link went: the jobs run on at the server, which keeps their results for us.
+            if kind != "connection_lost":
+                message = f"The connection to the remote engine at {self.options.remote} was lost ({message})"
+            self._set_state("restarting", f"{message} Reconnecting...")
+            self.start(wait=False)
+            return
         self._fail_jobs(kind, message)
         if self.options.auto_restart:
             self._set_state("restarting", message)
@@ -345,7 +421,11 @@ class EngineClient:
         while True:
             try:
                 frame = conn.recv_bytes(protocol.MAX_FRAME_BYTES)
-            except (EOFError, OSError):
+            except (EOFError, OSError) as exc:
+                if self.options.remote:
+                    self._engine_lost(generation, "connection_lost",
+                                      f"The connection to the remote engine at {self.options.remote} was lost ({exc}).")
+                    return
                 proc = self._proc
                 code = proc.poll() if proc else None
                 if proc is not None and code is None:
@@ -372,6 +452,10 @@ class EngineClient:
         if msg.type == "engine_status":
             self.last_status = dict(msg.fields)
         handle = self._jobs.get(msg.get("job_id") or "")
+        if msg.type == "result" and "files" in msg.fields:
+            if handle is None or handle.done.is_set():
+                return  # a result sent again after a reconnect: its files are saved already
+            msg = self._save_remote_files(msg)
         if handle is not None:
             handle.events.append(msg)
             if msg.type == "started":
@@ -398,6 +482,16 @@ class EngineClient:
         if idle and self._conn is not None and self._state == "busy":
             self._set_state("ready")
 
+    def _save_remote_files(self, msg: Message) -> Message:
+        job_id = msg["job_id"]
+        outputs = Path(self.options.settings.get("outputs") or self.paths.outputs)
+        try:
+            return save_outputs(msg, self._local_out.pop(job_id, ""), outputs)
+        except (OSError, ProtocolError) as exc:
+            return Message("error", {"job_id": job_id, "kind": "save_failed", "detail": "",
+                                     "message": f"The remote engine finished the job, but its files could not be "
+                                                f"saved in {outputs}: {exc}. Pick another outputs folder in Settings."})
+
     def _heartbeat(self, generation: int) -> None:
         while generation == self._generation and not self._closing:
             time.sleep(self.options.heartbeat_s)
@@ -420,6 +514,8 @@ class EngineClient:
         handle = JobHandle(job_id, job)
         with self._lock:
             self._jobs[job_id] = handle
+        if self.options.remote:  # `out` names a place on this machine: the files come back here
+            job, self._local_out[job_id] = strip_local_out(job)
         try:  # checked before anything else, so a bad value is named instead of "engine not running"
             job_dict = protocol.job_to_dict(job)
             protocol.check_values(job_dict)
@@ -432,7 +528,9 @@ class EngineClient:
             return handle
         if self._conn is None:
             self.start(wait=True)
-        if not self._send_frame(frame):
+        if self._send_frame(frame):
+            self._sent_jobs.add(job_id)
+        else:
             self._finish(handle, Message("error", {"job_id": job_id, "kind": "engine_failed",
                                                    "message": "The engine is not running; it could not take the job.",
                                                    "detail": ""}))

@@ -25,6 +25,8 @@ class Settings:
     window_geometry: str = ""  # hex of QWidget.saveGeometry()
     window_state: str = ""
     last_tab: int = 2  # Chat: the one thing that works with no model installed
+    engine_address: str = ""  # HOST:PORT of `studio engine serve` on another machine; "" = the local engine
+    engine_token: str = ""  # that engine's token (this file is written 0600)
 
     @classmethod
     def load(cls, paths: Paths) -> Settings:

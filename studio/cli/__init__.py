@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="studio", description="Studio: local image, video and chat generation.")
     parser.add_argument("--version", action="version", version=f"studio {__version__}")
+    parser.add_argument("--engine", default=None, metavar="HOST:PORT",
+                        help="run jobs on a remote engine (`studio engine serve` there); default: Settings, else local")
+    parser.add_argument("--engine-token", default=None, metavar="TOKEN",
+                        help="the remote engine's token (default: $STUDIO_ENGINE_TOKEN, else Settings)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("gui", help="open the window (the default)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from studio.client import EngineClient, EngineError, EngineOptions, JobCancelledError
@@ -25,8 +26,27 @@ def make_client(args: argparse.Namespace) -> EngineClient:
         reserve=settings.vram_reserve,
         auto_restart=False,
         settings={"outputs": str(settings.outputs_path(paths))},
+        **remote_options(args, settings),
     )
-    return EngineClient(paths, options)
+    client = EngineClient(paths, options)
+    if options.remote:
+        client.add_listener(_print_trust_notice)
+    return client
+
+
+def remote_options(args: argparse.Namespace, settings: Settings) -> dict:
+    """--engine / --engine-token, else $STUDIO_ENGINE_TOKEN, else Settings; {} for the local engine."""
+    address = getattr(args, "engine", None) or settings.engine_address
+    if not address:
+        return {}
+    token = getattr(args, "engine_token", None) or os.environ.get("STUDIO_ENGINE_TOKEN") or settings.engine_token
+    return {"remote": address, "token": token}
+
+
+def _print_trust_notice(msg) -> None:
+    # First use of a remote engine pins its certificate: show the fingerprint so it can be compared.
+    if msg.type == "state" and "first use" in msg.get("detail", ""):
+        print(f"studio: {msg['detail']}", file=sys.stderr)
 
 
 def run_job(client, job, on_event=None) -> dict:
