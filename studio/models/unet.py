@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.models.loader import build_on_meta
+from studio.nn.attention import attention
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -204,7 +205,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, t, self.heads, -1).transpose(1, 2)  # (B, h, T, d)
         k = self.to_k(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, S, d)
         v = self.to_v(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = attention(q, k, v)
         return self.to_out[0](o.transpose(1, 2).reshape(b, t, c))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from studio.errors import UserError
 from studio.models.loader import build_on_meta
+from studio.nn.attention import attention
 
 # (scaling_factor, shift_factor): latent = (mean - shift) * scale.
 FAMILY_SCALING: dict[str, tuple[float, float]] = {
@@ -125,7 +126,7 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        out = attention(q, k, v).squeeze(1)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
 
