@@ -195,3 +195,58 @@ def test_cli_chat_status_line_stays_off_pipes():
     on_event(Message("progress", {"job_id": "j", "step": 1, "total": 3, "stage": "loading"}))
     on_event(Message("token", {"job_id": "j", "text": "Paris"}))
     assert (err.getvalue(), out.getvalue()) == ("", "Paris")
+
+
+def test_generate_image_without_a_model_says_how_to_get_one(tmp_path):
+    env = {**os.environ, "STUDIO_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "studio", "generate", "image", "--prompt", "cat"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "usage:" not in out.stderr
+    assert "no image model installed" in out.stderr and "studio models add FILE" in out.stderr
+    assert "studio models pull" in out.stderr
+
+
+def test_generate_uses_the_one_installed_image_model_and_asks_among_several(tmp_path, monkeypatch):
+    from library_fixtures import SAFETENSORS_CASES, write_safetensors
+
+    from studio.cli.generate import installed_model
+    from studio.library.library import Library
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    with Library() as lib:
+        lib.ensure_bundled()  # a chat model is no image model
+        lib.add(write_safetensors(tmp_path / "a.safetensors", SAFETENSORS_CASES["sd15_ldm"][0]))
+    assert installed_model("image") == ("a", "")
+    assert "no video model installed" in installed_model("video")[1]
+    with Library() as lib:
+        lib.add(write_safetensors(tmp_path / "b.safetensors", SAFETENSORS_CASES["sdxl_base_ldm"][0]))
+    name, why = installed_model("image")
+    assert name == "" and "2 image models" in why and "--model NAME" in why
+
+
+def test_a_chat_model_given_as_image_model_is_named_as_one(engine):
+    from studio.client import EngineError
+    from studio.protocol import ImageJob
+
+    path = _bundled_or_skip()
+    handle = engine.submit(ImageJob(model=str(path), prompt="cat", steps=1, width=64, height=64))
+    try:
+        handle.wait(timeout=120)
+    except EngineError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a chat model made an image")
+    assert "is a chat model" in message and "studio chat --model" in message and "LoRA" not in message
+
+
+def test_a_missing_model_tells_the_cli_way_to_add_one(engine, tmp_path):
+    from studio.client import EngineError
+    from studio.protocol import ImageJob
+
+    handle = engine.submit(ImageJob(model=str(tmp_path / "nothing.safetensors"), prompt="cat"))
+    try:
+        handle.wait(timeout=120)
+    except EngineError as exc:
+        assert "studio models add FILE" in str(exc)
+    else:
+        raise AssertionError("a missing model made an image")

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     kinds = gen.add_subparsers(dest="kind", metavar="KIND", required=True)
 
     p = kinds.add_parser("image", help="Stable Diffusion 1.x / 2.x / SDXL: txt2img, img2img, inpainting")
-    p.add_argument("--model", required=True, help="checkpoint file, diffusers folder or library name")
+    p.add_argument("--model", default="", help="checkpoint file, diffusers folder or library name "
+                                                "(default: the one image model installed)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
     p.add_argument("--width", type=int, default=0, help="default: 512 (SD1), 768 (SD2), 1024 (SDXL)")
@@ -60,7 +61,34 @@ def parse_lora(spec: str) -> dict:
         return {"path": spec, "weight": 1.0}  # a Windows drive letter or a colon in the name
 
 
+def installed_model(kind: str) -> tuple[str, str]:
+    """(library name, "") of the one installed image or video model, for a command given no --model;
+    ("", what to do) when there is none or more than one."""
+    from studio.library.detect import IMAGE_FAMILIES, VIDEO_FAMILIES
+    from studio.library.library import Library, LibraryError
+
+    families = IMAGE_FAMILIES if kind == "image" else VIDEO_FAMILIES
+    try:
+        with Library() as lib:
+            names = [e.name for e in lib.list(include_missing=False)
+                     if e.role in ("checkpoint", "diffusion_model") and e.effective_family in families]
+    except LibraryError as exc:
+        return "", f"{exc}; give the model file with --model FILE"
+    if len(names) == 1:
+        return names[0], ""
+    if not names:
+        return "", (f"no {kind} model installed; add one with `studio models add FILE` or pull one with "
+                    f"`studio models pull REPO` (`studio models starters` lists good first ones), "
+                    f"then run this again (or give a file with --model FILE)")
+    return "", f"{len(names)} {kind} models are installed ({', '.join(names[:8])}); choose one with --model NAME"
+
+
 def cmd_image(args: argparse.Namespace) -> int:
+    if not args.model:
+        args.model, why = installed_model("image")
+        if why:
+            return common.fail(why, 2)
+        print(f"using {args.model}", file=sys.stderr)
     size = args.width or args.height or 0
     job = ImageJob(model=args.model, prompt=args.prompt, negative=args.negative,
                    width=args.width or size or 512, height=args.height or size or 512, steps=args.steps,

@@ -15,8 +15,9 @@ from studio.protocol import VideoJob
 
 def add_video_parser(generate_subparsers, engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
     p = generate_subparsers.add_parser("video", help="Wan 2.1 / 2.2: text-to-video and image-to-video (MP4)")
-    p.add_argument("--model", required=True, help="a diffusers Wan folder, a Wan transformer file or a library "
-                   "name (the VAE and umT5 text encoder are found next to it or in the library)")
+    p.add_argument("--model", default="", help="a diffusers Wan folder, a Wan transformer file or a library "
+                   "name (the VAE and umT5 text encoder are found next to it or in the library; default: "
+                   "the one video model installed)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt (what CFG steers away from)")
     p.add_argument("--frames", type=int, default=81, help="1 + 4n; other counts are rounded (default 81)")
@@ -80,6 +81,13 @@ class ProgressLine:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
+    if not args.model:
+        from studio.cli.generate import installed_model
+
+        args.model, why = installed_model("video")
+        if why:
+            return common.fail(why, 2)
+        print(f"using {args.model}", file=sys.stderr)
     job = job_from_args(args)
     line = ProgressLine() if sys.stderr.isatty() and not args.json else None
     result, code = common.run_cli_job(args, job, line)

@@ -34,7 +34,7 @@ from studio.engine.pipelines.diffusion.skeleton import (
 )
 from studio.engine.previews import preview_jpeg
 from studio.engine.prompts import encode_prompt, pad_to_chunks
-from studio.engine.resolve import resolve_path
+from studio.engine.resolve import resolve_generator, resolve_path
 from studio.models.sd_checkpoint import SDModel, load_sd
 from studio.nn.packed_fp8 import Fp8Linear
 from studio.nn.packed_gguf import GGUFLinear
@@ -88,7 +88,7 @@ def validate(job: ImageJob) -> None:
 # ---------------------------------------------------------------------------------- loading
 
 def get_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SDModel:
-    path = resolve_path(job.model, "model")
+    path = resolve_generator(job.model, "image")
     vae = resolve_path(job.vae, "VAE") if job.vae else None
     encoders = [resolve_path(p, "text encoder") for p in job.text_encoders]
     key = f"sd:{path}:{vae}:{','.join(map(str, encoders))}:{dtype}:{job.prediction}:{job.quant or 'full'}"

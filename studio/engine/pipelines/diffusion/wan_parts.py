@@ -16,7 +16,7 @@ import torch
 from studio.engine.context import JobContext, UserError
 from studio.engine.pipelines.diffusion.files import find_companion, read_state_dict
 from studio.engine.pipelines.diffusion.skeleton import keep_one, part_bytes
-from studio.engine.resolve import resolve_path
+from studio.engine.resolve import resolve_generator, resolve_path
 from studio.protocol import VideoJob
 
 PIXEL_MULTIPLE = 16  # VAE 8x times patch 2 (Wan 2.2's 16x VAE needs 32; checked once it is loaded)
@@ -127,7 +127,7 @@ def load_parts(job: VideoJob, ctx: JobContext, dtype: torch.dtype) -> WanParts:
     from studio.models.wan import load_wan_transformer
     from studio.models.wan_vae import load_wan_vae
 
-    model_path = resolve_path(job.model, "model")
+    model_path = resolve_generator(job.model, "video")
     parts = locate(model_path, job)
     key = f"wan:{model_path}:{parts.get('vae')}:{parts.get('text_encoder')}:{dtype}"
     cached = ctx.models.get(key)
