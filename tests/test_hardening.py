@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -587,3 +588,80 @@ def test_chat_tab_import_of_a_deeply_nested_file_shows_a_notice(qtbot, tmp_path,
     fake = type("Tab", (), {"store": ChatStore(tmp_path / "c.db"), "show_notice": lambda self, t: shown.append(t)})()
     assert chat_tab.ChatTab.import_file.__wrapped__(fake, path) is None  # the method itself, no window needed
     assert shown and "nested" in shown[0]
+
+
+# --- 10. the engine's handshake times out; a silent first connection does not block the client ----
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets")
+def test_accept_client_skips_a_silent_connection_and_takes_the_real_client(tmp_path):
+    import secrets
+    import socket
+    import threading
+    import time
+    from multiprocessing.connection import Client, Listener
+
+    from studio.engine.server import accept_client
+    address = str(tmp_path / "e.sock")
+    key = secrets.token_bytes(32)
+    listener = Listener(address, family="AF_UNIX")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(address)
+    trickle = socket.socket(socket.AF_UNIX)  # answers one byte at a time, never finishing
+    trickle.connect(address)
+
+    def drip() -> None:
+        for _ in range(40):
+            try:
+                trickle.send(b"\x00")
+            except OSError:
+                return
+            time.sleep(0.1)
+    threading.Thread(target=drip, daemon=True).start()
+    got = {}
+    threading.Thread(target=lambda: got.setdefault("conn", Client(address, family="AF_UNIX", authkey=key)),
+                     daemon=True).start()
+    t0 = time.monotonic()
+    conn = _run_with_timeout(lambda: accept_client(listener, key, timeout=0.5), 10)
+    assert time.monotonic() - t0 < 5
+    conn.send_bytes(b"hello")
+    deadline = time.monotonic() + 5
+    while "conn" not in got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got["conn"].recv_bytes() == b"hello"
+    for s in (silent, trickle):
+        s.close()
+    listener.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets")
+def test_the_engine_process_serves_its_client_after_a_silent_squatter(tmp_path):
+    import secrets
+    import socket
+    import subprocess
+    import time
+    from multiprocessing.connection import Client
+
+    from studio import protocol
+    from studio.client import engine_boot
+    address = str(tmp_path / "engine.sock")
+    key = secrets.token_bytes(32)
+    proc = subprocess.Popen([sys.executable, "-c", engine_boot(), "engine", "--address", address, "--device", "cpu"],
+                            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        proc.stdin.write(key.hex().encode() + b"\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(address) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        squatter = socket.socket(socket.AF_UNIX)
+        squatter.connect(address)  # first in line, and silent
+        t0 = time.monotonic()
+        conn = _run_with_timeout(lambda: Client(address, family="AF_UNIX", authkey=key), 30)
+        welcome = protocol.decode(_run_with_timeout(conn.recv_bytes, 30), protocol.ENGINE_MESSAGES)
+        assert welcome.type == "welcome" and time.monotonic() - t0 < 30
+        conn.send_bytes(protocol.encode(protocol.make("shutdown")))
+        squatter.close()
+    finally:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait()

@@ -15,13 +15,15 @@ import collections
 import gc
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
 
 from studio import __version__, protocol
@@ -322,6 +324,51 @@ def _rss_bytes() -> int:
     return 0
 
 
+HANDSHAKE_TIMEOUT_S = 5.0  # the real client answers in milliseconds
+
+
+def accept_client(listener: Listener, authkey: bytes, timeout: float = HANDSHAKE_TIMEOUT_S) -> Connection:
+    """The first connection that proves it holds `authkey` within `timeout` seconds (a Unix-socket
+    listener made without an authkey). A local process that connected first and stayed silent, or
+    answered a byte at a time, used to hold the engine until the client gave up after 120 s."""
+    while True:
+        conn = listener.accept()
+        try:
+            _handshake(conn, authkey, timeout)
+            return conn
+        except (OSError, EOFError, ValueError, AuthenticationError) as exc:
+            log.warning("refused a connection: %s", exc or type(exc).__name__)
+            conn.close()
+
+
+def _handshake(conn: Connection, authkey: bytes, timeout: float) -> None:
+    # A timer shuts the socket down at the deadline, which wakes the blocked read however slowly the
+    # peer trickles bytes; the lock keeps it from cutting a connection that has just succeeded.
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    lock, state = threading.Lock(), {"done": False, "expired": False}
+
+    def expire() -> None:
+        with lock:
+            if not state["done"]:
+                state["expired"] = True
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    try:
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+    finally:
+        timer.cancel()
+        with lock:
+            state["done"] = True
+        sock.close()
+    if state["expired"]:
+        raise TimeoutError(f"no handshake within {timeout:g} s")
+
+
 def _watch_parent() -> None:
     """Exit when our stdin closes: the process that started us is gone."""
     try:
@@ -353,16 +400,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     authkey = bytes.fromhex(key_line.decode())
     family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
-    listener = Listener(args.address, family=family, authkey=authkey)
+    # On Unix the challenge runs in accept_client, under a deadline; a named pipe keeps Listener's own.
+    listener = Listener(args.address, family=family, authkey=authkey if family == "AF_PIPE" else None)
     if family == "AF_UNIX":
         os.chmod(args.address, 0o600)
     threading.Thread(target=_watch_parent, name="studio-parent-watch", daemon=True).start()
-    while True:
-        try:
-            conn = listener.accept()
-            break
-        except Exception as exc:  # wrong authkey or a stray connection: refuse it, keep listening
-            log.warning("refused a connection: %s", exc)
+    if family == "AF_UNIX":
+        conn = accept_client(listener, authkey)
+    else:
+        while True:
+            try:
+                conn = listener.accept()
+                break
+            except Exception as exc:  # wrong authkey or a stray connection: refuse it, keep listening
+                log.warning("refused a connection: %s", exc)
     listener.close()
     engine = Engine(conn, args.device, parse_size(args.vram_budget) if args.vram_budget else 0,
                     parse_size(args.reserve) if args.reserve else 0, json.loads(args.settings_json))
