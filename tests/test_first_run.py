@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_engine_starts_from_a_folder_that_holds_a_studio_directory(tmp_path, monkeypatch):
     from studio.client import EngineClient, EngineOptions
@@ -48,8 +50,6 @@ def _bundled_or_skip():
 
     path, why = find_bundled()
     if path is None:
-        import pytest
-
         pytest.skip(f"bundled model {why}")
     return path
 
@@ -250,3 +250,23 @@ def test_a_missing_model_tells_the_cli_way_to_add_one(engine, tmp_path):
         assert "studio models add FILE" in str(exc)
     else:
         raise AssertionError("a missing model made an image")
+
+
+def test_doctor_reports_the_thread_count_the_engine_uses(engine, tmp_path):
+    import json
+    import time
+
+    env = {**os.environ, "STUDIO_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "studio", "doctor", "--json"], env=env, capture_output=True,
+                         text=True, timeout=180)
+    report = json.loads(out.stdout)
+    engine.last_status = None
+    engine.request_status()
+    deadline = time.monotonic() + 30
+    while engine.last_status is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    device = engine.last_status["device"]
+    if device["kind"] != "cpu":
+        pytest.skip("the thread rule is the CPU's; a GPU machine's label names the GPU")
+    assert report["engine_threads"] == device["threads"]
+    assert f"{device['threads']} thread" in report["selected_device"]

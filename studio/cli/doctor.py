@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -55,10 +56,14 @@ def _torch_report(torch, settings: Settings) -> dict:
     report["chat_decode"] = chat_decode_path(torch)
     # The device the engine would pick comes from the engine's own probe, run here rather than in an
     # engine process: the doctor must answer even where starting the engine is what fails.
-    from studio.engine.device import probe
+    from studio.engine.device import probe, worker_threads
 
     try:
-        report["selected_device"] = probe(settings.device).label()
+        device = probe(settings.device)
+        # the thread count the engine's worker computes with, not torch's default (engine/server.py sets it)
+        device.threads = worker_threads(int(device.threads), os.cpu_count() or 1)
+        report["engine_threads"] = device.threads
+        report["selected_device"] = device.label()
     except ValueError as exc:
         report["selected_device"] = f"unavailable: {exc}"
     return report
@@ -113,7 +118,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"Studio {report['studio']} · Python {report['python']} · {report['platform']}")
     if t:
         build = f"CUDA {t['cuda']}" if t["cuda"] else (f"ROCm {t['hip']}" if t["hip"] else "CPU only")
-        print(f"PyTorch {t['version']} ({build}), {t['threads']} CPU threads")
+        print(f"PyTorch {t['version']} ({build}), {os.cpu_count() or 1} CPU cores")
     else:
         print(report["problem"])
     for g in report["gpus"]:
