@@ -365,3 +365,27 @@ def test_the_engine_worker_leaves_a_core_free_only_on_two_or_three_cores():
 
     assert [worker_threads(n, n) for n in (1, 2, 3, 4, 16)] == [1, 1, 2, 4, 16]
     assert worker_threads(1, 2) == 1  # never below one thread
+
+
+def test_a_forced_policy_is_kept_and_refused_with_numbers_when_it_cannot_fit():
+    plan = plan_job({"unet": 4 * GiB, "vae": GiB}, 0, 24 * GiB, force={"unet": Policy.BLOCK_STREAM})
+    assert plan.per_component == {"unet": Policy.BLOCK_STREAM, "vae": Policy.RESIDENT}
+    assert "streaming unet blocks" in plan.reason
+    with pytest.raises(UserError, match=r"^llm needs 5.5 GiB of VRAM with all resident \(5.0 GiB of weights\), but "
+                       r"the budget is 4.0 GiB; try int4") as err:
+        plan_job({"llm": 5 * GiB}, GiB // 2, 4 * GiB, force={"llm": Policy.RESIDENT}, advice="try int4")
+    assert err.value.kind == "out_of_memory"
+
+
+def test_make_room_evicts_least_recently_used_and_unloading_a_model_key_drops_its_parts():
+    mm = MemoryManager(cpu_profile(), budget_bytes=GiB)
+    for name in ("sd:a|unet", "sd:a|vae", "llm:b|llm"):
+        mm.register(name, nn.Linear(64, 64))
+        with mm.use(name):
+            pass
+    size = mm.status()["models"][0]["bytes"]
+    mm.budget = 3 * size  # everything fits exactly; make room for one more
+    mm.make_room(size, keep="llm:b|llm")
+    assert not mm.on_device("sd:a|unet") and mm.on_device("sd:a|vae") and mm.on_device("llm:b|llm")
+    assert mm.budget_for("llm:b|llm") == 3 * size - size
+    assert sorted(mm.unload("sd:a")) == ["sd:a|unet", "sd:a|vae"] and mm.names() == ["llm:b|llm"]

@@ -36,7 +36,7 @@ def write_tokenizer(path: Path) -> None:
     tok.save(str(path))
 
 
-def build_wan_folder(root: Path) -> Path:
+def build_wan_folder(root: Path, layers: int = 2) -> Path:
     """A diffusers-layout Wan folder (transformer/, vae/, text_encoder/, tokenizer/) of tiny random models.
 
     Heads are 128 wide as in every released Wan: single files do not state the width.
@@ -46,7 +46,7 @@ def build_wan_folder(root: Path) -> Path:
 
     torch.manual_seed(0)
     net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=16,
-                                out_channels=16, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=2,
+                                out_channels=16, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=layers,
                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
     jiggle(net)
     net.save_pretrained(root / "transformer")

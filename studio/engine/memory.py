@@ -532,6 +532,18 @@ class MemoryManager:
             entry.module.to("cpu")
         entry.on_device = False
 
+    def out_of_memory(self) -> UserError:
+        """A device OOM outside any job's plan (while loading, a self-test): free what is idle and say what
+        was held against the budget. The one message shape of every OOM the user sees."""
+        with self._lock:
+            held = [(e.name.split("|")[-1], e.device_bytes()) for e in self._entries.values() if e.on_device]
+            used = self.used
+        self.offload()
+        has = "no VRAM cap" if self.budget is None else f"{fmt_bytes(self.budget)} VRAM budget"
+        what = ", ".join(f"{n} {fmt_bytes(b)}" for n, b in held) or "no model"
+        return UserError("out_of_memory", f"ran out of VRAM outside a planned step: {fmt_bytes(used)} was held "
+                         f"({what}); has {has}; idle models are now back in RAM: try again, {DEFAULT_ADVICE}")
+
     # -- reporting ---------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """The device/memory/models part of an `engine_status` event."""

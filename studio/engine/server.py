@@ -300,11 +300,13 @@ class Engine:
             self.error(job_id, "out_of_memory", "The engine ran out of RAM. Close other programs, pick a smaller "
                        "model or a quantized one, and try again.", traceback.format_exc())
         except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
-                self._free_memory()
-                self.error(job_id, "out_of_memory", "The GPU ran out of memory. Lower the resolution or batch, set a "
-                           "smaller VRAM budget in Settings so Studio offloads, or pick a quantized model.",
-                           traceback.format_exc())
+            from studio.engine.memory import is_oom
+
+            if is_oom(exc):
+                # Pipelines turn a device OOM into the manager's UserError (retried once, with numbers); one
+                # that escapes a plan (while loading) is freed and worded by the manager too.
+                err = self.memory.out_of_memory()
+                self.error(job_id, err.kind, err.message, traceback.format_exc())
             else:
                 log.exception("job %s failed", job_id)
                 self.error(job_id, "internal", f"The job failed: {type(exc).__name__}: {exc}", traceback.format_exc())

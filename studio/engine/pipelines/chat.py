@@ -159,8 +159,8 @@ def state_bytes(state: dict, dtype: torch.dtype) -> int:
     return total
 
 
-CHAT_ADVICE = ("choose int4 (this chat's Weights setting, or --quant int4) or a smaller model (a Q4 GGUF), or "
-               "raise the VRAM budget in Settings")
+CHAT_ADVICE = ("try int4 (this chat's Weights setting, or --quant int4), a smaller model (a Q4 GGUF), or a larger "
+               "VRAM budget in Settings")
 
 
 def _check_fits(weights: int, per_pos: int, budget: int) -> None:

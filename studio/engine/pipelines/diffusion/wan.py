@@ -173,8 +173,10 @@ class Wan:
         tokens = lat_frames * (job.height // vcfg.scale // cfg.patch_size[1]) * (job.width // vcfg.scale // cfg.patch_size[2])
         transformer = tokens * (cfg.ffn_dim + 6 * cfg.dim) * elem
         vae = job.width * job.height * (vcfg.decoder_base_dim or vcfg.base_dim) * elem * 4 * 6
-        return {"transformer": transformer, "transformer_2": transformer, "vae": vae,
-                "text_encoder": 256 << 20, "image_encoder": 256 << 20}
+        text = 2 * TEXT_LEN * cfg.text_dim * elem * 8  # prompt and negative through umT5's widest layer
+        image = 257 * (cfg.image_dim or 0) * elem * 16  # CLIP ViT-H over 257 tokens
+        return {"transformer": transformer, "transformer_2": transformer, "vae": vae, "text_encoder": text,
+                "image_encoder": image}
 
     def force(self, job: VideoJob, ctx: JobContext) -> dict[str, Policy]:
         """The `video_offload` setting: "stream" makes the big parts stream whatever the budget (tests and
