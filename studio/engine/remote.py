@@ -321,7 +321,7 @@ class RemoteListener:
             if first and first[0] != 0x16:  # not a TLS handshake record: say so in plain words
                 raw.sendall(PLAIN_REFUSAL)
                 log.warning("refused a plain (non-TLS) connection from %s", peer)
-                raw.close()
+                _close_gently(raw)
                 return None
             tls = self.ctx.wrap_socket(raw, server_side=True)
         except (OSError, ssl.SSLError) as exc:
@@ -365,6 +365,20 @@ class RemoteListener:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _close_gently(raw: socket.socket) -> None:
+    """Close after the peer has read our words: closing with its bytes unread would send a reset,
+    which can discard what we sent before it arrives."""
+    try:
+        raw.shutdown(socket.SHUT_WR)
+        raw.settimeout(1.0)
+        for _ in range(64):  # at most 4 MiB of whatever it sent
+            if not raw.recv(65536):
+                break
+    except OSError:
+        pass
+    raw.close()
 
 
 # -- entry point -----------------------------------------------------------------------------------------
