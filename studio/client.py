@@ -103,6 +103,17 @@ def engine_boot() -> str:
             "runpy.run_module('studio', run_name='__main__', alter_sys=True)")
 
 
+def engine_command(python: str = sys.executable) -> list[str]:
+    """The command that starts a local engine, without its arguments.
+
+    A frozen app (PyInstaller) has no Python to run `-c` with: it starts its own executable again
+    with `engine` as the first argument, which studio.cli.main sends to the engine.
+    """
+    if getattr(sys, "frozen", False) and python == sys.executable:
+        return [sys.executable, "engine"]
+    return [python, "-c", engine_boot(), "engine"]
+
+
 class EngineClient:
     def __init__(self, paths: Paths | None = None, options: EngineOptions | None = None) -> None:
         self.paths = paths or Paths.default()
@@ -200,7 +211,7 @@ class EngineClient:
             address = rf"\\.\pipe\studio-{os.getpid()}-{secrets.token_hex(8)}"
         else:
             address = str(self._runtime_dir() / f"engine-{os.getpid()}-{secrets.token_hex(4)}.sock")
-        cmd = [self.options.python, "-c", engine_boot(), "engine", "--address", address, "--device", self.options.device,
+        cmd = [*engine_command(self.options.python), "--address", address, "--device", self.options.device,
                "--settings-json", json.dumps(self.options.settings)]
         if self.options.vram_budget:
             cmd += ["--vram-budget", self.options.vram_budget]
