@@ -144,6 +144,22 @@ def test_scheduler_prediction_type_reaches_the_model(loaded) -> None:
     assert loaded.betas == {"beta_start": 0.00085, "beta_end": 0.012, "steps": 1000, "schedule": "scaled_linear"}
 
 
+def test_scheduler_betas_are_arguments_of_the_pipelines_schedule(loaded) -> None:
+    """The SD pipeline builds DiscreteSchedule.from_betas(**model.betas); a linear schedule must differ."""
+    from studio.engine.samplers import DiscreteSchedule
+
+    assert torch.equal(DiscreteSchedule.from_betas(**loaded.betas).sigmas, DiscreteSchedule.from_betas().sigmas)
+    linear = DiscreteSchedule.from_betas(**dc.scheduler_settings({"beta_schedule": "linear"})["betas"])
+    assert not torch.allclose(linear.sigmas, DiscreteSchedule.from_betas().sigmas)
+
+
+def test_a_separate_vae_folder_brings_its_config(folder) -> None:
+    from studio.models.sd_checkpoint import load_sd
+
+    model = load_sd(folder[0], vae_path=folder[0] / "vae")
+    assert (model.vae.cfg.norm_num_groups, model.vae.cfg.scaling_factor) == (8, 0.5)
+
+
 def test_the_job_can_still_force_the_prediction(folder) -> None:
     from studio.models.sd_checkpoint import load_sd
 
