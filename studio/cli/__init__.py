@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # The sub-command modules are imported here rather than at the top so that
     # `python -m studio.cli.models` does not find its own module already imported by the package.
-    from studio.cli import chat, doctor, generate, models, selftest, serve
+    from studio.cli import chat, doctor, generate, models, selftest, serve, update
 
     parser = argparse.ArgumentParser(prog="studio", description="Studio: local image, video and chat generation.")
     parser.add_argument("--version", action="version", version=f"studio {__version__}")
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     generate.add_parser(sub)
     serve.add_parser(sub)
+    update.add_parser(sub)
     return parser
 
 

@@ -19,7 +19,38 @@ from studio.units import GiB, ram_info
 def add_parser(sub) -> None:
     p = sub.add_parser("doctor", help="what this machine has: torch, devices, memory, disk, folders")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--check", action="store_true",
+                   help="only check that this install works (exit 0) or say what is broken (exit 1)")
     p.set_defaults(func=cmd_doctor)
+
+
+def health_problems() -> list[str]:
+    """What keeps this install from working; empty when healthy. The updater switches only on an empty list."""
+    import importlib
+
+    problems = []
+    for name in ("studio.client", "studio.ui.main_window", "studio.engine.server", "studio.models.llm"):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is what this check exists to report
+            problems.append(f"{name} does not import: {type(exc).__name__}: {exc}")
+    try:
+        import torch
+
+        if float((torch.ones(4) * 2).sum()) != 8.0:
+            problems.append("torch computes wrong results on the CPU")
+    except Exception as exc:  # noqa: BLE001 - a torch build whose libraries are absent raises OSError and others
+        problems.append(f"torch does not work: {type(exc).__name__}: {exc}")
+    from studio.errors import UserError
+    from studio.models.bundled import default_chat_model
+    from studio.resources import asset_path
+
+    try:
+        default_chat_model()
+        asset_path("clip", "bpe_simple_vocab_16e6.txt.gz")
+    except (UserError, FileNotFoundError) as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def chat_decode_path(torch) -> str:
@@ -110,6 +141,12 @@ def doctor_report() -> dict:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.check:
+        problems = health_problems()
+        for p in problems:
+            print(f"problem: {p}")
+        print("studio doctor --check: " + ("healthy" if not problems else f"{len(problems)} problem(s)"))
+        return 1 if problems else 0
     report = doctor_report()
     if args.json:
         print(json.dumps(report, indent=2))
