@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from studio.fsutil import atomic_write
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 EXPORT_FORMAT = "studio-chat"
@@ -418,16 +419,7 @@ class ChatStore:
             text = json.dumps(self.export_json(thread_id), indent=2, ensure_ascii=False) + "\n"
         else:
             text = self.export_markdown(thread_id)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".chat-export-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(Path(path), text)
 
     def import_json(self, data: Any) -> Thread:
         """Always a new thread, whatever the file says; checked fully before anything is written."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from studio.fsutil import atomic_write
 from studio.paths import Paths
 
 log = logging.getLogger("studio.settings")
@@ -57,16 +56,7 @@ class Settings:
     def save(self, paths: Paths) -> None:
         path = settings_path(paths)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".settings-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(asdict(self), fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps(asdict(self), indent=2))
 
     def outputs_path(self, paths: Paths) -> Path:
         return Path(self.outputs_folder).expanduser() if self.outputs_folder else paths.outputs

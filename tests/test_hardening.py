@@ -665,3 +665,116 @@ def test_the_engine_process_serves_its_client_after_a_silent_squatter(tmp_path):
         proc.stdin.close()
         proc.kill()
         proc.wait()
+
+
+# --- 11. a full disk never leaves a truncated or 0-byte file under a final name -------------------
+
+def _enospc():
+    import errno
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_full_disk_while_saving_an_image_leaves_no_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from studio.engine.context import UserError
+    from studio.engine.pipelines.diffusion.sd import save_png
+
+    def save_half(self, fp, *args, **kwargs):
+        (open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else fp).write(b"\x89PNG half")
+        raise _enospc()
+    monkeypatch.setattr(Image.Image, "save", save_half)
+    folder = tmp_path / "out"
+    with pytest.raises(UserError, match="disk is full"):
+        save_png(Image.new("RGB", (8, 8)), {"prompt": "x"}, folder, "img")
+    assert _leftovers(folder) == []
+
+
+def test_a_full_disk_while_writing_a_video_leaves_no_file(tmp_path, monkeypatch):
+    import numpy as np
+
+    from studio.media import video
+
+    def ffmpeg_half(path, frames, fps):
+        with open(path, "wb") as f:
+            f.write(b"\x00\x00\x00\x18ftypisom")
+        raise _enospc()
+    monkeypatch.setattr(video, "_write_h264_ffmpeg", ffmpeg_half)
+    folder = tmp_path / "out"
+    path = video.unique_video_path(folder, "clip")
+    with pytest.raises(OSError):
+        video.write_mp4(path, np.zeros((2, 8, 8, 3), np.uint8), 8.0, encoder="ffmpeg")
+    assert _leftovers(folder) == []
+
+
+class _DiskFull:
+    """A temporary file that takes `room` bytes, then fails like a full disk."""
+
+    def __init__(self, fh, room: int) -> None:
+        self.fh, self.room = fh, room
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            self.fh.write(bytes(b[:self.room]))
+            self.room = 0
+            raise _enospc()
+        self.room -= len(b)
+        return self.fh.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    from studio import fsutil
+    real = fsutil._temp_file
+    monkeypatch.setattr(fsutil, "_temp_file", lambda *a, **k: (lambda fh, p: (_DiskFull(fh, 10), p))(*real(*a, **k)))
+
+
+def test_a_full_disk_while_saving_settings_keeps_the_old_file(tmp_path, monkeypatch, disk_full):
+    from studio.paths import Paths
+    from studio.settings import Settings, settings_path
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    paths = Paths.default()
+    path = settings_path(paths)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"device": "cpu"}')
+    with pytest.raises(OSError, match="disk is full"):
+        Settings(device="cuda", model_folders=["/x" * 100]).save(paths)
+    assert path.read_text() == '{"device": "cpu"}' and _leftovers(path.parent) == ["settings.json"]
+
+
+def test_a_full_disk_while_exporting_a_chat_leaves_no_file(tmp_path, disk_full):
+    from studio.chatstore import ChatStore
+    store = ChatStore(tmp_path / "c.db")
+    t = store.create_thread("t")
+    store.add_message(t.id, "user", "hello " * 100)
+    out = tmp_path / "exports"
+    out.mkdir()
+    for fmt in ("json", "md"):
+        with pytest.raises(OSError):
+            store.export_file(t.id, out / f"chat.{fmt}", fmt)
+    assert _leftovers(out) == []
+    store.close()
+
+
+def test_a_full_disk_while_writing_a_sidecar_or_frames_leaves_no_file(tmp_path, disk_full):
+    import numpy as np
+
+    from studio.media import video
+    with pytest.raises(OSError):
+        video.write_sidecar(tmp_path / "v.mp4", {"prompt": "p" * 100})
+    with pytest.raises(OSError):
+        video.export_png_frames(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "frames", "f")
+    assert _leftovers(tmp_path) == ["frames"] and _leftovers(tmp_path / "frames") == []

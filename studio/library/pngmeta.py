@@ -20,6 +20,8 @@ from typing import IO, Any
 
 from PIL import Image, PngImagePlugin
 
+from studio.fsutil import atomic_write
+
 # Our sampler / schedule names <-> A1111 labels.
 A1111_SAMPLERS = {
     "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
@@ -93,8 +95,8 @@ def write_png(path_or_buffer: str | os.PathLike | IO[bytes], image: Image.Image,
               parameters_text: str | None = None) -> None:
     """Save `image` as PNG with the A1111 `parameters` chunk and the `studio` JSON chunk.
 
-    A path is written to a temporary file beside it and renamed over it, so a crash never
-    leaves a half-written image under the final name.
+    A path is written to a temporary file beside it and renamed over it, so a crash or a full disk
+    never leaves a half-written or empty image under the final name (studio.fsutil.atomic_write).
     """
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text if parameters_text is not None else a1111_parameters(job))
@@ -102,13 +104,7 @@ def write_png(path_or_buffer: str | os.PathLike | IO[bytes], image: Image.Image,
     if hasattr(path_or_buffer, "write"):
         image.save(path_or_buffer, format="PNG", pnginfo=info)
         return
-    path = Path(path_or_buffer)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path_or_buffer, lambda fh: image.save(fh, format="PNG", pnginfo=info))
 
 
 def unique_output_path(folder: str | os.PathLike, stem: str, ext: str = ".png") -> Path:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from studio.fsutil import atomic_path, atomic_write
+
 CODECS = ("avc1", "mp4v")  # preferred first
 ENCODERS = ("auto", "ffmpeg", "opencv")
 _codec_cache: dict[str, bool] = {}
@@ -101,15 +103,22 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, metadata:
     `metadata` (a JSON-able dict, the job) goes into the container's comment tag. `encoder`: "auto"
     (ffmpeg's H.264 where there is an ffmpeg, else OpenCV), "ffmpeg" or "opencv".
     """
-    import cv2
-
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
-    if encoder != "opencv" and _write_h264_ffmpeg(os.fspath(path), frames, fps):
+    # Encoders write to a temporary name; only a finished file gets the final one (studio.fsutil).
+    with atomic_path(path) as tmp:
+        codec = _encode(tmp, frames, fps, encoder)
         if metadata is not None:
-            write_mp4_metadata(path, {"©cmt": json.dumps(metadata, ensure_ascii=False), "©too": "Studio"})
+            write_mp4_metadata(tmp, {"©cmt": json.dumps(metadata, ensure_ascii=False), "©too": "Studio"})
+    return codec
+
+
+def _encode(path: Path, frames: np.ndarray, fps: float, encoder: str) -> str:
+    import cv2
+
+    if encoder != "opencv" and _write_h264_ffmpeg(os.fspath(path), frames, fps):
         return "avc1"
     if encoder == "ffmpeg":
         raise OSError("ffmpeg could not write the video: install imageio-ffmpeg (pip install imageio-ffmpeg) "
@@ -126,8 +135,6 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, metadata:
         writer.release()
     if os.path.getsize(path) == 0:
         raise OSError(f"OpenCV wrote nothing to {path}: the disk may be full.")
-    if metadata is not None:
-        write_mp4_metadata(path, {"©cmt": json.dumps(metadata, ensure_ascii=False), "©too": "Studio"})
     return codec
 
 
@@ -144,10 +151,8 @@ def unique_video_path(folder: str | os.PathLike, stem: str) -> Path:
 
 def write_sidecar(video: str | os.PathLike, job: dict) -> Path:
     """`video.json` with the full job; refuses to overwrite."""
-    path = Path(video).with_suffix(".json")
-    with open(path, "x", encoding="utf-8") as f:
-        json.dump(job, f, ensure_ascii=False, indent=2)
-    return path
+    return atomic_write(Path(video).with_suffix(".json"), json.dumps(job, ensure_ascii=False, indent=2),
+                        exclusive=True)
 
 
 def export_png_frames(frames: np.ndarray, folder: str | os.PathLike, stem: str) -> list[Path]:
@@ -159,9 +164,8 @@ def export_png_frames(frames: np.ndarray, folder: str | os.PathLike, stem: str) 
     out = []
     for i, frame in enumerate(frames):
         path = folder / f"{stem}-{i + 1:04d}.png"
-        with open(path, "xb") as f:
-            Image.fromarray(frame, "RGB").save(f, format="PNG")
-        out.append(path)
+        image = Image.fromarray(frame, "RGB")
+        out.append(atomic_write(path, lambda fh, image=image: image.save(fh, format="PNG"), exclusive=True))
     return out
 
 
@@ -286,9 +290,7 @@ def write_mp4_metadata(path: str | os.PathLike, tags: dict[str, str]) -> None:
     if any(kind == b"mdat" and start > m_start for kind, start, _, _ in top):
         _shift_chunk_offsets(new_moov, delta)
     out = data[:m_start] + bytes(new_moov) + data[m_end:]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(out)
-    os.replace(tmp, path)
+    atomic_write(path, out)
 
 
 def _shift_chunk_offsets(moov: bytearray, delta: int) -> None:
