@@ -36,7 +36,7 @@ def test_result_keys_match_what_front_ends_read():
     assert set(image) == {"images", "seconds", "model", "family", "prediction", "notes", "job"}
     assert set(video) == {"videos", "path", "seconds", "timings", "model", "files", "notes", "partial", "job"}
     assert set(chat) == {"text", "prompt_tokens", "completion_tokens", "ttft_s", "tokens_per_s", "model",
-                         "finish_reason", "context_length", "seed", "dropped_turns", "notes"}
+                         "finish_reason", "context_length", "seed", "dropped_turns", "notes", "sampling"}
 
 
 def test_result_reads_by_key_like_the_old_dicts():
