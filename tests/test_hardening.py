@@ -778,3 +778,88 @@ def test_a_full_disk_while_writing_a_sidecar_or_frames_leaves_no_file(tmp_path, 
     with pytest.raises(OSError):
         video.export_png_frames(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "frames", "f")
     assert _leftovers(tmp_path) == ["frames"] and _leftovers(tmp_path / "frames") == []
+
+
+# --- 12. GGUF problems in the engine are bad-model errors naming what is wrong --------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama_sd():
+    pytest.importorskip("gguf")
+    from test_gguf import hf_llama
+    return hf_llama().state_dict()
+
+
+def _tiny_gguf(path, sd, *, block_count=None, extra=None, merges=None):
+    """test_gguf's tiny llama file, with one thing changed."""
+    import gguf
+    import test_gguf as tg
+    real = gguf.GGUFWriter
+
+    class Writer(real):
+        def add_block_count(self, n):
+            super().add_block_count(block_count if block_count is not None else n)
+
+        def add_token_merges(self, m):
+            if merges is None:
+                super().add_token_merges(m)
+            else:
+                self.add_array("tokenizer.ggml.merges", merges)
+
+        def write_header_to_file(self, *a, **k):
+            for key, value in (extra or {}).items():
+                self.add_key_value(key, value[0], value[1])
+            super().write_header_to_file(*a, **k)
+    try:
+        gguf.GGUFWriter = Writer
+        tg.write_gguf(path, sd)
+    finally:
+        gguf.GGUFWriter = real
+    return path
+
+
+def _bad_model(path, *words):
+    from studio.errors import UserError
+    from studio.models.gguf_llm import load_gguf_llm
+    with pytest.raises(UserError) as err:
+        load_gguf_llm(path)
+    assert err.value.kind == "bad_model", err.value.message
+    for w in words:
+        assert w in err.value.message, err.value.message
+
+
+def test_a_gguf_missing_a_tensor_is_a_bad_model_naming_it(tmp_path, tiny_llama_sd):
+    sd = {k: v for k, v in tiny_llama_sd.items() if k != "model.layers.1.self_attn.k_proj.weight"}
+    _bad_model(_tiny_gguf(tmp_path / "m.gguf", sd), "k_proj")
+
+
+def test_a_huge_block_count_is_a_bad_model_naming_it(tmp_path, tiny_llama_sd):
+    _bad_model(_tiny_gguf(tmp_path / "m.gguf", tiny_llama_sd, block_count=4_000_000_000), "block_count")
+
+
+@pytest.mark.parametrize("value", ["32", 32.5])
+def test_a_non_integer_alignment_is_a_bad_model(tmp_path, tiny_llama_sd, value):
+    import gguf
+    vtype = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.FLOAT32
+    _bad_model(_tiny_gguf(tmp_path / "m.gguf", tiny_llama_sd, extra={"general.alignment": (value, vtype)}),
+               "alignment")
+
+
+def test_nested_arrays_where_text_belongs_are_a_bad_model(tmp_path, tiny_llama_sd):
+    _bad_model(_tiny_gguf(tmp_path / "m.gguf", tiny_llama_sd, merges=[["Ġ", "t"], ["h", "e"]]), "tokenizer")
+
+
+def test_arrays_nested_thousands_deep_are_a_bad_model(tmp_path, tiny_llama_sd):
+    import struct
+    path = _tiny_gguf(tmp_path / "m.gguf", tiny_llama_sd)
+    data = bytearray(path.read_bytes())
+    depth = 5000
+    key = b"x.nested"
+    value = struct.pack("<IQ", 9, 1) * depth + struct.pack("<IQ", 4, 0)  # array of array ... of u32[0]
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + value
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    data[16:24] = struct.pack("<Q", n_kv + 1)
+    pad = -len(kv) % 32  # keep the data section aligned: lengthen the key
+    key = b"x.nested" + b"_" * pad
+    kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + value
+    path.write_bytes(bytes(data[:24]) + kv + bytes(data[24:]))
+    _bad_model(path, "nest")

@@ -112,7 +112,9 @@ class _Reader:
         self.pos = pos
         return out
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        if vtype == _ARRAY and depth >= _MAX_ARRAY_DEPTH:
+            raise _Corrupt(f"its metadata nests arrays more than {_MAX_ARRAY_DEPTH} deep")
         if vtype in _SCALARS:
             return self.scalar(vtype)
         if vtype == _STRING:
@@ -131,9 +133,12 @@ class _Reader:
             if etype == _ARRAY:
                 if count * 12 > self.size - self.pos:
                     raise _Corrupt(f"a nested array claims {count} items, more than the file can hold")
-                return [self.value(_ARRAY) for _ in range(count)]
+                return [self.value(_ARRAY, depth + 1) for _ in range(count)]
             raise _Corrupt(f"unknown array element type {etype}")
         raise _Corrupt(f"unknown metadata value type {vtype}")
+
+
+_MAX_ARRAY_DEPTH = 4  # llama.cpp writes arrays of scalars or strings; 5000 levels overflowed the stack
 
 
 def _bad(path: Path, why: str) -> UserError:
@@ -177,9 +182,12 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
             dims = [r.u64() for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), r.u32(), r.u64()))
-        align = int(meta.get("general.alignment", 32))
+        align = meta.get("general.alignment", 32)
+        if not isinstance(align, (int, np.integer)) or isinstance(align, bool):
+            raise _Corrupt(f"its general.alignment is {type(align).__name__} {str(align)[:20]!r}, not a whole number")
+        align = int(align)
         if align <= 0 or align & (align - 1):
-            raise _Corrupt(f"its alignment {align} is not a power of two")
+            raise _Corrupt(f"its general.alignment {align} is not a power of two")
         data_start = (r.pos + align - 1) // align * align
         tensors: dict[str, GGUFTensorInfo] = {}
         for name, shape, type_id, offset in infos:
@@ -384,6 +392,31 @@ def _check_shapes(g: GGUFFile, arch: str, cfg: dict) -> None:
             raise _bad(g.path, f"tensor {name} has shape {tuple(info.shape)} but the header implies {want}")
 
 
+# Tensors every layer needs, as (any of these GGUF names); q/k/v and gate/up may come fused.
+_LAYER_TENSORS = (("attn_q", "attn_qkv"), ("attn_k", "attn_qkv"), ("attn_v", "attn_qkv"), ("attn_output",),
+                  ("ffn_down",), ("ffn_up",), ("attn_norm",))
+
+
+def _check_layers(g: GGUFFile, cfg: dict) -> None:
+    """block_count matches the layers the file holds, and each has its core tensors. A missing one
+    used to fail model building as an internal KeyError; 10^9 layers would build for hours."""
+    n = cfg["num_hidden_layers"]
+    held = {int(name.split(".")[1]) for name in g.tensors
+            if name.startswith("blk.") and name.count(".") >= 2 and name.split(".")[1].isdigit()}
+    if n > len(held):
+        raise _bad(g.path, f"its block_count says {n} layers but it holds tensors for {len(held)}")
+    for i in range(n):
+        for names in _LAYER_TENSORS:
+            if not any(f"blk.{i}.{t}.weight" in g.tensors for t in names):
+                raise _bad(g.path, f"tensor blk.{i}.{names[0]}.weight (layer {i}'s "
+                           f"{_TENSOR_ROLES[names[0]]}) is missing")
+
+
+_TENSOR_ROLES = {"attn_q": "attention query, q_proj", "attn_k": "attention key, k_proj",
+                 "attn_v": "attention value, v_proj", "attn_output": "attention output, o_proj",
+                 "ffn_down": "MLP down_proj", "ffn_up": "MLP up_proj", "attn_norm": "input norm"}
+
+
 def _unpermute_rows(w: Tensor, n_head: int) -> Tensor:
     """Undo llama.cpp's Q/K row order (it interleaves each head's rotary halves for its rope kernel).
 
@@ -405,9 +438,11 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
     g = read_gguf(path)
     try:
         config = gguf_config(g)
-    except (TypeError, ValueError, KeyError) as e:  # a number stored as text, a missing tensor, ...
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
+        # a number stored as text, nested arrays where a number belongs, a missing tensor, ...
         raise _bad(g.path, f"its metadata is inconsistent ({type(e).__name__}: {e})") from None
     arch = g.metadata["general.architecture"]
+    _check_layers(g, config)
     _check_shapes(g, arch, config)
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     state: dict[str, Tensor | QuantWeight] = {}
@@ -441,7 +476,7 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
         raise _bad(g.path, "it has no token_embd.weight tensor")
     try:
         tok = tokenizer_from_gguf(g.metadata)
-    except ValueError as e:
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # nested arrays for merges, ...
         raise UserError("bad_model", f"The tokenizer in {g.path.name} cannot be rebuilt: {e}. "
                         "Download the file again or pick another quantization of the model.") from None
     special = special_tokens_from_gguf(g.metadata)
