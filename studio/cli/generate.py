@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from studio.cli import common
+from studio.cli import batch, common
 from studio.cli.video import add_video_parser
 from studio.library.detect import detect
 from studio.protocol import ImageJob
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p = kinds.add_parser("image", help="Stable Diffusion 1.x / 2.x / SDXL: txt2img, img2img, inpainting")
     p.add_argument("--model", default="", help="checkpoint file, diffusers folder or library name "
                                                 "(default: the one image model installed)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default="", help="the prompt (or --prompts FILE for many jobs)")
     p.add_argument("--negative", default="")
     p.add_argument("--width", type=int, default=0, help="default: 512 (SD1), 768 (SD2), 1024 (SDXL)")
     p.add_argument("--height", type=int, default=0)
@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="", help="a .png path (numbered if taken, never overwritten) or a folder")
     p.add_argument("--no-previews", action="store_true")
     p.add_argument("--json", action="store_true")
+    batch.add_batch_args(p)
     common.engine_args(p)
     p.set_defaults(func=cmd_image)
 
@@ -100,6 +101,10 @@ def cmd_image(args: argparse.Namespace) -> int:
                    quant=args.quant)
     if not (args.width or args.height):
         job = _default_size(job)
+    if batch.wants_batch(args):
+        return batch.run_batch(args, job)
+    if not args.prompt:
+        return common.fail("give a prompt: --prompt TEXT, or --prompts FILE for one job per line", 2)
     tty = sys.stderr.isatty() and not args.json
 
     def on_event(msg) -> None:
