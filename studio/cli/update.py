@@ -264,13 +264,16 @@ def _torch_plan(root: InstallRoot, repick: bool, build: str | None, find_links: 
         torch = dict(record["torch"])
         torch["reason"] = "kept from the current environment: an update never changes torch unless --torch is given"
         if find_links:
-            torch["find_links"] = find_links
+            torch.update(find_links=find_links, index_url="")
         return torch
     if build:
         picked = TorchBuild(build, "" if build == "pypi" else TORCH_INDEX.format(build=build), f"{build}, as asked")
     else:
         picked = probe_torch_build()
-    return {"version": TORCH_VERSION, **asdict(picked), "find_links": find_links or ""}
+    plan = {"version": TORCH_VERSION, **asdict(picked), "find_links": find_links or ""}
+    if find_links:  # offline: the wheel comes from that folder, its dependencies from the package index
+        plan.update(index_url="", reason=f"{picked.reason} Taken from {find_links}.")
+    return plan
 
 
 def _read_record(env: Path) -> dict | None:
