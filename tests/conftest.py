@@ -33,7 +33,17 @@ collect_ignore = [] if importlib.util.find_spec("PySide6") else [
     "test_models_panel.py", "test_video_tab.py"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--packaging", action="store_true",
+                     help="run the slow installer and bundle tests (tests/test_packaging.py, marked `packaging`)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--packaging"):
+        skip_packaging = pytest.mark.skip(reason="installer/bundle test: run with --packaging")
+        for item in items:
+            if "packaging" in item.keywords:
+                item.add_marker(skip_packaging)
     try:
         import torch
 
