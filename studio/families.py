@@ -222,3 +222,59 @@ def size_presets(family_id: str, prediction: str = "") -> list[tuple[int, int]]:
 def samplers_for(family_id: str) -> tuple[str, ...]:
     f = FAMILIES.get(family_id)
     return f.samplers if f else DIFFUSION_SAMPLERS
+
+
+# ---------------------------------------------------------------------------------------------
+# Starters: good first downloads (`studio models starters`, `studio models pull ID`). Sizes are the
+# files' sizes on the hub (the download checks them again); `min_ram`/`min_vram` say what machine
+# it suits (0 VRAM: runs on a CPU). Companions are more files the model needs, pulled with it.
+
+@dataclass(frozen=True)
+class Starter:
+    id: str
+    label: str
+    family: str
+    repo: str
+    file: str  # path in the repo
+    size: int  # bytes, all files together
+    licence: str
+    min_ram: int  # bytes of RAM to run it on the CPU (or to stage it for the GPU)
+    min_vram: int  # bytes of VRAM for a comfortable GPU run; 0 = fine on a CPU
+    note: str
+    companions: tuple[str, ...] = ()  # more files of the same repo
+
+    @property
+    def runs(self) -> bool:
+        return FAMILIES[self.family].runs if self.family in FAMILIES else False
+
+
+_GB = 1_000_000_000
+STARTERS: tuple[Starter, ...] = (
+    Starter("qwen3-1.7b", "Qwen3 1.7B (chat, CPU)", "qwen3", "Qwen/Qwen3-1.7B-GGUF", "Qwen3-1.7B-Q8_0.gguf",
+            int(1.83 * _GB), "Apache-2.0", 4 * _GB, 0, "A good chat model for a laptop CPU: 10-20 tokens/s."),
+    Starter("qwen3-8b", "Qwen3 8B (chat, GPU)", "qwen3", "Qwen/Qwen3-8B-GGUF", "Qwen3-8B-Q4_K_M.gguf",
+            int(5.03 * _GB), "Apache-2.0", 8 * _GB, 8 * _GB, "A strong chat model for an 8 GB GPU."),
+    Starter("sd15", "Stable Diffusion 1.5 (images, small GPU or CPU)", "sd1",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors", int(4.27 * _GB), "CreativeML OpenRAIL-M", 8 * _GB, 0,
+            "512x512 images; the one image model a CPU finishes in minutes."),
+    Starter("sdxl", "SDXL 1.0 base (images, GPU)", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
+            "sd_xl_base_1.0.safetensors", int(6.94 * _GB), "CreativeML OpenRAIL++-M", 16 * _GB, 8 * _GB,
+            "1024x1024 images; needs an 8 GB GPU to be pleasant."),
+    Starter("flux-schnell", "FLUX.1 schnell (images, big GPU)", "flux", "black-forest-labs/FLUX.1-schnell",
+            "flux1-schnell.safetensors", int(23.8 * _GB), "Apache-2.0", 32 * _GB, 16 * _GB,
+            "4-step images of high quality; Studio detects Flux but cannot run it yet."),
+    Starter("wan-1.3b", "Wan 2.1 T2V 1.3B (video, GPU)", "wan", "Comfy-Org/Wan_2.1_ComfyUI_repackaged",
+            "split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors", int(9.8 * _GB), "Apache-2.0",
+            16 * _GB, 8 * _GB, "480p text-to-video; with its umT5 text encoder and VAE.",
+            companions=("split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                        "split_files/vae/wan_2.1_vae.safetensors")),
+)
+
+
+def starter(starter_id: str) -> Starter | None:
+    return next((s for s in STARTERS if s.id == starter_id), None)
+
+
+def starters_for(ram: int, vram: int) -> list[Starter]:
+    """The starters this machine can run (RAM and VRAM in bytes; vram 0 = no GPU)."""
+    return [s for s in STARTERS if s.runs and ram >= s.min_ram and (vram >= s.min_vram or s.min_vram == 0)]

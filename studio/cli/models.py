@@ -48,6 +48,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sc.add_argument("folders", nargs="*", metavar="FOLDER",
                     help="folders to scan (default: ComfyUI, A1111, HF cache, LM Studio, Ollama if present)")
     sc.add_argument("--json", action="store_true")
+    pl = sub.add_parser("pull", help="download a model from Hugging Face or a URL into the library",
+                        description="REPO (owner/name), REPO/FILE, a hub link, a direct URL (Civitai...), or a "
+                        "starter's id (`studio models starters`). Resumes an interrupted pull.")
+    pl.add_argument("source", metavar="SOURCE")
+    pl.add_argument("--token", default=None, help="access token for gated models (default: $HF_TOKEN)")
+    pl.add_argument("--json", action="store_true")
+    st = sub.add_parser("starters", help="good first models to pull, with size, licence and hardware")
+    st.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
     return p
 
@@ -78,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
                     e = lib.remove(args.name, delete_file=args.delete_file)
                 kept = "file deleted" if args.delete_file else "file kept"
                 print(f"removed {e.name!r} ({kept}: {e.path})")
+            case "pull":
+                return _pull(args)
+            case "starters":
+                from studio.families import STARTERS
+
+                _out(args, {"starters": [{**s.__dict__, "runs": s.runs} for s in STARTERS]}, _starters_table)
             case "scan":
                 folders = args.folders or default_locations()
                 if not folders:
@@ -169,6 +183,58 @@ def _table(entries: list[ModelEntry]) -> str:
     widths = [min(40, max(len(r[i]) for r in [head, *rows])) for i in range(5)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     return "\n".join(fmt.format(*(c[:40] if i < 5 else c for i, c in enumerate(r))) for r in [head, *rows])
+
+
+def _starters_table() -> str:
+    from studio.families import STARTERS
+
+    lines = []
+    for s in STARTERS:
+        gpu = f"GPU {fmt_bytes(s.min_vram)}+" if s.min_vram else "CPU ok"
+        runs = "" if s.runs else "  (Studio cannot run it yet)"
+        lines.append(f"{s.id:<14} {s.label}{runs}\n{'':<14} {fmt_bytes(s.size)}, {s.licence}, RAM "
+                     f"{fmt_bytes(s.min_ram)}+, {gpu}. {s.note}")
+    return "\n".join(lines) + "\n\nstudio models pull ID  downloads one."
+
+
+def _pull(args: argparse.Namespace) -> int:
+    import threading
+
+    from studio.families import starter
+    from studio.library.download import DownloadError, Progress, pull
+
+    found = starter(args.source)
+    sources = [f"{found.repo}/{f}" for f in (found.file, *found.companions)] if found else [args.source]
+    tty = sys.stderr.isatty() and not args.json
+    cancel = threading.Event()
+
+    def show(p: Progress) -> None:
+        if not tty:
+            return
+        total = f" / {fmt_bytes(p.total)}" if p.total else ""
+        speed = f"  {fmt_bytes(int(p.speed))}/s" if p.speed else ""
+        eta = f"  {int(p.eta // 60)}:{int(p.eta % 60):02d} left" if p.eta is not None and p.stage == "downloading" else ""
+        sys.stderr.write(f"\r\x1b[2K{p.stage} {Path(p.file).name}: {fmt_bytes(p.done)}{total}{speed}{eta}")
+        sys.stderr.flush()
+
+    entries = []
+    with Library() as lib:
+        for source in sources:
+            try:
+                entries.append(pull(source, lib, token=args.token, progress=show, cancel=cancel))
+            except KeyboardInterrupt:
+                print("\nstopped; run the same command again to resume", file=sys.stderr)
+                return 130
+            except DownloadError as exc:
+                if tty:
+                    sys.stderr.write("\r\x1b[2K")
+                print(f"studio models: {exc}", file=sys.stderr)
+                return 2
+            if tty:
+                sys.stderr.write("\r\x1b[2K")
+    for e in entries:
+        _out(args, e.to_dict(), lambda e=e: f"installed {e.name!r}: {_describe(e)}\n  {e.path}")
+    return 0
 
 
 def _format_scan(r: Any) -> str:
