@@ -62,12 +62,13 @@ class TorchBuild:
     reason: str  # one sentence for the user: what was found and why this build
 
 
-def _driver_version(nvidia_smi: str) -> tuple[int, ...] | None:
-    # `nvidia-smi --query-gpu=driver_version --format=csv,noheader` prints one line per GPU, e.g. "570.86.15".
+def _driver_version(nvidia_smi: str) -> tuple[tuple[int, ...], str] | None:
+    """(numbers, as printed) of the first GPU's driver in `nvidia-smi --query-gpu=driver_version
+    --format=csv,noheader` output (one line per GPU, e.g. "570.86.15"); None when there is none."""
     for line in nvidia_smi.splitlines():
-        m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?\s*$", line)
+        m = re.match(r"\s*((\d+)\.(\d+)(?:\.\d+)?)\s*$", line)
         if m:
-            return tuple(int(g) for g in m.groups() if g is not None)
+            return (int(m.group(2)), int(m.group(3))), m.group(1)
     return None
 
 
@@ -80,14 +81,14 @@ def pick_torch(nvidia_smi: str | None, rocminfo: str | None, system: str | None 
     if system == "Darwin":
         return TorchBuild("pypi", "", "macOS: the standard PyTorch wheels include Apple's Metal (MPS) backend.")
     if nvidia_smi is not None:
-        driver = _driver_version(nvidia_smi)
-        if driver is None:
+        found = _driver_version(nvidia_smi)
+        if found is None:
             return TorchBuild("cpu", TORCH_INDEX.format(build="cpu"),
                               "nvidia-smi is present but reported no driver version (is the driver loaded? try "
                               "running nvidia-smi); using the CPU build. Rerun the installer once it works.")
-        shown = ".".join(str(p) for p in driver)
+        driver, shown = found
         for oldest, build in CUDA_BUILDS:
-            if driver[:2] >= oldest:
+            if driver >= oldest:
                 return TorchBuild(build, TORCH_INDEX.format(build=build),
                                   f"NVIDIA driver {shown} found: the CUDA {build[2:-1]}.{build[-1]} build is the "
                                   f"newest this driver runs (needs {oldest[0]}.{oldest[1]} or newer).")
@@ -213,9 +214,10 @@ def find_root(prefix: Path | None = None) -> InstallRoot:
     if env:
         return InstallRoot(Path(env).expanduser())
     prefix = (prefix or Path(sys.prefix)).resolve()
-    for candidate in (prefix.parent.parent, prefix.parent):  # envs/X, or tools/
-        if (candidate / "envs").is_dir():
-            return InstallRoot(candidate)
+    if prefix.parent.name == "envs":  # ROOT/envs/<version>-<n>
+        return InstallRoot(prefix.parent.parent)
+    if prefix.name == "tools" and (prefix.parent / "envs").is_dir():  # the installer's ROOT/tools
+        return InstallRoot(prefix.parent)
     raise UpdateError("`studio update` works in an installation made by packaging/linux/install.sh (or the macOS "
                       "and Windows installers), and this Studio runs from elsewhere "
                       f"({prefix}). In a source checkout, use git pull and scripts/setup.sh; or pass --root.")
