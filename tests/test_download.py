@@ -42,6 +42,7 @@ class Hub:
         self.drop_once: set[str] = set()  # paths whose next GET stops halfway
         self.down = 0  # this many GETs of files answer 500 (an outage)
         self.down_after_drop = 0  # an outage of this many GETs begins when a connection drops
+        self.stall: threading.Event | None = None  # file bodies stop halfway until this is set
         self.log: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -147,6 +148,11 @@ class Hub:
                     self.close_connection = True
                     self.connection.shutdown(2)  # the connection drops mid-file
                     return
+                if hub.stall is not None:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    hub.stall.wait(20)
+                    body = body[len(body) // 2:]
                 self.wfile.write(body)
 
         return Handler
@@ -315,3 +321,54 @@ def test_starters_name_size_licence_and_hardware():
     cpu_only = starters_for(ram=16 * 10**9, vram=0)
     assert cpu_only and all(s.min_vram == 0 and s.runs for s in cpu_only)
     assert "flux-schnell" not in {s.id for s in starters_for(ram=10**12, vram=10**12)}  # Studio cannot run Flux yet
+
+
+# -- the Download view -------------------------------------------------------------------------
+
+@pytest.fixture
+def panel(qtbot, lib):
+    from studio.ui.models_panel import DropInstaller, ModelsPanel
+
+    p = ModelsPanel(lib, DropInstaller(lib, hash_files=False))
+    qtbot.addWidget(p)
+    yield p
+    if p.download_dialog is not None:
+        p.download_dialog.cancel()
+        p.download_dialog.wait(10)
+
+
+def test_download_view_shows_progress_and_installs_into_the_panel(qtbot, hub, lib, panel):
+    hub.stall = threading.Event()
+    dialog = panel.open_download()
+    dialog.source.setText("acme/tiny-lora")
+    dialog.download_button.click()
+    qtbot.waitUntil(lambda: " of " in dialog.status.text() and dialog.bar.value() > 0, timeout=20000)
+    assert "style.safetensors" in dialog.status.text() and not dialog.download_button.isEnabled()
+    hub.stall.set()
+    qtbot.waitUntil(lambda: dialog.status.text().startswith("Installed style"), timeout=20000)
+    qtbot.waitUntil(lambda: dialog.download_button.isEnabled(), timeout=5000)
+    assert dialog.bar.value() == 1000 and "style" in {r["Name"] for r in panel.rows()}
+
+
+def test_download_view_cancel_leaves_no_partial_files(qtbot, hub, lib, panel):
+    hub.stall = threading.Event()
+    dialog = panel.open_download()
+    dialog.source.setText("acme/tiny-lora")
+    dialog.download_button.click()
+    qtbot.waitUntil(lambda: dialog.bar.value() > 0, timeout=20000)
+    dialog.cancel_button.click()
+    hub.stall.set()  # the next bytes meet the cancel
+    qtbot.waitUntil(lambda: "Cancelled" in dialog.status.text(), timeout=20000)
+    assert lib.list() == [] and staged(lib) == []
+    assert not [p for p in Path(lib.models_dir).rglob("*") if p.is_file()]
+
+
+def test_download_view_offers_the_starters_and_shows_hub_errors(qtbot, hub, lib, panel):
+    dialog = panel.open_download()
+    assert dialog.starters.count() == 1 + len(__import__("studio.families").families.STARTERS)
+    dialog.starters.setCurrentIndex(1)
+    assert dialog.source.text() == dialog.starters.currentData()
+    dialog.source.setText("acme/gated")
+    dialog.download_button.click()
+    qtbot.waitUntil(lambda: "HF_TOKEN" in dialog.status.text(), timeout=20000)
+    assert dialog.download_button.isEnabled()

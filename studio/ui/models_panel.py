@@ -286,9 +286,14 @@ class ModelsPanel(QWidget):
         self.scan_button = QPushButton("Scan folder…")
         self.scan_button.setToolTip("Add every model in a folder and its subfolders (ComfyUI, A1111, LM Studio …)")
         self.scan_button.clicked.connect(self._ask_scan)
+        self.download_button = QPushButton("Download…")
+        self.download_button.setToolTip("Get a model from Hugging Face, a link (Civitai …) or the starter list")
+        self.download_button.clicked.connect(self.open_download)
+        self.download_dialog = None
         adding = QHBoxLayout()
         adding.addWidget(self.add_button)
         adding.addWidget(self.scan_button)
+        adding.addWidget(self.download_button)
         adding.addStretch(1)
         self.hint = QLabel("Add models with the buttons above, or drop files and folders here")
         self.hint.setEnabled(False)
@@ -320,6 +325,17 @@ class ModelsPanel(QWidget):
                                                 "*.pth *.bin *.sft);;All files (*)")
         if paths:
             self.installer.install(paths)
+
+    def open_download(self):
+        """The Download view (one per panel; closing it mid-download cancels the download)."""
+        from studio.ui.download_dialog import DownloadDialog
+
+        if self.download_dialog is None:
+            self.download_dialog = DownloadDialog(self.library, self)
+            self.download_dialog.installed.connect(lambda _entry: self.refresh())
+        self.download_dialog.show()
+        self.download_dialog.raise_()
+        return self.download_dialog
 
     def _ask_scan(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Scan a folder for models")
