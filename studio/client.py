@@ -445,9 +445,11 @@ class EngineClient:
                     except subprocess.TimeoutExpired:
                         code = None
                 why = f" (exit code {code})" if code is not None else ""
+                # only say an engine is starting when one is (the CLI starts one itself, for its next job)
+                next_engine = "a new engine is starting" if self.options.auto_restart else "the next job starts a new engine"
                 self._engine_lost(generation, "engine_crashed",
-                                  f"The engine stopped unexpectedly{why}. The job was not finished; a new engine "
-                                  f"is starting. See {self.paths.logs / 'engine.log'}.")
+                                  f"The engine stopped unexpectedly{why}. The job was not finished; "
+                                  f"{next_engine}. See {self.paths.logs / 'engine.log'}.")
                 return
             try:
                 msg = protocol.decode(frame, protocol.ENGINE_MESSAGES)

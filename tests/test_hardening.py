@@ -863,3 +863,42 @@ def test_arrays_nested_thousands_deep_are_a_bad_model(tmp_path, tiny_llama_sd):
     kv = struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + value
     path.write_bytes(bytes(data[:24]) + kv + bytes(data[24:]))
     _bad_model(path, "nest")
+
+
+# --- 13. interactive `studio chat` starts a new engine after the old one is killed ----------------
+
+def test_interactive_chat_starts_a_new_engine_after_a_crash_before_the_next_prompt(tmp_path, monkeypatch, capsys):
+    import threading
+    import time
+
+    from studio.cli import chat as cli_chat
+    from studio.client import EngineClient, EngineOptions
+    from studio.paths import Paths
+    from studio.protocol import SelfTestJob
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path))
+    client = EngineClient(Paths.default(), EngineOptions(device="cpu", auto_restart=False))  # as the CLI makes it
+    client.start()
+    first_pid = client.engine_pid
+    seen: dict = {}
+    prompts = iter(["go"])
+
+    def fake_input(prompt: str = "") -> str:
+        line = next(prompts, None)
+        if line is not None:
+            threading.Timer(1.5, client.kill_engine).start()  # killed mid-answer
+            return line
+        deadline = time.monotonic() + 60  # the second prompt: is a new engine there before it is typed?
+        while time.monotonic() < deadline and not (client.state == "ready" and client.engine_pid != first_pid):
+            time.sleep(0.1)
+        seen["state"], seen["pid"] = client.state, client.engine_pid
+        raise EOFError
+    monkeypatch.setattr("builtins.input", fake_input)
+    try:
+        code = cli_chat._chat_repl(client, lambda messages: SelfTestJob(size=1024, iterations=10000),
+                                   lambda msg: None, cli_chat.StatusLine(sys.stderr))
+    finally:
+        client.close()
+    assert code == 0
+    assert seen["state"] == "ready" and seen["pid"] not in (None, first_pid)
+    err = capsys.readouterr().err
+    assert "stopped unexpectedly" in err and "new engine" in err

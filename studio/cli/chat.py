@@ -162,6 +162,10 @@ def _chat_repl(client, job_for: Callable[[list[dict]], ChatJob], on_event, statu
             status.clear()
             print(f"\nstudio: {exc}", file=sys.stderr)
             messages.pop()
+            if exc.kind in ("engine_crashed", "engine_hung") and client.state == "stopped":
+                # The CLI's client does not restart by itself: start the next engine now, while the user types.
+                print("(starting a new engine)", file=sys.stderr)
+                client.start(wait=False)
             continue
         status.clear()
         print(f"\n[{result.get('completion_tokens', 0)} tokens, {result.get('tokens_per_s', 0):.1f} tok/s]",
