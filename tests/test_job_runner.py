@@ -212,3 +212,34 @@ def test_the_chat_tab_survives_an_engine_crash(qtbot, engine, paths):
     tab.regenerate(answer)
     assert engine.engines_started == 2 and tab.busy
     tab.shutdown()
+
+
+MANY_EMITS = """
+import sys
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtWidgets import QApplication
+from studio.ui.job_runner import JobRunner
+
+class Engine(QObject):
+    message = Signal(object)
+    def submit(self, job): return "j"
+    def cancel(self, job_id): pass
+
+app = QApplication([])
+engine = Engine()
+runner = JobRunner(engine)  # applies the Signal.emit workaround where this PySide6 needs it
+for _ in range(20000):  # ~ a few long chat answers: each token is emitted by QtEngine and by the runner
+    runner.token.emit("x")
+print("ok")
+"""
+
+
+def test_twenty_thousand_emits_do_not_free_true_and_abort_the_app(tmp_path):
+    """PySide6 6.12's Signal.emit drops a reference to True on every call; unguarded this aborts with
+    'bool_dealloc: deallocating True or False' (after long chats, on quit)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "STUDIO_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", MANY_EMITS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -13,10 +13,12 @@ def run_gui(argv: list[str] | None = None) -> int:
     from studio.paths import Paths
     from studio.settings import Settings
     from studio.ui.main_window import MainWindow
+    from studio.ui.pyside_fixes import guard_true_refcount
     from studio.ui.theme import app_icon, apply_theme
 
     logging.basicConfig(level=logging.INFO, format="studio %(levelname)s %(message)s")
     app = QApplication.instance() or QApplication(argv if argv is not None else sys.argv)
+    guard_true_refcount()
     app.setApplicationName("Studio")
     app.setOrganizationName("Studio")
     app.setDesktopFileName("studio")

@@ -10,6 +10,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from studio.client import EngineClient, EngineOptions
 from studio.paths import Paths
 from studio.protocol import Message
+from studio.ui.pyside_fixes import guard_true_refcount
 
 
 class QtEngine(QObject):
@@ -21,6 +22,7 @@ class QtEngine(QObject):
 
     def __init__(self, paths: Paths, options: EngineOptions, parent: QObject | None = None) -> None:
         super().__init__(parent)
+        guard_true_refcount()  # one emit per engine message: the busiest signal in the app
         self.client = EngineClient(paths, options)
         self.client.add_listener(self._on_message)
         self._poll = QTimer(self)

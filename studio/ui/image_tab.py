@@ -95,7 +95,7 @@ class ImageTab(QWidget):
         self.init_panel.failed.connect(self.show_notice)
         settings_box = NaturalHeight()
         box = QVBoxLayout(settings_box)
-        box.setContentsMargins(0, 0, 6, 0)
+        box.setContentsMargins(0, 0, 6, 8)  # the group box frame stays in view when scrolled to the end
         box.addWidget(self.params)
         box.addWidget(self.init_panel)
         box.addStretch()

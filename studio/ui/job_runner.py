@@ -17,6 +17,7 @@ from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QImage
 
 from studio.protocol import Message
+from studio.ui.pyside_fixes import guard_true_refcount
 
 # Error kinds the client synthesises when the engine process is gone; the job did not fail on its own.
 ENGINE_LOST = ("engine_crashed", "engine_hung")
@@ -43,6 +44,7 @@ class JobRunner(QObject):
 
     def __init__(self, engine: Any, parent: QObject | None = None) -> None:
         super().__init__(parent)
+        guard_true_refcount()  # every tab's signals go through here; see pyside_fixes
         self.engine = engine
         self.job_id: str | None = None
         self.job: Any = None  # the running job, or the last one (tabs resubmit it for Retry)
