@@ -43,8 +43,9 @@ class QueuedJob:
     cancel: CancelToken = field(default_factory=CancelToken)
 
 
-def _pipelines() -> dict[str, Callable[[Any, JobContext], dict]]:
-    """Job kind -> pipeline function. Imported lazily: a pipeline's imports cost seconds."""
+def _pipelines() -> dict[str, Callable[[Any, JobContext], Any]]:
+    """Job kind -> pipeline function returning its typed result (protocol.*Result). Imported lazily: a
+    pipeline's imports cost seconds."""
 
     def selftest(job, ctx):
         from studio.engine.pipelines.selftest import run_selftest
