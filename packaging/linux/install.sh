@@ -93,7 +93,7 @@ fi
   die "could not get Studio ($SOURCE) from the package index or that file."
 
 # 2. the environment: built, checked, then made current (or nothing changes).
-"$TOOLS/bin/python" -m studio.cli.update --root "$ROOT" --from "$SOURCE" --python "$PY" "${UPDATE_ARGS[@]}" ||
+"$TOOLS/bin/python" -m studio.cli.update --root "$ROOT" --from "$SOURCE" --python "$PY" ${UPDATE_ARGS[@]+"${UPDATE_ARGS[@]}"} ||
   die "the install did not finish; nothing was switched. The lines above say what failed."
 CURRENT="$ROOT/current"
 ASSETS="$CURRENT/share/studio/assets"

@@ -5,8 +5,8 @@ An installation made by packaging/linux/install.sh (or the macOS / Windows scrip
     ROOT/                       ~/.local/share/studio-app by default
       tools/                    a small venv with uv and this updater (Studio without its dependencies)
       envs/0.1.0-1/ 0.1.1-2/    one complete environment per install or update, never changed afterwards
-      current  -> envs/0.1.1-2  what the launcher runs
-      previous -> envs/0.1.0-1  what `studio update --rollback` returns to
+      current  -> envs/0.1.1-2  what the launcher runs (on Windows: current.txt naming it)
+      previous -> envs/0.1.0-1  what `studio update --rollback` returns to (previous.txt)
       bin/studio                the launcher the desktop entry runs
 
 An update builds a new environment next to the others (Studio's pinned dependencies from the lock file
@@ -140,9 +140,16 @@ class InstallRoot:
 
     def _link(self, name: str) -> Path | None:
         link = self.root / name
-        if not link.is_symlink():
+        if os.name == "nt":  # symlinks need admin rights or developer mode there: a file naming the env
+            try:
+                rel = (self.root / f"{name}.txt").read_text(encoding="utf-8").strip()
+            except OSError:
+                return None
+        elif link.is_symlink():
+            rel = os.readlink(link)
+        else:
             return None
-        target = (self.root / os.readlink(link)).resolve()
+        target = (self.root / rel).resolve()
         return target if target.is_dir() else None
 
     def current(self) -> Path | None:
@@ -165,12 +172,17 @@ class InstallRoot:
         return 1 + max(numbers, default=0)
 
     def _point(self, name: str, env: Path) -> None:
-        # A new link renamed over the old one: the launcher never sees a missing or half-written link.
+        # Written beside, then renamed over the old one: the launcher never sees a missing or half-written link.
+        rel = f"envs/{env.name}"
         tmp = self.root / f".{name}.tmp"
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
-        tmp.symlink_to(Path("envs") / env.name)
-        os.replace(tmp, self.root / name)
+        if os.name == "nt":
+            tmp.write_text(rel, encoding="utf-8")
+            os.replace(tmp, self.root / f"{name}.txt")
+        else:
+            tmp.symlink_to(rel)
+            os.replace(tmp, self.root / name)
 
     def switch_to(self, env: Path) -> None:
         """Make `env` current; the one that was current becomes previous."""
