@@ -36,6 +36,8 @@ collect_ignore = [] if importlib.util.find_spec("PySide6") else [
 def pytest_addoption(parser):
     parser.addoption("--packaging", action="store_true",
                      help="run the slow installer and bundle tests (tests/test_packaging.py, marked `packaging`)")
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="fuzz with 10x the cases and a new seed each run (tests/test_fuzz.py)")
 
 
 def pytest_collection_modifyitems(config, items):
