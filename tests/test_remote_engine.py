@@ -181,6 +181,17 @@ def test_a_plain_text_client_is_told_to_use_tls(server):
     assert b"TLS only" in reply and b"STU1" not in reply
 
 
+def test_a_desk_cannot_choose_where_the_server_writes(server, tmp_path):
+    errors = []
+    with make_client(server, tmp_path) as client:
+        client.add_listener(lambda m: errors.append(m) if m.type == "error" else None)
+        job = ImageJob(model="x", prompt="p", out=str(tmp_path / "elsewhere.png"))
+        client.send_raw(protocol.encode(protocol.make("submit", job_id="raw1", job=protocol.job_to_dict(job))))
+        _wait_for(lambda: errors, 30)
+    assert errors[0]["job_id"] == "raw1" and errors[0]["kind"] == "bad_input"
+    assert "own outputs folder" in errors[0]["message"]
+
+
 def test_listening_beyond_localhost_without_a_token_is_refused(tmp_path):
     env = {**os.environ, "STUDIO_HOME": str(tmp_path), "STUDIO_ENGINE_TOKEN": ""}
     run = subprocess.run([sys.executable, "-m", "studio", "engine", "serve", "--listen", "0.0.0.0:0"], cwd=ROOT,

@@ -232,10 +232,24 @@ class EngineHub:
                     break
                 continue
             if kind == "submit" and isinstance(header.get("job_id"), str):
+                job = header.get("job")
+                if isinstance(job, dict) and job.get("out"):
+                    # A desk must not pick where files land on the server: they go to its outputs folder
+                    # and travel back; the desk's own client applies `out` on its side.
+                    self._refuse(conn, header["job_id"], "A remote engine saves into its own outputs folder and "
+                                 "sends the files back; send the job with an empty `out`.")
+                    continue
                 with self._lock:
                     self._owner[header["job_id"]] = session
             self._inbox.put(frame)
         self._detach(session, conn)
+
+    def _refuse(self, conn: FramedTLS, job_id: str, message: str) -> None:
+        try:
+            conn.send_bytes(protocol.encode(protocol.make("error", job_id=job_id, kind="bad_input", message=message,
+                                                          detail="")))
+        except (OSError, ValueError, EOFError):
+            pass
 
     def _detach(self, session: str, conn: FramedTLS) -> None:
         with self._lock:
