@@ -106,9 +106,7 @@ def test_gui_process_never_imports_torch():
 
 
 def test_use_in_the_models_panel_opens_the_chat_tab_with_that_model(window, tmp_path):
-    from studio.models.bundled import default_chat_model
-
-    entry = window.library.add(default_chat_model(), name="smol-test")
+    entry = window.library.ensure_bundled()  # the window lists the bundled model like any other
     window.refresh_model_pickers()
     window.tabs.setCurrentIndex(0)
     window.use_model(str(entry.path), "llm")
@@ -117,14 +115,12 @@ def test_use_in_the_models_panel_opens_the_chat_tab_with_that_model(window, tmp_
 
 
 def test_the_models_panel_shows_where_a_loaded_model_lives(window):
-    from studio.models.bundled import default_chat_model
-
-    entry = window.library.add(default_chat_model(), name="smol-where")
+    entry = window.library.ensure_bundled()
     window._on_status({"device": {"label": "CPU · 2 threads"}, "memory": {},
                        "models": [{"key": "llm:x", "bytes": 1, "path": str(entry.path), "where": "RAM"}]})
     window.models_panel.refresh()
     rows = {r["Name"]: r for r in window.models_panel.rows()}
-    assert rows["smol-where"]["Location"] == "RAM"
+    assert rows[entry.name]["Location"] == "RAM"
 
 
 def test_dropping_a_model_on_the_window_installs_it_and_the_chat_picker_lists_it(window, qtbot):
@@ -180,7 +176,7 @@ def test_a_model_copied_into_a_watched_folder_is_registered_without_a_restart(qt
     win = MainWindow(paths, Settings(model_folders=[str(tmp_path / "ComfyUI" / "models")], device="cpu"))
     qtbot.addWidget(win)
     qtbot.waitUntil(lambda: "scanned" in win.statusBar().currentMessage(), timeout=30000)
-    assert not win.library.list()
+    assert [e.source for e in win.library.list()] == ["bundled"]  # nothing from the empty folder
     shutil.copy(default_chat_model(), tmp_path / "ComfyUI" / "models" / "late.gguf")
     qtbot.waitUntil(lambda: any(e.path.name == "late.gguf" for e in win.library.list()), timeout=30000)
     win.close()
