@@ -489,6 +489,7 @@ class EngineClient:
             handle.error = EngineError(msg["kind"], msg["message"], msg.get("detail", ""))
         with self._lock:
             self._jobs.pop(handle.job_id, None)
+            self._sent_jobs.discard(handle.job_id)
             idle = not any(not h.done.is_set() for h in self._jobs.values())
         handle.done.set()
         self._emit(msg)
