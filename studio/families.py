@@ -46,7 +46,7 @@ QUANT_LABELS: dict[str, str] = {
     "": "Full precision", "int8": "int8 (half the VRAM)", "fp8": "fp8 (half, GPU)",
     "int4": "int4 (a quarter, lower quality)",
 }
-DIFFUSION_QUANT_MODES = ("int8", "int4", "fp8")
+DIFFUSION_QUANT_MODES = ("int8", "fp8", "int4")
 LLM_QUANT_MODES = ("int8", "int4")
 
 
@@ -217,6 +217,18 @@ def size_presets(family_id: str, prediction: str = "") -> list[tuple[int, int]]:
         return list(FAMILIES[SD1].sizes)
     f = FAMILIES.get(family_id)
     return list(f.sizes) if f and f.sizes else list(FAMILIES[SD1].sizes)
+
+
+def tab_kind(family_id: str) -> Kind | None:
+    """Which tab a file of this family belongs to: its own kind, or for a part (encoder, VAE) the
+    kind of the first family that uses it (umT5 -> video, CLIP-L -> image); None when unknown."""
+    f = FAMILIES.get(family_id)
+    if f is None:
+        return None
+    if f.kind in (Kind.IMAGE, Kind.VIDEO, Kind.CHAT):
+        return f.kind
+    user = next((u for u in FAMILIES.values() if any(c.family == family_id for c in u.companions)), None)
+    return user.kind if user else None
 
 
 def samplers_for(family_id: str) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from studio.paths import Paths  # noqa: E402
 from studio.protocol import ImageJob, job_to_dict, make  # noqa: E402
 from studio.settings import Settings  # noqa: E402
 from studio.ui.image.gallery import GalleryItem  # noqa: E402
-from studio.ui.image.options import SDXL_BUCKETS  # noqa: E402
+from studio.families import FAMILIES, SDXL  # noqa: E402
 from studio.ui.image.preview import ProgressClock  # noqa: E402
 from studio.ui.image_tab import ImageTab  # noqa: E402
 
@@ -403,7 +403,7 @@ def test_size_presets_follow_the_model_family(tab, library):
     assert p.offered_sizes() == [(512, 512), (512, 768), (768, 512)]
     assert (p.width_spin.value(), p.height_spin.value()) == (512, 512)
     p.set_model(model_path(library, "sdxl"))
-    assert p.offered_sizes() == SDXL_BUCKETS
+    assert p.offered_sizes() == list(FAMILIES[SDXL].sizes)
     assert (p.width_spin.value(), p.height_spin.value()) == (1024, 1024)  # 512 is not an SDXL size: moved
     p.add_lora()
     assert p.lora_rows[0].path() == model_path(library, "loraxl")  # only LoRAs made for SDXL are offered

@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio import __version__
+from studio import __version__, families
 from studio.client import EngineOptions
 from studio.paths import Paths
 from studio.settings import Settings
@@ -107,7 +107,7 @@ class MainWindow(QMainWindow):
         from studio.library.library import Library, LibraryError
 
         try:
-            library = Library(self.paths.data / "library.db", self.paths.models)
+            library = Library(self.paths.data / "library.db", self.settings.models_path(self.paths))
             library.ensure_bundled()  # the model Chat uses is listed in the Models panel like any other
             return library
         except LibraryError as exc:
@@ -267,7 +267,7 @@ class MainWindow(QMainWindow):
         if self.library is not None:
             entry = self.library.get(path)
             family = entry.effective_family if entry is not None else ""
-        target = self.video_tab if family.startswith(("wan", "umt5")) else self.image_tab
+        target = self.video_tab if families.tab_kind(family) is families.Kind.VIDEO else self.image_tab
         self.tabs.setCurrentWidget(target)
         use = getattr(target, "use_model", None)
         if use is not None:
@@ -316,6 +316,7 @@ class MainWindow(QMainWindow):
         self._action(engine, "&Restart engine", lambda: self.engine.restart(engine_options(self.settings, self.paths)))
 
         help_menu = self.menuBar().addMenu("&Help")
+        self._action(help_menu, "&Welcome", self.show_welcome)
         self._action(help_menu, "&About Studio", self.about)
 
     def _action(self, menu, text: str, slot, shortcut=None) -> QAction:
@@ -385,6 +386,61 @@ class MainWindow(QMainWindow):
             self.scan_model_folders()
         if engine_changed:
             self.engine.restart(engine_options(new, self.paths))
+
+    # -- first run -------------------------------------------------------------------------------
+    def maybe_show_welcome(self) -> bool:
+        """On the first start, the welcome card; afterwards only from Help > Welcome."""
+        if self.settings.first_run_done:
+            return False
+        self.show_welcome()
+        self.settings.first_run_done = True
+        self.save_settings()
+        return True
+
+    def show_welcome(self) -> None:
+        from studio.ui.first_run import FirstRunCard, WelcomeOverlay
+
+        if getattr(self, "welcome", None) is not None:
+            self.welcome.show()
+            self.welcome.raise_()
+            return
+        card = FirstRunCard(self.paths, self.settings)
+        card.set_status(self.engine.client.last_status)
+        self.engine.status_changed.connect(card.set_status)
+        card.open_chat.connect(lambda: (self.tabs.setCurrentWidget(self.chat_tab), self.close_welcome()))
+        card.download.connect(self._download_starter)
+        card.folder_changed.connect(self._on_folder_changed)
+        card.dismissed.connect(self.close_welcome)
+        self.welcome = WelcomeOverlay(self.tabs, card)
+        self.welcome.show()
+        self.welcome.raise_()
+
+    def close_welcome(self) -> None:
+        if getattr(self, "welcome", None) is not None:
+            self.engine.status_changed.disconnect(self.welcome.card.set_status)
+            self.welcome.hide()
+            self.welcome.deleteLater()
+            self.welcome = None
+
+    def _download_starter(self, starter_id: str):
+        """A suggestion on the welcome card: the Models panel's Download view, already fetching it."""
+        if self.models_panel is None:
+            self.statusBar().showMessage("The model library could not be opened, so nothing can be downloaded; "
+                                         "see the warning shown at start.", 10000)
+            return None
+        if self.models_dock is not None:
+            self.models_dock.show()
+        dialog = self.models_panel.open_download()
+        if not dialog.busy:
+            dialog.source.setText(starter_id)
+            dialog.start()
+        return dialog
+
+    def _on_folder_changed(self, which: str, folder: str) -> None:
+        if which == "models" and self.library is not None:
+            self.library.models_dir = Path(folder)
+        elif which == "outputs":
+            self.engine.restart(engine_options(self.settings, self.paths))  # the engine writes the outputs
 
     def about(self) -> None:
         QMessageBox.about(self, "About Studio", f"<b>Studio {__version__}</b><br>Local, private image, video and "

@@ -38,6 +38,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio import families
 from studio.paths import Paths
 from studio.protocol import VideoJob, job_to_dict
 from studio.settings import Settings
@@ -50,7 +51,8 @@ GALLERY_FILE = "video_gallery.json"
 NO_MODEL = ("No Wan model installed yet. Drop a Wan 2.1 / 2.2 transformer (.safetensors) or a diffusers Wan "
             "folder on this window, with its VAE and umT5 text encoder. Video wants a GPU with 8 GiB or more.")
 STATE_FILE = "video_tab.json"
-SAMPLERS = ("unipc", "euler")
+SAMPLERS = families.FLOW_SAMPLERS
+VIDEO_FAMILIES = families.ids(families.Kind.VIDEO, runnable=True)
 
 # name -> (width, height); which apply depends on the model (see presets_for)
 PRESETS = {"480p landscape": (832, 480), "480p portrait": (480, 832), "720p landscape": (1280, 720),
@@ -281,7 +283,7 @@ class VideoTab(QWidget):
         if self.library is not None:
             for e in self.library.list(include_missing=False):
                 family = e.effective_family
-                if family == "wan" and e.role in ("diffusion_model", "checkpoint"):
+                if family in VIDEO_FAMILIES and e.role in ("diffusion_model", "checkpoint"):
                     models.append(Choice(f"{e.name}  ({e.variant})" if e.variant else e.name, str(e.path), e.variant))
                 elif family == "wan-vae":
                     vaes.append(Choice(f"{e.name}  (Wan {e.variant})", str(e.path), e.variant))

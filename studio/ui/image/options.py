@@ -9,37 +9,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from studio import families
+from studio.families import Kind
+
 log = logging.getLogger("studio.ui.image")
 
-SAMPLERS = [("euler", "Euler"), ("euler_a", "Euler a"), ("heun", "Heun"), ("dpmpp_2m", "DPM++ 2M"),
-            ("dpmpp_2m_sde", "DPM++ 2M SDE"), ("dpmpp_sde", "DPM++ SDE"), ("ddim", "DDIM"), ("lcm", "LCM")]
-SCHEDULES = [("normal", "Normal"), ("karras", "Karras"), ("exponential", "Exponential"),
-             ("sgm_uniform", "SGM uniform")]
-QUANTIZATIONS = [("", "Full precision"), ("int8", "int8 (half the VRAM)"), ("fp8", "fp8 (half, GPU)"),
-                 ("int4", "int4 (a quarter, lower quality)")]
+SAMPLERS = [(name, families.SAMPLER_LABELS[name]) for name in families.DIFFUSION_SAMPLERS]
+SCHEDULES = [(name, families.SCHEDULE_LABELS[name]) for name in families.SCHEDULES]
+QUANTIZATIONS = [(mode, families.QUANT_LABELS[mode]) for mode in ("", *families.DIFFUSION_QUANT_MODES)]
 PREDICTIONS = [("auto", "Auto (from the model)"), ("eps", "epsilon"), ("v", "v-prediction")]
-IMAGE_FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-# The sizes each family was trained at: other sizes work but drift (doubled heads, stretched bodies).
-SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
-                (1536, 640), (640, 1536)]
-SD1_SIZES = [(512, 512), (512, 768), (768, 512)]
-SD2_V_SIZES = [(768, 768), (768, 512), (512, 768)]
-SD2_EPS_SIZES = [(512, 512), (512, 768), (768, 512)]
+# The image families the Image tab can run today, with their labels.
+IMAGE_FAMILIES = families.ids(Kind.IMAGE, runnable=True)
+FAMILY_LABELS = {f: families.label(f) for f in IMAGE_FAMILIES}
+DEFAULT_FAMILY = IMAGE_FAMILIES[0]
 
 
 def size_presets(family: str, prediction: str = "") -> list[tuple[int, int]]:
-    """Preset sizes for a model family; the first one is the family's native size.
-
-    SD 2.x v-prediction models (and those whose prediction is unknown, "v?") are the 768 ones;
-    the eps 2.x base model is 512.
-    """
-    if family == "sdxl":
-        return list(SDXL_BUCKETS)
-    if family == "sd2":
-        return list(SD2_EPS_SIZES if prediction == "eps" else SD2_V_SIZES)
-    return list(SD1_SIZES)
+    """Preset sizes for a model family; the first one is the family's native size (the catalog's)."""
+    return families.size_presets(family, prediction)
 
 
 def snap8(value: int) -> int:

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.ui.image.options import (
+    DEFAULT_FAMILY,
     FAMILY_LABELS,
     PREDICTIONS,
     QUANTIZATIONS,
@@ -352,7 +353,7 @@ class ParamsPanel(QWidget):
     # -- size ----------------------------------------------------------------------------------------------
     def presets(self) -> list[tuple[int, int]]:
         m = self.model()
-        return size_presets(m.family, m.prediction) if m else size_presets("sd1")
+        return size_presets(m.family, m.prediction) if m else size_presets(DEFAULT_FAMILY)
 
     def _fill_presets(self) -> None:
         """Offer the chosen family's sizes and move to its native size unless the current one fits it."""
