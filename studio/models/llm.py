@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from studio.errors import UserError
+from studio.models.moe import RouterSpec, SparseMoE, moe_fields
 from studio.nn.attention import attention
 
 # model_type -> family behaviour. Gemma variants differ in norms and attention extras.
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
+    "mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3",
 )
 
 
@@ -64,11 +66,39 @@ class LLMConfig:
     layer_types: list = field(default_factory=list)  # per layer: "full_attention" | "sliding_attention"
     fused_qkv: bool = False  # Phi-3
     fused_gate_up: bool = False
+    # Mixture of experts (moe.py): per layer "dense" | "moe"; the router's rules
+    mlp_types: list = field(default_factory=list)
+    n_experts: int = 0
+    n_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    n_shared_experts: int = 0  # DeepSeek: one always-on MLP of n_shared * moe_intermediate_size
+    router_score: str = "softmax"
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False
+    # Multi-head latent attention (deepseek.py); kv_lora_rank 0 = ordinary attention. With MLA,
+    # head_dim is the rotary part and n_kv_heads 1: the compressed cache is one shared "head".
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary pairs are (2i, 2i+1), not (i, i + D/2)
+    mla_scale: float = 0.0  # the attention scale yarn's mscale implies
 
     def __post_init__(self) -> None:
         if not self.layer_types:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.n_layers
+        if not self.mlp_types:
+            self.mlp_types = ["moe" if self.n_experts else "dense"] * self.n_layers
+
+    def router_spec(self) -> RouterSpec:
+        return RouterSpec(self.n_experts, self.n_experts_per_tok, self.router_score, self.norm_topk_prob,
+                          self.n_group, self.topk_group, self.group_score, self.routed_scaling_factor,
+                          self.router_bias)
 
     @classmethod
     def from_name(cls, name: str) -> LLMConfig:
@@ -103,7 +133,7 @@ class LLMConfig:
         global_rope, local_rope = _rope_params(cfg, mt)
         act = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu")
         sliding = cfg.get("sliding_window")
-        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
             sliding = None
         layer_types = list(cfg.get("layer_types") or [])
         if not layer_types:
@@ -121,6 +151,11 @@ class LLMConfig:
         if not sliding:
             layer_types = ["full_attention"] * n_layers
         qpas = cfg.get("query_pre_attn_scalar") if mt in ("gemma2", "gemma3_text") else None
+        extra = moe_fields(cfg, mt, n_layers)
+        if mt.startswith("deepseek"):
+            from studio.models.deepseek import mla_fields
+
+            extra.update(mla_fields(cfg))
         return cls(
             model_type=mt,
             vocab_size=int(cfg["vocab_size"]),
@@ -143,7 +178,7 @@ class LLMConfig:
             attention_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=mt in ("qwen3", "gemma3_text"),
+            qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"),
             gemma_norm=gemma,
             embed_scale=gemma,
             sandwich_norm=mt in ("gemma2", "gemma3_text"),
@@ -155,6 +190,7 @@ class LLMConfig:
             layer_types=layer_types,
             fused_qkv=mt == "phi3",
             fused_gate_up=mt == "phi3",
+            **extra,
         )
 
     def to_dict(self) -> dict:
@@ -369,14 +405,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: LLMConfig) -> None:
+    def __init__(self, c: LLMConfig, inter: int | None = None) -> None:
         super().__init__()
+        inter = inter or c.intermediate_size
         if c.fused_gate_up:
-            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * inter, bias=c.mlp_bias)
         else:
-            self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-            self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+            self.gate_proj = nn.Linear(c.hidden_size, inter, bias=c.mlp_bias)
+            self.up_proj = nn.Linear(c.hidden_size, inter, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(inter, c.hidden_size, bias=c.mlp_bias)
         self.fused = c.fused_gate_up
         self.activation = c.activation
 
@@ -393,11 +430,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: LLMConfig, layer_type: str) -> None:
+    def __init__(self, c: LLMConfig, layer_type: str, mlp_type: str = "dense") -> None:
         super().__init__()
         self.sliding = layer_type == "sliding_attention"
-        self.self_attn = Attention(c, self.sliding)
-        self.mlp = MLP(c)
+        if c.kv_lora_rank:
+            from studio.models.deepseek import LatentAttention
+
+            self.self_attn: nn.Module = LatentAttention(c)
+        else:
+            self.self_attn = Attention(c, self.sliding)
+        if mlp_type == "moe":
+            shared = MLP(c, c.n_shared_experts * c.moe_intermediate_size) if c.n_shared_experts else None
+            self.mlp: nn.Module = SparseMoE(c.hidden_size, c.moe_intermediate_size, c.router_spec(), c.activation,
+                                            shared)
+        else:
+            self.mlp = MLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
         self.sandwich = c.sandwich_norm
@@ -422,7 +469,7 @@ class Backbone(nn.Module):
         super().__init__()
         # _weight skips the random init: on the meta device that init alone took ~2 s (torch refs)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(c, t) for t in c.layer_types)
+        self.layers = nn.ModuleList(DecoderLayer(c, t, m) for t, m in zip(c.layer_types, c.mlp_types, strict=True))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps, c.gemma_norm)
 
 
@@ -444,7 +491,9 @@ class LLM(nn.Module):
         device = device or ref.device
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device)
+            make = getattr(layer.self_attn, "make_cache", None)  # MLA keeps its own compressed cache
+            layer.self_attn.kv_cache = (make(max_batch, max_seq_len, dtype, device) if make is not None else
+                                        KVCache(max_batch, c.n_kv_heads, max_seq_len, c.head_dim, dtype, device))
         rot = int(c.head_dim * c.partial_rotary_factor)
         cos, sin = rope_tables(rot, c.rope_theta, c.rope_scaling, max_seq_len, c.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)

@@ -15,6 +15,12 @@ from torch import Tensor, nn
 
 from studio.errors import UserError
 from studio.models.llm import LLM, LLMConfig
+from studio.models.mamba import MODEL_TYPES as MAMBA_TYPES
+from studio.models.mamba import MambaConfig
+from studio.models.moe import canonical_experts, prepare_packed_experts
+
+# model_type -> config class of the chat families outside llm.py (each has .from_hf and .build)
+RECURRENT_CONFIGS: dict[str, type] = {mt: MambaConfig for mt in MAMBA_TYPES}
 
 # ---------------------------------------------------------------------------
 # What a loader hands over (HF folder or GGUF), and building the module from it.
@@ -80,7 +86,10 @@ def fuse_projections(c: LLMConfig, state_dict: dict) -> tuple[LLMConfig, dict]:
             groups.append((f"model.layers.{i}.self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         if not c.fused_gate_up:
             groups.append((f"model.layers.{i}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
+            groups.append((f"model.layers.{i}.mlp.shared_experts.", ("gate_proj", "up_proj"), "gate_up_proj"))
         for base, parts, fused in groups:
+            if f"{base}{parts[0]}.weight" not in out and f"{base}{parts[-1]}.weight" not in out:
+                continue  # an MoE layer's mlp, MLA's attention: nothing of this group to fuse
             w = _concat_rows([out[f"{base}{p}.weight"] for p in parts])
             biases = [out.get(f"{base}{p}.bias") for p in parts]
             if w is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
@@ -94,17 +103,35 @@ def fuse_projections(c: LLMConfig, state_dict: dict) -> tuple[LLMConfig, dict]:
     return replace(c, fused_qkv=True, fused_gate_up=True), out
 
 
+def chat_config(config: dict | Any) -> Any:
+    """The config object of a chat model: LLMConfig for llm.py's transformers, or the config class of a
+    family with its own model file (by model_type, from RECURRENT_CONFIGS). Config objects pass through."""
+    if not isinstance(config, dict):
+        return config
+    cls = RECURRENT_CONFIGS.get(config.get("model_type", ""))
+    return cls.from_hf(config) if cls is not None else LLMConfig.from_hf(config)
+
+
 def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu", fuse: bool = False) -> LLM:
     """Build on the meta device, then assign the weights. Quantized Linear weights stay packed.
 
     fuse=True stacks q/k/v and gate/up into one Linear each (see fuse_projections).
     """
-    c = loaded_config if isinstance(loaded_config, LLMConfig) else LLMConfig.from_hf(loaded_config)
+    c = chat_config(loaded_config)
+    if not isinstance(c, LLMConfig):  # a family with its own model file builds itself
+        return c.build(state_dict, dtype, device)
+    if c.n_experts:
+        try:
+            state_dict = canonical_experts(state_dict)
+        except ValueError as exc:
+            raise UserError("bad_model", f"The expert weights of this {c.model_type} model are incomplete ({exc}). "
+                            "The file may be damaged or converted wrongly; download it again.") from None
     if fuse:
         c, state_dict = fuse_projections(c, state_dict)
     with torch.device("meta"):
         model = LLM(c)
+    prepare_packed_experts(model, state_dict)
     expected = set(model.state_dict())  # before packed modules replace any Linear
     modules = dict(model.named_modules())
     plain: dict[str, Tensor] = {}
@@ -132,6 +159,8 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
                 plain[name] = table
             if tie:  # a tied head reads the packed data: 4x fewer bytes per token than fp32
                 _set_submodule(model, "lm_head", _packed_head(w, table).to(device))
+        else:  # a packed weight of a module that is not a Linear (an MoE router): unpacked
+            plain[name] = w.dequantize(torch.float32)
     for name, w in state_dict.items():
         if is_quant(w) or name in skip_bias or name.endswith("rotary_emb.inv_freq"):
             continue
@@ -184,12 +213,12 @@ def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device
         raise UserError("bad_input", f"quantization {mode!r} is not one of {', '.join(LLM_QUANT_MODES)} (or none).")
     from studio.nn.packed_int import quantize_linear
 
-    c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
+    c = chat_config(config)
     multiple = 64 if mode == "int4" else 16
 
     def packable(name: str, w: Any) -> bool:
         return (isinstance(w, Tensor) and w.ndim == 2 and name.endswith(".weight") and w.is_floating_point()
-                and w.shape[1] % multiple == 0)
+                and w.shape[1] % multiple == 0 and not name.endswith(".mlp.gate.weight"))  # MoE routers stay exact
 
     def pack(w: Tensor) -> Any:
         # quantized on `device` (fast), kept in RAM: build_llm moves each matrix when it makes its module
@@ -198,11 +227,14 @@ def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device
         return parts[0] if len(parts) == 1 else _concat_rows(parts)
 
     groups = []  # (prefix, parts, fused name) of the layers to fuse while packing
-    for i in range(c.n_layers):
+    for i in range(c.n_layers if isinstance(c, LLMConfig) else 0):
         if not c.fused_qkv:
             groups.append((f"model.layers.{i}.self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         if not c.fused_gate_up:
             groups.append((f"model.layers.{i}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
+            groups.append((f"model.layers.{i}.mlp.shared_experts.", ("gate_proj", "up_proj"), "gate_up_proj"))
+    # MoE layers have no mlp.gate_proj, MLA layers no k_proj: only groups the model has
+    groups = [g for g in groups if any(f"{g[0]}{p}.weight" in state_dict for p in g[1])]
     names = [[f"{base}{p}.weight" for p in parts] for base, parts, _ in groups]
     fuse = bool(groups) and all(all(packable(n, state_dict.get(n)) for n in g) for g in names) and all(
         len({(base + p + ".bias") in state_dict for p in parts}) == 1 for base, parts, _ in groups)

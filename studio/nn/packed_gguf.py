@@ -17,9 +17,10 @@ from studio.nn.packed_int import Int4Weight, Int8Weight, _pack_int4, quantize_in
 
 
 class GGUFWeight(QuantWeight):
-    """A GGUF-quantized matrix as stored: raw blocks (out, row_bytes), usually a view of the mapped file."""
+    """A GGUF-quantized matrix as stored: raw blocks (out, row_bytes), usually a view of the mapped file.
+    Stacked experts are 3D: shape (E, out, in), raw (E * out, row_bytes); experts() splits them."""
 
-    def __init__(self, raw: Tensor, type_id: int, shape: tuple[int, int]) -> None:
+    def __init__(self, raw: Tensor, type_id: int, shape: tuple[int, ...]) -> None:
         self.raw, self.type_id, self.shape = raw, type_id, shape
         self.type_name = GGML_TYPES[type_id].name
 
@@ -33,6 +34,14 @@ class GGUFWeight(QuantWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.raw, self.type_id, self.shape, dtype)
+
+    def experts(self) -> list[GGUFWeight]:
+        """A stacked (E, out, in) tensor (llama.cpp's `ffn_*_exps`) as E matrices: row slices, no copy."""
+        if len(self.shape) != 3:
+            raise ValueError(f"experts() needs a 3D (experts, out, in) weight, not {self.shape}")
+        e, n, k = self.shape
+        per = self.raw.reshape(e, n, -1)  # GGUF rows are independent blocks
+        return [GGUFWeight(per[i], self.type_id, (n, k)) for i in range(e)]
 
     def rows(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
