@@ -902,3 +902,13 @@ def test_interactive_chat_starts_a_new_engine_after_a_crash_before_the_next_prom
     assert seen["state"] == "ready" and seen["pid"] not in (None, first_pid)
     err = capsys.readouterr().err
     assert "stopped unexpectedly" in err and "new engine" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_hashing_skips_a_model_file_replaced_by_a_fifo(lib, home):
+    path = _model(home / "m" / "a.safetensors")
+    lib.add(path)
+    path.unlink()
+    os.mkfifo(path)
+    _run_with_timeout(lambda: lib.hash_pending(), 5)
+    assert lib.get("a").sha256 is None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.library.detect import Detection, detect
-from studio.library.headers import WEIGHT_SUFFIXES
+from studio.library.headers import WEIGHT_SUFFIXES, HeaderError, open_regular
 from studio.paths import Paths
 
 SCHEMA_VERSION = 1
@@ -106,6 +106,8 @@ def weight_files(path: Path) -> list[Path]:
     """The files that make up a model: the file itself, or a folder's weight files."""
     if path.is_file():
         return [path]
+    if not path.is_dir():  # gone, or a FIFO / device put in its place: nothing to hash or size
+        raise OSError(f"{path}: not a regular file or folder")
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES + (".json",))
 
 
@@ -123,7 +125,11 @@ def sha256_of(path: Path, progress: Progress | None = None, stop: threading.Even
     for f in files:
         if path.is_dir():
             h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
+        try:
+            fh = open_regular(f)  # a FIFO put in a model's place would block this thread for good
+        except HeaderError as e:
+            raise OSError(str(e)) from None
+        with fh:
             while chunk := fh.read(_HASH_CHUNK):
                 if stop is not None and stop.is_set():
                     raise LibraryError("hashing stopped")
