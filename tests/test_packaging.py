@@ -211,12 +211,12 @@ def test_update_switches_only_after_the_health_check_passes(tmp_path, monkeypatc
     monkeypatch.setattr(update, "build_env", _fake_build(root, "0.2.0-2"))
     monkeypatch.setattr(update, "health_check", lambda env: (False, "problem: torch does not work"))
     with pytest.raises(UpdateError, match="stays on"):
-        update.update(root, "0.2.0")
+        update.update(root, None)
     assert root.current() == old.resolve() and root.env_names() == ["0.1.0-1"]
 
     monkeypatch.setattr(update, "build_env", _fake_build(root, "0.2.0-3"))
     monkeypatch.setattr(update, "health_check", lambda env: (True, "healthy"))
-    new = update.update(root, "0.2.0")
+    new = update.update(root, None)
     assert root.current() == new.resolve() and root.previous() == old.resolve()
 
 
@@ -234,14 +234,19 @@ def test_an_update_keeps_the_current_torch_unless_asked(tmp_path, monkeypatch) -
     assert (repicked["version"], repicked["build"]) == (update.TORCH_VERSION, "cpu")
 
 
-def test_sources_name_a_wheel_or_a_version(tmp_path) -> None:
+def test_sources_are_wheels_until_studio_has_an_index_name(tmp_path, monkeypatch) -> None:
     wheel = tmp_path / "studio-0.2.0-py3-none-any.whl"
     wheel.write_bytes(b"")
     assert update._spec(str(wheel)) == str(wheel)
-    assert update._spec("0.2.0") == "studio==0.2.0"
-    assert update._spec("studio") == "studio"
     with pytest.raises(UpdateError, match="does not exist"):
         update._spec(str(tmp_path / "missing-0.3.0-py3-none-any.whl"))
+    # PyPI's "studio" is another program: a version or no --from must never install it by name
+    for source in ("0.2.0", None, "studio"):
+        with pytest.raises(UpdateError, match="different program"):
+            update._spec(source)
+    monkeypatch.setattr(update, "INDEX_NAME", "studio-desktop")
+    assert update._spec("0.2.0") == update._spec("studio-desktop==0.2.0") == "studio-desktop==0.2.0"
+    assert update._spec(None) == "studio-desktop"
     with pytest.raises(UpdateError, match="neither a wheel"):
         update._spec("the newest please")
 
@@ -288,3 +293,111 @@ def test_a_frozen_app_starts_its_engine_from_its_own_executable(monkeypatch) -> 
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     assert engine_command() == [sys.executable, "engine"]
     assert engine_command("/opt/python3")[:2] == ["/opt/python3", "-c"]  # an explicit Python still wins
+
+
+# ------------------------------------------------------------------ slow: installer and bundle
+def _torch_wheels() -> Path | None:
+    """A folder holding a torch wheel for this machine (the test may reach PyPI only, not PyTorch's index)."""
+    for folder in (os.environ.get("STUDIO_TEST_TORCH_FIND_LINKS"), "/opt/wheels"):
+        if folder and any(Path(folder).glob("torch-*.whl")):
+            return Path(folder)
+    return None
+
+
+def _build_wheel(src: Path, out: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(src)], check=True, timeout=600)
+    return max(out.glob("studio-*.whl"), key=lambda p: p.stat().st_mtime)
+
+
+def _next_version_tree(tmp: Path) -> tuple[Path, str]:
+    """A copy of the project whose version is one step newer, to update to."""
+    import studio
+
+    src = tmp / "next"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "__pycache__",
+                                                             "*.egg-info", "tests", "benchmarks", "docs"))
+    new = f"{studio.__version__}.post1"
+    for rel, old_text, new_text in (("pyproject.toml", f'version = "{studio.__version__}"', f'version = "{new}"'),
+                                    ("studio/__init__.py", f'__version__ = "{studio.__version__}"',
+                                     f'__version__ = "{new}"')):
+        text = (src / rel).read_text()
+        assert old_text in text, f"{rel} no longer holds {old_text!r}"
+        (src / rel).write_text(text.replace(old_text, new_text))
+    return src, new
+
+
+@pytest.mark.packaging
+@pytest.mark.timeout(1800)
+def test_linux_installer_installs_updates_rolls_back_and_uninstalls(tmp_path) -> None:
+    import studio
+
+    torch_wheels = _torch_wheels()
+    if torch_wheels is None:
+        pytest.skip("no local torch wheel: set STUDIO_TEST_TORCH_FIND_LINKS to a folder holding one")
+    for tool in ("desktop-file-validate", "appstreamcli", "xvfb-run"):
+        assert shutil.which(tool), f"{tool} is missing: apt-get install desktop-file-utils appstream xvfb"
+    wheel = _build_wheel(ROOT, tmp_path / "wheels")
+    next_src, next_version = _next_version_tree(tmp_path)
+    next_wheel = _build_wheel(next_src, tmp_path / "wheels-next")
+
+    home = tmp_path / "home"
+    home.mkdir()
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "STUDIO_HOME", "PYTHONPATH", "STUDIO_INSTALL_ROOT", "STUDIO_ASSETS")
+           and not k.startswith("XDG_")}
+    env.update(HOME=str(home), PATH=os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv_bin),
+               UV_CACHE_DIR=os.environ.get("UV_CACHE_DIR", str(Path("/tmp") / "studio-packaging-uv-cache")))
+
+    def run(*cmd: str | Path, timeout: int = 900) -> str:
+        done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=tmp_path)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{out[-4000:]}"
+        return out
+
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    out = run("bash", ROOT / "packaging" / "linux" / "install.sh", "--from", wheel, "--python", base_python,
+              "--torch-find-links", torch_wheels)
+    assert "torch 2." in out and "doctor --check: healthy" in out
+    share = home / ".local" / "share"
+    root, studio_cmd = share / "studio-app", home / ".local" / "bin" / "studio"
+    assert os.readlink(root / "current") == f"envs/{studio.__version__}-1"
+    run("desktop-file-validate", share / "applications" / "studio.desktop")
+    run("appstreamcli", "validate", "--no-net", share / "metainfo" / f"{APP_ID}.metainfo.xml")
+    assert (share / "icons" / "hicolor" / "256x256" / "apps" / f"{APP_ID}.png").is_file()
+
+    out = run("xvfb-run", "-a", "env", "STUDIO_EXIT_WHEN_READY=1", studio_cmd, timeout=300)
+    assert "engine ready" in out
+
+    models = Path(run(root / "current" / "bin" / "python", "-c",
+                      "from studio.paths import Paths; print(Paths.default().models)").strip().splitlines()[-1])
+    assert home in models.parents  # the user's data folder, not the install root
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "my-model.gguf").write_bytes(b"GGUF keep me")
+
+    out = run(studio_cmd, "update", "--from", next_wheel)
+    assert "kept from the current environment" in out  # torch untouched without --torch
+    assert run(studio_cmd, "--version").strip() == f"studio {next_version}"
+    assert os.readlink(root / "previous") == f"envs/{studio.__version__}-1"
+
+    run(studio_cmd, "update", "--rollback")
+    assert run(studio_cmd, "--version").strip() == f"studio {studio.__version__}"
+    assert os.readlink(root / "current") == f"envs/{studio.__version__}-1"
+
+    out = run(root / "uninstall.sh")
+    assert not root.exists() and not studio_cmd.exists()
+    assert not (share / "applications" / "studio.desktop").exists()
+    assert (models / "my-model.gguf").read_bytes() == b"GGUF keep me"
+    assert str(models) in out  # it says what it kept
+
+
+@pytest.mark.packaging
+@pytest.mark.timeout(3600)
+def test_pyinstaller_bundle_answers_a_chat_with_no_python_on_path(tmp_path) -> None:
+    done = subprocess.run(["bash", str(ROOT / "packaging" / "pyinstaller" / "build_and_test.sh"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=3500)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "Paris" in out and "build_and_test: PASS" in out

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Install Studio for this user: no root, nothing outside ~/.local, only Python 3.10+ and the package index.
 #
-#   bash install.sh                         # the newest Studio from the package index
 #   bash install.sh --from studio-0.2.0-py3-none-any.whl
-#   bash install.sh --torch-build cpu       # choose the torch build instead of detecting it
+#   bash install.sh --from studio-0.2.0-py3-none-any.whl --torch-build cpu   # choose the torch build
 #
 # What it does:
 #   1. puts uv (from PyPI) and Studio's updater in ROOT/tools (a small venv);
@@ -21,7 +20,7 @@ UV_VERSION="0.13.9"  # the uv this installer is tested with
 APP_ID="org.studioapp.Studio"
 DATA_HOME="${XDG_DATA_HOME:-$HOME/.local/share}"
 ROOT="$DATA_HOME/studio-app"
-SOURCE="studio"
+SOURCE=""
 PYTHON=""
 DESKTOP=1
 UPDATE_ARGS=()
@@ -31,7 +30,7 @@ usage() {
   cat <<EOF
 
 Options:
-  --from WHEEL_OR_VERSION   a Studio wheel file, or a version from the package index (default: newest)
+  --from WHEEL               a Studio wheel file (required: Studio is not on the package index yet)
   --root DIR                where to install (default: $ROOT)
   --python PATH             the Python 3.10+ to build on (default: the newest python3.x found)
   --torch-build BUILD       cpu, cu126, cu128, cu130, rocm6.4 or pypi instead of detecting it
@@ -56,6 +55,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# PyPI's project called "studio" is an unrelated program: Studio installs from its own wheel until it is
+# published under a name of its own (studio/cli/update.py, INDEX_NAME).
+[ -n "$SOURCE" ] || die "give Studio's wheel with --from (make one with \`pip wheel --no-deps -w dist .\` in the project)."
 # A wheel given by a relative path must still be found after the `cd`s of the tools below.
 if [ -f "$SOURCE" ]; then SOURCE="$(cd "$(dirname "$SOURCE")" && pwd)/$(basename "$SOURCE")"; fi
 mkdir -p "$ROOT"

