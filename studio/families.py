@@ -33,6 +33,9 @@ SCHEDULE_LABELS: dict[str, str] = {
     "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
     "simple": "Simple", "ddim_uniform": "DDIM",
 }
+# ComfyUI uses k-diffusion's names; the ones that differ from ours.
+COMFY_SAMPLER_NAMES: dict[str, str] = {"euler_ancestral": "euler_a", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+                                       "dpmpp_sde_gpu": "dpmpp_sde"}
 FLOW_SAMPLER_LABELS: dict[str, str] = {"unipc": "UniPC", "euler": "Euler"}
 
 DIFFUSION_SAMPLERS = tuple(SAMPLER_LABELS)

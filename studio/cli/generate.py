@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from studio import families
 from studio.cli import batch, common
 from studio.cli.video import add_video_parser
 from studio.library.detect import detect
@@ -21,12 +22,13 @@ def add_parser(sub) -> None:
                                                 "(default: the one image model installed)")
     p.add_argument("--prompt", default="", help="the prompt (or --prompts FILE for many jobs)")
     p.add_argument("--negative", default="")
-    p.add_argument("--width", type=int, default=0, help="default: 512 (SD1), 768 (SD2), 1024 (SDXL)")
+    p.add_argument("--width", type=int, default=0, help="default: the model family's native size")
     p.add_argument("--height", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--sampler", default="euler_a")
-    p.add_argument("--schedule", default="normal")
+    p.add_argument("--steps", type=int, default=0, help="default: the model family's")
+    p.add_argument("--cfg", type=float, default=None, help="default: the model family's")
+    p.add_argument("--sampler", default="", choices=["", *families.DIFFUSION_SAMPLERS],
+                   help="default: the model family's")
+    p.add_argument("--schedule", default="", choices=["", *families.SCHEDULES], help="default: the model family's")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one (printed, and stored in the PNG)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--batch-count", type=int, default=1)
@@ -92,15 +94,13 @@ def cmd_image(args: argparse.Namespace) -> int:
         print(f"using {args.model}", file=sys.stderr)
     size = args.width or args.height or 0
     job = ImageJob(model=args.model, prompt=args.prompt, negative=args.negative,
-                   width=args.width or size or 512, height=args.height or size or 512, steps=args.steps,
-                   cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
+                   width=args.width or size or 512, height=args.height or size or 512, seed=args.seed,
                    batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=args.clip_skip, vae=args.vae,
                    text_encoders=args.text_encoder,
                    loras=[parse_lora(s) for s in args.lora], init_image=args.init, strength=args.strength,
                    mask=args.mask, prediction=args.prediction, out=args.out, previews=not args.no_previews,
                    quant=args.quant)
-    if not (args.width or args.height):
-        job = _default_size(job)
+    job = _family_defaults(job, args)
     if batch.wants_batch(args):
         return batch.run_batch(args, job)
     if not args.prompt:
@@ -128,13 +128,23 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_size(job):
-    """Without --width/--height, the family's native size, read from the file's headers."""
+def _family_defaults(job: ImageJob, args: argparse.Namespace) -> ImageJob:
+    """What the command line left unset (size, steps, CFG, sampler, schedule) from the family
+    catalog, for the family read from the file's headers."""
     from dataclasses import replace
 
     try:
-        family = detect(job.model).family
+        det = detect(job.model)
     except Exception:  # detection is a convenience here; the engine reports real problems
-        return job
-    side = {"sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}.get(family, 512)
-    return replace(job, width=side, height=side)
+        det = None
+    f = families.FAMILIES.get(det.family) if det is not None else None
+    if f is None or f.kind is not families.Kind.IMAGE:
+        f = families.FAMILIES[families.ids(families.Kind.IMAGE, runnable=True)[0]]
+    changes: dict = {}
+    if not (args.width or args.height):
+        changes["width"], changes["height"] = families.size_presets(f.id, det.prediction if det else "")[0]
+    changes["steps"] = args.steps or f.steps
+    changes["cfg"] = f.cfg if args.cfg is None else args.cfg
+    changes["sampler"] = args.sampler or f.sampler
+    changes["schedule"] = args.schedule or f.schedule or job.schedule
+    return replace(job, **changes)

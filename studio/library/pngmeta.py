@@ -20,21 +20,16 @@ from typing import IO, Any
 
 from PIL import Image, PngImagePlugin
 
+from studio import families
 from studio.fsutil import atomic_write
 
 # Our sampler / schedule names <-> A1111 labels.
-A1111_SAMPLERS = {
-    "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "lcm": "LCM",
-}
-A1111_SCHEDULES = {
-    "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
-    "simple": "Simple", "ddim_uniform": "DDIM",
-}
+A1111_SAMPLERS = families.SAMPLER_LABELS
+A1111_SCHEDULES = families.SCHEDULE_LABELS
 _SAMPLER_FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _SCHEDULE_FROM_A1111 = {v.lower(): k for k, v in A1111_SCHEDULES.items()} | {"uniform": "normal", "automatic": ""}
 # ComfyUI uses k-diffusion names; the ones that differ from ours.
-_SAMPLER_FROM_COMFY = {"euler_ancestral": "euler_a", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde", "dpmpp_sde_gpu": "dpmpp_sde"}
+_SAMPLER_FROM_COMFY = families.COMFY_SAMPLER_NAMES
 
 
 # ---------------------------------------------------------------- writing
