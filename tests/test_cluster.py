@@ -85,7 +85,10 @@ def test_a_worker_killed_mid_batch_does_not_lose_a_job(cluster, jobs, reference,
     results = list(cluster.run(jobs, tmp_path, on_progress=on_progress))
     assert killed and [r.index for r in results] == list(range(8))
     assert all(r.error is None for r in results), [r.error for r in results]
-    assert results[killed[0]].attempts == 2 and results[killed[0]].worker == 1
+    # the job worker 0 held when it died (progress may lag, so not necessarily `killed[0]`) ran again on worker 1
+    retried = [r for r in results if r.attempts == 2]
+    assert len(retried) == 1 and retried[0].worker == 1, [(r.index, r.worker, r.attempts) for r in results]
+    assert {r.worker for r in results if r.index > retried[0].index} == {1}
     for r in results:
         assert np.array_equal(pixels(r.result["images"][0]["path"]), reference[r.job.seed])
 
