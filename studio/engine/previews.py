@@ -18,19 +18,21 @@ import torch
 from PIL import Image
 from torch import nn
 
+from studio import families as F
+
 # Latent -> RGB factors, (C, 3) plus an RGB bias, applied as rgb = latent . factors + bias, giving
 # roughly [-1, 1]. Values from ComfyUI's comfy/latent_formats.py (classes SD15, SDXL, SD3, Flux,
 # Wan21), fitted by its authors on real VAE decodes; they are measured data, not code.
 LATENT_RGB: dict[str, tuple[list[list[float]], list[float]]] = {
-    "sd1": ([[0.3512, 0.2297, 0.3227],
+    F.SD1: ([[0.3512, 0.2297, 0.3227],
              [0.3250, 0.4974, 0.2350],
              [-0.2829, 0.1762, 0.2721],
              [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
-    "sdxl": ([[0.3651, 0.4232, 0.4341],
+    F.SDXL: ([[0.3651, 0.4232, 0.4341],
               [-0.2533, -0.0042, 0.1068],
               [0.1076, 0.1111, -0.0362],
               [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
-    "sd3": ([[-0.0922, -0.0175, 0.0749],
+    F.SD3: ([[-0.0922, -0.0175, 0.0749],
              [0.0311, 0.0633, 0.0954],
              [0.1994, 0.0927, 0.0458],
              [0.0856, 0.0339, 0.0902],
@@ -46,7 +48,7 @@ LATENT_RGB: dict[str, tuple[list[list[float]], list[float]]] = {
              [-0.0069, -0.0030, -0.0810],
              [-0.0596, -0.0465, -0.0293],
              [-0.1448, -0.1463, -0.1189]], [0.2394, 0.2135, 0.1925]),
-    "flux": ([[-0.0346, 0.0244, 0.0681],
+    F.FLUX: ([[-0.0346, 0.0244, 0.0681],
               [0.0034, 0.0210, 0.0687],
               [0.0275, -0.0668, -0.0433],
               [-0.0174, 0.0160, 0.0617],
@@ -62,7 +64,7 @@ LATENT_RGB: dict[str, tuple[list[list[float]], list[float]]] = {
               [-0.1264, -0.0522, -0.1103],
               [-0.0280, -0.0881, -0.0499],
               [-0.1262, -0.0982, -0.0778]], [-0.0329, -0.0718, -0.0851]),
-    "wan": ([[-0.1299, -0.1692, 0.2932],
+    F.WAN: ([[-0.1299, -0.1692, 0.2932],
              [0.0671, 0.0406, 0.0442],
              [0.3568, 0.2548, 0.1747],
              [0.0372, 0.2344, 0.1420],
@@ -79,7 +81,7 @@ LATENT_RGB: dict[str, tuple[list[list[float]], list[float]]] = {
              [0.3477, 0.2275, 0.2950],
              [0.1984, 0.0913, 0.1861]], [-0.1835, -0.0868, -0.3360]),
 }
-LATENT_RGB["sd2"] = LATENT_RGB["sd1"]  # same VAE and scale
+LATENT_RGB[F.SD2] = LATENT_RGB[F.SD1]  # same VAE and scale
 # Wan 2.2's 48-channel VAE (TI2V 5B): ComfyUI's Wan22 latent format, the same kind of fitted data.
 LATENT_RGB["wan22"] = ([
               [ 0.0119,  0.0103,  0.0046],
@@ -131,7 +133,7 @@ LATENT_RGB["wan22"] = ([
               [ 0.0504, -0.0483, -0.0356],
               [-0.0837,  0.0168,  0.0055],
 ], [0.0317, -0.0878, -0.1388])
-VIDEO_FAMILIES = {"wan", "wan22"}
+VIDEO_FAMILIES = {F.WAN, "wan22"}
 
 
 def _frame(latent: torch.Tensor, family: str, frame: int) -> torch.Tensor:
@@ -223,7 +225,7 @@ class TAESD(nn.Module):
         return self.layers(torch.tanh(z / 3) * 3)
 
     @torch.no_grad()
-    def to_rgb(self, latent: torch.Tensor, family: str = "sd1", frame: int = 0) -> np.ndarray:
+    def to_rgb(self, latent: torch.Tensor, family: str = F.SD1, frame: int = 0) -> np.ndarray:
         """Same contract as latent_to_rgb: one image as uint8 (8h, 8w, 3)."""
         p = next(self.parameters())
         z = _frame(latent.detach(), family, frame)[None].to(p.device, p.dtype)
