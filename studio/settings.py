@@ -17,6 +17,7 @@ log = logging.getLogger("studio.settings")
 class Settings:
     model_folders: list[str] = field(default_factory=list)  # scanned for models (ComfyUI, A1111, HF cache...)
     outputs_folder: str = ""  # "" = the platform's Pictures/Studio
+    models_folder: str = ""  # where added and downloaded models go; "" = Paths.models
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps, xpu
     vram_budget: str = ""  # "" = all of it (minus the reserve); e.g. "6GiB"
     vram_reserve: str = "1GiB"  # left free for the desktop and other apps
@@ -26,6 +27,7 @@ class Settings:
     last_tab: int = 2  # Chat: the one thing that works with no model installed
     engine_address: str = ""  # HOST:PORT of `studio engine serve` on another machine; "" = the local engine
     engine_token: str = ""  # that engine's token (this file is written 0600)
+    first_run_done: bool = False  # the welcome card was shown (Help > Welcome shows it again)
 
     @classmethod
     def load(cls, paths: Paths) -> Settings:
@@ -60,6 +62,9 @@ class Settings:
 
     def outputs_path(self, paths: Paths) -> Path:
         return Path(self.outputs_folder).expanduser() if self.outputs_folder else paths.outputs
+
+    def models_path(self, paths: Paths) -> Path:
+        return Path(self.models_folder).expanduser() if self.models_folder else paths.models
 
 
 def settings_path(paths: Paths) -> Path:

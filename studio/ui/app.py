@@ -28,6 +28,7 @@ def run_gui(argv: list[str] | None = None) -> int:
     apply_theme(app, settings.theme)
     window = MainWindow(paths, settings)
     window.show()
+    window.maybe_show_welcome()
     if os.environ.get("STUDIO_EXIT_WHEN_READY"):
         _exit_when_ready(app, window)
     window.engine.start()

@@ -439,8 +439,11 @@ class MainWindow(QMainWindow):
     def _on_folder_changed(self, which: str, folder: str) -> None:
         if which == "models" and self.library is not None:
             self.library.models_dir = Path(folder)
-        elif which == "outputs":
-            self.engine.restart(engine_options(self.settings, self.paths))  # the engine writes the outputs
+        elif which == "outputs":  # the engine writes the outputs: it needs the new folder
+            if self.engine.state != "stopped":
+                self.engine.restart(engine_options(self.settings, self.paths))
+            else:  # not started: the next start takes the new options
+                self.engine.client.options = engine_options(self.settings, self.paths)
 
     def about(self) -> None:
         QMessageBox.about(self, "About Studio", f"<b>Studio {__version__}</b><br>Local, private image, video and "
