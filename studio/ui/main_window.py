@@ -51,7 +51,8 @@ STATE_TEXT = {
 def engine_options(settings: Settings, paths: Paths | None = None) -> EngineOptions:
     paths = paths or Paths.default()
     return EngineOptions(device=settings.device, vram_budget=settings.vram_budget, reserve=settings.vram_reserve,
-                         settings={"outputs": str(settings.outputs_path(paths))})
+                         settings={"outputs": str(settings.outputs_path(paths))},
+                         remote=settings.engine_address.strip(), token=settings.engine_token)
 
 
 class MainWindow(QMainWindow):
