@@ -365,7 +365,7 @@ class MainWindow(QMainWindow):
                                      f"({r['dtype']}), {'correct' if r['ok'] else 'WRONG RESULTS'}", 20000)
 
     def open_settings(self) -> None:
-        dialog = SettingsDialog(self.settings, self, self.engine.client.last_status)
+        dialog = SettingsDialog(self.settings, self, self.engine.client.last_status, paths=self.paths)
         try:
             accepted = dialog.exec() == SettingsDialog.DialogCode.Accepted
             new = dialog.result_settings() if accepted else None
@@ -375,8 +375,10 @@ class MainWindow(QMainWindow):
             dialog.deleteLater()
         if new is None:
             return
-        engine_changed = (new.device, new.vram_budget, new.vram_reserve, new.outputs_folder) != (
-            self.settings.device, self.settings.vram_budget, self.settings.vram_reserve, self.settings.outputs_folder)
+        engine_changed = (new.device, new.vram_budget, new.vram_reserve, new.outputs_folder, new.engine_address,
+                          new.engine_token) != (self.settings.device, self.settings.vram_budget,
+                                                self.settings.vram_reserve, self.settings.outputs_folder,
+                                                self.settings.engine_address, self.settings.engine_token)
         theme_changed = new.theme != self.settings.theme
         old_folders = list(self.settings.model_folders)
         self.settings = new

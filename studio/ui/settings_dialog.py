@@ -19,7 +19,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.paths import Paths
 from studio.settings import Settings
+from studio.ui.remote_settings import RemoteEngineGroup
 from studio.units import parse_size
 
 DEVICES = ["auto", "cpu", "cuda", "cuda:1", "mps", "xpu"]
@@ -45,7 +47,8 @@ def offered_devices(status: dict | None, current: str) -> tuple[list[str], str, 
 
 
 class SettingsDialog(QDialog):
-    def __init__(self, settings: Settings, parent: QWidget | None = None, status: dict | None = None) -> None:
+    def __init__(self, settings: Settings, parent: QWidget | None = None, status: dict | None = None,
+                 paths: Paths | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Settings")
         self.setMinimumWidth(520)
@@ -109,7 +112,7 @@ class SettingsDialog(QDialog):
         form.addRow("VRAM budget", self.budget)
         form.addRow("VRAM reserve", self.reserve)
         form.addRow("Theme", self.theme)
-        hint = QLabel("Changing the device or memory settings restarts the engine.")
+        hint = QLabel("Changing the device, memory or remote engine settings restarts the engine.")
         hint.setEnabled(False)
 
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
@@ -118,6 +121,9 @@ class SettingsDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(hint)
+        self.remote = RemoteEngineGroup(settings.engine_address, settings.engine_token,
+                                        (paths or Paths.default()).data)
+        layout.addWidget(self.remote)
         layout.addWidget(self.error)
         layout.addWidget(buttons)
 
@@ -151,6 +157,11 @@ class SettingsDialog(QDialog):
         if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
             self.error.setText(f"Device {device!r} is not one of auto, cpu, cuda, cuda:N, mps, xpu.")
             return None
+        remote_error = self.remote.validate()
+        if remote_error:
+            self.error.setText(remote_error)
+            self.remote.address.setFocus()
+            return None
         return dataclasses.replace(
             self._original,
             model_folders=[self.folders.item(i).text() for i in range(self.folders.count())],
@@ -159,6 +170,8 @@ class SettingsDialog(QDialog):
             vram_budget=self.budget.text().strip(),
             vram_reserve=self.reserve.text().strip(),
             theme=self.theme.currentText(),
+            engine_address=self.remote.address_text(),
+            engine_token=self.remote.token.text().strip(),
         )
 
     def _accept(self) -> None:
