@@ -67,6 +67,11 @@ class QtEngine(QObject):
         threading.Thread(target=work, daemon=True).start()
         return job_id
 
+    def resume(self, job_id: str) -> None:
+        """Fetch a job's result (or progress) from the remote engine after a lost link, without blocking the GUI:
+        its messages then arrive on `message` as a submitted job's do."""
+        threading.Thread(target=self.client.resume, args=(job_id,), daemon=True).start()
+
     def cancel(self, job_id: str) -> None:
         self.client.cancel(job_id)
 

@@ -32,7 +32,7 @@ from studio.ui.image.options import IMAGE_FAMILIES, read_json, refuse_file_drops
 from studio.ui.image.params import ModelChoice, ParamsPanel
 from studio.ui.image.preview import PreviewPanel, format_seconds
 from studio.ui.image.prompt_box import PromptEdit, PromptHistory
-from studio.ui.job_runner import JobRunner, failure_text
+from studio.ui.job_runner import FETCH_ACTION, JobRunner, failure_text
 from studio.ui.job_widgets import GenerateBar, NaturalHeight
 
 STATE_FILE = "image_tab.json"
@@ -268,6 +268,9 @@ class ImageTab(QWidget):
         """Send the job that failed again, exactly as it was (same seed)."""
         if self.job is None or self.busy:
             return None
+        if self.runner.can_resume:
+            self.preview.start("Fetching the result from the remote engine…")
+            return self.runner.resume()
         return self.submit(self.job)
 
     def cancel(self) -> None:
@@ -292,7 +295,9 @@ class ImageTab(QWidget):
         self.preview.show_image(image, QSize(job.width, job.height) if job else None)
 
     def _on_failed(self, kind: str, message: str, engine_restarted: bool) -> None:
-        self.preview.show_error(failure_text(message, engine_restarted, "Retry") + f"  ({kind})")
+        # After a lost link to a remote engine the button fetches the job's result instead of running it again.
+        self.preview.retry_button.setText(FETCH_ACTION if self.runner.can_resume else "Retry")
+        self.preview.show_error(failure_text(message, engine_restarted, "Retry", kind) + f"  ({kind})")
 
     def _on_result(self, result: dict) -> None:
         images = [i for i in result.get("images", []) if isinstance(i, dict) and i.get("path")]

@@ -22,10 +22,17 @@ from studio.ui.pyside_fixes import guard_true_refcount
 # Error kinds the client synthesises when the engine process is gone; the job did not fail on its own.
 ENGINE_LOST = ("engine_crashed", "engine_hung")
 ENGINE_GONE = (*ENGINE_LOST, "engine_stopped", "engine_failed")
+# The link to a remote engine was lost for good: the job may still finish there, and the server keeps
+# its result for a while, so the runner can fetch it later (EngineClient.resume) instead of running it again.
+RESUMABLE = ("connection_lost",)
+FETCH_ACTION = "Fetch result"
 
 
-def failure_text(message: str, engine_restarted: bool, action: str = "Generate") -> str:
-    """What a tab shows for a failed job: the engine's words, plus what to do after a crash."""
+def failure_text(message: str, engine_restarted: bool, action: str = "Generate", kind: str = "") -> str:
+    """What a tab shows for a failed job: the engine's words, plus what to do after a crash or a lost link."""
+    if kind in RESUMABLE:
+        return (f"{message} Press {FETCH_ACTION} once the remote engine is reachable again: the job may have "
+                "finished there.")
     if engine_restarted:
         return f"{message} Press {action} to try again: a new engine takes the next job."
     return message
@@ -49,6 +56,7 @@ class JobRunner(QObject):
         self.job_id: str | None = None
         self.job: Any = None  # the running job, or the last one (tabs resubmit it for Retry)
         self.cancelling = False
+        self.lost_job_id: str | None = None  # a job whose link was lost, whose result can still be fetched
         self._connected = True
         engine.message.connect(self._on_message)
 
@@ -64,8 +72,24 @@ class JobRunner(QObject):
             raise RuntimeError("this JobRunner was closed; make a new one")
         self.job = job
         self.cancelling = False
+        self.lost_job_id = None
         self.job_id = self.engine.submit(job)
         self.busy_changed.emit(True)
+        return self.job_id
+
+    @property
+    def can_resume(self) -> bool:
+        return self.lost_job_id is not None and not self.busy
+
+    def resume(self) -> str | None:
+        """Follow the job whose link was lost again: the remote engine sends its result, or its progress if it
+        still runs (the engine's `resume(job_id)`). None when there is no such job."""
+        if not self.can_resume or not self._connected:
+            return None
+        self.job_id, self.lost_job_id = self.lost_job_id, None
+        self.cancelling = False
+        self.busy_changed.emit(True)
+        self.engine.resume(self.job_id)
         return self.job_id
 
     def cancel(self) -> bool:
@@ -112,6 +136,7 @@ class JobRunner(QObject):
             case "error":
                 kind = str(msg.get("kind") or "error")
                 restarted = kind in ENGINE_LOST and self._engine_restarts()
+                self.lost_job_id = self.job_id if kind in RESUMABLE else None
                 self._end()
                 self.failed.emit(kind, str(msg.get("message") or kind), restarted)
             case "cancelled":

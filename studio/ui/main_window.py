@@ -87,6 +87,8 @@ class MainWindow(QMainWindow):
         self._selftest.finished.connect(self._on_selftest)
         self._selftest.failed.connect(lambda _kind, message, restarted: self.statusBar().showMessage(
             f"Self-test failed: {failure_text(message, restarted, 'Run device self-test')}", 20000))
+        self._trust_notices: set[str] = set()
+        self.trust_notice: QMessageBox | None = None
         self.engine.state_changed.connect(self._on_state)
         self.engine.status_changed.connect(self._on_status)
         self._on_state(self.engine.state, "")
@@ -141,11 +143,33 @@ class MainWindow(QMainWindow):
 
     def _on_state(self, state: str, detail: str) -> None:
         color, text = STATE_TEXT.get(state, ("#888", state))
+        if state == "restarting" and detail:
+            text = detail  # the client's own words: a lost link to a remote engine is not a crash
+        elif state == "starting" and self.settings.engine_address:
+            text = f"Connecting to the remote engine at {self.settings.engine_address}…"
+        if state == "starting" and detail.startswith("Trusted "):
+            self._show_trust_notice(detail)
         self.state_label.setText(f"<span style='color:{color}'>●</span> {text}")
         self.state_label.setToolTip(detail or text)
         self.state_label.setProperty("state", state)
         if detail and state in ("restarting", "stopped"):
             self.statusBar().showMessage(detail, 15000)
+
+    def _show_trust_notice(self, detail: str) -> None:
+        """The fingerprint pinned on first use, once per server: the user compares it with the server's."""
+        if detail in self._trust_notices:
+            return
+        self._trust_notices.add(detail)
+        self.statusBar().showMessage(detail, 60000)
+        box = QMessageBox(QMessageBox.Icon.Information, "New remote engine trusted",
+                          f"{detail}.\n\nCompare it with the fingerprint `studio engine serve` printed on the server "
+                          "(or `studio engine fingerprint` there). If they differ, remove the address in Settings > "
+                          "Remote engine and press Forget certificate: someone may be intercepting the connection.",
+                          QMessageBox.StandardButton.Ok, self)
+        box.setModal(False)  # a notice: the window stays usable while the user checks the server
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.show()
+        self.trust_notice = box
 
     def _on_status(self, status: dict) -> None:
         device = status.get("device", {})

@@ -43,7 +43,7 @@ from studio.paths import Paths
 from studio.protocol import VideoJob, job_to_dict
 from studio.settings import Settings
 from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
-from studio.ui.job_runner import JobRunner, failure_text
+from studio.ui.job_runner import FETCH_ACTION, JobRunner, failure_text
 from studio.ui.job_widgets import GenerateBar, NaturalHeight, SeedField
 from studio.ui.video_player import VideoPlayer, thumbnail
 
@@ -181,6 +181,11 @@ class VideoTab(QWidget):
         col.addLayout(form)
         col.addWidget(self.buttons)
         col.addWidget(self.notice)
+        # After a lost link to a remote engine: fetch the job's result (kept there a while) instead of rerunning it.
+        self.fetch_button = QPushButton(FETCH_ACTION)
+        self.fetch_button.hide()
+        self.fetch_button.clicked.connect(self.fetch_result)
+        col.addWidget(self.fetch_button)
         col.addStretch()
         # The column scrolls when the window is short rather than cutting the init image row off.
         self.scroll = QScrollArea()
@@ -399,6 +404,7 @@ class VideoTab(QWidget):
             self.show_notice(NO_MODEL)
             return None
         self.notice.hide()
+        self.fetch_button.hide()
         self.preview.set_image(None)
         self.stack.setCurrentWidget(self.preview)
         self.player.stop()
@@ -435,8 +441,16 @@ class VideoTab(QWidget):
         job = self.job
         self.preview.set_image(image, QSize(job.width, job.height) if job else None)
 
+    def fetch_result(self) -> str | None:
+        self.fetch_button.hide()
+        if self.runner.can_resume:
+            self.status.setText("Fetching the result from the remote engine…")
+            self.progress.setRange(0, 0)
+        return self.runner.resume()
+
     def _on_failed(self, kind: str, message: str, engine_restarted: bool) -> None:
-        text = failure_text(message, engine_restarted)
+        self.fetch_button.setVisible(self.runner.can_resume)
+        text = failure_text(message, engine_restarted, kind=kind)
         self._finish(f"Failed: {text}")
         self.show_notice(text)
         self.stack.setCurrentWidget(self.player)
