@@ -21,13 +21,15 @@ from torch import Tensor
 
 from studio.errors import UserError
 from studio.models.llm_build import LoadedLLM
+from studio.models.moe_gguf import MOE_BLOCK, moe_expected_shapes
 from studio.models.tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
 from studio.nn.gguf_dequant import GGML_TYPES, dequantize, type_name
 from studio.nn.packed import QuantWeight
 from studio.nn.packed_gguf import GGUFWeight
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3moe", "deepseek2")
+RECURRENT_ARCHS = ("mamba", "mamba2")  # read by mamba_load.py: no attention, a state instead
 
 # GGUF metadata value types: id -> (struct format, size) for the fixed-size ones.
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
@@ -214,7 +216,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
 _MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
                 "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma": ("gemma", "GemmaForCausalLM"),
                 "gemma2": ("gemma2", "Gemma2ForCausalLM"), "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
-                "phi3": ("phi3", "Phi3ForCausalLM")}
+                "phi3": ("phi3", "Phi3ForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+                "deepseek2": ("deepseek_v2", "DeepseekV2ForCausalLM")}
 
 
 def gguf_config(g: GGUFFile) -> dict:
@@ -304,6 +307,10 @@ def gguf_config(g: GGUFFile) -> dict:
                 return dequantize(g.raw(name), info.type_id, info.shape).tolist()
             cfg["rope_scaling"] = {"rope_type": "longrope", "long_factor": factors("rope_factors_long.weight"),
                                    "short_factor": factors("rope_factors_short.weight")}
+    if get("expert_count") or arch == "deepseek2":
+        from studio.models.moe_gguf import moe_gguf_config
+
+        cfg.update(moe_gguf_config(arch, get, g.tensors, cfg))
     return cfg
 
 
@@ -355,6 +362,8 @@ def hf_name(arch: str, name: str) -> str | None:
         table = _GEMMA2_BLOCK if arch in ("gemma2", "gemma3") else _PHI3_BLOCK if arch == "phi3" else _BLOCK
         if parts[2] in table:
             return f"model.layers.{parts[1]}.{table[parts[2]]}.{suffix}"
+        if parts[2] in MOE_BLOCK:  # experts (3D, no suffix in our keys), routers, MLA projections
+            return f"model.layers.{parts[1]}.{MOE_BLOCK[parts[2]].format(suffix)}"
     return None
 
 
@@ -367,7 +376,7 @@ def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
             "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
             "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
-            "mlp.gate_up_proj.weight": (2 * f, h), "input_layernorm.weight": (h,)}
+            "mlp.gate_up_proj.weight": (2 * f, h), "input_layernorm.weight": (h,), **moe_expected_shapes(cfg)}
 
 
 def _check_shapes(g: GGUFFile, arch: str, cfg: dict) -> None:
@@ -393,8 +402,9 @@ def _check_shapes(g: GGUFFile, arch: str, cfg: dict) -> None:
 
 
 # Tensors every layer needs, as (any of these GGUF names); q/k/v and gate/up may come fused.
-_LAYER_TENSORS = (("attn_q", "attn_qkv"), ("attn_k", "attn_qkv"), ("attn_v", "attn_qkv"), ("attn_output",),
-                  ("ffn_down",), ("ffn_up",), ("attn_norm",))
+_LAYER_TENSORS = (("attn_q", "attn_qkv", "attn_q_a"), ("attn_k", "attn_qkv", "attn_kv_a_mqa"),
+                  ("attn_v", "attn_qkv", "attn_kv_a_mqa"), ("attn_output",),
+                  ("ffn_down", "ffn_down_exps"), ("ffn_up", "ffn_up_exps"), ("attn_norm",))
 
 
 def _check_layers(g: GGUFFile, cfg: dict) -> None:
@@ -436,6 +446,10 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
     keep_quantized=False dequantizes every quantized tensor to float32 (F32/F16/BF16 stay as stored).
     """
     g = read_gguf(path)
+    if g.metadata.get("general.architecture") in RECURRENT_ARCHS:
+        from studio.models.mamba_load import load_mamba_gguf  # it imports this module
+
+        return load_mamba_gguf(g, keep_quantized)
     try:
         config = gguf_config(g)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
@@ -461,10 +475,10 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
             w: Tensor | QuantWeight = dequantize(raw, info.type_id, info.shape, dtype=float_dtype)
             if arch.startswith("gemma") and name.endswith("norm.weight"):
                 w = w.float() - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keys hold w
-        elif len(info.shape) != 2:
+        elif len(info.shape) != 2 and not (len(info.shape) == 3 and "_exps." in name):
             raise _bad(g.path, f"quantized tensor {name} is not a matrix")
         elif keep_quantized:
-            w = GGUFWeight(raw, info.type_id, (info.shape[0], info.shape[1]))
+            w = GGUFWeight(raw, info.type_id, tuple(info.shape))  # (E, out, in) for stacked experts
         else:
             w = dequantize(raw, info.type_id, info.shape)
         state[key] = w
