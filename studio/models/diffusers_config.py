@@ -373,3 +373,32 @@ def t5_settings(config: Config) -> dict[str, Any]:
     if r.has("layer_norm_epsilon"):
         out["eps"] = r.positive_float("layer_norm_epsilon", 1e-6)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ Flux
+
+FLUX_TRANSFORMER_KEYS = (
+    # applied
+    "axes_dims_rope", "num_attention_heads",
+    # must hold the value our transformer computes with
+    "_class_name", "patch_size",
+    # accepted without effect: the weights' shapes give them (checked against them where they could differ)
+    "attention_head_dim",
+)
+
+
+def flux_transformer_settings(config: Config) -> dict[str, Any]:
+    """FluxTransformer2DModel config -> {"axes_dim", "heads"}, each only when the config states it."""
+    r = _Reader(config, "transformer/config.json")
+    _class(r, ("FluxTransformer2DModel",), "transformer")
+    r.expect("patch_size", (1,), "Flux packs 2x2 latent patches itself; patch_size must be 1.")
+    out: dict[str, Any] = {}
+    if r.has("axes_dims_rope"):
+        axes = config["axes_dims_rope"]
+        if not (isinstance(axes, (list, tuple)) and axes
+                and all(isinstance(a, int) and a > 0 and a % 2 == 0 for a in axes)):
+            raise r.refuse("axes_dims_rope", axes, "a list of positive even integers")
+        out["axes_dim"] = tuple(axes)
+    if r.has("num_attention_heads"):
+        out["heads"] = r.positive_int("num_attention_heads", 24)
+    return out

@@ -1,0 +1,251 @@
+"""Flux.1: the transformer against diffusers' FluxTransformer2DModel in every layout, the schedule against
+FlowMatchEulerDiscreteScheduler, and whole tiny generations against diffusers' FluxPipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from studio.errors import UserError
+from studio.models.flux import (
+    FluxConfig,
+    FluxTransformer,
+    image_ids,
+    load_flux_transformer,
+    normalize_state_dict,
+    pack,
+    unpack,
+)
+from tests.flux_fixtures import (
+    AXES,
+    build_comfy_tree,
+    build_flux_folder,
+    save,
+    tiny_scheduler,
+    tiny_transformer,
+    to_bfl,
+)
+from tests.video_fixtures import Collector
+
+
+def _inputs(seed: int = 0, batch: int = 2, lat: int = 8, txt_len: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    img = pack(torch.randn(batch, 16, lat, lat, generator=g))
+    txt = torch.randn(batch, txt_len, 32, generator=g)
+    y = torch.randn(batch, 64, generator=g)
+    return img, image_ids(lat, lat), txt, torch.zeros(txt_len, 3), torch.tensor([0.7, 0.25])[:batch], y
+
+
+def _reference(net, img, ids, txt, tids, t, y, guidance):
+    with torch.no_grad():
+        return net(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=ids,
+                   txt_ids=tids, guidance=guidance).sample
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+@pytest.mark.parametrize("layout", ["diffusers", "bfl", "comfyui"])
+def test_transformer_matches_diffusers_in_each_layout(guidance, layout):
+    net = tiny_transformer(guidance)
+    sd = dict(net.state_dict())
+    if layout == "bfl":
+        sd = to_bfl(sd)
+    elif layout == "comfyui":
+        sd = {"model.diffusion_model." + k: v for k, v in to_bfl(sd).items()}
+    ours = load_flux_transformer(sd, axes_dim=AXES)
+    assert ours.cfg.guidance_embed is guidance
+    img, ids, txt, tids, t, y = _inputs()
+    g = torch.tensor([3.5, 2.0]) if guidance else None
+    want = _reference(net, img, ids, txt, tids, t, y, g)
+    with torch.no_grad():
+        got = ours(img, ids, txt, tids, t, y, g)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_value_changes_the_output():
+    ours = load_flux_transformer(dict(tiny_transformer(True).state_dict()), axes_dim=AXES)
+    img, ids, txt, tids, t, y = _inputs()
+    with torch.no_grad():
+        a, b = (ours(img, ids, txt, tids, t, y, torch.full((2,), g)) for g in (1.0, 4.0))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_diffusers_folder_config_gives_the_rope_axes(tmp_path):
+    from studio.models.diffusers_config import read_config
+
+    net = tiny_transformer(True)
+    net.save_pretrained(tmp_path / "transformer")
+    ours = load_flux_transformer(dict(net.state_dict()), config=read_config(tmp_path / "transformer"))
+    assert ours.cfg.axes_dim == AXES and ours.cfg.heads == 2
+
+
+def test_config_that_contradicts_the_weights_is_refused(tmp_path):
+    net = tiny_transformer(False)
+    with pytest.raises(UserError, match="attention heads"):
+        load_flux_transformer(dict(net.state_dict()), config={"_class_name": "FluxTransformer2DModel",
+                                                              "num_attention_heads": 4, "axes_dims_rope": list(AXES)})
+    with pytest.raises(UserError, match="do not add up"):
+        load_flux_transformer(dict(net.state_dict()), axes_dim=(16, 56, 56))
+
+
+def test_not_a_flux_file_says_so():
+    with pytest.raises(UserError, match="no Flux transformer"):
+        load_flux_transformer({"blocks.0.attn.q.weight": torch.zeros(2, 2)})
+
+
+def test_named_configs_have_published_sizes():
+    with torch.device("meta"):
+        n = sum(p.numel() for p in FluxTransformer(FluxConfig.named("dev")).parameters())
+    assert 11.8e9 < n < 11.95e9  # Flux.1 dev: 11.9B parameters
+    assert not FluxConfig.named("schnell").guidance_embed
+
+
+def test_diffusers_and_bfl_names_convert_to_the_same_tensors():
+    sd = dict(tiny_transformer(True).state_dict())
+    a, b = normalize_state_dict(sd), normalize_state_dict(to_bfl(sd))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pack_and_unpack_are_inverse_and_match_diffusers():
+    from diffusers import FluxPipeline
+
+    lat = torch.randn(2, 16, 6, 8)
+    assert torch.equal(pack(lat), FluxPipeline._pack_latents(lat, 2, 16, 6, 8))
+    assert torch.equal(unpack(pack(lat), 6, 8), lat)
+    ref_ids = FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32)
+    assert torch.equal(image_ids(6, 8), ref_ids)
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_sigmas_match_flow_match_euler_scheduler(guidance):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from studio.engine.pipelines.diffusion.flux import flux_mu, flux_sigmas
+
+    sched = tiny_scheduler(guidance)
+    steps, seq = 7, 1024
+    mu = calculate_shift(seq, 256, 4096, 0.5, 1.15)
+    assert flux_mu(seq) == pytest.approx(mu)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = flux_sigmas(steps, seq, dynamic=guidance)
+    torch.testing.assert_close(ours, sched.sigmas.float(), atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- whole generations
+
+def _reference_image(folder, job, device="cpu"):
+    """FluxPipeline on the same weights, fed our tokens' embeddings and our seeded noise."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+    from studio.engine.pipelines.diffusion.skeleton import noise
+    from studio.models.clip_tokenizer import ClipTokenizer
+    from studio.models.t5 import T5Tokenizer
+
+    net = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    clip = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    pipe = FluxPipeline(scheduler=tiny_scheduler(net.config.guidance_embeds), vae=vae, text_encoder=clip,
+                        tokenizer=None, text_encoder_2=t5, tokenizer_2=None, transformer=net)
+    t5_len = 512 if net.config.guidance_embeds else 256
+    ids, _ = T5Tokenizer(folder / "tokenizer_2" / "tokenizer.json")([job.prompt], max_length=t5_len, clean=False)
+    clip_ids = torch.tensor([ClipTokenizer.bundled()(job.prompt)])
+    with torch.no_grad():
+        embeds = t5(ids).last_hidden_state
+        pooled = clip(clip_ids).pooler_output
+    lat = job.height // 2  # this tiny VAE downsamples by 2
+    latents = FluxPipeline._pack_latents(noise((1, 16, lat, lat), job.seed, torch.device(device)), 1, 16, lat, lat)
+    out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=latents, height=job.height,
+               width=job.width, num_inference_steps=job.steps, guidance_scale=job.cfg, output_type="np")
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def _job(model, tmp_path, **kw):
+    from studio.protocol import ImageJob
+
+    base = dict(model=str(model), prompt="a red fox in snow", width=32, height=32, steps=3, cfg=3.5,
+                sampler="euler", seed=7, out=str(tmp_path / "out" / "flux.png"))
+    base.update(kw)
+    return ImageJob(**base)
+
+
+def _ours(job, tmp_path):
+    from PIL import Image
+
+    from studio.engine.pipelines.diffusion.flux import run_image
+
+    col = Collector(tmp_path)
+    result = run_image(job, col.ctx)
+    assert len(result.images) == 1 and result.family == "flux"
+    assert col.steps() == [1, 2, 3] and col.previews
+    with Image.open(result.images[0]["path"]) as im:
+        assert "studio" in im.info and "parameters" in im.info
+        return np.asarray(im.convert("RGB")), result
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_tiny_generation_matches_flux_pipeline(tmp_path, guidance):
+    folder = build_flux_folder(tmp_path / "flux", guidance)
+    job = _job(folder, tmp_path, steps=3)
+    got, result = _ours(job, tmp_path)
+    want = _reference_image(folder, job)
+    assert want.std() > 5  # not a flat image
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_comfyui_files_find_their_vae_and_encoders(tmp_path):
+    """A transformer in models/unet finds ae, clip_l, t5xxl (and the T5 tokenizer) in ComfyUI's folders and
+    makes the same image as the diffusers folder of the same weights."""
+    model = build_comfy_tree(tmp_path / "models")
+    folder = build_flux_folder(tmp_path / "flux", True)
+    got, result = _ours(_job(model, tmp_path, out=str(tmp_path / "a.png")), tmp_path)
+    want, _ = _ours(_job(folder, tmp_path, out=str(tmp_path / "b.png")), tmp_path)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_missing_t5_names_the_file_to_install(tmp_path):
+    model = build_comfy_tree(tmp_path / "models")
+    (tmp_path / "models" / "text_encoders" / "t5xxl.safetensors").unlink()
+    from studio.engine.pipelines.diffusion.flux import run_image
+
+    with pytest.raises(UserError, match="t5xxl"):
+        run_image(_job(model, tmp_path, out=str(tmp_path / "c.png")), Collector(tmp_path).ctx)
+
+
+def test_unsupported_inputs_are_refused_before_loading(tmp_path):
+    from studio.engine.pipelines.diffusion.flux import FAMILY
+
+    col = Collector(tmp_path)
+    with pytest.raises(UserError, match="multiple of 16"):
+        FAMILY.validate(_job("x", tmp_path, width=40), col.ctx)
+    with pytest.raises(UserError, match="text-to-image only"):
+        FAMILY.validate(_job("x", tmp_path, init_image="a.png"), col.ctx)
+    _, notes = FAMILY.validate(_job("x", tmp_path, negative="blurry"), col.ctx)
+    assert any("negative" in n for n in notes)
+
+
+def test_bfl_file_with_save_roundtrip(tmp_path):
+    """A BFL single file on disk (no prefix) loads through the engine's reader to the same module."""
+    from studio.engine.pipelines.diffusion.files import read_state_dict
+
+    net = tiny_transformer(False)
+    path = save(to_bfl(net.state_dict()), tmp_path / "flux1-schnell.safetensors")
+    ours = load_flux_transformer(read_state_dict(path, compact=True), axes_dim=AXES)
+    img, ids, txt, tids, t, y = _inputs(batch=1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(img, ids, txt, tids, t, y), _reference(net, img, ids, txt, tids, t, y, None),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_image_jobs_on_a_flux_model_are_routed_to_this_pipeline(tmp_path):
+    from studio import families
+    from studio.engine.pipelines.diffusion import pipeline_for, run_generation
+
+    folder = build_flux_folder(tmp_path / "flux", False)
+    assert pipeline_for(str(folder), families.Kind.IMAGE).__name__.endswith(".flux")
+    job = _job(folder, tmp_path, steps=2, sampler="unipc")
+    result = run_generation(job, Collector(tmp_path).ctx, families.Kind.IMAGE)
+    assert result.family == families.FLUX and len(result.images) == 1
