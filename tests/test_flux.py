@@ -249,3 +249,68 @@ def test_image_jobs_on_a_flux_model_are_routed_to_this_pipeline(tmp_path):
     job = _job(folder, tmp_path, steps=2, sampler="unipc")
     result = run_generation(job, Collector(tmp_path).ctx, families.Kind.IMAGE)
     assert result.family == families.FLUX and len(result.images) == 1
+
+
+# ---------------------------------------------------------------------------------- quantized files
+
+def test_gguf_flux_stays_compact_and_matches_the_dequantized_model(tmp_path):
+    from test_diffusion_quant import _city96_types, _write_gguf
+
+    from studio.engine.offload import estimate_module_bytes
+    from studio.engine.pipelines.diffusion.files import read_state_dict
+    from studio.nn.packed_gguf import GGUFLinear
+
+    path = tmp_path / "flux1-dev-Q4_0.gguf"
+    ref_sd = _write_gguf(path, to_bfl(tiny_transformer(True).state_dict()), "flux", _city96_types)
+    ref = load_flux_transformer(ref_sd, dtype=torch.float32)
+    ours = load_flux_transformer(read_state_dict(path, compact=True), dtype=torch.float32)
+    img, ids, txt, tids, t, y = _inputs()
+    g = torch.full((2,), 3.5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(img, ids, txt, tids, t, y, g), ref(img, ids, txt, tids, t, y, g),
+                                   atol=1e-5, rtol=1e-5)
+    assert isinstance(ours.double_blocks[0].img_attn.qkv, GGUFLinear)
+    assert ours.double_blocks[0].img_attn.qkv.weight_q.type_name == "Q4_0"  # the file's blocks as stored
+    assert estimate_module_bytes(ours) < 0.6 * estimate_module_bytes(ref)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
+def test_fp8_flux_keeps_fp8_linears(tmp_path, scaled):
+    from safetensors.torch import save_file
+    from test_diffusion_quant import _fp8
+
+    from studio.engine.pipelines.diffusion.files import read_state_dict
+    from studio.nn.packed_fp8 import Fp8Linear
+
+    sd = {"model.diffusion_model." + k: v for k, v in to_bfl(tiny_transformer(True).state_dict()).items()}
+    file_sd, ref_sd = _fp8(sd, scaled)
+    save_file(file_sd, str(tmp_path / "flux1-dev-fp8.safetensors"))
+    ref = load_flux_transformer(ref_sd, dtype=torch.float32)
+    ours = load_flux_transformer(read_state_dict(tmp_path / "flux1-dev-fp8.safetensors", compact=True),
+                                 dtype=torch.float32)
+    img, ids, txt, tids, t, y = _inputs()
+    g = torch.full((2,), 3.5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(img, ids, txt, tids, t, y, g), ref(img, ids, txt, tids, t, y, g),
+                                   atol=1e-4, rtol=1e-4)
+    lin = ours.single_blocks[1].linear1
+    assert isinstance(lin, Fp8Linear) and lin.weight.dtype == torch.float8_e4m3fn
+
+
+def test_comfyui_all_in_one_file_uses_the_encoders_and_vae_inside(tmp_path):
+    """ComfyUI's all-in-one checkpoints: the transformer under model.diffusion_model., CLIP-L and T5 under
+    text_encoders.*.transformer., the VAE (LDM names) under vae.; the image equals the diffusers folder's."""
+    from studio.models.vae import to_ldm_vae
+    from tests.flux_fixtures import tiny_clip, tiny_t5, tiny_vae
+    from tests.video_fixtures import write_tokenizer
+
+    sd = {"model.diffusion_model." + k: v for k, v in to_bfl(tiny_transformer(True).state_dict()).items()}
+    sd.update({"text_encoders.clip_l.transformer." + k: v for k, v in tiny_clip().state_dict().items()})
+    sd.update({"text_encoders.t5xxl.transformer." + k: v for k, v in tiny_t5().state_dict().items()})
+    sd.update({"vae." + k: v for k, v in to_ldm_vae(tiny_vae().state_dict(), up_levels=2).items()})
+    model = save(sd, tmp_path / "checkpoints" / "flux1-dev-fp8.safetensors")
+    write_tokenizer(tmp_path / "checkpoints" / "tokenizer.json")
+    folder = build_flux_folder(tmp_path / "flux", True)
+    got, result = _ours(_job(model, tmp_path, out=str(tmp_path / "a.png")), tmp_path)
+    want, _ = _ours(_job(folder, tmp_path, out=str(tmp_path / "b.png")), tmp_path)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
