@@ -109,3 +109,23 @@ def test_prompt_lists_and_seed_sweeps_expand_to_reproducible_jobs(tmp_path):
     bad.write_text("prompt,colour\nx,red\n")
     with pytest.raises(ValueError, match="unknown: colour"):
         read_prompt_list(bad)
+
+
+def test_video_jobs_run_on_the_cluster_in_order_and_a_seed_gives_the_same_clip(cluster, tmp_path_factory, tmp_path):
+    from video_fixtures import build_wan_folder, make_job
+
+    from studio.media.video import read_frames, read_job
+
+    folder = build_wan_folder(tmp_path_factory.mktemp("wan"))
+    base = make_job(folder, tmp_path, out="")  # out="": each worker writes to its own folder, the files come here
+    jobs = expand_jobs(base, [{"prompt": "a red fox runs in snow"}, {"prompt": "a cat"}], sweep=1)
+    jobs.append(replace(jobs[0]))  # the first clip again: whichever worker runs it, the frames must match
+    results = list(cluster.run(jobs, tmp_path))
+    assert [r.index for r in results] == [0, 1, 2]
+    assert all(r.error is None for r in results), [r.error for r in results]
+    paths = [Path(r.result["videos"][0]["path"]) for r in results]
+    assert len(set(paths)) == 3 and all(p.is_file() and p.is_relative_to(tmp_path) for p in paths)
+    clips = [np.stack(list(read_frames(p))) for p in paths]
+    assert clips[0].shape[0] == base.frames
+    assert np.array_equal(clips[0], clips[2]) and not np.array_equal(clips[0], clips[1])
+    assert read_job(paths[1])["prompt"] == "a cat"

@@ -1,7 +1,9 @@
-"""`studio generate image --prompts FILE / --sweep N / --cluster ADDRESS`: many image jobs at once.
+"""`studio generate image|video --prompts FILE / --sweep N / --cluster ADDRESS`: many jobs at once.
 
 With --cluster the jobs go to Studio engines on a Ray cluster (studio.engine.cluster); without it,
-one after another to the engine (local or --engine). Results print in the order of the list.
+one after another to the engine (local or --engine). Results print in the order of the list; with
+--json one JSON object a line: {"event": "cluster" | "progress", ...} while a cluster runs, and
+{"index", "prompt", "seed", "result", "error"} for each job, in order.
 """
 
 from __future__ import annotations
@@ -25,10 +27,26 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
                         "needs `pip install 'studio[cluster]'`")
     p.add_argument("--workers", type=int, default=0,
                    help="with --cluster: engines to start (default: one per GPU, else one per CPU core)")
+    p.add_argument("--base-job", default="", metavar="FILE",
+                   help="a JSON job (as the window builds it) whose settings every job of the batch starts from, "
+                        "instead of the other options; the window's Send to cluster uses it")
 
 
 def wants_batch(args: argparse.Namespace) -> bool:
-    return bool(args.prompts or args.cluster or args.sweep > 1)
+    return bool(args.prompts or args.cluster or args.sweep > 1 or args.base_job)
+
+
+def read_base_job(path: Path, kind: type):
+    """The job the window wrote for a batch, checked like any job the engine receives."""
+    from studio import protocol
+
+    try:
+        job = protocol.job_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, protocol.ProtocolError) as exc:
+        raise ValueError(f"--base-job {path}: not a readable Studio job ({exc})") from None
+    if not isinstance(job, kind):
+        raise ValueError(f"--base-job {path} holds a {type(job).__name__}; this command runs {kind.__name__}s")
+    return job
 
 
 def run_batch(args: argparse.Namespace, base) -> int:
@@ -37,7 +55,9 @@ def run_batch(args: argparse.Namespace, base) -> int:
     if args.sweep < 1:
         return common.fail("--sweep must be 1 or more", 2)
     try:
-        rows = read_prompt_list(Path(args.prompts)) if args.prompts else None
+        if args.base_job:
+            base = read_base_job(Path(args.base_job), type(base))
+        rows = read_prompt_list(Path(args.prompts), type(base)) if args.prompts else None
     except ValueError as exc:
         return common.fail(str(exc), 2)
     if not rows and not base.prompt:
@@ -71,7 +91,10 @@ def _on_cluster(args: argparse.Namespace, jobs: list):
     status: dict[int, str] = {}
 
     def on_progress(worker: int, index: int, step: int, total: int, stage: str) -> None:
-        if tty:
+        if args.json:  # one line per report, so a front end (the window) can show each worker's progress
+            print(json.dumps({"event": "progress", "worker": worker, "index": index, "step": step, "total": total,
+                              "stage": stage}), flush=True)
+        elif tty:
             status[worker] = f"w{worker}: #{index + 1} {stage} {step}/{total}"
             sys.stderr.write("\r" + " | ".join(status[w] for w in sorted(status)) + "   ")
             sys.stderr.flush()
@@ -79,6 +102,8 @@ def _on_cluster(args: argparse.Namespace, jobs: list):
     cluster = Cluster(address, workers=args.workers, device=args.device or "auto")
     print(f"cluster: {len(cluster.workers)} worker(s): " + ", ".join(i["device"] for i in cluster.info),
           file=sys.stderr)
+    if args.json:
+        print(json.dumps({"event": "cluster", "workers": cluster.info, "jobs": len(jobs)}), flush=True)
     try:
         for r in cluster.run(jobs, outputs, on_progress=on_progress, out=args.out):
             if tty:
@@ -107,11 +132,12 @@ def _on_engine(args: argparse.Namespace, jobs: list):
 
 def _report(args: argparse.Namespace, job, index: int, total: int, result: dict | None, error: str | None) -> int:
     if args.json:
-        print(json.dumps({"index": index, "prompt": job.prompt, "seed": job.seed, "result": result, "error": error}))
+        print(json.dumps({"index": index, "prompt": job.prompt, "seed": job.seed, "result": result, "error": error}),
+              flush=True)  # read line by line by the window while the batch runs
     elif error is not None:
         print(f"studio: job {index + 1}/{total} ({job.prompt[:40]!r}, seed {job.seed}) failed: {error}",
               file=sys.stderr)
     else:
-        for image in result["images"]:
-            print(f"{image['path']}  (seed {image['seed']}, {image['width']}x{image['height']})")
+        for item in result.get("images", []) + result.get("videos", []):
+            print(f"{item['path']}  (seed {item['seed']}, {item['width']}x{item['height']})")
     return 1 if error is not None else 0

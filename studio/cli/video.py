@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from studio.cli import common
+from studio.cli import batch, common
 from studio.protocol import VideoJob
 
 
@@ -35,6 +35,7 @@ def add_video_parser(generate_subparsers, engine_args: Callable[[argparse.Argume
     p.add_argument("--text-encoder", default="", help="the umT5 text encoder (default: found like the VAE)")
     p.add_argument("--keep-partial", action="store_true", help="on Ctrl+C, save the video denoised so far")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    batch.add_batch_args(p)
     engine_args(p)
     p.set_defaults(func=cmd_video)
 
@@ -89,6 +90,8 @@ def cmd_video(args: argparse.Namespace) -> int:
             return common.fail(why, 2)
         print(f"using {args.model}", file=sys.stderr)
     job = job_from_args(args)
+    if batch.wants_batch(args):
+        return batch.run_batch(args, job)
     line = ProgressLine() if sys.stderr.isatty() and not args.json else None
     result, code = common.run_cli_job(args, job, line)
     if result is None:

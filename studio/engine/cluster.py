@@ -1,5 +1,8 @@
 """Studio engines as Ray actors: batches, seed sweeps and prompt lists over many GPUs (or CPU slots).
 
+Any job the engine runs can go (ImageJob, VideoJob, ...): the worker dispatches on the job's kind
+through the engine's own pipeline table, so a video batch or sweep runs as an image one does.
+
 Ray does the scheduling, placement and failure detection; this module only keeps one job in flight
 per worker, puts results back in submission order and retries a dead worker's job on another.
 
@@ -252,9 +255,10 @@ class Cluster:
 
 # -- job lists --------------------------------------------------------------------------------------------
 
-def read_prompt_list(path: Path) -> list[dict]:
+def read_prompt_list(path: Path, job_type: type = ImageJob) -> list[dict]:
     """One job's overrides per line. A text file: one prompt a line (blank lines and `#` comments
-    skipped). A .csv file: a header row naming ImageJob fields (`prompt` required), one job a row."""
+    skipped). A .csv file: a header row naming fields of `job_type` (ImageJob or VideoJob; `prompt`
+    required), one job a row."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -263,11 +267,11 @@ def read_prompt_list(path: Path) -> list[dict]:
         rows = [{"prompt": line.strip()} for line in text.splitlines() if line.strip() and not line.startswith("#")]
     else:
         reader = csv.DictReader(text.splitlines())
-        fields = {f.name: f for f in dataclasses.fields(ImageJob)}
+        fields = {f.name: f for f in dataclasses.fields(job_type)}
         columns = reader.fieldnames or []
         unknown = [c for c in columns if c not in fields or c in ("version",)]
         if "prompt" not in columns or unknown:
-            raise ValueError(f"{path}: the header must name `prompt` and other image settings only "
+            raise ValueError(f"{path}: the header must name `prompt` and other {job_type.kind} settings only "
                              f"({', '.join(sorted(set(fields) - {'version'}))}); "
                              + (f"unknown: {', '.join(unknown)}" if unknown else "no `prompt` column"))
         rows = []
@@ -294,8 +298,8 @@ def _convert(kind: Any, value: str) -> Any:
     return value
 
 
-def expand_jobs(base: ImageJob, rows: list[dict] | None = None, sweep: int = 1, rng: random.Random | None = None
-                ) -> list[ImageJob]:
+def expand_jobs(base: Any, rows: list[dict] | None = None, sweep: int = 1, rng: random.Random | None = None
+                ) -> list[Any]:
     """Jobs for a prompt list and/or a seed sweep: each row `sweep` times with consecutive seeds. Seeds are
     fixed here (from the row, the base job, or picked once), so every result can be reproduced."""
     rng = rng or random.Random()
