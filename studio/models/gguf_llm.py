@@ -475,7 +475,7 @@ def load_gguf_llm(path: str | Path, *, keep_quantized: bool = True) -> LoadedLLM
             w: Tensor | QuantWeight = dequantize(raw, info.type_id, info.shape, dtype=float_dtype)
             if arch.startswith("gemma") and name.endswith("norm.weight"):
                 w = w.float() - 1.0  # llama.cpp stores Gemma's (1 + w) norm scale; HF keys hold w
-        elif len(info.shape) != 2 and not (len(info.shape) == 3 and "_exps." in name):
+        elif len(info.shape) != 2 and not (len(info.shape) == 3 and any(t in name for t in ("_exps.", "_k_b.", "_v_b."))):
             raise _bad(g.path, f"quantized tensor {name} is not a matrix")
         elif keep_quantized:
             w = GGUFWeight(raw, info.type_id, tuple(info.shape))  # (E, out, in) for stacked experts

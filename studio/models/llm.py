@@ -15,7 +15,7 @@ soft-capping, sandwich norms, alternating sliding/global layers, local rope base
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -95,6 +95,12 @@ class LLMConfig:
         if not self.mlp_types:
             self.mlp_types = ["moe" if self.n_experts else "dense"] * self.n_layers
 
+    def kv_bytes_per_position(self, elem: int) -> int:
+        """KV-cache bytes per token of context: K and V per layer, or MLA's latent + rotary key."""
+        if self.kv_lora_rank:
+            return self.n_layers * (self.kv_lora_rank + self.head_dim) * elem
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * elem
+
     def router_spec(self) -> RouterSpec:
         return RouterSpec(self.n_experts, self.n_experts_per_tok, self.router_score, self.norm_topk_prob,
                           self.n_group, self.topk_group, self.group_score, self.routed_scaling_factor,
@@ -152,11 +158,12 @@ class LLMConfig:
             layer_types = ["full_attention"] * n_layers
         qpas = cfg.get("query_pre_attn_scalar") if mt in ("gemma2", "gemma3_text") else None
         extra = moe_fields(cfg, mt, n_layers)
+        mla: dict = {}
         if mt.startswith("deepseek"):
             from studio.models.deepseek import mla_fields
 
-            extra.update(mla_fields(cfg))
-        return cls(
+            mla = mla_fields(cfg)  # head_dim, n_kv_heads: MLA's own meaning of them
+        return replace(cls(
             model_type=mt,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
@@ -191,7 +198,7 @@ class LLMConfig:
             fused_qkv=mt == "phi3",
             fused_gate_up=mt == "phi3",
             **extra,
-        )
+        ), **mla)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -285,6 +292,10 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None, max_seq_len: int
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
         return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        from studio.models.deepseek import yarn_inv_freq
+
+        return yarn_inv_freq(dim, theta, scaling, max_position_embeddings)
     if kind == "longrope":
         original = int(scaling["original_max_position_embeddings"])
         factor = scaling.get("factor") or max_position_embeddings / original

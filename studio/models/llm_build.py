@@ -88,8 +88,8 @@ def fuse_projections(c: LLMConfig, state_dict: dict) -> tuple[LLMConfig, dict]:
             groups.append((f"model.layers.{i}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
             groups.append((f"model.layers.{i}.mlp.shared_experts.", ("gate_proj", "up_proj"), "gate_up_proj"))
         for base, parts, fused in groups:
-            if f"{base}{parts[0]}.weight" not in out and f"{base}{parts[-1]}.weight" not in out:
-                continue  # an MoE layer's mlp, MLA's attention: nothing of this group to fuse
+            if not all(f"{base}{p}.weight" in out for p in parts[1:]):
+                continue  # an MoE layer's mlp, MLA's attention (a q_proj, no k/v): nothing to fuse
             w = _concat_rows([out[f"{base}{p}.weight"] for p in parts])
             biases = [out.get(f"{base}{p}.bias") for p in parts]
             if w is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
@@ -127,6 +127,10 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
         except ValueError as exc:
             raise UserError("bad_model", f"The expert weights of this {c.model_type} model are incomplete ({exc}). "
                             "The file may be damaged or converted wrongly; download it again.") from None
+    if c.kv_lora_rank:
+        from studio.models.deepseek import canonical_mla
+
+        state_dict = canonical_mla(state_dict)
     if fuse:
         c, state_dict = fuse_projections(c, state_dict)
     with torch.device("meta"):
@@ -234,7 +238,7 @@ def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device
             groups.append((f"model.layers.{i}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
             groups.append((f"model.layers.{i}.mlp.shared_experts.", ("gate_proj", "up_proj"), "gate_up_proj"))
     # MoE layers have no mlp.gate_proj, MLA layers no k_proj: only groups the model has
-    groups = [g for g in groups if any(f"{g[0]}{p}.weight" in state_dict for p in g[1])]
+    groups = [g for g in groups if all(f"{g[0]}{p}.weight" in state_dict for p in g[1][1:])]
     names = [[f"{base}{p}.weight" for p in parts] for base, parts, _ in groups]
     fuse = bool(groups) and all(all(packable(n, state_dict.get(n)) for n in g) for g in names) and all(
         len({(base + p + ".bias") in state_dict for p in parts}) == 1 for base, parts, _ in groups)
