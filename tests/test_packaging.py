@@ -232,6 +232,10 @@ def test_an_update_keeps_the_current_torch_unless_asked(tmp_path, monkeypatch) -
     monkeypatch.setattr(update, "probe_torch_build", lambda: pick_torch(None, None, "Linux", "x86_64"))
     repicked = update._torch_plan(root, repick=True, build=None, find_links=None)
     assert (repicked["version"], repicked["build"]) == (update.TORCH_VERSION, "cpu")
+    asked = update._torch_plan(root, repick=True, build="cu128", find_links=None)
+    assert asked["index_url"].endswith("/cu128")
+    with pytest.raises(UpdateError, match="Unknown torch build"):
+        update._torch_plan(root, repick=True, build="cu999", find_links=None)
 
 
 def test_sources_are_wheels_until_studio_has_an_index_name(tmp_path, monkeypatch) -> None:

@@ -284,6 +284,9 @@ def _torch_plan(root: InstallRoot, repick: bool, build: str | None, find_links: 
             torch.update(find_links=find_links, index_url="")
         return torch
     if build:
+        known = ("cpu", "pypi", ROCM_BUILD, *(b for _, b in CUDA_BUILDS))
+        if build not in known:
+            raise UpdateError(f"Unknown torch build {build!r}: use one of {', '.join(known)}.")
         picked = TorchBuild(build, "" if build == "pypi" else TORCH_INDEX.format(build=build), f"{build}, as asked")
     else:
         picked = probe_torch_build()
@@ -320,7 +323,8 @@ def _spec(source: str | None) -> str:
 
 
 def _installed(env: Path, code: str) -> str:
-    done = subprocess.run([str(_env_python(env)), "-c", code], capture_output=True, text=True)
+    # -I: the working directory is not on sys.path, so a user's own "studio" folder cannot shadow the package
+    done = subprocess.run([str(_env_python(env)), "-I", "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         raise UpdateError(f"The new environment does not work ({code}): {done.stderr.strip()[-800:]}")
     return done.stdout.strip()
