@@ -169,6 +169,10 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family("gemma2", "Gemma 2", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
     Family("gemma3", "Gemma 3", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES, aliases=("gemma3_text",)),
     Family("phi3", "Phi-3", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES),
+    Family("mamba", "Mamba", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES,
+           notes=("state-space model: a fixed-size state instead of a KV cache",)),
+    Family("mamba2", "Mamba-2", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES,
+           notes=("state-space model (SSD): a fixed-size state instead of a KV cache",)),
     # Parts other families use (the ids detection gives them).
     Family("clip-l", "CLIP-L", Kind.ENCODER, runs=True),
     Family("clip-g", "CLIP-G", Kind.ENCODER, runs=True),

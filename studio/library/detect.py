@@ -27,7 +27,7 @@ from studio.library.markers import (
     text_encoder,
     vae,
 )
-from studio.units import GiB
+from studio.units import GiB, fmt_bytes
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 ROLES = ("checkpoint", "diffusion_model", "vae", "text_encoder", "image_encoder", "lora", "controlnet", "llm",
@@ -393,7 +393,11 @@ def _fill_stats(det: Detection, h: ModelHeader) -> None:
     if det.role == "vae":
         act = GiB  # one tiled decode
     if det.role == "llm":
-        act = _kv_cache_bytes(h) + 256 * (1 << 20)
+        state = _recurrent_state_bytes(h)
+        if state:  # a state-space model keeps a fixed state instead of a KV cache that grows with the context
+            det.notes.append(f"recurrent state {fmt_bytes(state)} per conversation, the same at any length "
+                             "(no KV cache)")
+        act = (state or _kv_cache_bytes(h)) + 256 * (1 << 20)
     det.vram_bytes = int(gpu_weights + act)
     det.ram_bytes = int(weights + act + 512 * (1 << 20))  # plus the engine process itself
 
@@ -404,6 +408,25 @@ def _kv_cache_bytes(h: ModelHeader, ctx: int = 4096) -> int:
         return _kv_estimate(h, ctx)
     except (TypeError, ValueError):  # per-layer lists or odd metadata: no estimate rather than a crash
         return 0
+
+
+def _recurrent_state_bytes(h: ModelHeader) -> int:
+    """Mamba-style state per sequence: conv inputs (fp16) and the SSM state (fp32) of every layer; 0 for
+    a model without one. Read from GGUF `{arch}.ssm.*` or config.json's state_size / conv_kernel."""
+    if h.format == "gguf":
+        m, arch = h.metadata, _gguf_arch(h)
+        state, inner = m.get(f"{arch}.ssm.state_size"), m.get(f"{arch}.ssm.inner_size")
+        kernel, layers = m.get(f"{arch}.ssm.conv_kernel", 4), m.get(f"{arch}.block_count", 0)
+        groups = m.get(f"{arch}.ssm.group_count")
+    else:
+        c = h.config
+        state, kernel, layers = c.get("state_size"), c.get("conv_kernel", 4), c.get("num_hidden_layers", 0)
+        inner = c.get("intermediate_size") or c.get("expand", 2) * c.get("hidden_size", 0)
+        groups = c.get("n_groups") if "num_heads" in c else None  # Mamba-2: B and C pass the conv too
+    if not all(isinstance(v, int) and v > 0 for v in (state, inner, kernel, layers)):
+        return 0
+    conv = inner + (2 * groups * state if isinstance(groups, int) else 0)
+    return layers * (conv * (kernel - 1) * 2 + inner * state * 4)
 
 
 def _kv_estimate(h: ModelHeader, ctx: int) -> int:

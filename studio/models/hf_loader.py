@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import UserError
-from studio.models.llm import LLMConfig
-from studio.models.llm_build import LoadedLLM
+from studio.models.llm_build import LoadedLLM, chat_config
 
 # Gemma3 multimodal checkpoints hold the language model under one of these prefixes.
 _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -137,7 +136,7 @@ def load_hf_folder(folder: str | Path, progress: Callable[[int, int], None] | No
     if config.get("model_type") == "gemma3" and isinstance(config.get("text_config"), dict):
         config = {**config["text_config"], "model_type": "gemma3_text",
                   "architectures": config.get("architectures", [])}
-    LLMConfig.from_hf(config)  # refuse an unknown architecture before reading gigabytes
+    chat_config(config)  # refuse an unknown architecture before reading gigabytes
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         extra = " (tokenizer.model alone is not enough)" if (folder / "tokenizer.model").is_file() else ""

@@ -70,7 +70,8 @@ class MambaConfig:
                 raise UserError("bad_model", f"Mamba-2 sizes disagree: {self.n_heads} heads x {self.head_dim} != "
                                 f"{self.intermediate_size} inner, or heads not a multiple of {self.n_groups} groups. "
                                 "The config.json or GGUF header is damaged; download it again.")
-        self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
+        # transformers 5 writes infinity as {"__float__": "Infinity"} (JSON has no infinity)
+        self.time_step_limit = tuple(float(v["__float__"] if isinstance(v, dict) else v) for v in self.time_step_limit)
 
     @property
     def conv_dim(self) -> int:
@@ -86,10 +87,11 @@ class MambaConfig:
             return conv, (self.intermediate_size, self.state_size)
         return conv, (self.n_heads, self.head_dim, self.state_size)
 
-    def state_bytes(self, elem: int = 4) -> int:
-        """Bytes of the whole recurrent state of one sequence (all layers), the KV cache's counterpart."""
+    def state_bytes(self, conv_elem: int = 4) -> int:
+        """Bytes of the whole recurrent state of one sequence (all layers), the KV cache's counterpart:
+        conv inputs in the compute dtype (`conv_elem` bytes each), the SSM state always fp32."""
         conv, ssm = self.state_shapes()
-        return self.n_layers * (math.prod(conv) + math.prod(ssm)) * elem
+        return self.n_layers * (math.prod(conv) * conv_elem + math.prod(ssm) * 4)
 
     @classmethod
     def from_name(cls, name: str) -> MambaConfig:

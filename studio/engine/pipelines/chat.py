@@ -144,7 +144,8 @@ def _position_bytes(c: Any, dtype: torch.dtype) -> tuple[int, int]:
     """(KV-cache bytes, prefill activation bytes) one token of context costs for config `c`.
     Activations per prefill token: the fused gate/up output, the MLP input and a few hidden-size temporaries."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return c.n_layers * 2 * c.n_kv_heads * c.head_dim * elem, (2 * c.intermediate_size + 6 * c.hidden_size) * elem
+    # every config says what a position costs: K and V, MLA's latent, or nothing (a recurrent state)
+    return c.kv_bytes_per_position(elem), (2 * c.intermediate_size + 6 * c.hidden_size) * elem
 
 
 def state_bytes(state: dict, dtype: torch.dtype) -> int:
@@ -175,9 +176,9 @@ def check_weights_fit(config: Any, state: dict, dtype: torch.dtype, budget: int 
     before anything is copied to the GPU (a CUDA out-of-memory halfway through loading says less)."""
     if budget is None:
         return
-    from studio.models.llm import LLMConfig
+    from studio.models.llm_build import chat_config
 
-    c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
+    c = chat_config(config)
     _check_fits(state_bytes(state, dtype), sum(_position_bytes(c, dtype)), budget)
 
 
@@ -232,9 +233,9 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
     if device.type == "cuda":
         check_weights_fit(config, state, dtype, vram_budget)
         if memory is not None:
-            from studio.models.llm import LLMConfig
+            from studio.models.llm_build import chat_config
 
-            c = config if isinstance(config, LLMConfig) else LLMConfig.from_hf(config)
+            c = chat_config(config)
             memory.make_room(state_bytes(state, dtype) + ACTIVATION_BASE + MIN_CONTEXT * sum(_position_bytes(c, dtype)))
             vram_budget = memory.budget_for(name)
     model = build_llm(config, state, dtype=dtype, device=device, fuse=True)

@@ -84,7 +84,7 @@ def generate_tokens(model: LLM, prompt: list[int], max_new_tokens: int,
     random draws and penalties are the same with and without it.
     A consumer that stops asking stops the model within one token.
     """
-    device = model.key_index.device
+    device = getattr(model, "device", None) or model.key_index.device  # recurrent models say it
     T = len(prompt)
     if T + max_new_tokens > model.max_seq_len:
         raise ValueError(f"cache holds {model.max_seq_len} positions, need {T + max_new_tokens}")

@@ -1,0 +1,324 @@
+"""Mamba / Mamba-2 vs transformers on tiny random models, from HF folders and from GGUF files in
+llama.cpp's layout; the parallel prefill scans vs the one-token recurrence; a state that does not grow."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from studio.engine.context import JobContext, ModelCache  # noqa: E402
+from studio.engine.device import probe  # noqa: E402
+from studio.engine.pipelines.chat import run_chat  # noqa: E402
+from studio.engine.pipelines.decoding import generate_tokens  # noqa: E402
+from studio.engine.sampling import greedy  # noqa: E402
+from studio.library.detect import detect  # noqa: E402
+from studio.models.gguf_llm import load_gguf_llm  # noqa: E402
+from studio.models.hf_loader import load_hf_folder  # noqa: E402
+from studio.models.llm_build import build_llm  # noqa: E402
+from studio.models.mamba import MambaConfig, MambaLM, selective_scan, selective_step, ssd_scan, ssd_step  # noqa: E402
+from studio.protocol import ChatJob  # noqa: E402
+from studio.units import fmt_bytes  # noqa: E402
+
+VOCAB = 288  # test_gguf's byte-level BPE vocabulary is this size
+PROMPT_LEN = 21  # not a multiple of Mamba-2's chunk: the padded last chunk is exercised
+NEW_TOKENS = 24
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _words() -> list[str]:
+    words = SPECIALS + ["system", "user", "assistant"]
+    return words + [f"w{i}" for i in range(VOCAB - len(words))]
+
+
+def write_tokenizer(folder) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    words = _words()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE, "add_bos_token": False}))
+
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+FAMILIES = {
+    "mamba": lambda t: (t.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                      conv_kernel=4, expand=2, layer_norm_epsilon=1e-5), t.MambaForCausalLM),
+    "mamba_untied_biased": lambda t: (t.MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, use_bias=True, time_step_rank=5,
+        tie_word_embeddings=False), t.MambaForCausalLM),
+    "mamba2": lambda t: (t.Mamba2Config(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                        num_heads=8, head_dim=8, n_groups=2, chunk_size=8, expand=2,
+                                        tie_word_embeddings=False), t.Mamba2ForCausalLM),
+    "mamba2_one_group_tied": lambda t: (t.Mamba2Config(
+        vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=3, num_heads=4, head_dim=16,
+        n_groups=1, chunk_size=16, expand=2, tie_word_embeddings=True), t.Mamba2ForCausalLM),
+}
+
+
+def spread_weights(model: torch.nn.Module, seed: int) -> None:
+    """Larger random weights than the init, so a wrong scan, gate or norm cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith(".D") or name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + 1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def make_ref(family: str, seed: int = 0):
+    cfg, cls = FAMILIES[family](transformers)
+    torch.manual_seed(seed)
+    ref = cls(cfg).eval()
+    spread_weights(ref, seed)
+    return ref
+
+
+def make_folder(tmp_path, family: str, seed: int = 0):
+    ref = make_ref(family, seed)
+    folder = tmp_path / family
+    ref.save_pretrained(folder)
+    write_tokenizer(folder)
+    return ref, folder
+
+
+def reference_greedy(ref, prompt: torch.Tensor, n: int) -> list[int]:
+    ids = prompt.clone()
+    with torch.inference_mode():
+        for _ in range(n):
+            nxt = ref(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, prompt.shape[1]:].tolist()
+
+
+def prompt_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+
+def check_parity(model: MambaLM, ref) -> None:
+    prompt = prompt_ids()
+    model.setup_caches(1, PROMPT_LEN + NEW_TOKENS)
+    with torch.inference_mode():
+        expected = ref(prompt).logits
+        got = model(prompt, torch.arange(PROMPT_LEN))
+    assert (got - expected).abs().max().item() <= 1e-4
+    ours = list(generate_tokens(model, prompt[0].tolist(), NEW_TOKENS, greedy))
+    assert ours == reference_greedy(ref, prompt, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_and_greedy_tokens_match_transformers_from_an_hf_folder(tmp_path, family):
+    ref, folder = make_folder(tmp_path, family)
+    loaded = load_hf_folder(folder)
+    model = build_llm(loaded.config, loaded.state_dict, dtype=torch.float32)
+    assert isinstance(model, MambaLM)
+    check_parity(model, ref)
+
+
+# --- GGUF, written the way llama.cpp's convert_hf_to_gguf.py writes Mamba and Mamba-2 ---------------
+
+_GGUF_NAMES = {"backbone.embeddings": "token_embd", "backbone.norm_f": "output_norm", "lm_head": "output",
+               "norm": "attn_norm", "mixer.in_proj": "ssm_in", "mixer.conv1d": "ssm_conv1d",
+               "mixer.x_proj": "ssm_x", "mixer.dt_proj": "ssm_dt", "mixer.out_proj": "ssm_out",
+               "mixer.norm": "ssm_norm"}
+
+
+def _gguf_tensor(arch: str, name: str, t: torch.Tensor, cfg) -> tuple[str, np.ndarray]:
+    a = t.detach().float()
+    stem, _, suffix = name.rpartition(".")
+    if stem.startswith("backbone.layers."):
+        i, rest = stem.split(".", 3)[2], stem.split(".", 3)[3]
+        if suffix in ("A_log", "D", "dt_bias"):  # "mixer" + parameter: no .weight suffix in GGUF
+            i, rest = name.split(".")[2], None
+            if suffix == "dt_bias":
+                return f"blk.{i}.ssm_dt.bias", a.numpy()
+            if suffix == "A_log":
+                a = -torch.exp(a)
+            if arch == "mamba2":
+                a = a.reshape(-1, 1)
+            return f"blk.{i}.ssm_{suffix[0].lower()}", a.numpy()
+        if rest == "mixer.conv1d" and suffix == "weight":
+            a = a.squeeze(1)
+        if rest == "mixer.norm":
+            a = a.reshape(cfg.n_groups, -1)
+        return f"blk.{i}.{_GGUF_NAMES[rest]}.{suffix}", a.numpy()
+    return f"{_GGUF_NAMES[stem]}.{suffix}", a.numpy()
+
+
+def write_gguf(path, ref, arch: str) -> None:
+    cfg = ref.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(2 ** 20)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_ssm_conv_kernel(cfg.conv_kernel)
+    inner = cfg.expand * cfg.hidden_size
+    w.add_ssm_inner_size(inner)
+    w.add_ssm_state_size(cfg.state_size)
+    if arch == "mamba":
+        w.add_ssm_time_step_rank(cfg.time_step_rank)
+        w.add_ssm_dt_b_c_rms(False)
+    else:
+        w.add_ssm_time_step_rank(cfg.num_heads)
+        w.add_ssm_group_count(cfg.n_groups)
+    w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
+    w.add_tokenizer_model("gpt2")
+    from test_gguf import tiny_vocab  # the byte-level BPE vocabulary those tests write
+
+    tokens, types, merges = tiny_vocab()
+    assert len(tokens) == VOCAB
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_chat_template(TEMPLATE)
+    sd = ref.state_dict()
+    emb = sd["backbone.embeddings.weight"]
+    for name, t in sd.items():
+        if name == "lm_head.weight" and torch.equal(t, emb):
+            continue  # the converter drops a head equal to the embedding
+        gname, a = _gguf_tensor(arch, name, t, cfg)
+        w.add_tensor(gname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_in_llama_cpp_layout_matches_transformers(tmp_path, family):
+    ref = make_ref(family)
+    arch = "mamba2" if family.startswith("mamba2") else "mamba"
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(path, ref, arch)
+    loaded = load_gguf_llm(path)
+    sd = ref.state_dict()
+    for key, t in loaded.state_dict.items():  # the converter's changes are undone exactly (A: to rounding)
+        assert t.shape == sd[key].shape, key
+        assert torch.allclose(t.float(), sd[key], atol=1e-6, rtol=1e-6), key
+    model = build_llm(loaded.config, loaded.state_dict, dtype=torch.float32)
+    check_parity(model, ref)
+    det = detect(path)
+    assert det.family == arch and det.role == "llm"
+    state = MambaConfig.from_hf(loaded.config).state_bytes(conv_elem=2)  # fp16 on a GPU
+    assert f"recurrent state {fmt_bytes(state)} per conversation" in " ".join(det.notes)
+    weights = sum(p.numel() * 2 for p in ref.parameters())  # an F32 file computes in half precision
+    assert det.vram_bytes == weights + state + 256 * (1 << 20)  # the state, not a KV cache
+
+
+# --- the scans -------------------------------------------------------------------------------------
+
+def test_selective_scan_in_parallel_equals_the_one_token_recurrence():
+    g = torch.Generator().manual_seed(0)
+    Bt, T, E, N = 2, 37, 6, 5  # 37: several chunks of 16, the last one short
+    x, B, C = torch.randn(Bt, T, E, generator=g), torch.randn(Bt, T, N, generator=g), torch.randn(Bt, T, N, generator=g)
+    dt = torch.rand(Bt, T, E, generator=g) * 2
+    A = -torch.rand(E, N, generator=g) * 4
+    h0 = torch.randn(Bt, E, N, generator=g)
+    h_par, h_seq = h0.clone(), h0.clone()
+    y_par = selective_scan(h_par, x, dt, A, B, C, chunk=16)
+    y_seq = torch.stack([selective_step(h_seq, x[:, t], dt[:, t], A, B[:, t], C[:, t]) for t in range(T)], dim=1)
+    assert torch.allclose(y_par, y_seq, atol=1e-5) and torch.allclose(h_par, h_seq, atol=1e-5)
+
+
+def test_ssd_chunked_scan_equals_the_one_token_recurrence():
+    g = torch.Generator().manual_seed(0)
+    Bt, T, H, P, N = 2, 29, 3, 4, 5
+    x = torch.randn(Bt, T, H, P, generator=g)
+    B, C = torch.randn(Bt, T, H, N, generator=g), torch.randn(Bt, T, H, N, generator=g)
+    dt = torch.rand(Bt, T, H, generator=g) * 2
+    A = -torch.rand(H, generator=g) * 4
+    h0 = torch.randn(Bt, H, P, N, generator=g)
+    h_par, h_seq = h0.clone(), h0.clone()
+    y_par = ssd_scan(h_par, x, dt, A, B, C, chunk=8)
+    y_seq = torch.stack([ssd_step(h_seq, x[:, t], dt[:, t], A, B[:, t], C[:, t]) for t in range(T)], dim=1)
+    assert torch.allclose(y_par, y_seq, atol=1e-5) and torch.allclose(h_par, h_seq, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-mamba", "tiny-mamba2"])
+def test_prefill_in_pieces_equals_prefill_at_once_and_a_snapshot_resumes(name):
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig.from_name(name))
+    spread_weights(model, 0)
+    model.setup_caches(1, 64)
+    ids = torch.randint(0, 256, (1, 30))
+    with torch.inference_mode():
+        whole = model(ids, torch.arange(30))
+        first = model(ids[:, :17], torch.arange(17))
+        saved = model.state.snapshot()
+        rest = model(ids[:, 17:], torch.arange(17, 30))
+        assert torch.allclose(torch.cat([first, rest], 1), whole, atol=1e-5)
+        model(ids[:, :5], torch.arange(5))  # position 0: a new sequence, the state starts over
+        model.state.restore(saved)
+        again = model(ids[:, 17:], torch.arange(17, 30))
+    assert torch.allclose(again, rest, atol=1e-6)
+
+
+def test_state_does_not_grow_over_a_long_decode():
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig.from_name("tiny-mamba2"))
+    spread_weights(model, 0)
+    model.setup_caches(1, 64)  # a limit the caller keeps; the state is the same for any length
+    before = model.state.nbytes
+    buffers = [b.data_ptr() for s in model.states for b in (s.conv_cache, s.ssm_cache)]
+    assert before == model.config.state_bytes()
+    model.setup_caches(1, 4096)  # a longer chat: the same state, kept
+    out = list(generate_tokens(model, [1, 2, 3], 1000, greedy))
+    assert len(out) == 1000
+    assert model.state.nbytes == before
+    assert [b.data_ptr() for s in model.states for b in (s.conv_cache, s.ssm_cache)] == buffers
+
+
+# --- through the chat pipeline ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_chat_job_answers_from_a_folder_and_from_gguf(tmp_path, family):
+    ref, folder = make_folder(tmp_path, family)
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(path, ref, family)
+    loaded = load_hf_folder(folder)
+    text = "<|im_start|>user\nw1 w2 w3<|im_end|>\n<|im_start|>assistant\n"  # what the template renders
+    prompt = torch.tensor([loaded.tokenizer.encode(text, add_special_tokens=False).ids])
+    expected = reference_greedy(ref, prompt, 8)
+    stop = loaded.tokenizer.token_to_id("<|im_end|>")
+    expected = expected[:expected.index(stop)] if stop in expected else expected
+    for model in (folder, path):
+        tokens: list[str] = []
+        ctx = JobContext(job_id="t", device=probe("cpu"), models=ModelCache(), on_token=tokens.append,
+                         on_progress=lambda *a: None, settings={})
+        job = ChatJob(messages=[{"role": "user", "content": "w1 w2 w3"}], model=str(model), temperature=0.0,
+                      max_tokens=8)
+        out = run_chat(job, ctx)
+        assert out["completion_tokens"] >= 1 and "".join(tokens) == out["text"]
+        if model == folder:  # the same tokens transformers picks (the GGUF has another tokenizer)
+            assert out["completion_tokens"] == len(expected)
+            assert out["text"].split() == [loaded.tokenizer.id_to_token(i) for i in expected]
+    det = detect(folder)
+    assert det.family == family and any("recurrent state" in n for n in det.notes)
