@@ -61,6 +61,15 @@ def worker_threads(threads: int, cores: int) -> int:
     return max(1, threads - 1 if 2 <= cores <= 3 else threads)
 
 
+ALL_CORE_KINDS = ("image", "video")  # compute-bound steps: every core shortens them
+
+
+def job_threads(kind: str, chat_threads: int, all_threads: int) -> int:
+    """Intra-op threads for one job. Diffusion steps are large compute-bound matmuls that scale with cores
+    (the wake-up cost above is noise beside a step of seconds); chat decode keeps `worker_threads`' rule."""
+    return max(1, all_threads if kind in ALL_CORE_KINDS else chat_threads)
+
+
 def probe(override: str = "auto", vram_budget: int = 0, reserve: int = 0) -> DeviceProfile:
     """Probe the best device (or the one named by `override`: auto, cuda, cuda:1, mps, xpu, cpu)."""
     import torch

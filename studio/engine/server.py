@@ -248,9 +248,7 @@ class Engine:
     def _work(self) -> None:
         import torch
 
-        from studio.engine.device import worker_threads
-
-        self.device.threads = worker_threads(int(self.device.threads), os.cpu_count() or 1)
+        self._init_threads()
         torch.set_num_threads(self.device.threads)
         while True:
             with self._cond:
@@ -266,8 +264,23 @@ class Engine:
                 with self._cond:
                     self._running = None
 
+    def _init_threads(self) -> None:
+        """Chat's thread count (worker_threads' rule) in device.threads; torch's default, every core, for
+        image and video jobs (reported as extra["all_threads"])."""
+        from studio.engine.device import worker_threads
+
+        self.all_threads = max(1, int(self.device.threads))
+        self.device.extra["all_threads"] = self.all_threads
+        self.device.threads = worker_threads(self.all_threads, os.cpu_count() or 1)
+
     def _run(self, item: QueuedJob) -> None:
+        import torch
+
+        from studio.engine.device import job_threads
+
         job_id = item.job_id
+        torch.set_num_threads(job_threads(item.job.kind, self.device.threads,
+                                          getattr(self, "all_threads", self.device.threads)))
         last_preview = [0.0]
 
         def on_preview(data: bytes, mime: str, width: int, height: int) -> None:

@@ -46,7 +46,8 @@ def hardware_text(status: dict | None) -> str:
         return "Looking at this machine's hardware… (the engine is starting)"
     kind = device["kind"]
     ram = int(device.get("total_ram") or (status.get("memory") or {}).get("ram_total") or 0)
-    threads = int(device.get("threads") or 0)
+    # image and video jobs use every thread; chat may use fewer (the engine's rule for decode)
+    threads = int((device.get("extra") or {}).get("all_threads") or device.get("threads") or 0)
     parts = []
     if kind == "cpu":
         parts.append("CPU only (no GPU found)")

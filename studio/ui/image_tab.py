@@ -32,8 +32,9 @@ from studio.ui.image.options import IMAGE_FAMILIES, read_json, refuse_file_drops
 from studio.ui.image.params import ModelChoice, ParamsPanel
 from studio.ui.image.preview import PreviewPanel, format_seconds
 from studio.ui.image.prompt_box import PromptEdit, PromptHistory
+from studio.ui.image.timing import ImageTiming
 from studio.ui.job_runner import FETCH_ACTION, JobRunner, failure_text
-from studio.ui.job_widgets import GenerateBar, NaturalHeight
+from studio.ui.job_widgets import GenerateBar, NaturalHeight, guard_wheel
 
 STATE_FILE = "image_tab.json"
 HISTORY_FILE = "image_prompt_history.json"
@@ -104,6 +105,7 @@ class ImageTab(QWidget):
         self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(settings_box)
+        guard_wheel(settings_box)
 
         left = QWidget()
         left_layout = QVBoxLayout(left)
@@ -154,6 +156,7 @@ class ImageTab(QWidget):
         runner.cancelled.connect(lambda: self._finish("Cancelled."))
         runner.busy_changed.connect(self._set_busy)
 
+        self.timing = ImageTiming(self)  # before load_state: it notes whether the tab was ever used
         self.refresh_models()
         self.load_state()
         self._set_busy(False)

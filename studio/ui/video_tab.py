@@ -44,7 +44,7 @@ from studio.protocol import VideoJob, job_to_dict
 from studio.settings import Settings
 from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
 from studio.ui.job_runner import FETCH_ACTION, JobRunner, failure_text
-from studio.ui.job_widgets import GenerateBar, NaturalHeight, SeedField
+from studio.ui.job_widgets import GenerateBar, NaturalHeight, SeedField, guard_wheel
 from studio.ui.video_player import VideoPlayer, thumbnail
 
 GALLERY_FILE = "video_gallery.json"
@@ -193,6 +193,7 @@ class VideoTab(QWidget):
         self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(left_box)
+        guard_wheel(left_box)
         left = self.scroll
 
         # -- preview / player / gallery ------------------------------------------------------------------
