@@ -26,6 +26,7 @@ from studio.library.pngmeta import read_png_parameters
 from studio.paths import Paths
 from studio.protocol import ImageJob, job_to_dict
 from studio.settings import Settings
+from studio.ui.cluster_panel import ClusterPanel, ray_available
 from studio.ui.image.gallery import Gallery, GalleryItem
 from studio.ui.image.mask_canvas import InitImagePanel
 from studio.ui.image.options import IMAGE_FAMILIES, read_json, refuse_file_drops, write_json
@@ -99,6 +100,10 @@ class ImageTab(QWidget):
         box.setContentsMargins(0, 0, 6, 8)  # the group box frame stays in view when scrolled to the end
         box.addWidget(self.params)
         box.addWidget(self.init_panel)
+        # Offered only where Ray is installed; the batch runs in a CLI subprocess, so Ray never loads here.
+        self.cluster = ClusterPanel(paths.cache / "cluster") if ray_available() else None
+        if self.cluster is not None:
+            box.addWidget(self.cluster)
         box.addStretch()
         self.scroll = QScrollArea()
         self.scroll.setWidgetResizable(True)
@@ -155,6 +160,11 @@ class ImageTab(QWidget):
         runner.failed.connect(self._on_failed)
         runner.cancelled.connect(lambda: self._finish("Cancelled."))
         runner.busy_changed.connect(self._set_busy)
+        if self.cluster is not None:
+            self.cluster.result.connect(self._on_cluster_result)
+            self.cluster.status.connect(self.preview.status_label.setText)
+            self.cluster.running_changed.connect(self._set_busy)
+            self.cluster.finished.connect(self._on_cluster_finished)
 
         self.timing = ImageTiming(self)  # before load_state: it notes whether the tab was ever used
         self.refresh_models()
@@ -213,7 +223,7 @@ class ImageTab(QWidget):
     # -- the job -----------------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self.runner.busy
+        return self.runner.busy or (self.cluster is not None and self.cluster.busy)
 
     @property
     def job_id(self) -> str | None:
@@ -261,6 +271,8 @@ class ImageTab(QWidget):
         except OSError as exc:
             self.show_notice(f"Prompt history not saved ({exc}).")
         self.save_state()
+        if self.cluster is not None and self.cluster.enabled():
+            return self._send_to_cluster(job)
         return self.submit(job)
 
     def submit(self, job: ImageJob) -> str:
@@ -277,16 +289,42 @@ class ImageTab(QWidget):
         return self.submit(self.job)
 
     def cancel(self) -> None:
+        if self.cluster is not None and self.cluster.busy:
+            self.cluster.cancel()
+            return
         if self.runner.cancel():
             self.cancel_button.setEnabled(False)
             self.preview.status_label.setText("Cancelling…")
 
     def _set_busy(self, busy: bool) -> None:
-        self.buttons.set_busy(busy, bool(self.params.checkpoints),
+        self.buttons.set_busy(busy or self.busy, bool(self.params.checkpoints),
                               "Install a Stable Diffusion checkpoint first: drop it on this window")
 
     def _finish(self, text: str) -> None:
         self.preview.set_idle(text)
+
+    # -- Send to cluster ---------------------------------------------------------------------------------------------
+    def _send_to_cluster(self, job: ImageJob) -> str | None:
+        """The job as a batch on the Ray cluster (prompt list, seed sweep); "cluster" when it started."""
+        try:
+            self.cluster.run(job)
+        except (ValueError, OSError) as exc:
+            self.preview.show_error(str(exc), retry=False)
+            return None
+        self.preview.start("Starting the Ray cluster…")
+        return "cluster"
+
+    def _on_cluster_result(self, index: int, result: dict | None, error: str) -> None:
+        if result is None:
+            self.show_notice(f"Cluster job {index + 1} failed: {error}")
+        else:
+            self._on_result(result)  # results arrive in the list's order: each goes to the gallery's front
+
+    def _on_cluster_finished(self, error: str) -> None:
+        if error:
+            self.preview.show_error(f"Cluster batch: {error}", retry=False)
+        else:
+            self._finish(self.cluster.progress_label.text())
 
     # -- the runner's reports -------------------------------------------------------------------------------------
     def _on_accepted(self, ahead: int) -> None:
