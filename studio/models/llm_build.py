@@ -17,7 +17,7 @@ from studio.errors import UserError
 from studio.models.llm import LLM, LLMConfig
 from studio.models.mamba import MODEL_TYPES as MAMBA_TYPES
 from studio.models.mamba import MambaConfig
-from studio.models.moe import canonical_experts, prepare_packed_experts
+from studio.models.moe import canonical_experts, expert_layer, offload_experts, prepare_packed_experts
 
 # model_type -> config class of the chat families outside llm.py (each has .from_hf and .build)
 RECURRENT_CONFIGS: dict[str, type] = {mt: MambaConfig for mt in MAMBA_TYPES}
@@ -113,11 +113,18 @@ def chat_config(config: dict | Any) -> Any:
 
 
 def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu", fuse: bool = False) -> LLM:
+              device: torch.device | str = "cpu", fuse: bool = False, experts_in_ram: list[bool] | None = None) -> LLM:
     """Build on the meta device, then assign the weights. Quantized Linear weights stay packed.
 
-    fuse=True stacks q/k/v and gate/up into one Linear each (see fuse_projections).
+    fuse=True stacks q/k/v and gate/up into one Linear each (see fuse_projections). `experts_in_ram`
+    (one flag per layer, moe.plan_placement) keeps those layers' routed experts in CPU RAM, computed
+    there: they never touch the device.
     """
+    ram_layers = {i for i, f in enumerate(experts_in_ram or []) if f}
+
+    def where(name: str) -> torch.device | str:
+        return "cpu" if ram_layers and expert_layer(name) in ram_layers else device
+
     c = chat_config(loaded_config)
     if not isinstance(c, LLMConfig):  # a family with its own model file builds itself
         return c.build(state_dict, dtype, device)
@@ -149,8 +156,9 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
         if isinstance(mod, nn.Linear):
             bias = state_dict.get(owner + ".bias")
             # moved first, so the device-specific packing is made where it runs, one matrix at a time
-            qmod = _on_device(w, device).to_module(None if bias is None else bias.to(device=device, dtype=dtype))
-            _set_submodule(model, owner, qmod.to(device))
+            dev = where(name)
+            qmod = _on_device(w, dev).to_module(None if bias is None else bias.to(device=dev, dtype=dtype))
+            _set_submodule(model, owner, qmod.to(dev))
             skip_bias.add(owner + ".bias")
         elif isinstance(mod, nn.Embedding):
             table = None
@@ -169,7 +177,7 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
         if is_quant(w) or name in skip_bias or name.endswith("rotary_emb.inv_freq"):
             continue
         plain[name] = w
-    plain = {k: v.to(device=device, dtype=dtype) for k, v in plain.items()}
+    plain = {k: v.to(device=where(k), dtype=dtype) for k, v in plain.items()}
     head_packed = not isinstance(model.lm_head, nn.Linear)
     quant_keys = {k for k, w in state_dict.items() if is_quant(w)} | skip_bias
     missing = sorted(k for k in expected - set(plain) - quant_keys
@@ -183,6 +191,8 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
     model.load_state_dict(plain, strict=False, assign=True)
     if isinstance(model.lm_head, nn.Linear) and "lm_head.weight" not in plain:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for i in sorted(ram_layers):
+        offload_experts(model.model.layers[i].mlp.experts)  # already on the CPU: no copy through the device
     model.eval()
     return model
 

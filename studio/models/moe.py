@@ -350,6 +350,58 @@ def plan_experts_in_ram(expert_bytes: list[int], other_bytes: int, room: int) ->
     return flags
 
 
+_LAYER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.")
+
+
+def expert_layer(name: str) -> int | None:
+    """The layer index of a routed-expert weight key (any layout), else None."""
+    m = _LAYER_EXPERT.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class ExpertPlacement:
+    """Where the routed experts go: per layer in RAM or not, and the bytes each side holds."""
+
+    in_ram: list[bool]
+    device_bytes: int  # weights on the device (everything but the routed experts moved to RAM)
+    ram_bytes: int  # routed experts held in RAM
+
+    @property
+    def layers_in_ram(self) -> int:
+        return sum(self.in_ram)
+
+    def describe(self) -> str:
+        n, moe = self.layers_in_ram, len(self.in_ram)
+        if not n:
+            return ""
+        return (f"Experts in RAM: the routed experts of {n} of {moe} layers ({_gib(self.ram_bytes)}) stay in RAM and "
+                f"run on the CPU; attention, routers and shared experts ({_gib(self.device_bytes)}) are on the GPU.")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+def plan_placement(n_layers: int, state: dict, elem: int, room: int) -> ExpertPlacement:
+    """Split a loaded state dict's weights against `room` device bytes (the budget less the cache and
+    activations the chat needs): routed experts of the first layers move to RAM until the rest fits."""
+    from studio.models.llm_build import is_quant
+
+    experts = [0] * n_layers
+    other = 0
+    for name, w in state.items():
+        size = w.nbytes if is_quant(w) else w.numel() * (elem if w.is_floating_point() else w.element_size())
+        layer = expert_layer(name)
+        if layer is not None and layer < n_layers:
+            experts[layer] += size
+        else:
+            other += size
+    flags = plan_experts_in_ram(experts, other, room)
+    moved = sum(b for b, f in zip(experts, flags, strict=True) if f)
+    return ExpertPlacement(flags, other + sum(experts) - moved, moved)
+
+
 def benchmark_strategies(tokens: int, hidden: int = 1024, inter: int = 512, n_experts: int = 64, k: int = 8,
                          repeat: int = 5) -> dict[str, float]:
     """Milliseconds per call of the active-expert loop and of gather+bmm (the table in the docstring)."""

@@ -42,6 +42,7 @@ from studio.models.llm_build import (
     LLM_QUANT_MODES,
     LoadedLLM,
     build_llm,
+    chat_config,
     is_quant,
     quantize_state,
     weight_bytes,
@@ -199,6 +200,21 @@ def fit_context(model: LLM, dtype: torch.dtype, requested: int, budget: int | No
                      f"{fmt_bytes(budget)} VRAM budget next to {fmt_bytes(weights)} of weights.")
 
 
+def expert_placement(config: Any, state: dict, dtype: torch.dtype, budget: int | None,
+                     context: int = 4096) -> Any:
+    """For a mixture-of-experts model whose weights and a `context`-token cache overflow the VRAM
+    budget: which layers keep their routed experts in RAM (moe.ExpertPlacement). None when all fits."""
+    from studio.models.moe import plan_placement
+
+    c = chat_config(config)
+    if budget is None or not getattr(c, "n_experts", 0):
+        return None
+    elem = torch.empty((), dtype=dtype).element_size()
+    room = budget - ACTIVATION_BASE - context * sum(_position_bytes(c, dtype))
+    placement = plan_placement(c.n_layers, state, elem, room)
+    return placement if placement.layers_in_ram else None
+
+
 def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dtype, dequantize: bool,
                     context_limit: int, progress: Callable[[int, int, str], None], quant: str = "",
                     vram_budget: int | None = None, memory: MemoryManager | None = None,
@@ -230,15 +246,22 @@ def load_chat_model(path: Path, kind: str, device: torch.device, dtype: torch.dt
         else:
             notes.append(f"This model's weights are already packed ({kind.upper() if kind == 'gguf' else 'quantized'}); "
                          f"{quant} changes nothing, so they are kept as stored.")
+    in_ram = None
     if device.type == "cuda":
-        check_weights_fit(config, state, dtype, vram_budget)
+        placement = expert_placement(config, state, dtype, vram_budget)
+        if placement is not None:  # an MoE model over the budget: routed experts in RAM (--n-cpu-moe)
+            in_ram = placement.in_ram
+            notes.append(placement.describe())
+            progress(1, total, placement.describe())  # the plan is told before the weights move
+            _check_fits(placement.device_bytes, sum(_position_bytes(chat_config(config), dtype)), vram_budget)
+        else:
+            check_weights_fit(config, state, dtype, vram_budget)
         if memory is not None:
-            from studio.models.llm_build import chat_config
-
             c = chat_config(config)
-            memory.make_room(state_bytes(state, dtype) + ACTIVATION_BASE + MIN_CONTEXT * sum(_position_bytes(c, dtype)))
+            weights = placement.device_bytes if placement is not None else state_bytes(state, dtype)
+            memory.make_room(weights + ACTIVATION_BASE + MIN_CONTEXT * sum(_position_bytes(c, dtype)))
             vram_budget = memory.budget_for(name)
-    model = build_llm(config, state, dtype=dtype, device=device, fuse=True)
+    model = build_llm(config, state, dtype=dtype, device=device, fuse=True, experts_in_ram=in_ram)
     del state
     progress(2, total, "loading")
     stop = set(loaded.stop_token_ids)
@@ -362,6 +385,8 @@ def compiled_step(cm: ChatModel) -> Callable | None:
     step where the model allows it, else decode_step under torch.compile with CUDA graphs."""
     if cm.device.type != "cuda":
         return None
+    if getattr(cm.model.config, "n_experts", 0):
+        return None  # the grouped expert matmul reads expert counts on the host each layer: no CUDA graph
     if cm.compiled_step is None:
         from studio.models.llm_decode import FusedDecoder, unsupported
 
