@@ -402,3 +402,24 @@ def flux_transformer_settings(config: Config) -> dict[str, Any]:
     if r.has("num_attention_heads"):
         out["heads"] = r.positive_int("num_attention_heads", 24)
     return out
+
+
+SD3_TRANSFORMER_KEYS = (
+    # applied
+    "num_attention_heads",
+    # must hold the value our transformer computes with
+    "_class_name", "patch_size",
+    # accepted without effect: the weights' shapes give them
+    "attention_head_dim", "num_layers", "dual_attention_layers", "qk_norm", "pos_embed_max_size", "sample_size",
+)
+
+
+def sd3_transformer_settings(config: Config) -> dict[str, Any]:
+    """SD3Transformer2DModel config -> {"heads"} when the config states it."""
+    r = _Reader(config, "transformer/config.json")
+    _class(r, ("SD3Transformer2DModel",), "transformer")
+    r.expect("qk_norm", (None, "rms_norm"), "Studio runs SD3 with no QK norm or RMS QK norm (SD3.5).")
+    out: dict[str, Any] = {}
+    if r.has("num_attention_heads"):
+        out["heads"] = r.positive_int("num_attention_heads", 24)
+    return out
