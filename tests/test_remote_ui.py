@@ -230,3 +230,23 @@ def test_send_to_cluster_runs_a_real_batch_in_order(qtbot, tmp_path):
     assert all(os.path.isfile(r["images"][0]["path"]) for _, r, _ in results)
     assert any("worker" in s for s in status) and not panel.busy
     assert not list((tmp_path / "work").glob("*.json"))  # the job file is removed after the batch
+
+
+def test_the_video_tab_sends_to_the_cluster_only_where_ray_is(qtbot, paths, monkeypatch):
+    from studio.protocol import VideoJob
+    from studio.ui.video_tab import VideoTab
+
+    monkeypatch.setattr("studio.ui.video_tab.ray_available", lambda: False)
+    assert VideoTab(MockEngine(), paths, Settings()).cluster is None
+    monkeypatch.setattr("studio.ui.video_tab.ray_available", lambda: True)
+    engine = MockEngine()
+    tab = VideoTab(engine, paths, Settings())
+    qtbot.addWidget(tab)
+    sent = []
+    monkeypatch.setattr(tab.cluster, "run", sent.append)
+    job = VideoJob(model="/m/wan", prompt="a fox")
+    assert tab._send_to_cluster(job) == "cluster" and sent == [job] and engine.submitted == []
+    tab.cluster.result.emit(0, {"videos": [], "seconds": 1.0}, "")
+    assert "Done" in tab.status.text()
+    tab.cluster.result.emit(1, None, "out of memory")
+    assert "Cluster job 2 failed: out of memory" in tab.notice.text()

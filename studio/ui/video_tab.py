@@ -42,6 +42,7 @@ from studio import families
 from studio.paths import Paths
 from studio.protocol import VideoJob, job_to_dict
 from studio.settings import Settings
+from studio.ui.cluster_panel import ClusterPanel, ray_available
 from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
 from studio.ui.job_runner import FETCH_ACTION, JobRunner, failure_text
 from studio.ui.job_widgets import GenerateBar, NaturalHeight, SeedField, guard_wheel
@@ -186,6 +187,10 @@ class VideoTab(QWidget):
         self.fetch_button.hide()
         self.fetch_button.clicked.connect(self.fetch_result)
         col.addWidget(self.fetch_button)
+        # Offered only where Ray is installed; the batch runs in a CLI subprocess, so Ray never loads here.
+        self.cluster = ClusterPanel(paths.cache / "cluster") if ray_available() else None
+        if self.cluster is not None:
+            col.addWidget(self.cluster)
         col.addStretch()
         # The column scrolls when the window is short rather than cutting the init image row off.
         self.scroll = QScrollArea()
@@ -258,6 +263,11 @@ class VideoTab(QWidget):
         runner.failed.connect(self._on_failed)
         runner.cancelled.connect(self._on_cancelled)
         runner.busy_changed.connect(self._set_busy)
+        if self.cluster is not None:
+            self.cluster.result.connect(self._on_cluster_result)
+            self.cluster.status.connect(self.status.setText)
+            self.cluster.running_changed.connect(self._set_busy)
+            self.cluster.finished.connect(self._on_cluster_finished)
         self.refresh_models()
         self.load_state()
         self.load_gallery()
@@ -374,7 +384,7 @@ class VideoTab(QWidget):
     # -- the job ---------------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self.runner.busy
+        return self.runner.busy or (self.cluster is not None and self.cluster.busy)
 
     @property
     def job_id(self) -> str | None:
@@ -411,17 +421,23 @@ class VideoTab(QWidget):
         self.player.stop()
         self.status.setText("Sending to the engine…")
         self.progress.setRange(0, 0)
-        job_id = self.runner.submit(self.build_job())
+        if self.cluster is not None and self.cluster.enabled():
+            job_id = self._send_to_cluster(self.build_job())
+        else:
+            job_id = self.runner.submit(self.build_job())
         self.save_state()
         return job_id
 
     def cancel(self) -> None:
+        if self.cluster is not None and self.cluster.busy:
+            self.cluster.cancel()
+            return
         if self.runner.cancel():
             self.cancel_button.setEnabled(False)
             self.status.setText("Cancelling…")
 
     def _set_busy(self, busy: bool) -> None:
-        self.buttons.set_busy(busy, bool(self.model_path()), NO_MODEL)
+        self.buttons.set_busy(busy or self.busy, bool(self.model_path()), NO_MODEL)
 
     def _finish(self, text: str) -> None:
         self.progress.setRange(0, 1)
@@ -441,6 +457,26 @@ class VideoTab(QWidget):
     def _on_preview(self, image: QImage) -> None:
         job = self.job
         self.preview.set_image(image, QSize(job.width, job.height) if job else None)
+
+    # -- Send to cluster -------------------------------------------------------------------------------
+    def _send_to_cluster(self, job: VideoJob) -> str | None:
+        """The job as a batch on the Ray cluster (prompt list, seed sweep); "cluster" when it started."""
+        try:
+            self.cluster.run(job)
+        except (ValueError, OSError) as exc:
+            self._finish("")
+            self.show_notice(str(exc))
+            return None
+        return "cluster"
+
+    def _on_cluster_result(self, index: int, result: dict | None, error: str) -> None:
+        if result is None:
+            self.show_notice(f"Cluster job {index + 1} failed: {error}")
+        else:
+            self._on_result(result)  # in the list's order
+
+    def _on_cluster_finished(self, error: str) -> None:
+        self._finish(f"Cluster batch: {error}" if error else self.cluster.progress_label.text())
 
     def fetch_result(self) -> str | None:
         self.fetch_button.hide()
