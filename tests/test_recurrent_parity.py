@@ -322,3 +322,44 @@ def test_chat_job_answers_from_a_folder_and_from_gguf(tmp_path, family):
             assert out["text"].split() == [loaded.tokenizer.id_to_token(i) for i in expected]
     det = detect(folder)
     assert det.family == family and any("recurrent state" in n for n in det.notes)
+
+
+# --- detection from real-size header-only files --------------------------------------------------
+
+def test_models_info_counts_mamba_2_8b_state_not_a_kv_cache_from_a_gguf_header(tmp_path):
+    from library_fixtures import STRING, U32
+    from library_fixtures import write_gguf as write_header_only
+
+    arch = "mamba"
+    kv = {"general.architecture": (STRING, arch), "general.file_type": (U32, 15),
+          **{f"{arch}.{k}": (U32, v) for k, v in (("block_count", 64), ("embedding_length", 2560),
+                                                  ("ssm.conv_kernel", 4), ("ssm.inner_size", 5120),
+                                                  ("ssm.state_size", 16), ("ssm.time_step_rank", 160))}}
+    tensors = {"token_embd.weight": ((50280, 2560), "Q8_0")}
+    tensors.update({f"blk.{i}.ssm_in.weight": ((10240, 2560), "Q4_K") for i in range(64)})
+    det = detect(write_header_only(tmp_path / "mamba-2.8b.gguf", kv, tensors))
+    assert (det.family, det.role, det.dtype) == ("mamba", "llm", "Q4_K_M")
+    state = MambaConfig.from_name("mamba-2.8b").state_bytes(conv_elem=2)
+    assert state == 64 * (5120 * 3 * 2 + 5120 * 16 * 4)  # ~23 MB, at any context length
+    from studio.library.headers import read_header
+
+    weights = sum(t.nbytes for t in read_header(tmp_path / "mamba-2.8b.gguf").tensors.values())
+    assert det.vram_bytes == weights + state + (256 << 20)
+
+
+def test_models_info_counts_codestral_mamba2_state_from_an_hf_folder(tmp_path):
+    from library_fixtures import write_safetensors
+
+    root = tmp_path / "codestral"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "mamba2", "architectures": ["Mamba2ForCausalLM"], "num_hidden_layers": 64, "hidden_size": 4096,
+        "num_heads": 128, "head_dim": 64, "n_groups": 8, "state_size": 128, "conv_kernel": 4, "expand": 2,
+        "vocab_size": 32768}))
+    write_safetensors(root / "model.safetensors", {"backbone.embeddings.weight": (32768, 4096),
+                                                   "backbone.layers.0.mixer.in_proj.weight": (18560, 4096)}, "BF16")
+    det = detect(root)
+    assert (det.family, det.role, det.format) == ("mamba2", "llm", "hf")
+    state = MambaConfig.from_name("mamba-codestral-7b").state_bytes(conv_elem=2)
+    assert state == 64 * ((8192 + 2 * 8 * 128) * 3 * 2 + 128 * 64 * 128 * 4)  # ~272 MB
+    assert det.vram_bytes == det.params * 2 + state + (256 << 20)
