@@ -335,3 +335,74 @@ def test_chat_config_json_of_each_family_is_read(tmp_path):
 
     c = LLMConfig.from_hf(cfg)
     assert c.mlp_types == ["moe", "dense", "moe"] and c.n_experts == 8 and c.n_experts_per_tok == 3
+
+
+# --- detection from real-size header-only files --------------------------------------------------------
+
+def test_qwen3_30b_a3b_folder_reports_total_and_active_parameters(tmp_path):
+    from library_fixtures import write_safetensors
+
+    from studio.library.detect import detect
+
+    h, layers, experts, inter, vocab = 2048, 48, 128, 768, 151936
+    root = tmp_path / "Qwen3-30B-A3B"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": h,
+        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": experts, "num_experts_per_tok": 8, "moe_intermediate_size": inter,
+        "max_position_embeddings": 40960, "vocab_size": vocab}))
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (4096, h), p + "self_attn.k_proj.weight": (512, h),
+                   p + "self_attn.v_proj.weight": (512, h), p + "self_attn.o_proj.weight": (h, 4096),
+                   p + "mlp.gate.weight": (experts, h)}
+        for e in range(experts):
+            shapes |= {f"{p}mlp.experts.{e}.gate_proj.weight": (inter, h),
+                       f"{p}mlp.experts.{e}.up_proj.weight": (inter, h),
+                       f"{p}mlp.experts.{e}.down_proj.weight": (h, inter)}
+    write_safetensors(root / "model.safetensors", shapes, "BF16")
+    det = detect(root)
+    assert (det.family, det.role) == ("qwen3_moe", "llm")
+    assert 30.0e9 < det.params < 31.0e9 and 3.0e9 < det.active_params < 3.6e9  # "30B-A3B"
+    routed = layers * experts * 3 * inter * h * 2
+    kv = 2 * layers * 4 * 128 * 4096 * 2
+    assert det.vram_bytes == det.params * 2 + kv + (256 << 20)
+    ram_note = next(n for n in det.notes if n.startswith("with experts in RAM"))
+    assert f"{(det.params * 2 - routed + kv + (256 << 20)) / (1 << 30):.1f} GiB VRAM" in ram_note
+
+
+def test_deepseek_v2_lite_gguf_counts_experts_and_the_compressed_cache(tmp_path):
+    from library_fixtures import STRING, U32, write_gguf
+
+    from studio.library.detect import detect
+
+    h, layers, experts, inter, rank, rope, vocab = 2048, 27, 64, 1408, 512, 64, 102400
+    kv = {"general.architecture": (STRING, "deepseek2"), "general.file_type": (U32, 7),
+          "deepseek2.block_count": (U32, layers), "deepseek2.context_length": (U32, 163840),
+          "deepseek2.attention.head_count": (U32, 16), "deepseek2.attention.head_count_kv": (U32, 1),
+          "deepseek2.attention.key_length": (U32, rank + rope), "deepseek2.attention.kv_lora_rank": (U32, rank),
+          "deepseek2.rope.dimension_count": (U32, rope), "deepseek2.expert_count": (U32, experts),
+          "deepseek2.expert_used_count": (U32, 6), "deepseek2.expert_shared_count": (U32, 2)}
+    t: dict = {"token_embd.weight": ((vocab, h), "Q8_0"), "output.weight": ((vocab, h), "Q8_0")}
+    for i in range(layers):
+        b = f"blk.{i}."
+        t |= {b + "attn_q.weight": ((16 * 192, h), "Q8_0"), b + "attn_kv_a_mqa.weight": ((rank + rope, h), "Q8_0"),
+              b + "attn_kv_b.weight": ((16 * 256, rank), "Q8_0"), b + "attn_output.weight": ((h, 16 * 128), "Q8_0")}
+        if i == 0:
+            t |= {b + "ffn_gate.weight": ((10944, h), "Q8_0"), b + "ffn_up.weight": ((10944, h), "Q8_0"),
+                  b + "ffn_down.weight": ((h, 10944), "Q8_0")}
+        else:
+            t |= {b + "ffn_gate_inp.weight": ((experts, h), "F32"),
+                  b + "ffn_gate_exps.weight": ((experts, inter, h), "Q8_0"),
+                  b + "ffn_up_exps.weight": ((experts, inter, h), "Q8_0"),
+                  b + "ffn_down_exps.weight": ((experts, h, inter), "Q8_0"),
+                  b + "ffn_gate_shexp.weight": ((2 * inter, h), "Q8_0"), b + "ffn_up_shexp.weight": ((2 * inter, h), "Q8_0"),
+                  b + "ffn_down_shexp.weight": ((h, 2 * inter), "Q8_0")}
+    det = detect(write_gguf(tmp_path / "DeepSeek-V2-Lite-Q8_0.gguf", kv, t))
+    assert (det.family, det.role, det.dtype) == ("deepseek2", "llm", "Q8_0")
+    assert 15.5e9 < det.params < 16.0e9 and 2.3e9 < det.active_params < 2.7e9  # "16B, 2.4B active"
+    weights = det.file_size - 0  # header-only file: its declared size is header + tensor data
+    cache = layers * (rank + rope) * 4096 * 2  # 576 numbers per token and layer, not 16 heads x (192 + 128) x 2
+    assert abs(det.vram_bytes - (weights + cache + (256 << 20))) < (1 << 20)

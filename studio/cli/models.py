@@ -155,7 +155,9 @@ def human_count(n: int) -> str:
 def _format_detection(d: Detection) -> str:
     rows = [("family", d.family), ("variant", d.variant or "-"), ("role", d.role.replace("_", " ")),
             ("format", f"{d.format} ({d.layout})" if d.layout else d.format), ("dtype", d.dtype or "-"),
-            ("parameters", f"{human_count(d.params)} ({d.params:,})"), ("file size", fmt_bytes(d.file_size)),
+            ("parameters", f"{human_count(d.params)} ({d.params:,})"
+             + (f", {human_count(d.active_params)} active per token" if d.active_params else "")),
+            ("file size", fmt_bytes(d.file_size)),
             ("RAM to run", f"~{fmt_bytes(d.ram_bytes)} (CPU)"),
             ("VRAM to run", f"~{fmt_bytes(d.vram_bytes)} (fully on GPU)")]
     if d.prediction:

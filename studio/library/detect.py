@@ -53,6 +53,7 @@ class Detection:
     layout: str = ""  # ldm-checkpoint | comfyui-prefixed | original | diffusers | hf | gguf | kohya | peft
     dtype: str = ""  # dominant stored dtype, or the GGUF quantization
     params: int = 0
+    active_params: int = 0  # mixture of experts: parameters one token runs through (0: dense, all of them)
     file_size: int = 0
     ram_bytes: int = 0  # to run on the CPU: weights + activations
     vram_bytes: int = 0  # to run fully resident on a GPU (fp16/bf16 compute)
@@ -304,7 +305,8 @@ def _gguf_arch(h: ModelHeader) -> str:
 
 
 def _looks_like_llm(h: ModelHeader) -> bool:
-    return any(k.endswith(("self_attn.q_proj.weight", "attn_q.weight")) for k in h.tensors) and \
+    return any(k.endswith(("self_attn.q_proj.weight", "attn_q.weight", "self_attn.q_a_proj.weight", "attn_q_a.weight"))
+               for k in h.tensors) and \
         any(k.endswith(("embed_tokens.weight", "token_embd.weight")) for k in h.tensors)
 
 
@@ -319,6 +321,9 @@ def _detect_llm(h: ModelHeader) -> Detection:
         notes = [f"GGUF v{h.metadata.get('GGUF.version')}"]
         if arch == "llama" and "mistral" in str(h.metadata.get("general.basename", "")).lower():
             notes.append("general.basename says Mistral (llama architecture)")
+        if arch == "llama" and h.metadata.get("llama.expert_count"):  # llama.cpp writes Mixtral as llama
+            family = LLM_FAMILIES.get("mixtral", family)
+            markers.append(f"llama.expert_count={h.metadata['llama.expert_count']}")
     else:
         mt = str(h.config.get("model_type", ""))
         archs = h.config.get("architectures") or []
@@ -398,8 +403,44 @@ def _fill_stats(det: Detection, h: ModelHeader) -> None:
             det.notes.append(f"recurrent state {fmt_bytes(state)} per conversation, the same at any length "
                              "(no KV cache)")
         act = (state or _kv_cache_bytes(h)) + 256 * (1 << 20)
+        _moe_stats(det, h, tensors, gpu_weights / max(weights, 1), act)
     det.vram_bytes = int(gpu_weights + act)
     det.ram_bytes = int(weights + act + 512 * (1 << 20))  # plus the engine process itself
+
+
+_EXPERT_TENSOR = re.compile(r"\.ffn_(gate|up|down)_exps\.|\.(mlp|block_sparse_moe)\.experts\.")
+
+
+def _moe_counts(h: ModelHeader) -> tuple[int, int]:
+    """(experts, experts used per token) from GGUF `{arch}.expert_*` or config.json; (0, 0) when dense."""
+    if h.format == "gguf":
+        arch = _gguf_arch(h)
+        n, k = h.metadata.get(f"{arch}.expert_count"), h.metadata.get(f"{arch}.expert_used_count")
+    else:
+        c = h.config.get("text_config", h.config)
+        n = c.get("num_local_experts") or c.get("num_experts") or c.get("n_routed_experts")
+        k = c.get("num_experts_per_tok")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n, k))
+    return (int(n), int(k)) if ok and k <= n else (0, 0)
+
+
+def _moe_stats(det: Detection, h: ModelHeader, tensors: list, gpu_scale: float, act: int) -> None:
+    """Active parameters per token and the experts-in-RAM footprint of a mixture of experts."""
+    n, k = _moe_counts(h)
+    if not n:
+        return
+    names = list(h.tensors)
+    routed = [t for name, t in zip(names, h.tensors.values(), strict=True) if _EXPERT_TENSOR.search(name)]
+    expert_params = sum(t.numel for t in routed)
+    if not expert_params:
+        return
+    det.active_params = det.params - expert_params + expert_params * k // n
+    expert_bytes = sum(t.nbytes for t in routed) * gpu_scale
+    det.notes.append(f"mixture of experts: {n} experts, {k} per token; ~{det.active_params / 1e9:.2f}B of "
+                     f"{det.params / 1e9:.2f}B parameters active per token")
+    rest = sum(t.nbytes for t in tensors) * gpu_scale - expert_bytes
+    det.notes.append(f"with experts in RAM: ~{fmt_bytes(int(rest + act))} VRAM (attention, routers, shared experts) "
+                     f"+ {fmt_bytes(int(expert_bytes))} of routed experts in RAM")
 
 
 def _kv_cache_bytes(h: ModelHeader, ctx: int = 4096) -> int:
@@ -408,6 +449,17 @@ def _kv_cache_bytes(h: ModelHeader, ctx: int = 4096) -> int:
         return _kv_estimate(h, ctx)
     except (TypeError, ValueError):  # per-layer lists or odd metadata: no estimate rather than a crash
         return 0
+
+
+def _mla_width(h: ModelHeader) -> int:
+    """kv_lora_rank + rotary dims of a multi-head-latent-attention model, else 0."""
+    if h.format == "gguf":
+        arch = _gguf_arch(h)
+        rank, rope = h.metadata.get(f"{arch}.attention.kv_lora_rank"), h.metadata.get(f"{arch}.rope.dimension_count")
+    else:
+        c = h.config.get("text_config", h.config)
+        rank, rope = c.get("kv_lora_rank"), c.get("qk_rope_head_dim")
+    return rank + rope if all(isinstance(v, int) and v > 0 for v in (rank, rope)) else 0
 
 
 def _recurrent_state_bytes(h: ModelHeader) -> int:
@@ -430,6 +482,13 @@ def _recurrent_state_bytes(h: ModelHeader) -> int:
 
 
 def _kv_estimate(h: ModelHeader, ctx: int) -> int:
+    mla = _mla_width(h)
+    if mla:  # DeepSeek's MLA caches one latent vector + one rotary key per token and layer, fp16
+        c = h.config.get("text_config", h.config)
+        layers = h.metadata.get(f"{_gguf_arch(h)}.block_count", 0) if h.format == "gguf" else c.get("num_hidden_layers", 0)
+        limit = (h.metadata.get(f"{_gguf_arch(h)}.context_length", ctx) if h.format == "gguf"
+                 else c.get("max_position_embeddings", ctx))
+        return int(layers * mla * min(ctx, limit) * 2)
     if h.format == "gguf":
         arch = _gguf_arch(h)
         m = h.metadata
