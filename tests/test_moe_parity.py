@@ -406,3 +406,35 @@ def test_deepseek_v2_lite_gguf_counts_experts_and_the_compressed_cache(tmp_path)
     weights = det.file_size - 0  # header-only file: its declared size is header + tensor data
     cache = layers * (rank + rope) * 4096 * 2  # 576 numbers per token and layer, not 16 heads x (192 + 128) x 2
     assert abs(det.vram_bytes - (weights + cache + (256 << 20))) < (1 << 20)
+
+
+# --- the chat pipeline ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,layout", [("qwen3_moe", "hf"), ("mixtral", "gguf"), ("deepseek_v2_lite", "hf"),
+                                           ("deepseek_v3", "gguf")])
+def test_chat_pipeline_answers_with_the_reference_greedy_tokens(tmp_path, family, layout):
+    from types import SimpleNamespace
+
+    from test_chat_pipeline import Recorder, job
+
+    from studio.engine.context import ModelCache
+    from studio.engine.device import DeviceProfile
+    from studio.engine.pipelines.chat import encode_prompt, render_prompt, run_chat
+
+    ref = make_reference(family)
+    if layout == "hf":
+        model = save_folder(tmp_path, family, ref)
+    else:
+        model = tmp_path / f"{family}.gguf"
+        write_moe_gguf(model, family, ref)
+    rec = Recorder(ModelCache(), DeviceProfile(kind="cpu", name="test", torch_device="cpu"))
+    messages = [{"role": "user", "content": "the"}]
+    out = run_chat(job(model, messages=messages, max_tokens=6), rec.ctx)
+    assert "".join(rec.tokens) == out["text"] and out["completion_tokens"] >= 1
+    loaded = load_gguf_llm(model) if layout == "gguf" else load_hf_folder(model)
+    cm = SimpleNamespace(tokenizer=loaded.tokenizer, chat_template=loaded.chat_template, bos_token=loaded.bos_token,
+                         eos_token=loaded.eos_token, add_bos=loaded.add_bos)
+    prompt = encode_prompt(cm, render_prompt(cm, messages))
+    assert len(prompt) == out["prompt_tokens"]
+    expected = reference_greedy(ref, torch.tensor([prompt]), out["completion_tokens"])
+    assert loaded.tokenizer.decode(expected, skip_special_tokens=True) == out["text"]
