@@ -28,14 +28,14 @@ def tiny_transformer(guidance: bool, seed: int = 0, in_channels: int = 64):
     return net.eval()
 
 
-def tiny_vae(seed: int = 1):
+def tiny_vae(seed: int = 1, scaling: float = 0.3611, shift: float = 0.1159):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
                         latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
-                        scaling_factor=0.3611, shift_factor=0.1159)
+                        scaling_factor=scaling, shift_factor=shift)
     jiggle(vae, 0.02)
     return vae.eval()
 

@@ -147,3 +147,184 @@ def test_too_large_an_image_for_the_position_table_says_so():
 def test_not_an_sd3_file_says_so():
     with pytest.raises(UserError, match="no SD3 transformer"):
         load_sd3_transformer({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)})
+
+
+# ---------------------------------------------------------------------------------- whole generations
+
+L_DIM, G_DIM, T5_DIM = 64, 128, 256
+
+
+def _clip(width: int, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width,
+                                      num_hidden_layers=3, num_attention_heads=width // 64, max_position_embeddings=77,
+                                      hidden_act="gelu", projection_dim=width, eos_token_id=2)
+    enc = transformers.CLIPTextModelWithProjection(cfg)
+    jiggle(enc, 0.05)
+    return enc.eval()
+
+
+def _t5(seed: int = 3):
+    import transformers
+
+    from tests.video_fixtures import WORDS
+
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(vocab_size=len(WORDS) + 3, d_model=T5_DIM, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                                relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    enc = transformers.T5EncoderModel(cfg)
+    jiggle(enc, 0.1)
+    return enc.eval()
+
+
+def _net(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+                                num_attention_heads=1, joint_attention_dim=T5_DIM, caption_projection_dim=64,
+                                pooled_projection_dim=L_DIM + G_DIM, out_channels=16, pos_embed_max_size=16,
+                                qk_norm="rms_norm", dual_attention_layers=(0,))
+    jiggle(net, 0.1)
+    return net.eval()
+
+
+def _scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def build_sd3_folder(root, with_t5: bool = True):
+    from tests.flux_fixtures import tiny_vae
+    from tests.video_fixtures import write_tokenizer
+
+    _net().save_pretrained(root / "transformer")
+    tiny_vae(scaling=1.5305, shift=0.0609).save_pretrained(root / "vae")
+    _clip(L_DIM, 2).save_pretrained(root / "text_encoder")
+    _clip(G_DIM, 4).save_pretrained(root / "text_encoder_2")
+    if with_t5:
+        _t5().save_pretrained(root / "text_encoder_3")
+        write_tokenizer(root / "tokenizer_3" / "tokenizer.json")
+    _scheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+def _reference_image(folder, job):
+    """StableDiffusion3Pipeline on the same weights, fed our tokens' embeddings and our seeded noise."""
+    import numpy as np
+    import transformers
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from studio.engine.pipelines.diffusion.skeleton import noise
+    from studio.models.clip_tokenizer import ClipTokenizer
+    from studio.models.t5 import T5Tokenizer
+
+    net = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    clip_l = transformers.CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").eval()
+    clip_g = transformers.CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval()
+    has_t5 = (folder / "text_encoder_3").is_dir()
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_3").eval() if has_t5 else None
+    pipe = StableDiffusion3Pipeline(transformer=net, scheduler=_scheduler(), vae=AutoencoderKL.from_pretrained(
+        folder / "vae"), text_encoder=clip_l, tokenizer=None, text_encoder_2=clip_g, tokenizer_2=None,
+        text_encoder_3=t5, tokenizer_3=None)
+
+    def embed(text):
+        hidden, pooled = [], []
+        for enc, pad in ((clip_l, None), (clip_g, 0)):
+            out = enc(torch.tensor([ClipTokenizer.bundled(pad_id=pad)(text)]), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.nn.functional.pad(torch.cat(hidden, -1), (0, T5_DIM - L_DIM - G_DIM))
+        if t5 is not None:
+            ids, _ = T5Tokenizer(folder / "tokenizer_3" / "tokenizer.json")([text], max_length=256, clean=False)
+            t5_out = t5(ids).last_hidden_state
+        else:
+            t5_out = torch.zeros(1, 77, T5_DIM)
+        return torch.cat([clip, t5_out], 1), torch.cat(pooled, -1)
+
+    with torch.no_grad():
+        cond, pooled = embed(job.prompt)
+        uncond, upooled = embed(job.negative)
+    lat = job.height // 2
+    out = pipe(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
+               negative_pooled_prompt_embeds=upooled, latents=noise((1, 16, lat, lat), job.seed, torch.device("cpu")),
+               height=job.height, width=job.width, num_inference_steps=job.steps, guidance_scale=job.cfg,
+               output_type="np")
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def _job(model, tmp_path, **kw):
+    from studio.protocol import ImageJob
+
+    base = dict(model=str(model), prompt="a red fox in snow", negative="blurry bad", width=32, height=32, steps=3,
+                cfg=4.5, sampler="euler", seed=5, out=str(tmp_path / "out" / "sd3.png"))
+    base.update(kw)
+    return ImageJob(**base)
+
+
+def _ours(job, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from studio.engine.pipelines.diffusion.sd3 import run_image
+    from tests.video_fixtures import Collector
+
+    col = Collector(tmp_path)
+    result = run_image(job, col.ctx)
+    assert result.family == "sd3" and col.steps() == list(range(1, job.steps + 1)) and col.previews
+    with Image.open(result.images[0]["path"]) as im:
+        return np.asarray(im.convert("RGB")), result
+
+
+@pytest.mark.parametrize("with_t5", [True, False], ids=["clip+t5", "clip-only"])
+def test_tiny_generation_matches_sd3_pipeline(tmp_path, with_t5):
+    import numpy as np
+
+    folder = build_sd3_folder(tmp_path / "sd3", with_t5)
+    job = _job(folder, tmp_path)
+    got, result = _ours(job, tmp_path)
+    assert with_t5 or any("T5" in n for n in result.notes)
+    want = _reference_image(folder, job)
+    assert want.std() > 5
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_sigmas_match_flow_match_euler_scheduler():
+    from studio.engine.pipelines.diffusion.sd3 import sd3_sigmas
+
+    sched = _scheduler()
+    sched.set_timesteps(9)
+    torch.testing.assert_close(sd3_sigmas(9, 3.0), sched.sigmas.float(), atol=1e-6, rtol=1e-6)
+
+
+def test_stability_single_file_with_encoders_inside_matches_the_folder(tmp_path):
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from studio.models.vae import to_ldm_vae
+    from tests.flux_fixtures import save
+    from tests.video_fixtures import write_tokenizer
+
+    folder = build_sd3_folder(tmp_path / "sd3")
+    sd = {"model.diffusion_model." + k: v for k, v in to_sai(_net().state_dict()).items()}
+    for name, enc in (("clip_l", _clip(L_DIM, 2)), ("clip_g", _clip(G_DIM, 4)), ("t5xxl", _t5())):
+        sd.update({f"text_encoders.{name}.transformer.{k}": v for k, v in enc.state_dict().items()})
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    sd.update({"first_stage_model." + k: v for k, v in to_ldm_vae(vae.state_dict(), up_levels=2).items()})
+    model = save(sd, tmp_path / "checkpoints" / "sd3.5_medium_incl_clips_t5xxl.safetensors")
+    write_tokenizer(tmp_path / "checkpoints" / "tokenizer.json")
+    got, _ = _ours(_job(model, tmp_path, out=str(tmp_path / "a.png")), tmp_path)
+    want, _ = _ours(_job(folder, tmp_path, out=str(tmp_path / "b.png")), tmp_path)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_image_jobs_on_an_sd3_file_are_routed_to_this_pipeline(tmp_path):
+    from studio import families
+    from studio.engine.pipelines.diffusion import pipeline_for
+    from tests.flux_fixtures import save
+
+    model = save(to_sai(_net().state_dict()), tmp_path / "sd3.safetensors")
+    assert pipeline_for(str(model), families.Kind.IMAGE).__name__.endswith(".sd3")
