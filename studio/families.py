@@ -87,6 +87,7 @@ class Family:
     companions: tuple[Companion, ...] = ()
     quant_modes: tuple[str, ...] = ()
     activation_gib: float = 0.0  # rough activations at the native size on top of the weights
+    pipeline: str = ""  # the module under studio/engine/pipelines/diffusion that runs it
     pipeline_classes: tuple[str, ...] = ()  # diffusers model_index.json `_class_name`s
     aliases: tuple[str, ...] = ()  # names the family has in other files (GGUF architecture, model_type)
     notes: tuple[str, ...] = field(default=())
@@ -112,7 +113,7 @@ LTXV = "ltxv"
 COGVIDEOX = "cogvideox"
 MOCHI = "mochi"
 
-_SD_COMMON = dict(kind=Kind.IMAGE, runs=True, latent_channels=4, steps=25, cfg=7.0, sampler="euler",
+_SD_COMMON = dict(kind=Kind.IMAGE, runs=True, pipeline="sd", latent_channels=4, steps=25, cfg=7.0, sampler="euler",
                   schedule="normal", samplers=DIFFUSION_SAMPLERS, schedules=SCHEDULES,
                   quant_modes=DIFFUSION_QUANT_MODES)
 
@@ -131,20 +132,24 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
                   (768, 1344), (1536, 640), (640, 1536)),
            activation_gib=1.5, companions=(_CLIP_L, _CLIP_G),
            pipeline_classes=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"), **_SD_COMMON),
-    Family(SD3, "SD 3 / 3.5", Kind.IMAGE, runs=False, prediction="flow", latent_channels=16,
+    Family(SD3, "SD 3 / 3.5", Kind.IMAGE, runs=True, pipeline="sd3", prediction="flow", latent_channels=16,
            latent_scale=1.5305, latent_shift=0.0609, sizes=((1024, 1024),), steps=28, cfg=4.5, sampler="euler",
            samplers=FLOW_SAMPLERS, shift=3.0, companions=(_CLIP_L, _CLIP_G, _T5), activation_gib=2.0,
            pipeline_classes=("StableDiffusion3Pipeline",)),
-    Family(FLUX, "Flux.1", Kind.IMAGE, runs=False, prediction="flow", latent_channels=16,
-           latent_scale=0.3611, latent_shift=0.1159, sizes=((1024, 1024),), steps=28, cfg=1.0, sampler="euler",
-           samplers=FLOW_SAMPLERS, companions=(_CLIP_L, _T5), activation_gib=3.0,
-           pipeline_classes=("FluxPipeline",)),
+    # Flux dev is guidance-distilled: `cfg` is the value fed to its guidance embedding (3.5 as BFL and
+    # diffusers default), one pass per step, no negative prompt; schnell ignores it and wants ~4 steps.
+    Family(FLUX, "Flux.1", Kind.IMAGE, runs=True, pipeline="flux", prediction="flow", latent_channels=16,
+           latent_scale=0.3611, latent_shift=0.1159, sizes=((1024, 1024), (1152, 896), (896, 1152), (1344, 768),
+                                                            (768, 1344)),
+           steps=28, cfg=3.5, sampler="euler", samplers=FLOW_SAMPLERS, companions=(_CLIP_L, _T5),
+           activation_gib=3.0, pipeline_classes=("FluxPipeline",),
+           notes=("dev: CFG is the distilled guidance (no negative prompt); schnell: 4 steps, guidance unused",)),
     Family(PIXART, "PixArt", Kind.IMAGE, runs=False, prediction="eps", latent_channels=4, latent_scale=0.13025,
            sizes=((1024, 1024),), companions=(_T5,), activation_gib=1.5,
            pipeline_classes=("PixArtAlphaPipeline", "PixArtSigmaPipeline")),
     Family(SANA, "SANA", Kind.IMAGE, runs=False, prediction="flow", latent_channels=32, downsample=32,
            sizes=((1024, 1024),), activation_gib=1.5, pipeline_classes=("SanaPipeline",)),
-    Family(WAN, "Wan 2.x", Kind.VIDEO, runs=True, prediction="flow", latent_channels=16, downsample=8,
+    Family(WAN, "Wan 2.x", Kind.VIDEO, runs=True, pipeline="wan", prediction="flow", latent_channels=16, downsample=8,
            sizes=((832, 480), (480, 832), (1280, 720), (720, 1280), (624, 624)), steps=30, cfg=5.0,
            sampler="unipc", samplers=FLOW_SAMPLERS, shift=5.0, frames=81, fps=16.0,
            companions=(Companion("text_encoder", "umt5"), Companion("vae", "wan-vae"),
@@ -183,11 +188,11 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family("clip-l", "CLIP-L", Kind.ENCODER, runs=True),
     Family("clip-g", "CLIP-G", Kind.ENCODER, runs=True),
     Family("clip-h", "OpenCLIP-H", Kind.ENCODER, runs=True),
-    Family("t5", "T5-XXL", Kind.ENCODER, runs=False),
+    Family("t5", "T5-XXL", Kind.ENCODER, runs=True),
     Family("umt5", "umT5-XXL", Kind.ENCODER, runs=True),
     Family("clip-vision-h", "CLIP ViT-H (vision)", Kind.ENCODER, runs=True),
     Family("vae-kl-f8", "KL-f8 VAE (SD, SDXL)", Kind.VAE, runs=True),
-    Family("vae-16ch", "16-channel VAE (SD3, Flux)", Kind.VAE, runs=False),
+    Family("vae-16ch", "16-channel VAE (SD3, Flux)", Kind.VAE, runs=True),
     Family("wan-vae", "Wan VAE", Kind.VAE, runs=True),
     Family("taesd", "TAESD (previews)", Kind.VAE, runs=True),
 )}

@@ -192,7 +192,7 @@ def test_lora_for_another_family_is_refused_clearly(xl_ckpt, ckpt, models, tmp_p
     ({"strength": 0.0}, "strength"),
     ({"mask": "/tmp/m.png"}, "needs an image"),
     ({"model": ""}, "No image model chosen"),
-    ({"model": "/nowhere/model.safetensors"}, "No model"),
+    ({"model": "/nowhere/model.safetensors"}, "No image model .*/nowhere/model.safetensors.*studio models add FILE"),
 ])
 def test_bad_input_is_refused_with_a_message_that_says_what_to_do(ckpt, models, tmp_path, change, message):
     with pytest.raises(UserError, match=message):

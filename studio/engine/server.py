@@ -58,14 +58,16 @@ def _pipelines() -> dict[str, Callable[[Any, JobContext], Any]]:
         return run_chat(job, ctx)
 
     def image(job, ctx):
-        from studio.engine.pipelines.diffusion.sd import run_image
+        from studio.engine.pipelines.diffusion import run_generation
+        from studio.families import Kind
 
-        return run_image(job, ctx)
+        return run_generation(job, ctx, Kind.IMAGE)
 
     def video(job, ctx):
-        from studio.engine.pipelines.diffusion.wan import run_video
+        from studio.engine.pipelines.diffusion import run_generation
+        from studio.families import Kind
 
-        return run_video(job, ctx)
+        return run_generation(job, ctx, Kind.VIDEO)
 
     def completion(job, ctx):
         from studio.engine.pipelines.complete import run_completion
