@@ -4,6 +4,7 @@ nothing but time. Skipped without Ray (`pip install 'studio[cluster]'`)."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -32,13 +33,22 @@ def jobs(tmp_path_factory) -> list[ImageJob]:
 
 @pytest.fixture(scope="module")
 def reference(jobs, tmp_path_factory) -> dict[int, np.ndarray]:
-    """The same jobs through the local engine process."""
+    """The same jobs through the local engine process, on one thread as each worker (cpus_per_worker=1): a
+    CPU matmul split over another number of threads sums in another order, so its last bits may differ."""
     out = tmp_path_factory.mktemp("local")
     client = EngineClient(Paths.default(), EngineOptions(device="cpu", auto_restart=False,
                                                          settings={"outputs": str(out)}))
-    with client:
-        handles = [client.submit(job) for job in jobs]
-        return {h.job.seed: pixels(h.wait(120)["images"][0]["path"]) for h in handles}
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the engine's thread count for image jobs comes from torch's default
+    try:
+        with client:
+            handles = [client.submit(job) for job in jobs]
+            return {h.job.seed: pixels(h.wait(120)["images"][0]["path"]) for h in handles}
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 @pytest.fixture(scope="module")
