@@ -250,3 +250,24 @@ def test_the_video_tab_sends_to_the_cluster_only_where_ray_is(qtbot, paths, monk
     assert "Done" in tab.status.text()
     tab.cluster.result.emit(1, None, "out of memory")
     assert "Cluster job 2 failed: out of memory" in tab.notice.text()
+
+
+def test_cluster_results_reach_the_image_gallery_in_order_and_the_preview(qtbot, paths, monkeypatch, tmp_path):
+    from PIL import Image
+
+    from studio.ui.image_tab import ImageTab
+
+    monkeypatch.setattr("studio.ui.image_tab.ray_available", lambda: True)
+    tab = ImageTab(MockEngine(), paths, Settings())
+    qtbot.addWidget(tab)
+    monkeypatch.setattr(cluster_panel.ClusterPanel, "busy", property(lambda self: True))  # the batch runs on
+    files = []
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (16, 8), colour).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    for i, path in enumerate(files):
+        tab.cluster.result.emit(i, {"images": [{"path": path, "seed": 40 + i, "width": 16, "height": 8}],
+                                    "seconds": 1.0}, "")
+    assert [item.seed for item in tab.gallery.items] == [41, 40]  # the newest first, as the runner's results
+    assert tab.preview.view.image is not None and tab.preview.view.image.pixelColor(0, 0).name() == "#0000ff"
+    tab.gallery.shutdown()

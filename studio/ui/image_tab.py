@@ -319,6 +319,8 @@ class ImageTab(QWidget):
             self.show_notice(f"Cluster job {index + 1} failed: {error}")
         else:
             self._on_result(result)  # results arrive in the list's order: each goes to the gallery's front
+            if self.gallery.items:  # the tab counts as busy until the batch ends, so show the newest here
+                self.preview.show_image(QImage(self.gallery.items[0].path))
 
     def _on_cluster_finished(self, error: str) -> None:
         if error:
