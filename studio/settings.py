@@ -28,6 +28,9 @@ class Settings:
     engine_address: str = ""  # HOST:PORT of `studio engine serve` on another machine; "" = the local engine
     engine_token: str = ""  # that engine's token (this file is written 0600)
     first_run_done: bool = False  # the welcome card was shown (Help > Welcome shows it again)
+    chat_servers: list[str] = field(default_factory=list)  # OpenAI-compatible base URLs (keys: OS keychain)
+    api_serve: bool = False  # serve the window's engine over the OpenAI-compatible API
+    api_port: int = 8420
 
     @classmethod
     def load(cls, paths: Paths) -> Settings:

@@ -301,7 +301,7 @@ def test_the_model_picker_lists_installed_llms_and_a_chosen_one_answers(qtbot, q
     qtbot.addWidget(tab)
     try:
         combo = tab.model_combo
-        assert [combo.itemText(i) for i in range(combo.count())] == [BUNDLED_LABEL, "my-smollm2"]
+        assert [combo.itemText(i) for i in range(combo.count())] == [BUNDLED_LABEL, "my-smollm2", "Add server…"]
         greedy(tab, 16)
         combo.setCurrentIndex(1)
         combo.activated.emit(1)

@@ -81,6 +81,7 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(self.tabs)
 
         self._build_status_bar()
+        self._build_api()
         self._build_docks()
         self._build_menus()
         self._selftest = JobRunner(self.engine, self)
@@ -140,6 +141,23 @@ class MainWindow(QMainWindow):
         bar.addPermanentWidget(self.memory_label)
         bar.addPermanentWidget(self.device_label)
         bar.addPermanentWidget(self.state_label)
+
+    def _build_api(self) -> None:
+        from studio.server.catalog import BUNDLED_ID
+        from studio.ui.api_status import ApiServer, ApiStatus
+
+        self.api = ApiServer(self.engine.client, self)
+        self.api_status = ApiStatus(self.api, BUNDLED_ID)
+        self.statusBar().addPermanentWidget(self.api_status)
+        self.apply_api()
+
+    def apply_api(self) -> None:
+        """Serve (or stop serving) the API as Settings say; a port in use shows in the status line."""
+        if self.settings.api_serve:
+            self.api.start(self.settings.api_port)
+        else:
+            self.api.error = ""
+            self.api.stop()
 
     def _on_state(self, state: str, detail: str) -> None:
         color, text = STATE_TEXT.get(state, ("#888", state))
@@ -413,6 +431,7 @@ class MainWindow(QMainWindow):
             self.scan_model_folders()
         if engine_changed:
             self.engine.restart(engine_options(new, self.paths))
+        self.apply_api()
 
     # -- first run -------------------------------------------------------------------------------
     def maybe_show_welcome(self) -> bool:
@@ -522,6 +541,7 @@ class MainWindow(QMainWindow):
                 shutdown()
         if self.models_panel is not None:
             self.models_panel.installer.stop()
+        self.api.stop()
         self.engine.close()
         if self.library is not None:
             self.library.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -15,6 +16,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -99,6 +101,17 @@ class SettingsDialog(QDialog):
         self.theme = QComboBox()
         self.theme.addItems(THEMES)
         self.theme.setCurrentText(settings.theme)
+        self.api_serve = QCheckBox("Serve the OpenAI-compatible API on 127.0.0.1, port")
+        self.api_serve.setChecked(settings.api_serve)
+        self.api_serve.setToolTip("Editors, scripts and agents on this computer can use Studio's models through "
+                                  "/v1/chat/completions and the rest; the status bar shows the address.")
+        self.api_port = QSpinBox()
+        self.api_port.setRange(1024, 65535)
+        self.api_port.setValue(settings.api_port)
+        api_row = QHBoxLayout()
+        api_row.addWidget(self.api_serve)
+        api_row.addWidget(self.api_port)
+        api_row.addStretch()
 
         self.error = QLabel()
         self.error.setStyleSheet("color: #d9534f;")
@@ -112,6 +125,7 @@ class SettingsDialog(QDialog):
         form.addRow("VRAM budget", self.budget)
         form.addRow("VRAM reserve", self.reserve)
         form.addRow("Theme", self.theme)
+        form.addRow("API", api_row)
         hint = QLabel("Changing the device, memory or remote engine settings restarts the engine.")
         hint.setEnabled(False)
 
@@ -172,6 +186,8 @@ class SettingsDialog(QDialog):
             theme=self.theme.currentText(),
             engine_address=self.remote.address_text(),
             engine_token=self.remote.token.text().strip(),
+            api_serve=self.api_serve.isChecked(),
+            api_port=self.api_port.value(),
         )
 
     def _accept(self) -> None:

@@ -30,7 +30,9 @@ from studio.protocol import ChatJob
 from studio.settings import Settings
 from studio.ui.chat.chat_pane import ChatPane, ask_export_path
 from studio.ui.chat.message_view import is_dark
+from studio.ui.chat.model_list import BUNDLED_LABEL, fill_models, select_model  # noqa: F401 (BUNDLED_LABEL: tests)
 from studio.ui.chat.problem_page import ProblemPage
+from studio.ui.chat.servers import ADD_SERVER, ChatServers, RemoteRunner, split_server_model
 from studio.ui.chat.settings_panel import SettingsPanel
 from studio.ui.chat.state import Stream, db_action
 from studio.ui.chat.style import stylesheet
@@ -40,7 +42,6 @@ from studio.ui.job_runner import ENGINE_GONE, JobRunner, failure_text
 PAINT_INTERVAL_MS = 30
 SAVE_INTERVAL_S = 0.25
 JOB_FIELDS = {f.name for f in dataclasses.fields(ChatJob)}
-BUNDLED_LABEL = "SmolLM2 135M (bundled)"
 
 
 class ChatTab(QWidget):
@@ -61,6 +62,9 @@ class ChatTab(QWidget):
         self.error: ChatStoreError | None = None
         self._runners: list[JobRunner] = []
         self._context_stats: dict | None = None  # the footer's last finished answer, counted on while streaming
+        # servers: the window's current settings (its Settings dialog replaces the object)
+        self.servers = ChatServers(lambda: getattr(self.window(), "settings", None) or self.settings, paths, self)
+        self.servers.changed.connect(self.refresh_models)
 
         self.pages = QStackedWidget(self)
         outer = QVBoxLayout(self)
@@ -296,24 +300,18 @@ class ChatTab(QWidget):
 
     # -- model and settings ----------------------------------------------------------------------------------
     def refresh_models(self) -> None:
-        current = self.model_combo.currentData()
-        self.model_combo.clear()
-        self.model_combo.addItem(BUNDLED_LABEL, "")
-        if self.library is not None:
-            for e in self.library.list(role="llm"):
-                self.model_combo.addItem(e.name + (" (missing)" if e.missing else ""), str(e.path))
-                self.model_combo.setItemData(self.model_combo.count() - 1, str(e.path), Qt.ItemDataRole.ToolTipRole)
-        self._select_model(current or "")
+        fill_models(self.model_combo, self.library, self.servers, self.model_combo.currentData() or "")
 
     def _select_model(self, model: str) -> None:
-        i = self.model_combo.findData(model)
-        if i < 0:  # the thread's model is no longer installed: say so rather than silently switch
-            self.model_combo.addItem(f"{Path(model).name} (not installed)", model)
-            i = self.model_combo.count() - 1
-        self.model_combo.setCurrentIndex(i)
+        select_model(self.model_combo, model)
 
     @db_action
     def _on_model_chosen(self, index: int) -> None:
+        if self.model_combo.itemData(index) == ADD_SERVER:
+            added = self.servers.ask_add(self)
+            thread = self.store.thread(self.thread_id) if self.thread_id is not None else None
+            self._select_model(added or (thread.model if thread else ""))
+            index = self.model_combo.currentIndex()
         if self.thread_id is not None:
             self.store.update_thread(self.thread_id, model=self.model_combo.itemData(index))
 
@@ -326,6 +324,7 @@ class ChatTab(QWidget):
         super().showEvent(event)
         if self.store is not None:
             self.refresh_models()  # models installed since the last visit appear
+            self.servers.refresh()  # and the servers' lists, when they answer
 
     # -- sending and streaming --------------------------------------------------------------------------------------
     @property
@@ -370,7 +369,7 @@ class ChatTab(QWidget):
         answer = self.store.add_message(thread_id, "assistant", "", status="streaming")
         sampling = {k: v for k, v in t.settings.items() if k in JOB_FIELDS}
         job = ChatJob(messages=history, model=t.model, system=t.system, overflow=overflow, **sampling)
-        runner = self._idle_runner()
+        runner = self._idle_runner(split_server_model(t.model) is not None)
         s = Stream("", thread_id, answer.id, saved_at=time.monotonic(), runner=runner)
         s.job_id = runner.submit(job)
         self.streams[s.job_id] = s
@@ -414,13 +413,14 @@ class ChatTab(QWidget):
         self.view.bubbles[message_id].update_message(self.store.message(message_id))
         return self._generate(m.thread_id)
 
-    def _idle_runner(self) -> JobRunner:
+    def _idle_runner(self, remote: bool = False) -> JobRunner | RemoteRunner:
         """A runner with no job: answers in different threads stream at once, each with its own runner.
         Runners are kept and reused rather than deleted, since one finishes inside its own signal."""
         busy = {s.runner for s in self.streams.values()}
-        runner = next((r for r in self._runners if r not in busy and not r.busy), None)
+        kind = RemoteRunner if remote else JobRunner
+        runner = next((r for r in self._runners if r not in busy and not r.busy and type(r) is kind), None)
         if runner is None:
-            runner = JobRunner(self.engine, self)
+            runner = RemoteRunner(self.servers, self) if remote else JobRunner(self.engine, self)
             self._runners.append(runner)
             on = self._with_stream
             runner.token.connect(lambda text, r=runner: on(r, self._on_token, text))
