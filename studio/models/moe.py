@@ -11,16 +11,18 @@ module per expert and matrix (GGUF rows are independent, so expert e is a row sl
 tensor, no copy).
 
 The grouped matmul never loops over tokens: the (token, slot) pairs are sorted by expert and
-each *active* expert multiplies its contiguous slice once. Measured on the 2-core CI CPU
-(fp32, H=1024, I=512, E=64, k=8; `benchmark_strategies` below, torch 2.13, one thread):
+each *active* expert multiplies its contiguous slice once. Measured on the 2-core CI CPU while
+other jobs shared it (fp32, H=1024, I=512, E=64, k=8; `benchmark_strategies` below, torch 2.13,
+one thread; absolute times are inflated by the load, the ratios are the point):
 
-    tokens    loop over active experts    gather weights + bmm
-         1            0.74 ms                    1.40 ms
-        16            4.9 ms                     19.7 ms
-       256            9.6 ms                     319 ms
+    tokens (decode 1, prefill 16/256)    loop over active experts    gather weights + bmm
+         1                                       10.5 ms                    59.8 ms
+        16                                        156 ms                    1473 ms
+       256                                        130 ms                   39790 ms
 
 Gathering copies k experts' weights per token (k x 3 x H x I floats), which costs more than the
-per-expert call overhead at every size, so the active-expert loop is the one path. A decode step
+per-expert call overhead at every size (6x at decode, 300x at a 256-token prefill), so the
+active-expert loop is the one path. A decode step
 touches only k experts; a prefill touches each active expert once.
 
 Experts in RAM (llama.cpp's --n-cpu-moe): `offload_experts` moves a layer's routed experts into
