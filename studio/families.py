@@ -184,6 +184,8 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
            notes=("state-space model: a fixed-size state instead of a KV cache",)),
     Family("mamba2", "Mamba-2", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES,
            notes=("state-space model (SSD): a fixed-size state instead of a KV cache",)),
+    Family("jamba", "Jamba", Kind.CHAT, runs=True, quant_modes=LLM_QUANT_MODES,
+           notes=("hybrid: attention, Mamba and mixture-of-experts layers; KV cache only on attention layers",)),
     # Parts other families use (the ids detection gives them).
     Family("clip-l", "CLIP-L", Kind.ENCODER, runs=True),
     Family("clip-g", "CLIP-G", Kind.ENCODER, runs=True),

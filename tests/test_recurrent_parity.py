@@ -20,6 +20,7 @@ from studio.engine.sampling import greedy  # noqa: E402
 from studio.library.detect import detect  # noqa: E402
 from studio.models.gguf_llm import load_gguf_llm  # noqa: E402
 from studio.models.hf_loader import load_hf_folder  # noqa: E402
+from studio.models.jamba import JambaConfig, JambaLM  # noqa: E402
 from studio.models.llm_build import build_llm  # noqa: E402
 from studio.models.mamba import MambaConfig, MambaLM, selective_scan, selective_step, ssd_scan, ssd_step  # noqa: E402
 from studio.protocol import ChatJob  # noqa: E402
@@ -71,6 +72,12 @@ FAMILIES = {
     "mamba2_one_group_tied": lambda t: (t.Mamba2Config(
         vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=3, num_heads=4, head_dim=16,
         n_groups=1, chunk_size=16, expand=2, tie_word_embeddings=True), t.Mamba2ForCausalLM),
+    # attention on layers 1 and 3, experts on 0 and 2 (Mamba layers) and 3 (attention): every combination
+    "jamba": lambda t: (t.JambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+        expert_layer_offset=0, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4,
+        mamba_expand=2, max_position_embeddings=256), t.JambaForCausalLM),
 }
 
 
@@ -79,8 +86,8 @@ def spread_weights(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            if name.endswith("A_log"):  # A = -exp(A_log) between about -0.2 and -5
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + 0.3)
             elif name.endswith(".D") or name.endswith("dt_bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif p.ndim >= 2:
@@ -136,7 +143,7 @@ def test_logits_and_greedy_tokens_match_transformers_from_an_hf_folder(tmp_path,
     ref, folder = make_folder(tmp_path, family)
     loaded = load_hf_folder(folder)
     model = build_llm(loaded.config, loaded.state_dict, dtype=torch.float32)
-    assert isinstance(model, MambaLM)
+    assert isinstance(model, JambaLM if family == "jamba" else MambaLM)
     check_parity(model, ref)
 
 
@@ -170,25 +177,73 @@ def _gguf_tensor(arch: str, name: str, t: torch.Tensor, cfg) -> tuple[str, np.nd
     return f"{_GGUF_NAMES[stem]}.{suffix}", a.numpy()
 
 
+_JAMBA_NAMES = {"input_layernorm": "attn_norm", "pre_ff_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                "mamba.in_proj": "ssm_in", "mamba.conv1d": "ssm_conv1d", "mamba.x_proj": "ssm_x",
+                "mamba.dt_proj": "ssm_dt", "mamba.out_proj": "ssm_out", "mamba.dt_layernorm": "ssm_dt_norm",
+                "mamba.b_layernorm": "ssm_b_norm", "mamba.c_layernorm": "ssm_c_norm",
+                "feed_forward.router": "ffn_gate_inp", "feed_forward.gate_proj": "ffn_gate",
+                "feed_forward.up_proj": "ffn_up", "feed_forward.down_proj": "ffn_down"}
+
+
+def _jamba_tensors(sd: dict, inter: int) -> list[tuple[str, np.ndarray]]:
+    """convert_hf_to_gguf.py's JambaModel: A_log -> A, conv squeezed, experts stacked per projection."""
+    out = [("token_embd.weight", sd["model.embed_tokens.weight"]),
+           ("output_norm.weight", sd["model.final_layernorm.weight"]), ("output.weight", sd["lm_head.weight"])]
+    for name, t in sd.items():
+        if not name.startswith("model.layers."):
+            continue
+        i, rest = name.split(".", 3)[2], name.split(".", 3)[3]
+        if rest == "mamba.A_log":
+            out.append((f"blk.{i}.ssm_a", -torch.exp(t)))
+        elif rest == "mamba.D":
+            out.append((f"blk.{i}.ssm_d", t))
+        elif rest == "mamba.conv1d.weight":
+            out.append((f"blk.{i}.ssm_conv1d.weight", t.squeeze(1)))
+        elif rest == "feed_forward.experts.gate_up_proj":
+            out += [(f"blk.{i}.ffn_gate_exps.weight", t[:, :inter]), (f"blk.{i}.ffn_up_exps.weight", t[:, inter:])]
+        elif rest == "feed_forward.experts.down_proj":
+            out.append((f"blk.{i}.ffn_down_exps.weight", t))
+        else:
+            stem, _, suffix = rest.rpartition(".")
+            out.append((f"blk.{i}.{_JAMBA_NAMES[stem]}.{suffix}", t))
+    return [(n, t.detach().float().numpy()) for n, t in out]
+
+
 def write_gguf(path, ref, arch: str) -> None:
     cfg = ref.config
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(2 ** 20)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(0)
-    w.add_head_count(0)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_ssm_conv_kernel(cfg.conv_kernel)
-    inner = cfg.expand * cfg.hidden_size
-    w.add_ssm_inner_size(inner)
-    w.add_ssm_state_size(cfg.state_size)
-    if arch == "mamba":
+    w.add_embedding_length(cfg.hidden_size)
+    if arch == "jamba":
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv([cfg.num_key_value_heads if k == "attention" else 0 for k in cfg.layers_block_type])
+        w.add_ssm_conv_kernel(cfg.mamba_d_conv)
+        w.add_ssm_inner_size(cfg.mamba_expand * cfg.hidden_size)
+        w.add_ssm_state_size(cfg.mamba_d_state)
+        w.add_ssm_time_step_rank(cfg.mamba_dt_rank)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    else:
+        w.add_context_length(2 ** 20)
+        w.add_feed_forward_length(0)
+        w.add_head_count(0)
+        w.add_ssm_conv_kernel(cfg.conv_kernel)
+        w.add_ssm_inner_size(cfg.expand * cfg.hidden_size)
+        w.add_ssm_state_size(cfg.state_size)
+    if arch == "jamba":
+        pass
+    elif arch == "mamba":
         w.add_ssm_time_step_rank(cfg.time_step_rank)
         w.add_ssm_dt_b_c_rms(False)
     else:
         w.add_ssm_time_step_rank(cfg.num_heads)
         w.add_ssm_group_count(cfg.n_groups)
-    w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
+    if arch != "jamba":
+        w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
     w.add_tokenizer_model("gpt2")
     from test_gguf import tiny_vocab  # the byte-level BPE vocabulary those tests write
 
@@ -200,9 +255,11 @@ def write_gguf(path, ref, arch: str) -> None:
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_chat_template(TEMPLATE)
     sd = ref.state_dict()
-    emb = sd["backbone.embeddings.weight"]
-    for name, t in sd.items():
-        if name == "lm_head.weight" and torch.equal(t, emb):
+    if arch == "jamba":
+        for gname, a in _jamba_tensors(sd, cfg.intermediate_size):
+            w.add_tensor(gname, np.ascontiguousarray(a))
+    for name, t in sd.items() if arch != "jamba" else ():
+        if name == "lm_head.weight" and torch.equal(t, sd["backbone.embeddings.weight"]):
             continue  # the converter drops a head equal to the embedding
         gname, a = _gguf_tensor(arch, name, t, cfg)
         w.add_tensor(gname, np.ascontiguousarray(a))
@@ -215,18 +272,22 @@ def write_gguf(path, ref, arch: str) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_gguf_in_llama_cpp_layout_matches_transformers(tmp_path, family):
     ref = make_ref(family)
-    arch = "mamba2" if family.startswith("mamba2") else "mamba"
+    arch = family.split("_")[0]
     path = tmp_path / f"{family}.gguf"
     write_gguf(path, ref, arch)
     loaded = load_gguf_llm(path)
     sd = ref.state_dict()
     for key, t in loaded.state_dict.items():  # the converter's changes are undone exactly (A: to rounding)
+        if key.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
+            continue  # llama.cpp's per-projection stacks; moe.py joins them (the logits below check it)
         assert t.shape == sd[key].shape, key
         assert torch.allclose(t.float(), sd[key], atol=1e-6, rtol=1e-6), key
     model = build_llm(loaded.config, loaded.state_dict, dtype=torch.float32)
     check_parity(model, ref)
     det = detect(path)
     assert det.family == arch and det.role == "llm"
+    if arch == "jamba":
+        return  # its memory estimate is tested below
     state = MambaConfig.from_hf(loaded.config).state_bytes(conv_elem=2)  # fp16 on a GPU
     assert f"recurrent state {fmt_bytes(state)} per conversation" in " ".join(det.notes)
     weights = sum(p.numel() * 2 for p in ref.parameters())  # an F32 file computes in half precision
@@ -298,7 +359,7 @@ def test_state_does_not_grow_over_a_long_decode():
 
 # --- through the chat pipeline ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
 def test_chat_job_answers_from_a_folder_and_from_gguf(tmp_path, family):
     ref, folder = make_folder(tmp_path, family)
     path = tmp_path / f"{family}.gguf"
@@ -363,3 +424,23 @@ def test_models_info_counts_codestral_mamba2_state_from_an_hf_folder(tmp_path):
     state = MambaConfig.from_name("mamba-codestral-7b").state_bytes(conv_elem=2)
     assert state == 64 * ((8192 + 2 * 8 * 128) * 3 * 2 + 128 * 64 * 128 * 4)  # ~272 MB
     assert det.vram_bytes == det.params * 2 + state + (256 << 20)
+
+
+def test_models_info_counts_jamba_state_on_mamba_layers_and_kv_only_on_attention_layers(tmp_path):
+    from library_fixtures import write_safetensors
+
+    root = tmp_path / "jamba"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "jamba", "architectures": ["JambaForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 65536,
+        "attn_layer_period": 8, "attn_layer_offset": 4, "expert_layer_period": 2, "expert_layer_offset": 1,
+        "num_experts": 16, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
+        "max_position_embeddings": 262144}))
+    write_safetensors(root / "model.safetensors", {"model.embed_tokens.weight": (65536, 4096)}, "BF16")
+    det = detect(root)
+    assert (det.family, det.role) == ("jamba", "llm")
+    state = JambaConfig.from_name("jamba-v0.1").state_bytes(conv_elem=2)
+    assert state == 28 * (8192 * 3 * 2 + 8192 * 16 * 4)  # 28 Mamba layers
+    kv = 2 * 4 * 8 * 128 * 4096 * 2  # 4 attention layers, fp16 K and V at 4096 tokens
+    assert det.vram_bytes == det.params * 2 + state + kv + (256 << 20)

@@ -402,7 +402,7 @@ def _fill_stats(det: Detection, h: ModelHeader) -> None:
         if state:  # a state-space model keeps a fixed state instead of a KV cache that grows with the context
             det.notes.append(f"recurrent state {fmt_bytes(state)} per conversation, the same at any length "
                              "(no KV cache)")
-        act = (state or _kv_cache_bytes(h)) + 256 * (1 << 20)
+        act = state + _kv_cache_bytes(h) + 256 * (1 << 20)
         _moe_stats(det, h, tensors, gpu_weights / max(weights, 1), act)
     det.vram_bytes = int(gpu_weights + act)
     det.ram_bytes = int(weights + act + 512 * (1 << 20))  # plus the engine process itself
@@ -470,15 +470,28 @@ def _recurrent_state_bytes(h: ModelHeader) -> int:
         state, inner = m.get(f"{arch}.ssm.state_size"), m.get(f"{arch}.ssm.inner_size")
         kernel, layers = m.get(f"{arch}.ssm.conv_kernel", 4), m.get(f"{arch}.block_count", 0)
         groups = m.get(f"{arch}.ssm.group_count")
+        kv = m.get(f"{arch}.attention.head_count_kv")
+        if isinstance(kv, list) and isinstance(layers, int):  # a hybrid (Jamba): layers with KV heads attend
+            layers -= sum(1 for k in kv if k)
     else:
         c = h.config
-        state, kernel, layers = c.get("state_size"), c.get("conv_kernel", 4), c.get("num_hidden_layers", 0)
-        inner = c.get("intermediate_size") or c.get("expand", 2) * c.get("hidden_size", 0)
+        state, kernel = c.get("state_size") or c.get("mamba_d_state"), c.get("conv_kernel") or c.get("mamba_d_conv", 4)
+        layers = c.get("num_hidden_layers", 0)
+        expand = c.get("expand") or c.get("mamba_expand", 2)
+        inner = c.get("intermediate_size") if "state_size" in c else None
+        inner = inner or expand * c.get("hidden_size", 0)
         groups = c.get("n_groups") if "num_heads" in c else None  # Mamba-2: B and C pass the conv too
+        layers -= _hf_attention_layers(c) if "attn_layer_period" in c else 0
     if not all(isinstance(v, int) and v > 0 for v in (state, inner, kernel, layers)):
         return 0
     conv = inner + (2 * groups * state if isinstance(groups, int) else 0)
     return layers * (conv * (kernel - 1) * 2 + inner * state * 4)
+
+
+def _hf_attention_layers(c: dict) -> int:
+    """How many layers of a Jamba-style hybrid attend (the others are Mamba layers)."""
+    period, offset = c.get("attn_layer_period", 1), c.get("attn_layer_offset", 0)
+    return sum(1 for i in range(c.get("num_hidden_layers", 0)) if i % max(period, 1) == offset)
 
 
 def _kv_estimate(h: ModelHeader, ctx: int) -> int:
@@ -496,9 +509,17 @@ def _kv_estimate(h: ModelHeader, ctx: int) -> int:
         kv = m.get(f"{arch}.attention.head_count_kv", heads)
         head_dim = m.get(f"{arch}.attention.key_length") or m.get(f"{arch}.embedding_length", 0) // max(heads, 1)
         ctx = min(ctx, m.get(f"{arch}.context_length", ctx))
+        if f"{arch}.ssm.state_size" in m and not isinstance(kv, list):
+            return 0  # attention-free (Mamba): a fixed state, counted apart
+        if isinstance(kv, list):  # per-layer counts (Jamba: 0 on its Mamba layers)
+            layers, kv = 1, sum(kv)
     else:
         c = h.config.get("text_config", h.config)
+        if "num_attention_heads" not in c and "state_size" in c:
+            return 0  # attention-free (Mamba): a fixed state, counted apart
         layers, heads = c.get("num_hidden_layers", 0), c.get("num_attention_heads", 1)
+        if "attn_layer_period" in c:
+            layers = _hf_attention_layers(c)
         kv = c.get("num_key_value_heads", heads)
         head_dim = c.get("head_dim") or c.get("hidden_size", 0) // max(heads, 1)
         ctx = min(ctx, c.get("max_position_embeddings", ctx))

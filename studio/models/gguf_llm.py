@@ -29,7 +29,7 @@ from studio.nn.packed_gguf import GGUFWeight
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3moe", "deepseek2")
-RECURRENT_ARCHS = ("mamba", "mamba2")  # read by mamba_load.py: no attention, a state instead
+RECURRENT_ARCHS = ("mamba", "mamba2", "jamba")  # read by mamba_load.py: no attention, a state instead
 
 # GGUF metadata value types: id -> (struct format, size) for the fixed-size ones.
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),

@@ -14,13 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from studio.errors import UserError
+from studio.models.jamba import JambaConfig
 from studio.models.llm import LLM, LLMConfig
 from studio.models.mamba import MODEL_TYPES as MAMBA_TYPES
 from studio.models.mamba import MambaConfig
 from studio.models.moe import canonical_experts, expert_layer, offload_experts, prepare_packed_experts
 
 # model_type -> config class of the chat families outside llm.py (each has .from_hf and .build)
-RECURRENT_CONFIGS: dict[str, type] = {mt: MambaConfig for mt in MAMBA_TYPES}
+RECURRENT_CONFIGS: dict[str, type] = {**{mt: MambaConfig for mt in MAMBA_TYPES}, "jamba": JambaConfig}
 
 # ---------------------------------------------------------------------------
 # What a loader hands over (HF folder or GGUF), and building the module from it.

@@ -53,6 +53,7 @@ class MambaConfig:
     norm_eps: float = 1e-5
     use_bias: bool = False
     use_conv_bias: bool = True
+    dt_bc_norm: bool = False  # Jamba: RMSNorm (with weights) on dt, B and C after x_proj
     tie_word_embeddings: bool = True
     max_position_embeddings: int = NO_POSITION_LIMIT  # no limit of its own: the chat's context setting rules
 
@@ -243,7 +244,12 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(E, N))
         self.D = nn.Parameter(torch.empty(E))
         self.out_proj = nn.Linear(E, c.hidden_size, bias=c.use_bias)
+        if c.dt_bc_norm:
+            self.dt_layernorm = RMSNorm(R, c.norm_eps)
+            self.b_layernorm = RMSNorm(N, c.norm_eps)
+            self.c_layernorm = RMSNorm(N, c.norm_eps)
         self.E, self.N, self.R = E, N, R
+        self.dt_bc_norm = c.dt_bc_norm
 
     def forward(self, u: Tensor, state: LayerState) -> Tensor:
         """u (B, T, C) -> (B, T, C), advancing `state` by T tokens."""
@@ -251,6 +257,8 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, T, E) each
         x = causal_conv(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, state.conv_cache).transpose(1, 2)
         dt, Bm, Cm = self.x_proj(x).split([self.R, self.N, self.N], dim=-1)
+        if self.dt_bc_norm:
+            dt, Bm, Cm = self.dt_layernorm(dt), self.b_layernorm(Bm), self.c_layernorm(Cm)
         dt = F.softplus(self.dt_proj(dt).float())  # (B, T, E)
         A = -torch.exp(self.A_log.float())  # (E, N)
         xf, Bm, Cm = x.float(), Bm.float(), Cm.float()

@@ -17,13 +17,14 @@ from torch import Tensor, nn
 
 from studio.errors import UserError
 from studio.models.gguf_llm import GGUFFile, _bad, gguf_model_name, gguf_sampling
-from studio.models.llm_build import LoadedLLM, _on_device, _packed_head, _set_submodule, is_quant
+from studio.models.jamba import JambaConfig, JambaLM
+from studio.models.llm_build import LoadedLLM, _on_device, _packed_head, _set_submodule, chat_config, is_quant
 from studio.models.mamba import MODEL_TYPES, NO_POSITION_LIMIT, MambaConfig, MambaLM
 from studio.models.tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
 from studio.nn.gguf_dequant import GGML_TYPES, dequantize
 from studio.nn.packed_gguf import GGUFWeight
 
-GGUF_ARCHS = MODEL_TYPES  # llama.cpp's general.architecture names are the HF model_types here
+GGUF_ARCHS = (*MODEL_TYPES, "jamba")  # llama.cpp's general.architecture names are the HF model_types here
 
 
 # ---------------------------------------------------------------------------
@@ -87,6 +88,25 @@ def build_mamba(config: dict | MambaConfig, state_dict: dict, dtype: torch.dtype
     return assign_weights(model, state_dict, dtype, device, "backbone.embeddings", tie)
 
 
+def build_jamba(c: JambaConfig, state_dict: dict, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> JambaLM:
+    from studio.models.moe import canonical_experts, prepare_packed_experts
+
+    # moe.py reads every expert layout (per-expert keys, stacks, GGUF 3D) under `.mlp.`; Jamba says `.feed_forward.`
+    sd = {k.replace(".feed_forward.", ".mlp."): v for k, v in state_dict.items()}
+    try:
+        sd = canonical_experts(sd)
+    except ValueError as exc:
+        raise UserError("bad_model", f"The expert weights of this Jamba model are incomplete ({exc}). "
+                        "The file may be damaged or converted wrongly; download it again.") from None
+    sd = {k.replace(".mlp.", ".feed_forward."): v for k, v in sd.items()}
+    with torch.device("meta"):
+        model = JambaLM(c)
+    prepare_packed_experts(model, sd)
+    tie = c.tie_word_embeddings or "lm_head.weight" not in sd
+    return assign_weights(model, sd, dtype, device, "model.embed_tokens", tie)
+
+
 # ---------------------------------------------------------------------------
 # GGUF
 
@@ -101,14 +121,30 @@ _BLOCK = {"attn_norm.weight": "norm.weight", "ssm_in.weight": "mixer.in_proj.wei
 _BLOCK2 = {**_BLOCK, "ssm_dt.bias": "mixer.dt_bias"}  # Mamba-2 has no dt_proj, only its bias
 
 
+_JAMBA_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.final_layernorm.weight",
+              "output.weight": "lm_head.weight"}
+_JAMBA_BLOCK = {**{k: v.replace("mixer.", "mamba.") for k, v in _BLOCK.items()},
+                "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "pre_ff_layernorm.weight",
+                "ssm_dt_norm.weight": "mamba.dt_layernorm.weight", "ssm_b_norm.weight": "mamba.b_layernorm.weight",
+                "ssm_c_norm.weight": "mamba.c_layernorm.weight", "attn_q.weight": "self_attn.q_proj.weight",
+                "attn_k.weight": "self_attn.k_proj.weight", "attn_v.weight": "self_attn.v_proj.weight",
+                "attn_output.weight": "self_attn.o_proj.weight", "ffn_gate_inp.weight": "feed_forward.router.weight",
+                "ffn_gate.weight": "feed_forward.gate_proj.weight", "ffn_up.weight": "feed_forward.up_proj.weight",
+                "ffn_down.weight": "feed_forward.down_proj.weight",
+                "ffn_gate_exps.weight": "feed_forward.experts.gate_proj", "ffn_up_exps.weight": "feed_forward.experts.up_proj",
+                "ffn_down_exps.weight": "feed_forward.experts.down_proj"}
+# arch -> (top-level names, per-block names, the HF prefix of blocks)
+_NAMES = {"mamba": (_TOP, _BLOCK, "backbone.layers"), "mamba2": (_TOP, _BLOCK2, "backbone.layers"),
+          "jamba": (_JAMBA_TOP, _JAMBA_BLOCK, "model.layers")}
+
+
 def hf_name(arch: str, name: str) -> str | None:
-    if name in _TOP:
-        return _TOP[name]
+    top, block, prefix = _NAMES[arch]
+    if name in top:
+        return top[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
-        table = _BLOCK2 if arch == "mamba2" else _BLOCK
-        if parts[2] in table:
-            return f"backbone.layers.{parts[1]}.{table[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+        return f"{prefix}.{parts[1]}.{block[parts[2]]}"
     return None
 
 
@@ -139,10 +175,13 @@ def gguf_mamba_config(g: GGUFFile) -> dict:
         "state_size": int(get("ssm.state_size")), "layer_norm_epsilon": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "vocab_size": int(g.tensors["token_embd.weight"].shape[0]),
         "tie_word_embeddings": "output.weight" not in g.tensors,
-        "use_bias": "blk.0.ssm_in.bias" in g.tensors, "use_conv_bias": "blk.0.ssm_conv1d.bias" in g.tensors,
+        "use_bias": any(t.endswith(".ssm_in.bias") for t in g.tensors),
+        "use_conv_bias": any(t.endswith(".ssm_conv1d.bias") for t in g.tensors),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "max_position_embeddings": NO_POSITION_LIMIT,
     }
+    if arch == "jamba":
+        return _jamba_config(g, cfg, get)
     if arch == "mamba":
         cfg["time_step_rank"] = int(get("ssm.time_step_rank"))
     else:  # llama.cpp stores Mamba-2's head count as the time-step rank
@@ -151,6 +190,28 @@ def gguf_mamba_config(g: GGUFFile) -> dict:
             raise _bad(g.path, f"its {heads} SSM heads do not divide the inner size {inner}")
         cfg.update(num_heads=heads, head_dim=inner // heads, n_groups=int(get("ssm.group_count", 1)))
     return cfg
+
+
+def _jamba_config(g: GGUFFile, base: dict, get: Any) -> dict:
+    """Jamba's header: which layers attend comes from the per-layer KV head counts (0 = a Mamba layer),
+    which feed-forwards are MoE from the router tensors (the converter keeps no periods)."""
+    n = base["num_hidden_layers"]
+    kv = get("attention.head_count_kv")
+    kv = kv if isinstance(kv, list) else [kv] * n
+    if len(kv) != n or not any(kv):
+        raise _bad(g.path, f"its jamba.attention.head_count_kv {kv!r} does not name the {n} layers' kinds")
+    heads = int(get("attention.head_count"))
+    return {**base, "architectures": ["JambaForCausalLM"], "num_attention_heads": heads,
+            "num_key_value_heads": max(kv), "intermediate_size": int(get("feed_forward_length")),
+            "rms_norm_eps": base["layer_norm_epsilon"], "mamba_d_state": base["state_size"],
+            "mamba_d_conv": base["conv_kernel"], "mamba_expand": base["expand"],
+            "mamba_dt_rank": int(get("ssm.time_step_rank")), "mamba_conv_bias": base["use_conv_bias"],
+            "mamba_proj_bias": base["use_bias"], "num_experts": int(get("expert_count", 1) or 1),
+            "num_experts_per_tok": int(get("expert_used_count", 1) or 1),
+            "max_position_embeddings": int(get("context_length", 262144)),
+            "layers_block_type": ["attention" if k else "mamba" for k in kv],
+            "layers_num_experts": [int(get("expert_count", 1)) if f"blk.{i}.ffn_gate_inp.weight" in g.tensors else 1
+                                   for i in range(n)]}
 
 
 def _to_hf(arch: str, key: str, w: Tensor, cfg: dict) -> Tensor:
@@ -168,16 +229,19 @@ _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 
 
 def load_mamba_gguf(g: GGUFFile, keep_quantized: bool = True) -> LoadedLLM:
-    """A parsed GGUF file of arch mamba / mamba2 -> LoadedLLM with HF key names."""
+    """A parsed GGUF file of arch mamba / mamba2 / jamba -> LoadedLLM with HF key names."""
     try:
         config = gguf_mamba_config(g)
-        MambaConfig.from_hf(config)
+        kinds = chat_config(config)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
         raise _bad(g.path, f"its metadata is inconsistent ({type(e).__name__}: {e})") from None
     arch = config["model_type"]
     n = config["num_hidden_layers"]
+    mamba_layer = ("ssm_in.weight", "ssm_conv1d.weight", "ssm_a", "ssm_d", "ssm_out.weight", "attn_norm.weight")
+    attention_layer = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "attn_norm.weight")
     for i in range(n):
-        for t in ("ssm_in.weight", "ssm_conv1d.weight", "ssm_a", "ssm_d", "ssm_out.weight", "attn_norm.weight"):
+        kind = kinds.layer_types[i] if isinstance(kinds, JambaConfig) else "mamba"
+        for t in attention_layer if kind == "attention" else mamba_layer:
             if f"blk.{i}.{t}" not in g.tensors:
                 raise _bad(g.path, f"tensor blk.{i}.{t} is missing (block_count says {n} layers)")
     state: dict[str, Any] = {}
@@ -194,8 +258,10 @@ def load_mamba_gguf(g: GGUFFile, keep_quantized: bool = True) -> LoadedLLM:
             w = _to_hf(arch, key, dequantize(raw, info.type_id, info.shape,
                                             dtype=_FLOAT_TYPES[GGML_TYPES[info.type_id].name]), config)
         elif keep_quantized and len(info.shape) == 2 and key.endswith(("_proj.weight", "embeddings.weight",
-                                                                       "lm_head.weight")):
+                                                                       "embed_tokens.weight", "lm_head.weight")):
             w = GGUFWeight(raw, info.type_id, (info.shape[0], info.shape[1]))
+        elif keep_quantized and len(info.shape) == 3:  # stacked experts: one packed matrix per expert later
+            w = GGUFWeight(raw, info.type_id, tuple(info.shape))
         else:
             w = _to_hf(arch, key, dequantize(raw, info.type_id, info.shape), config)
         state[key] = w
