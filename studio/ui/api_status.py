@@ -61,13 +61,16 @@ class ApiServer(QObject):
                 return True
             self.stop()
         try:
+            import starlette  # noqa: F401 - studio.server is built on it
             import uvicorn
-
-            from studio.server import ServerConfig, create_app
         except ModuleNotFoundError as exc:
+            if exc.name not in ("starlette", "uvicorn"):
+                raise
             self.error = f"The API needs {exc.name}: pip install starlette uvicorn."
             self.changed.emit()
             return False
+        from studio.server import ServerConfig, create_app
+
         app = create_app(ServerConfig(host=HOST, port=port), self.client)
         server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
         thread = threading.Thread(target=self._serve, args=(server,), name="studio-api", daemon=True)
