@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf.quants import quantize as gguf_quantize
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,6 +24,7 @@ from studio.models.hf_loader import load_hf_folder  # noqa: E402
 from studio.models.jamba import JambaConfig, JambaLM  # noqa: E402
 from studio.models.llm_build import build_llm  # noqa: E402
 from studio.models.mamba import MambaConfig, MambaLM, selective_scan, selective_step, ssd_scan, ssd_step  # noqa: E402
+from studio.nn.packed_gguf import GGUFWeight  # noqa: E402
 from studio.protocol import ChatJob  # noqa: E402
 from studio.units import fmt_bytes  # noqa: E402
 
@@ -210,8 +212,20 @@ def _jamba_tensors(sd: dict, inter: int) -> list[tuple[str, np.ndarray]]:
     return [(n, t.detach().float().numpy()) for n, t in out]
 
 
-def write_gguf(path, ref, arch: str) -> None:
+def write_gguf(path, ref, arch: str, qtype: str = "F32") -> None:
+    """The model as convert_hf_to_gguf.py writes it; qtype quantizes the matrices whose rows fit its blocks."""
     cfg = ref.config
+    q = gguf.GGMLQuantizationType[qtype]
+
+    def add(name: str, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a)
+        # llama.cpp leaves the router (ffn_gate_inp) unquantized
+        if (qtype != "F32" and a.ndim >= 2 and name.endswith(".weight") and a.shape[-1] % 32 == 0
+                and "ffn_gate_inp" not in name):
+            w.add_tensor(name, gguf_quantize(a, q), raw_dtype=q)
+        else:
+            w.add_tensor(name, a)
+
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_embedding_length(cfg.hidden_size)
@@ -257,12 +271,11 @@ def write_gguf(path, ref, arch: str) -> None:
     sd = ref.state_dict()
     if arch == "jamba":
         for gname, a in _jamba_tensors(sd, cfg.intermediate_size):
-            w.add_tensor(gname, np.ascontiguousarray(a))
+            add(gname, a)
     for name, t in sd.items() if arch != "jamba" else ():
         if name == "lm_head.weight" and torch.equal(t, sd["backbone.embeddings.weight"]):
             continue  # the converter drops a head equal to the embedding
-        gname, a = _gguf_tensor(arch, name, t, cfg)
-        w.add_tensor(gname, np.ascontiguousarray(a))
+        add(*_gguf_tensor(arch, name, t, cfg))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -292,6 +305,35 @@ def test_gguf_in_llama_cpp_layout_matches_transformers(tmp_path, family):
     assert f"recurrent state {fmt_bytes(state)} per conversation" in " ".join(det.notes)
     weights = sum(p.numel() * 2 for p in ref.parameters())  # an F32 file computes in half precision
     assert det.vram_bytes == weights + state + 256 * (1 << 20)  # the state, not a KV cache
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
+def test_q8_0_gguf_keeps_matrices_and_experts_packed_and_stays_close(tmp_path, family):
+    from studio.models.moe import Experts
+
+    ref = make_ref(family)
+    path = tmp_path / f"{family}-q8.gguf"
+    write_gguf(path, ref, family, "Q8_0")
+    loaded = load_gguf_llm(path)
+    packed = [k for k, w in loaded.state_dict.items() if isinstance(w, GGUFWeight)]
+    assert any("in_proj" in k for k in packed)
+    model = build_llm(loaded.config, loaded.state_dict, dtype=torch.float32)
+    if family == "jamba":
+        assert any(isinstance(m, Experts) and m.packed is not None for m in model.modules())
+    # the same file unpacked to float: the packed modules must compute the same model
+    plain = load_gguf_llm(path, keep_quantized=False)
+    unpacked = build_llm(plain.config, plain.state_dict, dtype=torch.float32)
+    prompt = prompt_ids()
+    model.setup_caches(1, PROMPT_LEN)
+    unpacked.setup_caches(1, PROMPT_LEN)
+    with torch.inference_mode():
+        expected, reference = unpacked(prompt, torch.arange(PROMPT_LEN)), ref(prompt).logits
+        got = model(prompt, torch.arange(PROMPT_LEN))
+    scale = expected.abs().max().item()
+    # packed Q8_0 products round the activations too (about 1%); an expert picked differently moves more
+    assert (got - expected).abs().max().item() / scale < (0.1 if family == "jamba" else 0.03)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    assert (expected - reference).abs().max().item() / scale < (0.25 if family == "jamba" else 0.05)
 
 
 # --- the scans -------------------------------------------------------------------------------------
