@@ -17,13 +17,14 @@ HEADS, HEAD_DIM, AXES = 2, 16, (4, 6, 6)
 T5_DIM, CLIP_DIM = 32, 64
 
 
-def tiny_transformer(guidance: bool, seed: int = 0, in_channels: int = 64):
+def tiny_transformer(guidance: bool, seed: int = 0, in_channels: int = 64, layers: int = 2, head_dim: int = HEAD_DIM,
+                     axes: tuple[int, ...] = AXES):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    net = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=2, num_single_layers=2,
-                                 attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=T5_DIM,
-                                 pooled_projection_dim=CLIP_DIM, guidance_embeds=guidance, axes_dims_rope=AXES)
+    net = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=layers, num_single_layers=layers,
+                                 attention_head_dim=head_dim, num_attention_heads=HEADS, joint_attention_dim=T5_DIM,
+                                 pooled_projection_dim=CLIP_DIM, guidance_embeds=guidance, axes_dims_rope=axes)
     jiggle(net, 0.1)
     return net.eval()
 
@@ -130,9 +131,9 @@ def save(sd: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def build_flux_folder(root: Path, guidance: bool = True) -> Path:
+def build_flux_folder(root: Path, guidance: bool = True, **transformer) -> Path:
     """A diffusers-layout Flux folder of tiny random parts (tokenizer/ is left to the bundled CLIP vocabulary)."""
-    tiny_transformer(guidance).save_pretrained(root / "transformer")
+    tiny_transformer(guidance, **transformer).save_pretrained(root / "transformer")
     tiny_vae().save_pretrained(root / "vae")
     tiny_clip().save_pretrained(root / "text_encoder")
     tiny_t5().save_pretrained(root / "text_encoder_2")

@@ -314,3 +314,49 @@ def test_comfyui_all_in_one_file_uses_the_encoders_and_vae_inside(tmp_path):
     got, result = _ours(_job(model, tmp_path, out=str(tmp_path / "a.png")), tmp_path)
     want, _ = _ours(_job(folder, tmp_path, out=str(tmp_path / "b.png")), tmp_path)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_flux_under_a_small_vram_budget_streams_the_transformer_blocks(tmp_path):
+    """The manager streams the transformer's double and single blocks (Part.blocks) under a tight budget;
+    the image is the same as with everything resident."""
+    from studio.engine.context import JobContext, ModelCache
+    from studio.engine.device import probe
+    from studio.engine.memory import MemoryManager, Policy
+    from studio.engine.pipelines.diffusion.flux import run_image
+
+    # 128-wide heads and 6 + 6 blocks: the transformer (79 MiB, 9 MiB a block) outweighs the encoders and VAE
+    folder = build_flux_folder(tmp_path / "flux", True, layers=6, head_dim=128, axes=(16, 56, 56))
+
+    def run(budget: int, name: str):
+        profile = probe("cpu")
+        ctx = JobContext("j", profile, models=ModelCache(), settings={"outputs": str(tmp_path)})
+        ctx.memory = MemoryManager(profile, budget_bytes=budget or None)
+        result = run_image(_job(folder, tmp_path, steps=2, out=str(tmp_path / name)), ctx)
+        key = next(n for n in ctx.memory.names() if n.endswith("|transformer"))
+        return result, ctx.memory.policy_of(key)
+
+    resident, p_r = run(0, "r.png")
+    streamed, p_s = run(32 << 20, "s.png")
+    assert p_r is Policy.RESIDENT and p_s is Policy.BLOCK_STREAM
+    assert any(n.startswith("memory: streaming transformer") for n in streamed.notes), streamed.notes
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(r.images[0]["path"])) for r in (resident, streamed))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_new_seed_reuses_the_encoded_prompt(tmp_path):
+    """The model stays cached between jobs; its prompt conditioning too: the second job's encoders never run."""
+    from studio.engine.pipelines.diffusion.flux import run_image
+
+    folder = build_flux_folder(tmp_path / "flux", False)
+    col = Collector(tmp_path)
+    run_image(_job(folder, tmp_path, steps=1, out=str(tmp_path / "a.png")), col.ctx)
+    model = col.ctx.models.get(next(m["key"] for m in col.ctx.models.summary() if str(folder) in m["key"]))
+    calls = []
+    for enc in (model.t5, model.clip):
+        enc.register_forward_hook(lambda *a: calls.append(1))
+    run_image(_job(folder, tmp_path, steps=1, seed=8, out=str(tmp_path / "b.png")), col.ctx)
+    assert calls == []
+    run_image(_job(folder, tmp_path, steps=1, prompt="a cat", out=str(tmp_path / "c.png")), col.ctx)
+    assert len(calls) == 2

@@ -69,6 +69,7 @@ class FluxModel:
     notes: list[str] = field(default_factory=list)
     key: str = ""
     family: str = FAMILY_ID
+    encoded: dict = field(default_factory=dict)  # (prompt, T5 length) -> its conditioning, on the CPU
 
     @property
     def variant(self) -> str:
@@ -273,6 +274,21 @@ def encode_prompt(model: FluxModel, text: str, device: torch.device, t5_len: int
     return t5_out, pooled
 
 
+ENCODED_KEPT = 8  # prompts whose conditioning stays cached with the model (a few MB each at full size)
+
+
+def cached_encode(model, text: str, t5_len: int, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_prompt, remembered per prompt: a new seed or size does not wake the encoders (T5-XXL is 9 GB)."""
+    key = (text, t5_len)
+    if key not in model.encoded:
+        with run.use("text_encoder", "text_encoder_2"):
+            txt, pooled = encode_prompt(model, text, run.device, t5_len)
+        while len(model.encoded) >= ENCODED_KEPT:
+            model.encoded.pop(next(iter(model.encoded)))
+        model.encoded[key] = (txt.cpu(), pooled.cpu())
+    return tuple(t.to(run.device) for t in model.encoded[key])
+
+
 # ---------------------------------------------------------------------------------- the family
 
 def validate(job: ImageJob) -> list[str]:
@@ -329,7 +345,8 @@ class Flux:
         tokens = (job.width // 16) * (job.height // 16) + t5_length(model)
         transformer = job.batch_size * tokens * (cfg.mlp_hidden + 6 * cfg.hidden) * elem
         vae = job.batch_size * job.width * job.height * 128 * elem * 9
-        return {"transformer": transformer, "vae": vae, "text_encoder": 64 << 20,
+        clip = 77 * model.clip.config.intermediate * elem * 8  # a few MLP-wide tensors over 77 tokens
+        return {"transformer": transformer, "vae": vae, "text_encoder": clip,
                 "text_encoder_2": t5_length(model) * model.t5.cfg.ffn_dim * elem * 4}
 
     def force(self, job: ImageJob, ctx: JobContext) -> dict:
@@ -361,8 +378,7 @@ def _generate(run: Run) -> ImageResult:
         raise UserError("bad_input", f"This VAE needs width and height in multiples of {down * 2}.")
 
     ctx.progress(0, 1, "encoding")
-    with run.use("text_encoder", "text_encoder_2"):
-        txt, pooled = encode_prompt(model, job.prompt, device, t5_length(model))
+    txt, pooled = cached_encode(model, job.prompt, t5_length(model), run)
     run.timings.mark("encode", device)
     net = model.transformer
     guided = net.cfg.guidance_embed

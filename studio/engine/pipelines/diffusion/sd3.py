@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from studio.engine.context import JobContext, UserError
 from studio.engine.flow_samplers import FLOW_SAMPLERS, get_flow_sampler
 from studio.engine.pipelines.diffusion.files import read_state_dict
-from studio.engine.pipelines.diffusion.flux import _detect, find_part, find_t5_tokenizer
+from studio.engine.pipelines.diffusion.flux import ENCODED_KEPT, _detect, find_part, find_t5_tokenizer
 from studio.engine.pipelines.diffusion.sd import (
     decode,
     image_target,
@@ -70,6 +70,7 @@ class SD3Model:
     notes: list[str] = field(default_factory=list)
     key: str = ""
     family: str = FAMILY_ID
+    encoded: dict = field(default_factory=dict)  # prompt -> its conditioning, on the CPU
 
 
 def sd3_sigmas(steps: int, shift: float = 3.0, train_steps: int = 1000) -> torch.Tensor:
@@ -219,6 +220,17 @@ def encode_prompt(model: SD3Model, text: str, device: torch.device) -> tuple[tor
     return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
 
 
+def cached_encode(model: SD3Model, text: str, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_prompt, remembered per prompt: a new seed or size does not wake the three encoders."""
+    if text not in model.encoded:
+        with run.use("text_encoder", "text_encoder_2", "text_encoder_3"):
+            cond, pooled = encode_prompt(model, text, run.device)
+        while len(model.encoded) >= ENCODED_KEPT:
+            model.encoded.pop(next(iter(model.encoded)))
+        model.encoded[text] = (cond.cpu(), pooled.cpu())
+    return tuple(t.to(run.device) for t in model.encoded[text])
+
+
 # ---------------------------------------------------------------------------------- the family
 
 def validate(job: ImageJob) -> list[str]:
@@ -295,9 +307,8 @@ def _generate(run: Run) -> ImageResult:
         raise UserError("bad_input", f"This model needs width and height in multiples of {down * net.cfg.patch}.")
     guided = job.cfg > 1.0  # as StableDiffusion3Pipeline: CFG 1 (turbo) is one pass without the negative
     ctx.progress(0, 1, "encoding")
-    with run.use("text_encoder", "text_encoder_2", "text_encoder_3"):
-        cond, pooled = encode_prompt(model, job.prompt, device)
-        uncond, upooled = encode_prompt(model, job.negative, device) if guided else (None, None)
+    cond, pooled = cached_encode(model, job.prompt, run)
+    uncond, upooled = cached_encode(model, job.negative, run) if guided else (None, None)
     run.timings.mark("encode", device)
     sigmas = sd3_sigmas(job.steps, model.shift)
     if job.sampler != "euler":
