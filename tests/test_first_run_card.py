@@ -131,6 +131,10 @@ def test_changing_a_folder_saves_it(make_window, monkeypatch, tmp_path):
     assert win.library.models_dir == chosen["models"]  # new downloads go there at once
     saved = Settings.load(win.paths)
     assert saved.models_folder == str(chosen["models"]) and saved.outputs_folder == str(chosen["outputs"])
+    from studio.library.library import Library
+
+    with Library(tmp_path / "cli-library.db") as cli_library:  # as `studio models pull` opens it
+        assert cli_library.models_dir == chosen["models"]
     # a cancelled chooser changes nothing
     monkeypatch.setattr(fr.QFileDialog, "getExistingDirectory", lambda *a: "")
     card.models_button.click()

@@ -146,7 +146,11 @@ class Library:
     def __init__(self, db_path: Path | None = None, models_dir: Path | None = None) -> None:
         paths = Paths.default()
         self.db_path = Path(db_path) if db_path else paths.data / "library.db"
-        self.models_dir = Path(models_dir) if models_dir else paths.models
+        if models_dir is None:  # the folder chosen in Settings (first-run card), so the CLI installs there too
+            from studio.settings import Settings
+
+            models_dir = Settings.load(paths).models_path(paths)
+        self.models_dir = Path(models_dir)
         self._lock = threading.RLock()
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
