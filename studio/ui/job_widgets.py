@@ -43,7 +43,10 @@ class GenerateBar(QWidget):
         self.cancel_button.setToolTip(cancel_tip)
         self.note = QLabel()  # how long the job will take, where the tab knows ("about 40 s")
         self.note.setObjectName("GenerateNote")
+        self.note.setWordWrap(True)  # "first run: timing will be measured" takes two short lines, not Generate's room
+        self.note.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.note.hide()
+        self.generate_button.setMinimumWidth(150)
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.generate_button, 1)
