@@ -221,8 +221,8 @@ def test_unsupported_inputs_are_refused_before_loading(tmp_path):
     col = Collector(tmp_path)
     with pytest.raises(UserError, match="multiple of 16"):
         FAMILY.validate(_job("x", tmp_path, width=40), col.ctx)
-    with pytest.raises(UserError, match="text-to-image only"):
-        FAMILY.validate(_job("x", tmp_path, init_image="a.png"), col.ctx)
+    with pytest.raises(UserError, match="text-to-image and img2img only"):
+        FAMILY.validate(_job("x", tmp_path, mask="m.png", init_image="a.png"), col.ctx)
     _, notes = FAMILY.validate(_job("x", tmp_path, negative="blurry"), col.ctx)
     assert any("negative" in n for n in notes)
 
@@ -360,3 +360,57 @@ def test_a_new_seed_reuses_the_encoded_prompt(tmp_path):
     assert calls == []
     run_image(_job(folder, tmp_path, steps=1, prompt="a cat", out=str(tmp_path / "c.png")), col.ctx)
     assert len(calls) == 2
+
+
+def _init_png(path, size: int = 32):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_img2img_matches_flux_img2img_pipeline(tmp_path):
+    """diffusers' FluxImg2ImgPipeline, given the start our path should reach (the VAE mean of the image, noised
+    to the first kept sigma), runs the same truncated schedule and must land on the same image."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from PIL import Image
+
+    from studio.engine.pipelines.diffusion.flux import run_image
+    from studio.engine.pipelines.diffusion.skeleton import load_image, noise
+    from studio.models.clip_tokenizer import ClipTokenizer
+    from studio.models.t5 import T5Tokenizer
+
+    folder = build_flux_folder(tmp_path / "flux", True)
+    init = _init_png(tmp_path / "init.png")
+    job = _job(folder, tmp_path, steps=4, strength=0.5, init_image=str(init))
+    col = Collector(tmp_path)
+    result = run_image(job, col.ctx)
+    assert col.steps() == [1, 2]  # the last half of 4 steps
+    got = np.asarray(Image.open(result.images[0]["path"]).convert("RGB"))
+
+    net = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    clip = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
+    sched = tiny_scheduler(True)
+    pipe = FluxImg2ImgPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=None, text_encoder_2=t5,
+                               tokenizer_2=None, transformer=net)
+    ids, _ = T5Tokenizer(folder / "tokenizer_2" / "tokenizer.json")([job.prompt], max_length=512, clean=False)
+    with torch.no_grad():
+        embeds = t5(ids).last_hidden_state
+        pooled = clip(torch.tensor([ClipTokenizer.bundled()(job.prompt)])).pooler_output
+        pixels = load_image(str(init), 32, 32, fit="stretch", value_range="-1..1")
+        mean = vae.encode(pixels).latent_dist.mean
+    lat = FluxPipeline._pack_latents((mean - 0.1159) * 0.3611, 1, 16, 16, 16)
+
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=calculate_shift(64, 256, 4096, 0.5, 1.15))
+    s0 = sched.sigmas[2]
+    start = (1 - s0) * lat + s0 * FluxPipeline._pack_latents(noise((1, 16, 16, 16), job.seed, torch.device("cpu")),
+                                                             1, 16, 16, 16)
+    out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=pixels * 0.5 + 0.5, latents=start,
+               strength=0.5, height=32, width=32, num_inference_steps=4, guidance_scale=job.cfg, output_type="np")
+    want = (out.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

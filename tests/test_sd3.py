@@ -328,3 +328,46 @@ def test_image_jobs_on_an_sd3_file_are_routed_to_this_pipeline(tmp_path):
 
     model = save(to_sai(_net().state_dict()), tmp_path / "sd3.safetensors")
     assert pipeline_for(str(model), families.Kind.IMAGE).__name__.endswith(".sd3")
+
+
+def test_img2img_runs_the_last_part_of_the_schedule_from_the_noised_image(tmp_path):
+    """SD3 img2img against StableDiffusion3Img2ImgPipeline given our start (VAE mean noised to the first kept
+    sigma): the same truncated schedule, the same image."""
+    import numpy as np
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    from studio.engine.pipelines.diffusion.sd3 import encode_prompt, run_image
+    from studio.engine.pipelines.diffusion.skeleton import load_image, noise
+    from tests.video_fixtures import Collector
+
+    folder = build_sd3_folder(tmp_path / "sd3", with_t5=False)
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    job = _job(folder, tmp_path, steps=4, strength=0.5, init_image=str(tmp_path / "init.png"))
+    col = Collector(tmp_path)
+    result = run_image(job, col.ctx)
+    assert col.steps() == [1, 2]
+    got = np.asarray(Image.open(result.images[0]["path"]).convert("RGB"))
+
+    model = col.ctx.models.get(next(m["key"] for m in col.ctx.models.summary() if str(folder) in m["key"]))
+    with torch.no_grad():  # our encoders match transformers' (the text-to-image test holds them equal)
+        cond, pooled = encode_prompt(model, job.prompt, torch.device("cpu"))
+        uncond, upooled = encode_prompt(model, job.negative, torch.device("cpu"))
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    sched = _scheduler()
+    pipe = StableDiffusion3Img2ImgPipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(folder / "transformer"), scheduler=sched, vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None)
+    pixels = load_image(str(tmp_path / "init.png"), 32, 32, fit="stretch", value_range="-1..1")
+    with torch.no_grad():
+        lat = (vae.encode(pixels).latent_dist.mean - 0.0609) * 1.5305
+    sched.set_timesteps(4)
+    s0 = sched.sigmas[2]
+    start = (1 - s0) * lat + s0 * noise((1, 16, 16, 16), job.seed, torch.device("cpu"))
+    out = pipe(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
+               negative_pooled_prompt_embeds=upooled, image=pixels * 0.5 + 0.5, latents=start, strength=0.5,
+               height=32, width=32, num_inference_steps=4, guidance_scale=job.cfg, output_type="np")
+    want = (out.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

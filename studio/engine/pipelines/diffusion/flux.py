@@ -29,13 +29,22 @@ from studio.engine.flow_samplers import FLOW_SAMPLERS, get_flow_sampler
 from studio.engine.pipelines.diffusion.files import find_companion, read_state_dict
 from studio.engine.pipelines.diffusion.sd import (
     decode,
+    encode_image,
     image_target,
     model_hash,
     save_png,
     to_pil,
     vae_needs_tiles,
 )
-from studio.engine.pipelines.diffusion.skeleton import Part, Run, keep_one, noise, part_bytes, run_diffusion
+from studio.engine.pipelines.diffusion.skeleton import (
+    Part,
+    Run,
+    keep_one,
+    load_image,
+    noise,
+    part_bytes,
+    run_diffusion,
+)
 from studio.engine.previews import preview_jpeg
 from studio.engine.resolve import resolve_generator, resolve_path
 from studio.protocol import ImageJob, ImageResult
@@ -95,6 +104,13 @@ def flux_sigmas(steps: int, image_seq_len: int, dynamic: bool, shift: float = 1.
     else:
         s = shift * s / (1 + (shift - 1) * s)
     return torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))
+
+
+def img2img_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
+    """The last `strength` of a `steps`-step schedule (at least one step), as diffusers' flow img2img
+    pipelines cut it: the image is noised to the first sigma kept."""
+    start = int(max(steps - min(steps * strength, steps), 0))
+    return sigmas[min(start, steps - 1):]
 
 
 # ---------------------------------------------------------------------------------- finding the parts
@@ -308,10 +324,12 @@ def validate(job: ImageJob) -> list[str]:
         raise UserError("bad_input", f"Flux samples with {', '.join(FLOW_SAMPLERS)}, not {job.sampler!r}.")
     if not math.isfinite(job.cfg) or not 0 <= job.cfg <= 100:
         raise UserError("bad_input", f"guidance {job.cfg} must be between 0 and 100.")
-    unsupported = [what for what, on in (("an init image (img2img)", job.init_image), ("a mask", job.mask),
-                                         ("LoRAs", job.loras), (f"quantization {job.quant!r}", job.quant)) if on]
+    if not 0.0 < job.strength <= 1.0:
+        raise UserError("bad_input", f"strength {job.strength} must be above 0 and at most 1.")
+    unsupported = [what for what, on in (("a mask", job.mask), ("LoRAs", job.loras),
+                                         (f"quantization {job.quant!r}", job.quant)) if on]
     if unsupported:
-        raise UserError("unsupported", f"Flux runs text-to-image only for now: {', '.join(unsupported)} "
+        raise UserError("unsupported", f"Flux runs text-to-image and img2img only for now: {', '.join(unsupported)} "
                         "cannot be used with it yet. Clear them, or use an SD/SDXL model for that.")
     notes = []
     if job.negative.strip():
@@ -389,6 +407,12 @@ def _generate(run: Run) -> ImageResult:
     dynamic = bool(sched.get("use_dynamic_shifting", guided))
     sigmas = flux_sigmas(job.steps, seq_len, dynamic, float(sched.get("shift", 1.0) if not dynamic else 1.0),
                          **{k: sched[k] for k in SHIFT if k in sched}).to(device)
+    init = None
+    if job.init_image:
+        pixels = load_image(job.init_image, job.width, job.height, fit="stretch", value_range="-1..1")
+        with run.use("vae"):
+            init = pack(encode_image(model, pixels.to(device, next(model.vae.parameters()).dtype)))
+        sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
     if job.sampler != "euler":
         # multistep solvers work in log((1 - sigma) / sigma): keep the first point just inside sigma < 1 (Wan's
         # schedule does the same); Euler starts at exactly 1, as FluxPipeline does
@@ -415,8 +439,9 @@ def _generate(run: Run) -> ImageResult:
                 ctx.preview(preview_jpeg(unpack(denoised[:1].float(), lat_h, lat_w), FAMILY_ID), "image/jpeg",
                             job.width, job.height)
 
+        x = pack(eps) if init is None else (1 - sigmas[0]) * init + sigmas[0] * pack(eps)
         with run.use("transformer"):
-            latent = sampler(denoiser, pack(eps), sigmas, callback=callback, cancel=ctx.cancel.check)
+            latent = sampler(denoiser, x, sigmas, callback=callback, cancel=ctx.cancel.check)
         run.timings.mark("sampling", device)
         ctx.progress(b, job.batch_count, "decoding")
         with run.use("vae"):

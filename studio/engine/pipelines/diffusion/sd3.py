@@ -27,16 +27,31 @@ import torch.nn.functional as F
 from studio.engine.context import JobContext, UserError
 from studio.engine.flow_samplers import FLOW_SAMPLERS, get_flow_sampler
 from studio.engine.pipelines.diffusion.files import read_state_dict
-from studio.engine.pipelines.diffusion.flux import ENCODED_KEPT, _detect, find_part, find_t5_tokenizer
+from studio.engine.pipelines.diffusion.flux import (
+    ENCODED_KEPT,
+    _detect,
+    find_part,
+    find_t5_tokenizer,
+    img2img_sigmas,
+)
 from studio.engine.pipelines.diffusion.sd import (
     decode,
+    encode_image,
     image_target,
     model_hash,
     save_png,
     to_pil,
     vae_needs_tiles,
 )
-from studio.engine.pipelines.diffusion.skeleton import Part, Run, keep_one, noise, part_bytes, run_diffusion
+from studio.engine.pipelines.diffusion.skeleton import (
+    Part,
+    Run,
+    keep_one,
+    load_image,
+    noise,
+    part_bytes,
+    run_diffusion,
+)
 from studio.engine.previews import preview_jpeg
 from studio.engine.resolve import resolve_generator, resolve_path
 from studio.protocol import ImageJob, ImageResult
@@ -247,11 +262,13 @@ def validate(job: ImageJob) -> list[str]:
         raise UserError("bad_input", f"SD3 samples with {', '.join(FLOW_SAMPLERS)}, not {job.sampler!r}.")
     if not math.isfinite(job.cfg) or not 0 <= job.cfg <= 100:
         raise UserError("bad_input", f"CFG {job.cfg} must be between 0 and 100.")
-    unsupported = [what for what, on in (("an init image (img2img)", job.init_image), ("a mask", job.mask),
-                                         ("LoRAs", job.loras), (f"quantization {job.quant!r}", job.quant)) if on]
+    if not 0.0 < job.strength <= 1.0:
+        raise UserError("bad_input", f"strength {job.strength} must be above 0 and at most 1.")
+    unsupported = [what for what, on in (("a mask", job.mask), ("LoRAs", job.loras),
+                                         (f"quantization {job.quant!r}", job.quant)) if on]
     if unsupported:
-        raise UserError("unsupported", f"SD3 runs text-to-image only for now: {', '.join(unsupported)} cannot be "
-                        "used with it yet. Clear them, or use an SD/SDXL model for that.")
+        raise UserError("unsupported", f"SD3 runs text-to-image and img2img only for now: {', '.join(unsupported)} "
+                        "cannot be used with it yet. Clear them, or use an SD/SDXL model for that.")
     return []
 
 
@@ -311,6 +328,12 @@ def _generate(run: Run) -> ImageResult:
     uncond, upooled = cached_encode(model, job.negative, run) if guided else (None, None)
     run.timings.mark("encode", device)
     sigmas = sd3_sigmas(job.steps, model.shift)
+    init = None
+    if job.init_image:
+        pixels = load_image(job.init_image, job.width, job.height, fit="stretch", value_range="-1..1")
+        with run.use("vae"):
+            init = encode_image(model, pixels.to(device, next(model.vae.parameters()).dtype))
+        sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
     if job.sampler != "euler":
         sigmas[0] = min(float(sigmas[0]), 1.0 - 1e-6)  # multistep solvers need log((1 - sigma) / sigma) finite
     sigmas = sigmas.to(device)
@@ -340,8 +363,9 @@ def _generate(run: Run) -> ImageResult:
             if job.previews:
                 ctx.preview(preview_jpeg(denoised[:1].float(), FAMILY_ID), "image/jpeg", job.width, job.height)
 
+        x = eps if init is None else (1 - sigmas[0]) * init + sigmas[0] * eps
         with run.use("transformer"):
-            latent = sampler(denoiser, eps, sigmas, callback=callback, cancel=ctx.cancel.check)
+            latent = sampler(denoiser, x, sigmas, callback=callback, cancel=ctx.cancel.check)
         run.timings.mark("sampling", device)
         ctx.progress(b, job.batch_count, "decoding")
         with run.use("vae"):
