@@ -486,3 +486,23 @@ def test_models_info_counts_jamba_state_on_mamba_layers_and_kv_only_on_attention
     assert state == 28 * (8192 * 3 * 2 + 8192 * 16 * 4)  # 28 Mamba layers
     kv = 2 * 4 * 8 * 128 * 4096 * 2  # 4 attention layers, fp16 K and V at 4096 tokens
     assert det.vram_bytes == det.params * 2 + state + kv + (256 << 20)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
+def test_cuda_chat_with_the_compiled_step_gives_the_cpu_answer(tmp_path, family):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, folder = make_folder(tmp_path, family)
+    answers, steps = [], []
+    for device in ("cpu", "cuda"):
+        cache = ModelCache()
+        ctx = JobContext(job_id="t", device=probe(device), models=cache, on_token=lambda t: None,
+                         on_progress=lambda *a: None, settings={})
+        job = ChatJob(messages=[{"role": "user", "content": "w1 w2 w3"}], model=str(folder), temperature=0.0,
+                      max_tokens=40, dtype="float32")
+        answers.append(run_chat(job, ctx)["text"])
+        answers.append(run_chat(job, ctx)["text"])  # a second answer: the state starts over, graphs replay
+        cm = cache.get(cache.summary()[0]["key"])
+        steps.append((cm.compiled_step is not None, cm.compile_failed))
+    assert answers[0] == answers[1] == answers[2] == answers[3]
+    assert steps[1] == (True, False)  # CUDA decoded through torch.compile, no fallback to eager
