@@ -92,6 +92,7 @@ def _torch_report(torch, settings: Settings) -> dict:
     try:
         device = probe(settings.device)
         # the thread count the engine's worker computes with, not torch's default (engine/server.py sets it)
+        device.extra["all_threads"] = int(device.threads)  # image and video jobs use every core
         device.threads = worker_threads(int(device.threads), os.cpu_count() or 1)
         report["engine_threads"] = device.threads
         report["selected_device"] = device.label()

@@ -34,7 +34,10 @@ class DeviceProfile:
     def label(self) -> str:
         """Short text for the status bar, e.g. 'CUDA · NVIDIA RTX 4090 · 24 GiB'."""
         if self.kind == "cpu":
-            return f"CPU · {self.threads} thread{'' if self.threads == 1 else 's'}"
+            text = f"CPU · {self.threads} thread{'' if self.threads == 1 else 's'}"
+            every = int(self.extra.get("all_threads") or self.threads)
+            # image and video jobs use every core; chat keeps fewer (worker_threads says why)
+            return f"CPU · {every} threads (chat {self.threads})" if every != self.threads else text
         size = f" · {self.total_vram / GiB:.0f} GiB" if self.total_vram else ""
         return f"{self.kind.upper()} · {self.name}{size}"
 
