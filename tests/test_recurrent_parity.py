@@ -506,3 +506,18 @@ def test_cuda_chat_with_the_compiled_step_gives_the_cpu_answer(tmp_path, family)
         steps.append((cm.compiled_step is not None, cm.compile_failed))
     assert answers[0] == answers[1] == answers[2] == answers[3]
     assert steps[1] == (True, False)  # CUDA decoded through torch.compile, no fallback to eager
+
+
+def test_mamba2_prefill_in_segments_equals_one_segment(monkeypatch):
+    import studio.models.mamba as mamba
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig.from_name("tiny-mamba2"))  # chunk 8
+    spread_weights(model, 0)
+    model.setup_caches(1, 64)
+    ids = torch.randint(0, 256, (1, 45))
+    with torch.inference_mode():
+        whole = model(ids, torch.arange(45))
+        monkeypatch.setattr(mamba, "PREFILL_SEGMENT", 16)  # 3 segments of 16 tokens (2 chunks each)
+        pieces = model(ids, torch.arange(45))
+    assert torch.allclose(whole, pieces, atol=1e-5)

@@ -32,6 +32,7 @@ from studio.models.llm import RMSNorm
 
 MODEL_TYPES = ("mamba", "mamba2")
 NO_POSITION_LIMIT = 1 << 20  # what llama.cpp writes as the context of a recurrent model
+PREFILL_SEGMENT = 1024  # Mamba-2 prefill runs the chunked scan over segments of about this many tokens
 
 
 @dataclass
@@ -359,8 +360,10 @@ class Mamba2Mixer(nn.Module):
         x = x.view(Bt, T, self.H, self.P)
         if T == 1:
             y = ssd_step(state.ssm_cache, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])[:, None]
-        else:
-            y = ssd_scan(state.ssm_cache, x, dt, A, Bm, Cm, self.chunk)
+        else:  # segments bound the (heads, tokens, chunk) decay tensors of a long prompt (~400 MB for 7B sizes)
+            seg = max(self.chunk, PREFILL_SEGMENT // self.chunk * self.chunk)
+            y = torch.cat([ssd_scan(state.ssm_cache, x[:, s:s + seg], dt[:, s:s + seg], A, Bm[:, s:s + seg],
+                                    Cm[:, s:s + seg], self.chunk) for s in range(0, T, seg)], dim=1)
         y = y + x * self.D.float()[:, None]
         y = self.norm(y.reshape(Bt, T, self.E), z)
         return self.out_proj(y.to(u.dtype))
