@@ -18,13 +18,14 @@ T5_DIM, CLIP_DIM = 32, 64
 
 
 def tiny_transformer(guidance: bool, seed: int = 0, in_channels: int = 64, layers: int = 2, head_dim: int = HEAD_DIM,
-                     axes: tuple[int, ...] = AXES):
+                     axes: tuple[int, ...] = AXES, out_channels: int = 64):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     net = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=layers, num_single_layers=layers,
                                  attention_head_dim=head_dim, num_attention_heads=HEADS, joint_attention_dim=T5_DIM,
-                                 pooled_projection_dim=CLIP_DIM, guidance_embeds=guidance, axes_dims_rope=axes)
+                                 pooled_projection_dim=CLIP_DIM, guidance_embeds=guidance, axes_dims_rope=axes,
+                                 out_channels=out_channels)
     jiggle(net, 0.1)
     return net.eval()
 

@@ -221,8 +221,10 @@ def test_unsupported_inputs_are_refused_before_loading(tmp_path):
     col = Collector(tmp_path)
     with pytest.raises(UserError, match="multiple of 16"):
         FAMILY.validate(_job("x", tmp_path, width=40), col.ctx)
-    with pytest.raises(UserError, match="text-to-image and img2img only"):
-        FAMILY.validate(_job("x", tmp_path, mask="m.png", init_image="a.png"), col.ctx)
+    with pytest.raises(UserError, match="LoRAs cannot be used with Flux yet"):
+        FAMILY.validate(_job("x", tmp_path, loras=[{"path": "l.safetensors", "weight": 1.0}]), col.ctx)
+    with pytest.raises(UserError, match="needs an image"):
+        FAMILY.validate(_job("x", tmp_path, mask="m.png"), col.ctx)
     _, notes = FAMILY.validate(_job("x", tmp_path, negative="blurry"), col.ctx)
     assert any("negative" in n for n in notes)
 
@@ -412,5 +414,91 @@ def test_img2img_matches_flux_img2img_pipeline(tmp_path):
                                                              1, 16, 16, 16)
     out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=pixels * 0.5 + 0.5, latents=start,
                strength=0.5, height=32, width=32, num_inference_steps=4, guidance_scale=job.cfg, output_type="np")
+    want = (out.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def _mask_png(path, size: int = 32):
+    from PIL import Image
+
+    m = np.zeros((size, size), dtype=np.uint8)
+    m[:, size // 2:] = 255  # repaint the right half
+    Image.fromarray(m).save(path)
+    return path
+
+
+def test_fill_model_matches_flux_fill_pipeline(tmp_path, monkeypatch):
+    """Flux Fill: the masked image's latent and the mask folded into 2x2 patches join the input channels
+    (64 + 64 + 4 x VAE-factor^2: 144 with this tiny VAE, 384 with Flux's). FluxFillPipeline builds them with its
+    own code; it samples the VAE posterior, we take its mean (as for img2img), so the reference does too."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxFillPipeline, FluxPipeline, FluxTransformer2DModel
+    from diffusers.pipelines.flux import pipeline_flux_fill
+    from PIL import Image
+
+    from studio.engine.pipelines.diffusion.flux import run_image
+    from studio.engine.pipelines.diffusion.skeleton import noise
+    from studio.models.clip_tokenizer import ClipTokenizer
+    from studio.models.t5 import T5Tokenizer
+
+    folder = build_flux_folder(tmp_path / "fill", True, in_channels=144)
+    init, mask = _init_png(tmp_path / "init.png"), _mask_png(tmp_path / "mask.png")
+    job = _job(folder, tmp_path, steps=3, cfg=30.0, init_image=str(init), mask=str(mask), strength=1.0)
+    col = Collector(tmp_path)
+    got = np.asarray(Image.open(run_image(job, col.ctx).images[0]["path"]).convert("RGB"))
+    with pytest.raises(UserError, match="Fill"):
+        run_image(_job(folder, tmp_path, steps=1), col.ctx)
+
+    monkeypatch.setattr(pipeline_flux_fill, "retrieve_latents", lambda out, generator=None: out.latent_dist.mode())
+    net = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    clip = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
+    pipe = FluxFillPipeline(scheduler=tiny_scheduler(True), vae=vae, text_encoder=clip, tokenizer=None,
+                            text_encoder_2=t5, tokenizer_2=None, transformer=net)
+    ids, _ = T5Tokenizer(folder / "tokenizer_2" / "tokenizer.json")([job.prompt], max_length=512, clean=False)
+    with torch.no_grad():
+        embeds = t5(ids).last_hidden_state
+        pooled = clip(torch.tensor([ClipTokenizer.bundled()(job.prompt)])).pooler_output
+    latents = FluxPipeline._pack_latents(noise((1, 16, 16, 16), job.seed, torch.device("cpu")), 1, 16, 16, 16)
+    out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=Image.open(init), mask_image=Image.open(mask),
+               latents=latents, height=32, width=32, num_inference_steps=3, guidance_scale=30.0, output_type="np")
+    want = (out.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_inpainting_with_a_regular_model_matches_flux_inpaint_pipeline(tmp_path, monkeypatch):
+    """dev with an init image and a mask: outside the mask every step lands on the original noised to its sigma
+    (our x0 there is the original; diffusers blends the noised original in after each Euler step: the same
+    numbers). At strength 1 both start from the noise alone; both take the VAE mean."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxInpaintPipeline, FluxTransformer2DModel
+    from diffusers.pipelines.flux import pipeline_flux_inpaint
+    from PIL import Image
+
+    from studio.engine.pipelines.diffusion.flux import run_image
+    from studio.engine.pipelines.diffusion.skeleton import noise
+    from studio.models.clip_tokenizer import ClipTokenizer
+    from studio.models.t5 import T5Tokenizer
+
+    folder = build_flux_folder(tmp_path / "flux", True)
+    init, mask = _init_png(tmp_path / "init.png"), _mask_png(tmp_path / "mask.png")
+    job = _job(folder, tmp_path, steps=3, init_image=str(init), mask=str(mask), strength=1.0)
+    got = np.asarray(Image.open(run_image(job, Collector(tmp_path).ctx).images[0]["path"]).convert("RGB"))
+
+    monkeypatch.setattr(pipeline_flux_inpaint, "retrieve_latents", lambda out, generator=None: out.latent_dist.mode())
+    net = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    clip = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
+    pipe = FluxInpaintPipeline(scheduler=tiny_scheduler(True), vae=AutoencoderKL.from_pretrained(folder / "vae"),
+                               text_encoder=clip, tokenizer=None, text_encoder_2=t5, tokenizer_2=None, transformer=net)
+    ids, _ = T5Tokenizer(folder / "tokenizer_2" / "tokenizer.json")([job.prompt], max_length=512, clean=False)
+    with torch.no_grad():
+        embeds = t5(ids).last_hidden_state
+        pooled = clip(torch.tensor([ClipTokenizer.bundled()(job.prompt)])).pooler_output
+    latents = noise((1, 16, 16, 16), job.seed, torch.device("cpu"))  # this pipeline packs what it is given
+    out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=Image.open(init), mask_image=Image.open(mask),
+               latents=latents, strength=1.0, height=32, width=32, num_inference_steps=3, guidance_scale=job.cfg,
+               output_type="np")
     want = (out.images[0] * 255).round().astype(np.uint8)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

@@ -106,6 +106,44 @@ def flux_sigmas(steps: int, image_seq_len: int, dynamic: bool, shift: float = 1.
     return torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))
 
 
+def image_inputs(run: Run, lat_h: int, lat_w: int,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """-> (init, extra, keep) as packed tokens: the init image's latent (img2img, inpainting); for Flux Fill
+    the masked image's latent and the mask folded into patches (the transformer's extra input channels, as
+    FluxFillPipeline builds them); for other models with a mask, where to repaint (1) at latent resolution."""
+    from studio.models.flux import pack
+
+    job, model, device = run.job, run.model, run.device
+    cfg, vae = model.transformer.cfg, model.vae
+    fill = cfg.in_channels > cfg.out_channels
+    if fill and not (job.init_image and job.mask):
+        raise UserError("bad_input", "This is a Flux Fill model (inpainting and outpainting): give it an init image "
+                        "and a mask (white = repaint), or pick a Flux dev / schnell model for text-to-image.")
+    if not job.init_image:
+        return None, None, None
+    dtype = next(vae.parameters()).dtype
+    pixels = load_image(job.init_image, job.width, job.height, fit="stretch", value_range="-1..1").to(device, dtype)
+    mask = None
+    if job.mask:
+        mask = load_image(job.mask, job.width, job.height, fit="stretch", value_range="0..1", mode="L")
+        mask = (mask >= 0.5).to(device, dtype)  # (1, 1, H, W), binarized as diffusers' mask processor does
+    with run.use("vae"):
+        init = pack(encode_image(model, pixels))
+        masked = pack(encode_image(model, pixels * (1 - mask))) if fill else None
+    if fill:
+        d = vae.downscale
+        folded = mask[:, 0].view(1, lat_h, d, lat_w, d).permute(0, 2, 4, 1, 3).reshape(1, d * d, lat_h, lat_w)
+        extra = torch.cat([masked, pack(folded.float())], dim=-1)
+        if extra.shape[-1] + cfg.out_channels != cfg.in_channels:
+            raise UserError("bad_model", f"This Flux Fill transformer takes {cfg.in_channels} input channels but its "
+                            f"VAE gives {extra.shape[-1] + cfg.out_channels}: install {VAE_HINT}.")
+        return init, extra, None
+    if mask is None:
+        return init, None, None
+    small = torch.nn.functional.interpolate(mask.float(), size=(lat_h, lat_w), mode="nearest")
+    return init, None, pack(small.expand(-1, vae.cfg.latent_channels, -1, -1).contiguous())
+
+
 def img2img_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
     """The last `strength` of a `steps`-step schedule (at least one step), as diffusers' flow img2img
     pipelines cut it: the image is noised to the first sigma kept."""
@@ -326,11 +364,12 @@ def validate(job: ImageJob) -> list[str]:
         raise UserError("bad_input", f"guidance {job.cfg} must be between 0 and 100.")
     if not 0.0 < job.strength <= 1.0:
         raise UserError("bad_input", f"strength {job.strength} must be above 0 and at most 1.")
-    unsupported = [what for what, on in (("a mask", job.mask), ("LoRAs", job.loras),
-                                         (f"quantization {job.quant!r}", job.quant)) if on]
+    if job.mask and not job.init_image:
+        raise UserError("bad_input", "A mask needs an image to paint on: set an init image for inpainting.")
+    unsupported = [what for what, on in (("LoRAs", job.loras), (f"quantization {job.quant!r}", job.quant)) if on]
     if unsupported:
-        raise UserError("unsupported", f"Flux runs text-to-image and img2img only for now: {', '.join(unsupported)} "
-                        "cannot be used with it yet. Clear them, or use an SD/SDXL model for that.")
+        raise UserError("unsupported", f"{' and '.join(unsupported)} cannot be used with Flux yet: clear them (an "
+                        "fp8 or GGUF Flux file keeps the transformer compact).")
     notes = []
     if job.negative.strip():
         notes.append("Flux does not use a negative prompt (dev is guidance-distilled): it was ignored.")
@@ -407,11 +446,8 @@ def _generate(run: Run) -> ImageResult:
     dynamic = bool(sched.get("use_dynamic_shifting", guided))
     sigmas = flux_sigmas(job.steps, seq_len, dynamic, float(sched.get("shift", 1.0) if not dynamic else 1.0),
                          **{k: sched[k] for k in SHIFT if k in sched}).to(device)
-    init = None
-    if job.init_image:
-        pixels = load_image(job.init_image, job.width, job.height, fit="stretch", value_range="-1..1")
-        with run.use("vae"):
-            init = pack(encode_image(model, pixels.to(device, next(model.vae.parameters()).dtype)))
+    init, extra, keep = image_inputs(run, lat_h, lat_w)
+    if init is not None:
         sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
     if job.sampler != "euler":
         # multistep solvers work in log((1 - sigma) / sigma): keep the first point just inside sigma < 1 (Wan's
@@ -429,9 +465,13 @@ def _generate(run: Run) -> ImageResult:
 
         def denoiser(x: torch.Tensor, sigma: torch.Tensor, n=n, guidance=guidance) -> torch.Tensor:
             s = float(sigma.flatten()[0])
-            v = net(x, img_ids, txt.expand(n, -1, -1), txt_ids, torch.full((n,), s, device=device),
+            x_in = x if extra is None else torch.cat([x, extra.expand(n, -1, -1).to(x)], dim=-1)
+            v = net(x_in, img_ids, txt.expand(n, -1, -1), txt_ids, torch.full((n,), s, device=device),
                     pooled.expand(n, -1), guidance).float()
-            return x - s * v
+            x0 = x - s * v
+            # inpainting with a regular model: outside the mask the estimate is the original, so every step
+            # lands on the original noised to its sigma
+            return x0 if keep is None else x0 * keep + init * (1 - keep)
 
         def callback(step: int, total: int, x_now: torch.Tensor, denoised: torch.Tensor, b=b) -> None:
             ctx.progress(b * total + step, total * job.batch_count, "sampling")
@@ -442,6 +482,8 @@ def _generate(run: Run) -> ImageResult:
         x = pack(eps) if init is None else (1 - sigmas[0]) * init + sigmas[0] * pack(eps)
         with run.use("transformer"):
             latent = sampler(denoiser, x, sigmas, callback=callback, cancel=ctx.cancel.check)
+        if keep is not None:
+            latent = latent * keep + init * (1 - keep)
         run.timings.mark("sampling", device)
         ctx.progress(b, job.batch_count, "decoding")
         with run.use("vae"):

@@ -264,11 +264,12 @@ def validate(job: ImageJob) -> list[str]:
         raise UserError("bad_input", f"CFG {job.cfg} must be between 0 and 100.")
     if not 0.0 < job.strength <= 1.0:
         raise UserError("bad_input", f"strength {job.strength} must be above 0 and at most 1.")
-    unsupported = [what for what, on in (("a mask", job.mask), ("LoRAs", job.loras),
-                                         (f"quantization {job.quant!r}", job.quant)) if on]
+    if job.mask and not job.init_image:
+        raise UserError("bad_input", "A mask needs an image to paint on: set an init image for inpainting.")
+    unsupported = [what for what, on in (("LoRAs", job.loras), (f"quantization {job.quant!r}", job.quant)) if on]
     if unsupported:
-        raise UserError("unsupported", f"SD3 runs text-to-image and img2img only for now: {', '.join(unsupported)} "
-                        "cannot be used with it yet. Clear them, or use an SD/SDXL model for that.")
+        raise UserError("unsupported", f"{' and '.join(unsupported)} cannot be used with SD3 yet: clear them (an "
+                        "fp8 or GGUF SD3 file keeps the transformer compact).")
     return []
 
 
@@ -328,12 +329,16 @@ def _generate(run: Run) -> ImageResult:
     uncond, upooled = cached_encode(model, job.negative, run) if guided else (None, None)
     run.timings.mark("encode", device)
     sigmas = sd3_sigmas(job.steps, model.shift)
-    init = None
+    init = keep = None
     if job.init_image:
+        dtype = next(model.vae.parameters()).dtype
         pixels = load_image(job.init_image, job.width, job.height, fit="stretch", value_range="-1..1")
         with run.use("vae"):
-            init = encode_image(model, pixels.to(device, next(model.vae.parameters()).dtype))
+            init = encode_image(model, pixels.to(device, dtype))
         sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
+        if job.mask:  # repaint where white: outside, every step lands on the original noised to its sigma
+            m = load_image(job.mask, job.width, job.height, fit="stretch", value_range="0..1", mode="L")
+            keep = F.interpolate((m >= 0.5).float(), size=(lat_h, lat_w), mode="nearest").to(device)
     if job.sampler != "euler":
         sigmas[0] = min(float(sigmas[0]), 1.0 - 1e-6)  # multistep solvers need log((1 - sigma) / sigma) finite
     sigmas = sigmas.to(device)
@@ -356,7 +361,8 @@ def _generate(run: Run) -> ImageResult:
                            torch.cat([upooled.expand(n, -1), pooled.expand(n, -1)])).float()
                 v_u, v_c = both.chunk(2)
                 v = v_u + job.cfg * (v_c - v_u)
-            return x - s * v
+            x0 = x - s * v
+            return x0 if keep is None else x0 * keep + init * (1 - keep)
 
         def callback(step: int, total: int, x_now: torch.Tensor, denoised: torch.Tensor, b=b) -> None:
             ctx.progress(b * total + step, total * job.batch_count, "sampling")
@@ -366,6 +372,8 @@ def _generate(run: Run) -> ImageResult:
         x = eps if init is None else (1 - sigmas[0]) * init + sigmas[0] * eps
         with run.use("transformer"):
             latent = sampler(denoiser, x, sigmas, callback=callback, cancel=ctx.cancel.check)
+        if keep is not None:
+            latent = latent * keep + init * (1 - keep)
         run.timings.mark("sampling", device)
         ctx.progress(b, job.batch_count, "decoding")
         with run.use("vae"):
