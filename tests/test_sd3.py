@@ -414,3 +414,21 @@ def test_inpainting_matches_sd3_inpaint_pipeline(tmp_path, monkeypatch):
     # the same numbers reached two ways (an Euler step from a replaced x0 vs a blend after the step), then
     # amplified by CFG 4.5: a level or two of rounding apart
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+def test_gguf_sd3_stays_compact_and_matches_the_dequantized_model(tmp_path):
+    from test_diffusion_quant import _city96_types, _write_gguf
+
+    from studio.engine.offload import estimate_module_bytes
+    from studio.engine.pipelines.diffusion.files import read_state_dict
+    from studio.nn.packed_gguf import GGUFLinear
+
+    path = tmp_path / "sd3.5_medium-Q8_0.gguf"
+    ref_sd = _write_gguf(path, to_sai(tiny_sd3((0,), "rms_norm").state_dict()), "sd3", _city96_types)
+    ref = load_sd3_transformer(ref_sd, dtype=torch.float32, heads=HEADS)
+    ours = load_sd3_transformer(read_state_dict(path, compact=True), dtype=torch.float32, heads=HEADS)
+    x, t, ctx, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, ctx, y), ref(x, t, ctx, y), atol=1e-5, rtol=1e-5)
+    assert isinstance(ours.joint_blocks[0].x_block.attn.qkv, GGUFLinear)
+    assert estimate_module_bytes(ours) < 0.7 * estimate_module_bytes(ref)
