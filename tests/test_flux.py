@@ -221,8 +221,8 @@ def test_unsupported_inputs_are_refused_before_loading(tmp_path):
     col = Collector(tmp_path)
     with pytest.raises(UserError, match="multiple of 16"):
         FAMILY.validate(_job("x", tmp_path, width=40), col.ctx)
-    with pytest.raises(UserError, match="LoRAs cannot be used with Flux yet"):
-        FAMILY.validate(_job("x", tmp_path, loras=[{"path": "l.safetensors", "weight": 1.0}]), col.ctx)
+    with pytest.raises(UserError, match="quantization"):
+        FAMILY.validate(_job("x", tmp_path, quant="int8"), col.ctx)
     with pytest.raises(UserError, match="needs an image"):
         FAMILY.validate(_job("x", tmp_path, mask="m.png"), col.ctx)
     _, notes = FAMILY.validate(_job("x", tmp_path, negative="blurry"), col.ctx)

@@ -79,6 +79,8 @@ class FluxModel:
     key: str = ""
     family: str = FAMILY_ID
     encoded: dict = field(default_factory=dict)  # (prompt, T5 length) -> its conditioning, on the CPU
+    loras: tuple = ()  # ((path, weight), ...) patched into the weights now
+    original: dict = field(default_factory=dict)  # weights the LoRAs replaced, to restore them exactly
 
     @property
     def variant(self) -> str:
@@ -366,10 +368,12 @@ def validate(job: ImageJob) -> list[str]:
         raise UserError("bad_input", f"strength {job.strength} must be above 0 and at most 1.")
     if job.mask and not job.init_image:
         raise UserError("bad_input", "A mask needs an image to paint on: set an init image for inpainting.")
-    unsupported = [what for what, on in (("LoRAs", job.loras), (f"quantization {job.quant!r}", job.quant)) if on]
-    if unsupported:
-        raise UserError("unsupported", f"{' and '.join(unsupported)} cannot be used with Flux yet: clear them (an "
-                        "fp8 or GGUF Flux file keeps the transformer compact).")
+    if job.quant:
+        raise UserError("unsupported", f"quantization {job.quant!r} cannot be used with Flux yet: clear it (an fp8 "
+                        "or GGUF Flux file keeps the transformer compact).")
+    for lora in job.loras:
+        if not isinstance(lora, dict) or not isinstance(lora.get("path"), str):
+            raise UserError("bad_input", 'Each LoRA must be {"path": FILE, "weight": NUMBER}.')
     notes = []
     if job.negative.strip():
         notes.append("Flux does not use a negative prompt (dev is guidance-distilled): it was ignored.")
@@ -386,8 +390,14 @@ class Flux:
         return job, validate(job)
 
     def load(self, job: ImageJob, ctx: JobContext, dtype: torch.dtype, notes: list[str]) -> FluxModel:
+        from studio.models.flux_lora import apply_flux_loras
+
         model = load_model(job, ctx, dtype)
         notes += model.notes
+        loras = tuple((str(resolve_path(lo["path"], "LoRA")), float(lo.get("weight", 1.0))) for lo in job.loras)
+        if loras != model.loras and ctx.memory is not None:
+            ctx.memory.unload(model.key)  # LoRAs patch the CPU copy: take the parts out of the manager's hands
+        notes += apply_flux_loras(model, loras, read_state_dict)
         return model
 
     def parts(self, model: FluxModel) -> dict[str, Part]:
