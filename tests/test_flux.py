@@ -502,3 +502,40 @@ def test_inpainting_with_a_regular_model_matches_flux_inpaint_pipeline(tmp_path,
                output_type="np")
     want = (out.images[0] * 255).round().astype(np.uint8)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_kontext_folder_edits_from_reference_tokens_like_flux_kontext_pipeline(tmp_path):
+    """Flux.1 Kontext (a diffusers folder says so in model_index.json): the init image is not a start but
+    reference tokens after the image's, at position index 1; the start is noise."""
+    import json
+
+    import transformers
+    from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
+    from PIL import Image
+
+    from studio.engine.pipelines.diffusion.flux import run_image
+    from studio.engine.pipelines.diffusion.skeleton import noise
+    from studio.models.clip_tokenizer import ClipTokenizer
+    from studio.models.t5 import T5Tokenizer
+
+    folder = build_flux_folder(tmp_path / "kontext", True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
+    init = _init_png(tmp_path / "init.png")
+    job = _job(folder, tmp_path, steps=3, cfg=2.5, init_image=str(init), strength=0.3)  # strength: unused here
+    got = np.asarray(Image.open(run_image(job, Collector(tmp_path).ctx).images[0]["path"]).convert("RGB"))
+
+    net = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    clip = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
+    pipe = FluxKontextPipeline(scheduler=tiny_scheduler(True), vae=AutoencoderKL.from_pretrained(folder / "vae"),
+                               text_encoder=clip, tokenizer=None, text_encoder_2=t5, tokenizer_2=None, transformer=net)
+    ids, _ = T5Tokenizer(folder / "tokenizer_2" / "tokenizer.json")([job.prompt], max_length=512, clean=False)
+    with torch.no_grad():
+        embeds = t5(ids).last_hidden_state
+        pooled = clip(torch.tensor([ClipTokenizer.bundled()(job.prompt)])).pooler_output
+    latents = FluxPipeline._pack_latents(noise((1, 16, 16, 16), job.seed, torch.device("cpu")), 1, 16, 16, 16)
+    out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=Image.open(init), latents=latents, height=32,
+               width=32, max_area=32 * 32, num_inference_steps=3, guidance_scale=2.5, output_type="np",
+               _auto_resize=False)
+    want = (out.images[0] * 255).round().astype(np.uint8)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

@@ -75,6 +75,7 @@ class FluxModel:
     files: dict[str, str]
     path: str
     scheduler: dict = field(default_factory=dict)  # use_dynamic_shifting, shift, and the SHIFT keys
+    kontext: bool = False  # Flux.1 Kontext: the init image is a reference the model edits, not a start
     notes: list[str] = field(default_factory=list)
     key: str = ""
     family: str = FAMILY_ID
@@ -109,10 +110,11 @@ def flux_sigmas(steps: int, image_seq_len: int, dynamic: bool, shift: float = 1.
 
 
 def image_inputs(run: Run, lat_h: int, lat_w: int,
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """-> (init, extra, keep) as packed tokens: the init image's latent (img2img, inpainting); for Flux Fill
-    the masked image's latent and the mask folded into patches (the transformer's extra input channels, as
-    FluxFillPipeline builds them); for other models with a mask, where to repaint (1) at latent resolution."""
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """-> (init, extra, keep, reference) as packed tokens: the init image's latent (img2img, inpainting); for
+    Flux Fill the masked image's latent and the mask folded into patches (the transformer's extra input
+    channels, as FluxFillPipeline builds them); for other models with a mask, where to repaint (1) at latent
+    resolution; for Kontext the init image's latent as reference tokens (at the output size)."""
     from studio.models.flux import pack
 
     job, model, device = run.job, run.model, run.device
@@ -122,7 +124,7 @@ def image_inputs(run: Run, lat_h: int, lat_w: int,
         raise UserError("bad_input", "This is a Flux Fill model (inpainting and outpainting): give it an init image "
                         "and a mask (white = repaint), or pick a Flux dev / schnell model for text-to-image.")
     if not job.init_image:
-        return None, None, None
+        return None, None, None, None
     dtype = next(vae.parameters()).dtype
     pixels = load_image(job.init_image, job.width, job.height, fit="stretch", value_range="-1..1").to(device, dtype)
     mask = None
@@ -139,11 +141,15 @@ def image_inputs(run: Run, lat_h: int, lat_w: int,
         if extra.shape[-1] + cfg.out_channels != cfg.in_channels:
             raise UserError("bad_model", f"This Flux Fill transformer takes {cfg.in_channels} input channels but its "
                             f"VAE gives {extra.shape[-1] + cfg.out_channels}: install {VAE_HINT}.")
-        return init, extra, None
+        return init, extra, None, None
+    if model.kontext:
+        if mask is not None:
+            raise UserError("unsupported", "Flux Kontext edits the whole image from the prompt: clear the mask.")
+        return None, None, None, init
     if mask is None:
-        return init, None, None
+        return init, None, None, None
     small = torch.nn.functional.interpolate(mask.float(), size=(lat_h, lat_w), mode="nearest")
-    return init, None, pack(small.expand(-1, vae.cfg.latent_channels, -1, -1).contiguous())
+    return init, None, pack(small.expand(-1, vae.cfg.latent_channels, -1, -1).contiguous()), None
 
 
 def img2img_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
@@ -306,8 +312,11 @@ def load_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> FluxModel:
 
     scheduler = read_config(path / "scheduler", "scheduler_config.json") if path.is_dir() else None
     files = {k: str(v) if v is not None else f"{path} (inside)" for k, v in parts.items()}
+    # Kontext's transformer has dev's shapes: only a diffusers folder's model_index.json tells them apart
+    index = read_config(path, "model_index.json") if path.is_dir() else None
     model = FluxModel(transformer, vae, clip, t5, clip_tokenizer, t5_tokenizer, files, str(path),
-                      scheduler=dict(scheduler or {}), key=key)
+                      scheduler=dict(scheduler or {}), key=key,
+                      kontext=(index or {}).get("_class_name") == "FluxKontextPipeline")
     from studio.models.diffusion_quant import compact_summary
 
     if summary := compact_summary(transformer):
@@ -456,7 +465,11 @@ def _generate(run: Run) -> ImageResult:
     dynamic = bool(sched.get("use_dynamic_shifting", guided))
     sigmas = flux_sigmas(job.steps, seq_len, dynamic, float(sched.get("shift", 1.0) if not dynamic else 1.0),
                          **{k: sched[k] for k in SHIFT if k in sched}).to(device)
-    init, extra, keep = image_inputs(run, lat_h, lat_w)
+    init, extra, keep, ref = image_inputs(run, lat_h, lat_w)
+    if ref is not None:  # Kontext: the reference's tokens follow the image's, at position index 1
+        ids_in = torch.cat([img_ids, image_ids(lat_h, lat_w, index=1, device=device)])
+    else:
+        ids_in = img_ids
     if init is not None:
         sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
     if job.sampler != "euler":
@@ -476,8 +489,10 @@ def _generate(run: Run) -> ImageResult:
         def denoiser(x: torch.Tensor, sigma: torch.Tensor, n=n, guidance=guidance) -> torch.Tensor:
             s = float(sigma.flatten()[0])
             x_in = x if extra is None else torch.cat([x, extra.expand(n, -1, -1).to(x)], dim=-1)
-            v = net(x_in, img_ids, txt.expand(n, -1, -1), txt_ids, torch.full((n,), s, device=device),
-                    pooled.expand(n, -1), guidance).float()
+            if ref is not None:
+                x_in = torch.cat([x_in, ref.expand(n, -1, -1).to(x)], dim=1)
+            v = net(x_in, ids_in, txt.expand(n, -1, -1), txt_ids, torch.full((n,), s, device=device),
+                    pooled.expand(n, -1), guidance)[:, :x.shape[1]].float()
             x0 = x - s * v
             # inpainting with a regular model: outside the mask the estimate is the original, so every step
             # lands on the original noised to its sigma
