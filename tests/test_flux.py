@@ -539,3 +539,16 @@ def test_kontext_folder_edits_from_reference_tokens_like_flux_kontext_pipeline(t
                _auto_resize=False)
     want = (out.images[0] * 255).round().astype(np.uint8)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_bf16_weights_run_and_stay_close_to_fp32():
+    sd = dict(tiny_transformer(True).state_dict())
+    full, half = load_flux_transformer(sd, axes_dim=AXES), load_flux_transformer(sd, dtype=torch.bfloat16,
+                                                                                 axes_dim=AXES)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    img, ids, txt, tids, t, y = _inputs()
+    g = torch.full((2,), 3.5)
+    with torch.no_grad():
+        a, b = full(img, ids, txt, tids, t, y, g), half(img, ids, txt, tids, t, y, g)
+    assert b.dtype == torch.bfloat16 and torch.isfinite(b).all()
+    assert (a - b.float()).abs().max() < 0.05 * a.abs().max()
