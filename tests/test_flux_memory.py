@@ -1,5 +1,6 @@
-"""What the memory manager plans for real-size Flux.1 dev (built on the meta device: no weights) under the
-budgets of common cards, from the family's own part list and activation estimates."""
+"""Real-size Flux.1 / SD3 without their weights: what the memory manager plans for dev (built on the meta
+device) under common cards' budgets, and how transformer files find their VAE and encoders (header-only
+files in ComfyUI's folders)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,59 @@ def test_bf16_dev_under_common_budgets(flux_dev, budget, transformer):
 
 def test_everything_resident_on_a_big_card(flux_dev):
     assert _plan(flux_dev, 80 * GiB).policy is Policy.RESIDENT
+
+
+# ---------------------------------------------------------------------------------- finding real-size parts
+
+VAE16 = {"encoder.conv_in.weight": (128, 3, 3, 3), "encoder.conv_out.weight": (32, 512, 3, 3),
+         "decoder.conv_in.weight": (512, 16, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}
+
+
+def _clip_header(width: int) -> dict:
+    return {"text_model.embeddings.token_embedding.weight": (49408, width),
+            "text_model.encoder.layers.0.self_attn.q_proj.weight": (width, width)}
+
+
+T5_HEADER = {"shared.weight": (32128, 4096), "encoder.block.0.layer.0.SelfAttention.q.weight": (4096, 4096)}
+
+
+@pytest.fixture()
+def comfy_models(tmp_path):
+    from library_fixtures import FLUX, write_safetensors
+
+    root = tmp_path / "ComfyUI" / "models"
+    write_safetensors(root / "vae" / "ae.safetensors", VAE16)
+    write_safetensors(root / "text_encoders" / "clip_l.safetensors", _clip_header(768))
+    write_safetensors(root / "text_encoders" / "clip_g.safetensors", _clip_header(1280))
+    write_safetensors(root / "text_encoders" / "t5" / "t5xxl_fp8_e4m3fn.safetensors", T5_HEADER, dtype="F8_E4M3")
+    flux = write_safetensors(root / "diffusion_models" / "flux1-dev.safetensors", FLUX)
+    sd3 = write_safetensors(root / "diffusion_models" / "sd3.5_large.safetensors",
+                            {"joint_blocks.0.context_block.adaLN_modulation.1.bias": (14592,),
+                             "pos_embed": (1, 36864, 2432), "x_embedder.proj.weight": (2432, 16, 2, 2)})
+    return root, flux, sd3
+
+
+def test_flux_file_finds_its_parts_in_comfyui_folders_by_their_headers(comfy_models):
+    from studio.engine.context import UserError
+    from studio.engine.pipelines.diffusion import flux as P
+
+    root, flux, _ = comfy_models
+    parts = P.locate(flux, ImageJob(model=str(flux)), {})
+    assert parts["vae"].name == "ae.safetensors" and parts["clip"].name == "clip_l.safetensors"
+    assert parts["t5"].name == "t5xxl_fp8_e4m3fn.safetensors"  # in a subfolder, found all the same
+    (root / "text_encoders" / "t5" / "t5xxl_fp8_e4m3fn.safetensors").unlink()
+    with pytest.raises(UserError, match="t5xxl_fp16.safetensors"):
+        P.locate(flux, ImageJob(model=str(flux)), {})
+    with pytest.raises(UserError, match="not a T5-XXL or CLIP-L"):
+        P.locate(flux, ImageJob(model=str(flux), text_encoders=[str(root / "vae" / "ae.safetensors")]), {})
+
+
+def test_sd3_file_finds_clip_l_clip_g_and_t5_and_runs_without_t5(comfy_models):
+    from studio.engine.pipelines.diffusion import sd3 as P
+
+    root, _, sd3 = comfy_models
+    parts = P.locate(sd3, ImageJob(model=str(sd3)), {})
+    assert (parts["clip_l"].name, parts["clip_g"].name) == ("clip_l.safetensors", "clip_g.safetensors")
+    assert parts["t5"] is not None and parts["vae"].name == "ae.safetensors"
+    (root / "text_encoders" / "t5" / "t5xxl_fp8_e4m3fn.safetensors").unlink()
+    assert P.locate(sd3, ImageJob(model=str(sd3)), {})["t5"] is None  # optional: zeros, with a note
