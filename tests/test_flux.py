@@ -552,3 +552,26 @@ def test_bf16_weights_run_and_stay_close_to_fp32():
         a, b = full(img, ids, txt, tids, t, y, g), half(img, ids, txt, tids, t, y, g)
     assert b.dtype == torch.bfloat16 and torch.isfinite(b).all()
     assert (a - b.float()).abs().max() < 0.05 * a.abs().max()
+
+
+def test_fp8_t5_stays_fp8_and_matches_its_dequantized_self(tmp_path):
+    """ComfyUI users keep T5-XXL as t5xxl_fp8_e4m3fn: its Linear layers stay fp8 (half the 9 GB)."""
+    from safetensors.torch import save_file
+    from test_diffusion_quant import _fp8
+
+    from studio.engine.offload import estimate_module_bytes
+    from studio.engine.pipelines.diffusion.files import read_state_dict
+    from studio.models.t5 import load_t5_encoder
+    from studio.nn.packed_fp8 import Fp8Linear
+    from tests.flux_fixtures import tiny_t5
+
+    file_sd, ref_sd = _fp8({k: v.clone() for k, v in tiny_t5().state_dict().items()}, scaled=True)
+    save_file(file_sd, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    ours = load_t5_encoder(read_state_dict(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", compact=True),
+                           dtype=torch.float32)
+    ref = load_t5_encoder(ref_sd, dtype=torch.float32)
+    assert isinstance(ours.blocks[1].ffn.wo, Fp8Linear)
+    assert estimate_module_bytes(ours) < 0.6 * estimate_module_bytes(ref)
+    ids = torch.tensor([[3, 4, 5, 1, 0, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids), atol=1e-4, rtol=1e-4)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from studio.errors import UserError
-from studio.models.loader import build_on_meta
+from studio.models.diffusion_quant import build_compact
 from studio.nn.attention import attention
 
 
@@ -279,6 +279,8 @@ def load_t5_encoder(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = Non
                     device: torch.device | str | None = None, config: dict | None = None, **overrides) -> T5Encoder:
     """Build on the meta device and take the tensors as they are (copies only for a dtype/device change).
 
+    Compact weights (fp8, GGUF: studio.models.diffusion_quant, read with compact=True) stay compact in the
+    Linear layers, as ComfyUI users keep T5-XXL in fp8 or Q8 to halve its 9 GB.
     `config`: a transformers text_encoder/config.json (studio.models.diffusers_config.read_config) for
     what shapes cannot tell (relative_attention_max_distance, layer_norm_epsilon)."""
     if config:
@@ -287,7 +289,7 @@ def load_t5_encoder(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = Non
         overrides = {**t5_settings(config), **overrides}
     sd = normalize_state_dict(sd)
     cfg = T5Config.from_state_dict(sd, **overrides)
-    model, missing, unexpected = build_on_meta(lambda: T5Encoder(cfg), sd, dtype=dtype, device=device)
+    model, missing, unexpected = build_compact(lambda: T5Encoder(cfg), sd, dtype=dtype, device=device)
     if missing or unexpected:
         raise UserError("bad_model", "The weights do not fit a T5 encoder (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}): the file is damaged or of another kind.")

@@ -242,7 +242,8 @@ def split_all_in_one(sd: dict) -> dict[str, dict]:
         for prefix in prefixes:
             part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             if part:
-                found[name] = dequantized(part, torch.bfloat16)
+                # T5 stays compact (its Linear layers keep fp8 / GGUF blocks); CLIP and the VAE are small
+                found[name] = part if name == "t5" else dequantized(part, torch.bfloat16)
                 break
     return found
 
@@ -301,7 +302,7 @@ def load_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> FluxModel:
     ctx.progress(3, 4, "loading")
 
     t5_path = parts["t5"]
-    t5_sd = read_state_dict(t5_path) if t5_path is not None else inside["t5"]
+    t5_sd = read_state_dict(t5_path, compact=True) if t5_path is not None else inside["t5"]
     t5 = load_t5_encoder(t5_sd, dtype=dtype, config=read_config(t5_path) if t5_path is not None else None)
     near = [path] if path.is_dir() else []
     if t5_path is not None:

@@ -109,7 +109,8 @@ def _inside(sd: dict) -> dict[str, dict]:
         for prefix in prefixes:
             part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             if part:
-                found[name] = dequantized(part, torch.bfloat16)
+                # T5 stays compact (its Linear layers keep fp8 / GGUF blocks); CLIPs and the VAE are small
+                found[name] = part if name == "t5" else dequantized(part, torch.bfloat16)
                 break
     return found
 
@@ -197,7 +198,7 @@ def load_model(job: ImageJob, ctx: JobContext, dtype: torch.dtype) -> SD3Model:
     notes = []
     if parts["t5"] is not None or "t5" in inside:
         t5_path = parts["t5"]
-        t5 = load_t5_encoder(read_state_dict(t5_path) if t5_path is not None else inside["t5"], dtype=dtype,
+        t5 = load_t5_encoder(read_state_dict(t5_path, compact=True) if t5_path is not None else inside["t5"], dtype=dtype,
                              config=read_config(t5_path) if t5_path is not None else None)
         near = ([path, path / "tokenizer_3"] if folder else [])
         if t5_path is not None:
