@@ -1,4 +1,8 @@
-"""Flux.1 dev / schnell text-to-image: the Flux family module of the diffusion skeleton.
+"""Flux.1 dev / schnell / Fill / Kontext: the Flux family module of the diffusion skeleton.
+
+Text-to-image; img2img (init image, strength); inpainting (init image and mask: Fill models take the masked
+image and mask as extra input channels, other models keep the original outside the mask); Kontext editing
+(a diffusers Kontext folder: the init image becomes reference tokens); LoRAs (studio.models.flux_lora).
 
 Flux ships as four parts: the transformer (studio.models.flux), the 16-channel VAE, CLIP-L (its
 pooled feature modulates every block) and T5-XXL (its hidden states are the text tokens). `model`
