@@ -158,7 +158,7 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
             bias = state_dict.get(owner + ".bias")
             # moved first, so the device-specific packing is made where it runs, one matrix at a time
             dev = where(name)
-            qmod = _on_device(w, dev).to_module(None if bias is None else bias.to(device=dev, dtype=dtype))
+            qmod = _linear_module(_on_device(w, dev), None if bias is None else bias.to(device=dev, dtype=dtype))
             _set_submodule(model, owner, qmod.to(dev))
             skip_bias.add(owner + ".bias")
         elif isinstance(mod, nn.Embedding):
@@ -171,7 +171,7 @@ def build_llm(loaded_config: dict | LLMConfig, state_dict: dict, dtype: torch.dt
                 table = w.dequantize(torch.float32)
                 plain[name] = table
             if tie:  # a tied head reads the packed data: 4x fewer bytes per token than fp32
-                _set_submodule(model, "lm_head", _packed_head(w, table).to(device))
+                _set_submodule(model, "lm_head", _packed_head(w, table, device).to(device))
         else:  # a packed weight of a module that is not a Linear (an MoE router): unpacked
             plain[name] = w.dequantize(torch.float32)
     for name, w in state_dict.items():
@@ -277,9 +277,21 @@ def quantize_state(config: dict | LLMConfig, state_dict: dict, mode: str, device
     return c, out, saved
 
 
-def _packed_head(w: Any, table: Tensor | None) -> nn.Module:
-    """The tied output head from a quantized embedding. Types without an exact int4 form
-    become per-channel int8 (as GGUFWeight.to_module does), reusing a dequantized table."""
+def _linear_module(w: Any, bias: Tensor | None) -> nn.Module:
+    """The layer for a packed weight: on the CPU, GGUF blocks go to the CPU kernel (to_cpu_module) where
+    it is built; elsewhere, or without it, to_module()."""
+    fast = w.to_cpu_module(bias) if w.device.type == "cpu" and hasattr(w, "to_cpu_module") else None
+    return fast if fast is not None else w.to_module(bias)
+
+
+def _packed_head(w: Any, table: Tensor | None, device: torch.device | str = "cpu") -> nn.Module:
+    """The tied output head from a quantized embedding. On the CPU GGUF blocks stay blocks (the CPU
+    kernel); elsewhere types without an exact int4 form become per-channel int8 (as
+    GGUFWeight.to_module does), reusing a dequantized table."""
+    if torch.device(device).type == "cpu" and hasattr(w, "to_cpu_module"):
+        fast = w.to_cpu_module(None)
+        if fast is not None:
+            return fast
     if getattr(w, "type_name", None) in (None, "Q4_0", "Q4_1"):
         return w.to_module(None)
     from studio.nn.packed_int import quantize_int8

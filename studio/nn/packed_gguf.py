@@ -3,7 +3,8 @@
 GGUFWeight keeps a matrix's blocks, usually a view of the memory-mapped file, and converts to the
 int4 / int8 kernels where an exact or per-row form exists (Q4_0, Q4_1, Q4_K -> int4 group 32). GGUFLinear
 is the diffusion models' layer (city96 files): the blocks stay a buffer and are dequantized on the
-module's device at every call.
+module's device at every call. GGUFBlockLinear is the LLMs' layer on the CPU: the blocks multiply
+x through the kernel of studio/nn/kernels/cpu_gguf.c without being unpacked.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ class GGUFWeight(QuantWeight):
         zero = 8 * scale - (dmin * mn).reshape(n, -1)
         return Int4Weight(_pack_int4(q), scale, zero, 32)
 
+    def to_cpu_module(self, bias: Tensor | None = None) -> nn.Module | None:
+        """The CPU kernel's layer (GGUFBlockLinear) for these blocks; None where the kernel cannot be built
+        or the rows are not whole blocks of 32, and the caller keeps to_module()."""
+        from studio.nn.kernels import cpu_gguf
+
+        if len(self.shape) != 2 or self.shape[1] % 32 or not cpu_gguf.available():
+            return None
+        n, k = self.shape
+        blocks, type_id = cpu_gguf.kernel_blocks(self.raw, self.type_name, n, k)
+        return GGUFBlockLinear(GGUFWeight(blocks, type_id, (n, k)), bias)
+
     def to_int8(self) -> Int8Weight:
         # Q8_0's per-32 scales, Q5's and the other K-quants' sub-block scales have no exact per-channel
         # int8 form: dequantize and requantize per output channel. Measured on SmolLM2-135M: the
@@ -133,3 +145,37 @@ class GGUFLinear(PackedLinear):
     @property
     def storage(self) -> str:
         return f"GGUF {GGML_TYPES[self.type_id].name}"
+
+
+class GGUFBlockLinear(PackedLinear):
+    """A Linear whose weight is GGUF Q4_0 / Q4_1 / Q8_0 blocks, multiplied as they are on the CPU.
+
+    The blocks (`raw`, (out, row bytes) uint8) are usually the mapped file itself, so building the layer
+    copies nothing. Activations are quantized to int8 per block of 32 inside the kernel (as llama.cpp
+    does): outputs differ from the float product of the dequantized weight by ~5e-3 of their largest
+    value. Elsewhere than the CPU, or without the kernel, forward dequantizes per call.
+    """
+
+    def __init__(self, weight: GGUFWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if weight.type_name not in ("Q4_0", "Q4_1", "Q8_0"):
+            raise ValueError(f"GGUFBlockLinear reads Q4_0, Q4_1 and Q8_0 blocks, not {weight.type_name}")
+        self.out_features, self.in_features = weight.shape
+        self.type_id = weight.type_id
+        self.register_buffer("raw", weight.raw.reshape(self.out_features, -1))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.raw, self.type_id, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        from studio.nn.kernels import cpu_gguf
+
+        if x.device.type == "cpu" and self.raw.device.type == "cpu" and cpu_gguf.available():
+            y = cpu_gguf.gguf_matmul(x, self.raw, self.type_id, self.out_features, self.in_features, self.bias)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return super().forward(x)
+
+    @property
+    def storage(self) -> str:
+        return f"GGUF {GGML_TYPES[self.type_id].name}, CPU kernel"
