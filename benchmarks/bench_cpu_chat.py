@@ -5,8 +5,8 @@
     python benchmarks/bench_cpu_chat.py --check              # seconds: Studio's side on a tiny file, no llama.cpp
 
 llama.cpp comes from a pinned PyPI source package (llama-cpp-python, which vendors llama.cpp),
-built once for this CPU into ~/.cache/studio-bench/llama-cpp (GGML_NATIVE; about 15 minutes on two
-cores) and imported from there, never into the project's environment. The 0.5B-shape files have
+built once for this CPU into ~/.cache/studio-bench/llama-cpp (this CPU's AVX2 / AVX512 / VNNI
+extensions, AMX off: see llama_cmake_flags; about 15 minutes on two cores) and imported from there, never into the project's environment. The 0.5B-shape files have
 Qwen2.5-0.5B's layer shapes (hidden 896, 24 layers, 14 heads / 2 KV heads, FFN 4864) with SmolLM2's
 tokenizer (vocabulary 49152) and random weights, written once into ~/.cache/studio-bench/models:
 Q4_K_M mixes Q4_K with Q6_K as llama.cpp's quantizer does, Q8_0 is Q8_0 throughout.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"  # pinned: vendors the llama.cpp measured in docs/PERFORMANCE.md
 CACHE = Path(os.environ.get("STUDIO_BENCH_CACHE", Path.home() / ".cache" / "studio-bench"))
-LLAMA_SITE = CACHE / "llama-cpp" / f"site-{LLAMA_CPP_PYTHON}"
+LLAMA_SITE = CACHE / "llama-cpp" / f"site-{LLAMA_CPP_PYTHON}-noamx"
 PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle. Describe the "
           "island, the storms of the winter, the keeper's daily routine, the ships that pass, and what the "
           "message says, in detail. ") * 3
@@ -52,6 +52,25 @@ def bundled_gguf() -> Path:
 
 # --- llama.cpp, built once from PyPI's source package ---------------------------------------------------
 
+# /proc/cpuinfo flag -> the ggml option that uses it
+GGML_ISA = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx512f": "AVX512",
+            "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16",
+            "avx_vnni": "AVX_VNNI"}
+
+
+def llama_cmake_flags() -> list[str]:
+    """This CPU's vector extensions, named one by one rather than -march=native: AMX stays off, because
+    virtual machines (this one included) advertise AMX without letting a process use it, and ggml's
+    AMX path then dies on its first tile instruction (SIGILL at tilezero). Our kernel does not use AMX."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+            *(f"-DGGML_{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in GGML_ISA.items())]
+
+
 def ensure_llama_cpp() -> Path:
     """A directory holding the built llama_cpp package (and diskcache, which it imports)."""
     if (LLAMA_SITE / "llama_cpp" / "__init__.py").exists():
@@ -64,12 +83,12 @@ def ensure_llama_cpp() -> Path:
     subprocess.run([*pip, "download", "--no-binary", ":all:", "--no-deps", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
                     "-d", str(sdist)], check=True)
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
-           "CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
-                         "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_BLAS=OFF"}
+           "CMAKE_ARGS": " ".join(llama_cmake_flags()) + " -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF "
+                         "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_BLAS=OFF"}
     wheels = work / "wheel"
     archive = next(sdist.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
     subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(archive)], check=True, env=env)
-    wheel = next(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl"))
+    wheel = max(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}-*.whl"), key=lambda p: p.stat().st_mtime)
     subprocess.run([*pip, "install", "--no-deps", "--target", str(LLAMA_SITE), str(wheel), "diskcache"], check=True)
     return LLAMA_SITE
 

@@ -60,10 +60,12 @@ def _cache_dir() -> Path:
     return Paths.default().cache / "kernels"
 
 
-def _build(cc: str, out: Path) -> None:
+def build(cc: str, out: Path, native: bool = True) -> None:
+    """Compile cpu_gguf.c into the shared library `out`; native=False leaves the vector paths out."""
     out.parent.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"]
-    march = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64") else []
+    march = ["-march=native"] if native and platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64") \
+        else []
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
         for extra in (march, []):  # some compilers (Apple clang on arm64) refuse -march=native
@@ -86,12 +88,16 @@ def _load() -> ctypes.CDLL | None:
     path = _cache_dir() / f"cpu_gguf-{key}.so"
     try:
         if not path.exists():
-            _build(cc, path)
-        # torch has loaded its libgomp already: the kernel's OpenMP regions share torch's thread pool
-        lib = ctypes.CDLL(str(path))
+            build(cc, path)
+        return open_library(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("the CPU GGUF kernel could not be built (%s); using torch's kernels", exc)
         return None
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """Load a built kernel. torch has loaded its libgomp already: the kernel's OpenMP regions share its pool."""
+    lib = ctypes.CDLL(str(path))
     lib.studio_gemm.restype = ctypes.c_int
     lib.studio_gemm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -158,12 +164,13 @@ def kernel_blocks(raw: Tensor, type_name: str, n: int, k: int) -> tuple[Tensor, 
     return q8_0_blocks(dequantize(raw, type_id, (n, k))), TYPES["Q8_0"]
 
 
-def gguf_matmul(x: Tensor, raw: Tensor, type_id: int, n: int, k: int, bias: Tensor | None = None) -> Tensor:
+def gguf_matmul(x: Tensor, raw: Tensor, type_id: int, n: int, k: int, bias: Tensor | None = None,
+                lib: ctypes.CDLL | None = None) -> Tensor:
     """x (..., K) float32 @ W.T -> (..., N) float32, W = N rows of GGUF blocks `raw` (N, row bytes) uint8 on the CPU.
 
     x is quantized to int8 per block of 32 inside (llama.cpp's Q8 activations), so results differ from a
     float matmul of the dequantized W by about 1e-3 of the output's scale."""
-    lib = library()
+    lib = lib or library()
     if lib is None:
         raise RuntimeError("the CPU GGUF kernel is not available; check available() first")
     if type_id not in BLOCK_BYTES or k % 32:
@@ -172,8 +179,8 @@ def gguf_matmul(x: Tensor, raw: Tensor, type_id: int, n: int, k: int, bias: Tens
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     row_bytes = k // 32 * BLOCK_BYTES[type_id]
-    if raw.stride(-1) != 1 or raw.stride(0) != row_bytes:
-        raise ValueError("GGUF rows must be dense (N, row bytes)")
+    if raw.shape != (n, row_bytes) or raw.stride(-1) != 1 or raw.stride(0) != row_bytes:
+        raise ValueError(f"GGUF rows must be dense ({n}, {row_bytes}) bytes, got {tuple(raw.shape)} with strides {raw.stride()}")
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     b = None if bias is None else bias.float().contiguous()
