@@ -34,8 +34,8 @@ def test_kernel_matches_float_product_of_dequantized_blocks(name, m):
     bias = torch.randn(80)
     ref = x @ dequantize(raw, t, (80, 576)).T + bias
     y = cpu_gguf.gguf_matmul(x, raw, t, 80, 576, bias)
-    # int8 activations per block of 32 (llama.cpp's form): a few 1e-3 of the largest output
-    assert y.shape == (m, 80) and _rel(y, ref) < 1e-2
+    # x in two int8 planes per block of 32 (~15 bits): a few 1e-5 of the largest output
+    assert y.shape == (m, 80) and _rel(y, ref) < 2e-4
 
 
 def test_q4_1_offsets_use_the_exact_sum_of_x():
@@ -43,7 +43,7 @@ def test_q4_1_offsets_use_the_exact_sum_of_x():
     raw, t = _blocks("Q4_1", 64, 256, seed=1)
     x = torch.randn(1, 256) * 0.1 + 3.0
     ref = x @ dequantize(raw, t, (64, 256)).T
-    assert _rel(cpu_gguf.gguf_matmul(x, raw, t, 64, 256), ref) < 5e-3
+    assert _rel(cpu_gguf.gguf_matmul(x, raw, t, 64, 256), ref) < 2e-4
 
 
 def test_vector_build_matches_the_scalar_reference_build(tmp_path):
@@ -119,7 +119,7 @@ def test_layer_without_the_kernel_dequantizes_and_matches(monkeypatch):
     slow = mod(x)
     assert fast.shape == slow.shape == (2, 3, 32)
     assert torch.allclose(slow, x @ dequantize(raw, t, (32, 256)).T + 1, atol=1e-5)
-    assert _rel(fast, slow) < 1e-2
+    assert _rel(fast, slow) < 2e-4
 
 
 def test_bad_arguments_are_refused_not_crashed():

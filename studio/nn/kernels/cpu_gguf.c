@@ -2,11 +2,11 @@
  *
  * y (M, N) = x (M, K) @ W.T (+ bias), W as GGUF Q4_0 / Q4_1 / Q8_0 blocks, read where they lie (the
  * mapped file); cpu_gguf.py converts Q4_K (exactly but for float16 scales) and the other types
- * (requantized per block of 32) into those three at load. As
- * llama.cpp does, each row of x is first quantized to int8 per block of 32 (scale max|x| / 127), so
- * a block's dot product is integer multiply-adds (AVX512-VNNI / AVX-VNNI vpdpbusd, else AVX2
- * maddubs). Q4 values are centred (q - 8) against the int8 x and the block offset multiplies the
- * exact float sum of x's block, which halves the error of quantizing x against llama.cpp's form.
+ * (requantized per block of 32) into those three at load. Each row of x is first quantized per block
+ * of 32 into two int8 planes, x ~ dx (q1 + q2 / 256) (about 15 bits; llama.cpp keeps one plane, and
+ * that alone changed the bundled SmolLM2's greedy answers), so a block's product is integer
+ * multiply-adds (AVX512-VNNI / AVX-VNNI vpdpbusd, else AVX2 maddubs), exact in int32. Q4 values are
+ * centred (q - 8) against x and the block offset m + 8 d multiplies the exact float sum of x's block.
  * Rows of W are split over OpenMP threads: the process's libgomp (torch's), so torch.set_num_threads
  * governs it. Built at first use with -march=native by cpu_gguf.py; the scalar path is the
  * reference the vector paths must match (tests/test_cpu_kernels.py).
@@ -58,6 +58,17 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+/* 256 (u . s1) + u . s2: the product with x's two int8 planes (x ~ dx / 256 (256 s1 + s2)) */
+static inline __m256i dot2_u8s8(__m256i u, __m256i s1, __m256i s2) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_slli_epi32(dot_u8s8(u, s1), 8), u, s2);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_slli_epi32(dot_u8s8(u, s1), 8), u, s2);
+#else
+    return _mm256_add_epi32(_mm256_slli_epi32(dot_u8s8(u, s1), 8), dot_u8s8(u, s2));
+#endif
+}
+
 /* 16 bytes of nibbles (byte j: value j low, value j + 16 high) -> 32 bytes in value order */
 static inline __m256i unpack_q4(const uint8_t *qs) {
     __m128i b = _mm_loadu_si128((const __m128i *)qs);
@@ -66,31 +77,40 @@ static inline __m256i unpack_q4(const uint8_t *qs) {
 }
 #endif
 
-/* One row of x -> int8 blocks xq (x ~ dx q), per block: scale dx, exact sum xs, and e = xs - dx sum(q),
- * what quantizing lost of the sum. Both paths round to nearest, ties to even. */
+/* One row of x -> two int8 planes per block of 32, x ~ dx (q1 + q2 / 256): xq holds 32 bytes of q1 then
+ * 32 of q2 per block (64 a block), dx the block's step / 256, xs its exact sum and e = xs - dx (256
+ * sum(q1) + sum(q2)), what quantizing lost of the sum. About 15 bits of each value survive: a
+ * single int8 plane (llama.cpp's Q8 activations) changed the bundled SmolLM2's greedy answers. */
 static void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx, float *xs, float *e) {
     for (int64_t b = 0; b < k / 32; b++) {
         const float *v = x + b * 32;
+        int8_t *q1 = xq + b * 64, *q2 = q1 + 32;
 #if defined(__AVX2__)
-        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-               v3 = _mm256_loadu_ps(v + 24);
+        __m256 vs[4] = {_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8), _mm256_loadu_ps(v + 16), _mm256_loadu_ps(v + 24)};
         const __m256 sign = _mm256_set1_ps(-0.f);
-        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, vs[0]), _mm256_andnot_ps(sign, vs[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, vs[2]), _mm256_andnot_ps(sign, vs[3])));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         float amax = _mm_cvtss_f32(m4);
-        float sum = hsum8(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        float sum = hsum8(_mm256_add_ps(_mm256_add_ps(vs[0], vs[1]), _mm256_add_ps(vs[2], vs[3])));
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        __m256 s = _mm256_set1_ps(id);
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, s)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, s)),
-                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, s)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, s));
-        __m256i isum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m256i i1[4], i2[4];
+        __m256i isum = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            __m256 t = _mm256_mul_ps(vs[j], _mm256_set1_ps(id));
+            i1[j] = _mm256_cvtps_epi32(t);
+            __m256 rest = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_cvtepi32_ps(i1[j])), _mm256_set1_ps(256.f));
+            i2[j] = _mm256_max_epi32(_mm256_cvtps_epi32(rest), _mm256_set1_epi32(-127));  /* -128 would break vpsignb */
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(_mm256_slli_epi32(i1[j], 8), i2[j]));
+        }
         /* packs work within 128-bit lanes: the permute puts the 32 bytes back in order */
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(xq + b * 32), p);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        __m256i p1 = _mm256_packs_epi16(_mm256_packs_epi32(i1[0], i1[1]), _mm256_packs_epi32(i1[2], i1[3]));
+        __m256i p2 = _mm256_packs_epi16(_mm256_packs_epi32(i2[0], i2[1]), _mm256_packs_epi32(i2[2], i2[3]));
+        _mm256_storeu_si256((__m256i *)q1, _mm256_permutevar8x32_epi32(p1, order));
+        _mm256_storeu_si256((__m256i *)q2, _mm256_permutevar8x32_epi32(p2, order));
         __m128i t = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
         t = _mm_hadd_epi32(t, t);
         t = _mm_hadd_epi32(t, t);
@@ -100,11 +120,17 @@ static void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx, float
         for (int i = 0; i < 32; i++) { float a = fabsf(v[i]); amax = a > amax ? a : amax; sum += v[i]; }
         float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
         int32_t qsum = 0;
-        for (int i = 0; i < 32; i++) { xq[b * 32 + i] = (int8_t)lrintf(v[i] * id); qsum += xq[b * 32 + i]; }
+        for (int i = 0; i < 32; i++) {
+            float t = v[i] * id;
+            long a1 = lrintf(t), a2 = lrintf((t - (float)a1) * 256.f);
+            q1[i] = (int8_t)a1;
+            q2[i] = (int8_t)(a2 < -127 ? -127 : a2 > 127 ? 127 : a2);  /* as the vector path saturates */
+            qsum += 256 * q1[i] + q2[i];
+        }
 #endif
-        dx[b] = d;
+        dx[b] = d / 256.f;
         xs[b] = sum;
-        e[b] = sum - d * (float)qsum;
+        e[b] = sum - dx[b] * (float)qsum;
     }
 }
 
@@ -114,9 +140,23 @@ enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  /* GGML type ids */
 #endif
 #define RB 4 /* rows of x per pass over a weight row: its unpacked blocks are reused from registers */
 
+/* The scalar block product: 256 (q . q1) + q . q2 for one weight block and x's two planes at xb. */
+__attribute__((unused)) static int32_t block_dot(int q8, const uint8_t *q, const int8_t *xb) {
+    int32_t s1 = 0, s2 = 0;
+    if (q8) {
+        for (int i = 0; i < 32; i++) { s1 += (int8_t)q[i] * xb[i]; s2 += (int8_t)q[i] * xb[32 + i]; }
+    } else {
+        for (int i = 0; i < 16; i++) {
+            s1 += (q[i] & 0x0F) * xb[i] + (q[i] >> 4) * xb[i + 16];
+            s2 += (q[i] & 0x0F) * xb[32 + i] + (q[i] >> 4) * xb[48 + i];
+        }
+    }
+    return 256 * s1 + s2;
+}
+
 /* out[r] = sum over blocks of dj[b] dx[r][b] (q . xq[r]) for r < nr, q the block's values: Q4 0..15
  * (16 bytes at qoff, byte i: value i low nibble, value i + 16 high), Q8 -128..127 (32 bytes at qoff). */
-static void row_dots(int q8, const uint8_t *w, int64_t bs, int64_t qoff, const float *dj, int64_t nb, int64_t k,
+__attribute__((unused)) static void row_dots(int q8, const uint8_t *w, int64_t bs, int64_t qoff, const float *dj, int64_t nb, int64_t k,
                      const int8_t *xq, const float *dx, int nr, float *out) {
 #if defined(__AVX2__)
     __m256 acc[RB];
@@ -127,8 +167,9 @@ static void row_dots(int q8, const uint8_t *w, int64_t bs, int64_t qoff, const f
         __m256i wa = q8 ? _mm256_sign_epi8(wv, wv) : wv;
         __m256 db = _mm256_broadcast_ss(dj + b);
         for (int r = 0; r < nr; r++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * k + b * 32));
-            __m256i p = dot_u8s8(wa, q8 ? _mm256_sign_epi8(xv, wv) : xv);
+            const int8_t *xb = xq + r * 2 * k + b * 64;
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)xb), x2 = _mm256_loadu_si256((const __m256i *)(xb + 32));
+            __m256i p = q8 ? dot2_u8s8(wa, _mm256_sign_epi8(x1, wv), _mm256_sign_epi8(x2, wv)) : dot2_u8s8(wa, x1, x2);
             __m256 sc = _mm256_mul_ps(db, _mm256_broadcast_ss(dx + r * nb + b));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[r]);
         }
@@ -139,18 +180,62 @@ static void row_dots(int q8, const uint8_t *w, int64_t bs, int64_t qoff, const f
         float sum = 0.f;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *q = w + b * bs + qoff;
-            const int8_t *xb = xq + r * k + b * 32;
-            int32_t s = 0;
-            if (q8)
-                for (int i = 0; i < 32; i++) s += (int8_t)q[i] * xb[i];
-            else
-                for (int i = 0; i < 16; i++) s += (q[i] & 0x0F) * xb[i] + (q[i] >> 4) * xb[i + 16];
+            int32_t s = block_dot(q8, q, xq + r * 2 * k + b * 64);
             sum += dj[b] * dx[r * nb + b] * (float)s;
         }
         out[r] = sum;
     }
 #endif
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+#define HAVE_ROWS512 1
+/* row_dots for prompts with 512-bit vectors: two blocks per instruction. dxe holds each x row's block
+ * scales repeated 8 times (nb * 8 floats a row), so a pair of blocks' scales is one load. */
+static void row_dots512(int q8, const uint8_t *w, int64_t bs, int64_t qoff, const float *dj, int64_t nb, int64_t k,
+                        const int8_t *xq, const float *dxe, int nr, float *out) {
+    __m512 acc[RB];
+    for (int r = 0; r < RB; r++) acc[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *q0 = w + b * bs + qoff, *q1 = q0 + bs;
+        __m256i w0 = q8 ? _mm256_loadu_si256((const __m256i *)q0) : unpack_q4(q0);
+        __m256i w1 = q8 ? _mm256_loadu_si256((const __m256i *)q1) : unpack_q4(q1);
+        __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+        __m512i wa = q8 ? _mm512_abs_epi8(wv) : wv;
+        __mmask64 neg = q8 ? _mm512_movepi8_mask(wv) : 0;  /* x takes w's sign, as vpsignb does */
+        __m512 dd = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(dj[b])), _mm256_set1_ps(dj[b + 1]), 1);
+        for (int r = 0; r < nr; r++) {
+            /* blocks b and b + 1: their first planes side by side, then their second planes */
+            const int8_t *xb = xq + r * 2 * k + b * 64;
+            __m512i x1 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)xb)),
+                                            _mm256_loadu_si256((const __m256i *)(xb + 64)), 1);
+            __m512i x2 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xb + 32))),
+                                            _mm256_loadu_si256((const __m256i *)(xb + 96)), 1);
+            if (q8) {
+                x1 = _mm512_mask_sub_epi8(x1, neg, _mm512_setzero_si512(), x1);
+                x2 = _mm512_mask_sub_epi8(x2, neg, _mm512_setzero_si512(), x2);
+            }
+            __m512i p = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, x1), 8),
+                                            wa, x2);
+            __m512 sc = _mm512_mul_ps(dd, _mm512_loadu_ps(dxe + r * nb * 8 + b * 8));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    if (b < nb) {  /* an odd last block */
+        const uint8_t *q = w + b * bs + qoff;
+        __m256i wv = q8 ? _mm256_loadu_si256((const __m256i *)q) : unpack_q4(q);
+        __m256i wa = q8 ? _mm256_sign_epi8(wv, wv) : wv;
+        for (int r = 0; r < nr; r++) {
+            const int8_t *xb = xq + r * 2 * k + b * 64;
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)xb), x2 = _mm256_loadu_si256((const __m256i *)(xb + 32));
+            __m256i p = q8 ? dot2_u8s8(wa, _mm256_sign_epi8(x1, wv), _mm256_sign_epi8(x2, wv)) : dot2_u8s8(wa, x1, x2);
+            out[r] += hsum8(_mm256_cvtepi32_ps(p)) * dj[b] * dxe[r * nb * 8 + b * 8];
+        }
+    }
+}
+#endif
 
 static float dot_f32(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
@@ -220,12 +305,13 @@ static float row_dot1(int type, const uint8_t *wr, int64_t bs, int64_t qoff, int
     b = 0;
 #define BLOCK_DOT(bb, acc) do {                                                                              \
         const uint8_t *q_ = wr + (bb) * bs + qoff;                                                             \
-        __m256i xv_ = _mm256_loadu_si256((const __m256i *)(xq + (bb) * 32)), p_;                               \
+        __m256i x1_ = _mm256_loadu_si256((const __m256i *)(xq + (bb) * 64)), p_;                               \
+        __m256i x2_ = _mm256_loadu_si256((const __m256i *)(xq + (bb) * 64 + 32));                              \
         if (q8) {                                                                                              \
             __m256i wv_ = _mm256_loadu_si256((const __m256i *)q_);                                             \
-            p_ = dot_u8s8(_mm256_sign_epi8(wv_, wv_), _mm256_sign_epi8(xv_, wv_));                             \
+            p_ = dot2_u8s8(_mm256_sign_epi8(wv_, wv_), _mm256_sign_epi8(x1_, wv_), _mm256_sign_epi8(x2_, wv_)); \
         } else {                                                                                               \
-            p_ = dot_u8s8(unpack_q4(q_), xv_);                                                                 \
+            p_ = dot2_u8s8(unpack_q4(q_), x1_, x2_);                                                           \
         }                                                                                                      \
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_), _mm256_broadcast_ss(ds + (bb)), acc);                   \
     } while (0)
@@ -243,14 +329,7 @@ static float row_dot1(int type, const uint8_t *wr, int64_t bs, int64_t qoff, int
 #else
     float sum = 0.f;
     for (b = 0; b < nb; b++) {
-        const uint8_t *q = wr + b * bs + qoff;
-        const int8_t *xb = xq + b * 32;
-        int32_t s = 0;
-        if (q8)
-            for (int i = 0; i < 32; i++) s += (int8_t)q[i] * xb[i];
-        else
-            for (int i = 0; i < 16; i++) s += (q[i] & 0x0F) * xb[i] + (q[i] >> 4) * xb[i + 16];
-        sum += ds[b] * (float)s;
+        sum += ds[b] * (float)block_dot(q8, wr + b * bs + qoff, xq + b * 64);
     }
     return sum + tail;
 #endif
@@ -266,15 +345,21 @@ int studio_gemm(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
     int q8 = type == Q8_0;
     if (row_bytes < nb * bs) return -1;
     /* x's quantized copy lives on the stack for a decode step (no allocation per call), else on the heap */
-    int small = m * k <= 16384;
-    int8_t xq_s[small ? m * k : 1];
+    int small = m * k <= 8192;
+    int8_t xq_s[small ? 2 * m * k : 1];
     float sc_s[small ? 3 * m * nb : 1];
-    int8_t *xq = small ? xq_s : malloc((size_t)(m * k));
+    int8_t *xq = small ? xq_s : malloc((size_t)(2 * m * k));
     float *dx = small ? sc_s : malloc(sizeof(float) * (size_t)(3 * m * nb));
     if (!xq || !dx) { if (!small) { free(xq); free(dx); } return -1; }
     float *xs = dx + m * nb, *e = xs + m * nb;
     for (int64_t r = 0; r < m; r++)
-        quantize_row(x + r * k, k, xq + r * k, dx + r * nb, xs + r * nb, e + r * nb);
+        quantize_row(x + r * k, k, xq + r * 2 * k, dx + r * nb, xs + r * nb, e + r * nb);
+#if HAVE_ROWS512
+    float *dxe = m > 1 ? malloc(sizeof(float) * (size_t)(m * nb * 8)) : NULL;
+    if (m > 1 && !dxe) { if (!small) { free(xq); free(dx); } return -1; }
+    for (int64_t i = 0; m > 1 && i < m * nb; i++)
+        for (int l = 0; l < 8; l++) dxe[i * 8 + l] = dx[i];
+#endif
     int64_t chunks = (n + 15) / 16;
     /* weight rows in chunks of 16: each thread streams its slice of W once, reusing each row (from L1) for every x row */
 #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && n * k * m >= 65536)
@@ -291,7 +376,11 @@ int studio_gemm(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
             row_scales(type, wr, bs, nb, dj, mj);
             for (int64_t r0 = 0; r0 < m; r0 += RB) {
                 int nr = m - r0 < RB ? (int)(m - r0) : RB;
-                row_dots(q8, wr, bs, qoff, dj, nb, k, xq + r0 * k, dx + r0 * nb, nr, part);
+#if HAVE_ROWS512
+                row_dots512(q8, wr, bs, qoff, dj, nb, k, xq + r0 * 2 * k, dxe + r0 * nb * 8, nr, part);
+#else
+                row_dots(q8, wr, bs, qoff, dj, nb, k, xq + r0 * 2 * k, dx + r0 * nb, nr, part);
+#endif
                 for (int r = 0; r < nr; r++) {
                     float v = part[r];
                     if (!q8)  /* -8 d against x's int8 sum, m + 8 d against its exact sum: 8 d e + m xs */
@@ -301,6 +390,9 @@ int studio_gemm(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_
             }
         }
     }
+#if HAVE_ROWS512
+    free(dxe);
+#endif
     if (!small) { free(xq); free(dx); }
     return 0;
 }
