@@ -162,8 +162,12 @@ class GGUFBlockLinear(PackedLinear):
             raise ValueError(f"GGUFBlockLinear reads Q4_0, Q4_1 and Q8_0 blocks, not {weight.type_name}")
         self.out_features, self.in_features = weight.shape
         self.type_id = weight.type_id
-        self.register_buffer("raw", weight.raw.reshape(self.out_features, -1))
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        raw = weight.raw.reshape(self.out_features, -1)
+        row_bytes = self.in_features // 32 * GGML_TYPES[self.type_id].type_size
+        if self.in_features % 32 or raw.shape[1] != row_bytes:
+            raise ValueError(f"{weight.type_name} rows of {self.in_features} values are not {raw.shape[1]} bytes of blocks")
+        self.register_buffer("raw", raw if raw.stride() == (row_bytes, 1) else raw.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.raw, self.type_id, (self.out_features, self.in_features), dtype)
@@ -171,9 +175,13 @@ class GGUFBlockLinear(PackedLinear):
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         from studio.nn.kernels import cpu_gguf
 
-        if x.device.type == "cpu" and self.raw.device.type == "cpu" and cpu_gguf.available():
-            y = cpu_gguf.gguf_matmul(x, self.raw, self.type_id, self.out_features, self.in_features, self.bias)
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
+        lib = cpu_gguf.library()
+        if lib is not None and x.device.type == "cpu" and self.raw.device.type == "cpu":
+            bias = self.bias
+            if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+                bias = bias.float().contiguous()  # .to(dtype) on the module changed it
+            y = cpu_gguf.matmul_checked(lib, x, self.raw, self.type_id, self.out_features, self.in_features, bias)
+            return y if x.dtype is torch.float32 else y.to(x.dtype)
         return super().forward(x)
 
     @property

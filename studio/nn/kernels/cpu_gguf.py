@@ -108,6 +108,8 @@ def open_library(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The built kernel (None where it cannot be built); builds it on first call."""
+    if _lib:  # every matmul asks: no lock once it is known
+        return _lib[0]
     with _lock:
         if not _lib:
             _lib.append(_load())
@@ -181,11 +183,21 @@ def gguf_matmul(x: Tensor, raw: Tensor, type_id: int, n: int, k: int, bias: Tens
     row_bytes = k // 32 * BLOCK_BYTES[type_id]
     if raw.shape != (n, row_bytes) or raw.stride(-1) != 1 or raw.stride(0) != row_bytes:
         raise ValueError(f"GGUF rows must be dense ({n}, {row_bytes}) bytes, got {tuple(raw.shape)} with strides {raw.stride()}")
+    b = None if bias is None else bias.float().contiguous()
+    return matmul_checked(lib, x, raw, type_id, n, k, b)
+
+
+def matmul_checked(lib: ctypes.CDLL, x: Tensor, raw: Tensor, type_id: int, n: int, k: int,
+                   bias: Tensor | None) -> Tensor:
+    """gguf_matmul for arguments checked already (GGUFBlockLinear checks its blocks once): a decode step
+    makes ~120 of these calls, so each skips what it can."""
+    x2 = x.reshape(-1, k)
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
-    rc = lib.studio_gemm(type_id, raw.data_ptr(), row_bytes, n, k, x2.data_ptr(), m, y.data_ptr(), n,
-                              None if b is None else b.data_ptr(), torch.get_num_threads())
+    rc = lib.studio_gemm(type_id, raw.data_ptr(), raw.stride(0), n, k, x2.data_ptr(), m, y.data_ptr(), n,
+                         None if bias is None else bias.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"the CPU GGUF kernel refused its arguments (type {type_id}, {n} x {k}, {m} rows)")
-    return y.reshape(*x.shape[:-1], n)
+    return y.view(*x.shape[:-1], n)
