@@ -6,7 +6,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/studio-gpu}"; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# Pure-Python wheels unpacked into a folder on the path (on 2026-12-05 a `pip install --target` there
+# failed silently and every test that needs gguf or platformdirs failed to import).
+mkdir -p /tmp/site && for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 case "${1:-}" in
   tests)  # every CUDA path the CPU suite skips (~2 min)
