@@ -24,6 +24,12 @@ FAMILY_LABELS = {f: families.label(f) for f in IMAGE_FAMILIES}
 DEFAULT_FAMILY = IMAGE_FAMILIES[0]
 
 
+def runnable_image_families() -> str:
+    """'SD 1.x, SD 2.x, SDXL or Flux.1': the image families Studio runs, for messages."""
+    labels = [FAMILY_LABELS[f] for f in IMAGE_FAMILIES]
+    return ", ".join(labels[:-1]) + " or " + labels[-1] if len(labels) > 1 else labels[0]
+
+
 def size_presets(family: str, prediction: str = "") -> list[tuple[int, int]]:
     """Preset sizes for a model family; the first one is the family's native size (the catalog's)."""
     return families.size_presets(family, prediction)

@@ -29,6 +29,7 @@ from studio.ui.image.options import (
     SAMPLERS,
     SCHEDULES,
     refuse_file_drops,
+    runnable_image_families,
     size_presets,
     snap8,
 )
@@ -140,7 +141,7 @@ class ParamsPanel(QWidget):
         self.model_combo = QComboBox()
         self.model_combo.setMinimumContentsLength(10)
         self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.model_combo.setPlaceholderText("No SD 1.x / 2.x / SDXL checkpoint installed")
+        self.model_combo.setPlaceholderText(f"No {runnable_image_families()} model installed")
         self.vae_combo = QComboBox()
         self.vae_combo.setMinimumContentsLength(10)
         self.vae_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)

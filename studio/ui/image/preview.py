@@ -18,6 +18,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.ui.image.options import runnable_image_families
+
 STAGES = {"loading": "Loading the model", "encoding": "Encoding the prompt", "sampling": "Sampling",
           "decoding": "Decoding"}
 
@@ -98,8 +100,8 @@ class EmptyPanel(QFrame):
         self.setObjectName("ImageEmpty")
         title = QLabel("No image model yet")
         title.setObjectName("EmptyTitle")
-        body = QLabel("Drop a Stable Diffusion 1.x, 2.x or SDXL checkpoint (.safetensors) on this window "
-                      "to install it.\n\nIt stays where it is on disk; Studio only remembers where it lives. "
+        body = QLabel(f"Drop a {runnable_image_families()} model (.safetensors, .gguf or a diffusers folder) on "
+                      "this window to install it, or get one from Models > Download.\n\nIt stays where it is on disk; Studio only remembers where it lives. "
                       "Images you make here also open in A1111 and ComfyUI, and dropping one of theirs "
                       "on this tab loads its settings.")
         body.setObjectName("EmptyBody")
