@@ -101,7 +101,7 @@ class EmptyPanel(QFrame):
         title = QLabel("No image model yet")
         title.setObjectName("EmptyTitle")
         body = QLabel(f"Drop a {runnable_image_families()} model (.safetensors, .gguf or a diffusers folder) on "
-                      "this window to install it, or get one from Models > Download.\n\nIt stays where it is on disk; Studio only remembers where it lives. "
+                      "this window to install it, or get one with Download… in the Models panel (View > Models).\n\nIt stays where it is on disk; Studio only remembers where it lives. "
                       "Images you make here also open in A1111 and ComfyUI, and dropping one of theirs "
                       "on this tab loads its settings.")
         body.setObjectName("EmptyBody")
