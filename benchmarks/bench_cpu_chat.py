@@ -7,8 +7,9 @@
 llama.cpp comes from a pinned PyPI source package (llama-cpp-python, which vendors llama.cpp),
 built once for this CPU into ~/.cache/studio-bench/llama-cpp (this CPU's AVX2 / AVX512 / VNNI
 extensions, AMX off: see llama_cmake_flags; about 15 minutes on two cores) and imported from there, never into the project's environment. The 0.5B-shape files have
-Qwen2.5-0.5B's layer shapes (hidden 896, 24 layers, 14 heads / 2 KV heads, FFN 4864) with SmolLM2's
-tokenizer (vocabulary 49152) and random weights, written once into ~/.cache/studio-bench/models:
+a 0.5B-class llama shape (hidden 1024, 24 layers, 16 heads / 4 KV heads, FFN 4096: Qwen2.5-0.5B's
+hidden 896 is not a multiple of the K-quants' 256) with SmolLM2's tokenizer (vocabulary 49152) and
+random weights, written once into ~/.cache/studio-bench/models:
 Q4_K_M mixes Q4_K with Q6_K as llama.cpp's quantizer does, Q8_0 is Q8_0 throughout.
 
 Each measurement is a fresh process (so load time is a real load from the page cache), the two
@@ -35,7 +36,7 @@ LLAMA_SITE = CACHE / "llama-cpp" / f"site-{LLAMA_CPP_PYTHON}-noamx"
 PROMPT = ("Write a long story about a lighthouse keeper who finds a message in a bottle. Describe the "
           "island, the storms of the winter, the keeper's daily routine, the ships that pass, and what the "
           "message says, in detail. ") * 3
-SHAPE_05B = dict(hidden=896, layers=24, heads=14, kv_heads=2, ffn=4864)
+SHAPE_05B = dict(hidden=1024, layers=24, heads=16, kv_heads=4, ffn=4096)  # 0.42B parameters with this vocabulary
 
 
 def bundled_gguf() -> Path:

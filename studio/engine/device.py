@@ -60,6 +60,9 @@ def worker_threads(threads: int, cores: int) -> int:
     on a busy machine), so each op wakes the others. On 2-3 cores that costs more than the extra core
     gives, and one core is left to the window and the OS. SmolLM2 on a 2-core CPU, one thread against
     two: 68-77 against 51-57 tok/s idle, 75-79 against 63-69 beside a process using 40% of a core.
+    Rechecked 2026-12-05 with the CPU GGUF kernel (docs/PERFORMANCE.md): decode 31-36 tok/s on one
+    thread, 32-37 on two (load average 1.5), 39 against 30 passive and 40 against 0.8 spinning beside
+    other work (load average 4); only the prompt gains from the second thread (+50% when idle).
     """
     return max(1, threads - 1 if 2 <= cores <= 3 else threads)
 
