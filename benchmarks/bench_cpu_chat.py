@@ -275,6 +275,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="answers per process (median kept)")
     ap.add_argument("--new", type=int, default=128, help="tokens decoded per answer")
     ap.add_argument("--engine", action="store_true", help="also time `studio chat --json` (bundled model)")
+    ap.add_argument("--torch-baseline", action="store_true",
+                    help="also Studio without the CPU kernel (STUDIO_CPU_KERNEL=0: torch's int4pack / int8pack)")
     ap.add_argument("--check", action="store_true", help="quick check of Studio's side on a tiny file (tests)")
     ap.add_argument("--out", default="", help="write the JSON results here too")
     ap.add_argument("--worker", choices=["studio", "llama"], help=argparse.SUPPRESS)
@@ -308,10 +310,11 @@ def main() -> None:
     for _ in range(args.runs):  # alternate: studio, llama.cpp, studio, ... so both see the same load
         for name in args.models.split(","):
             for t in threads:
-                for kind in ("studio", "llama"):
-                    r = spawn(kind, files[name], ids, t, args.new, args.reps)
+                for kind in ("studio", "llama", *(("studio-torch",) if args.torch_baseline else ())):
+                    env = {"STUDIO_CPU_KERNEL": "0"} if kind == "studio-torch" else None
+                    r = spawn(kind.split("-")[0], files[name], ids, t, args.new, args.reps, env)
                     raw.setdefault(f"{name} t{t} {kind}", []).append(r)
-                    print(f"{name:13s} threads {t} {kind:6s} decode {r['decode_tok_s']:7.1f} tok/s  prompt "
+                    print(f"{name:13s} threads {t} {kind:12s} decode {r['decode_tok_s']:7.1f} tok/s  prompt "
                           f"{r['prompt_tok_s']:7.1f} tok/s  ttft {r['ttft_s']:.3f} s  load {r['load_s']:.3f} s  "
                           f"(load avg {r['load_avg']:.1f})", flush=True)
             if args.engine and name == "smollm2":

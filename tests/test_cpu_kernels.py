@@ -141,3 +141,20 @@ def test_bundled_model_runs_its_layers_and_head_on_the_kernel():
     layer = cm.model.model.layers[0]
     assert isinstance(cm.model.lm_head, GGUFBlockLinear)  # the tied Q8_0 table, not an int8 copy
     assert isinstance(layer.self_attn.qkv_proj, GGUFBlockLinear) and isinstance(layer.mlp.down_proj, GGUFBlockLinear)
+
+
+def test_bench_cpu_chat_check_mode_runs_studio_on_a_tiny_file(tmp_path):
+    """benchmarks/bench_cpu_chat.py --check: writes a tiny random Q4_K_M file and times Studio's side on it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_chat.py"
+    out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "STUDIO_BENCH_CACHE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])["check"]
+    assert res["decode_tok_s"] > 0 and res["prompt_tok_s"] > 0 and res["load_s"] > 0
+    assert res["kernel"] == cpu_gguf.isa()
