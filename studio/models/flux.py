@@ -114,13 +114,15 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> torch.Tensor:
     """ids (L, n_axes) positions -> (L, head_dim/2, 2, 2) rotation matrices, float32 (float64 angles
-    as BFL computes them: positions reach thousands)."""
+    as BFL computes them: positions reach thousands; on the CPU where the device has no float64, as MPS)."""
+    device = ids.device
+    work = torch.device("cpu") if device.type == "mps" else device
     out = []
     for i, d in enumerate(axes_dim):
-        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
-        ang = ids[:, i].double()[:, None] * omega[None]  # (L, d/2)
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=work) / d)
+        ang = ids[:, i].to(work, torch.float64)[:, None] * omega[None]  # (L, d/2)
         out.append(torch.stack([torch.cos(ang), -torch.sin(ang), torch.sin(ang), torch.cos(ang)], dim=-1))
-    return torch.cat(out, dim=1).unflatten(-1, (2, 2)).float()
+    return torch.cat(out, dim=1).unflatten(-1, (2, 2)).float().to(device)
 
 
 def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
