@@ -255,7 +255,7 @@ def spawn(kind: str, model: Path, ids: list[int], threads: int, new: int, reps: 
 def engine_run(prompt: str, new: int) -> dict:
     """One answer through the engine process (`studio chat --json`), as a user gets it."""
     load_avg = os.getloadavg()[0]
-    out = subprocess.run([sys.executable, "-m", "studio.cli", "chat", prompt, "--json", "--temperature", "0",
+    out = subprocess.run([sys.executable, "-m", "studio", "chat", prompt, "--json", "--temperature", "0",
                           "--max-tokens", str(new)], capture_output=True, text=True, timeout=600)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     return {"decode_tok_s": res["tokens_per_s"], "ttft_s": res["ttft_s"], "tokens": res["completion_tokens"],
