@@ -34,7 +34,7 @@ from studio.engine.memory import (
     plan_job,
     run_with_oom_retry,
 )
-from studio.engine.pipelines.decoding import StopFilter, compile_decode_step, generate_tokens
+from studio.engine.pipelines.decoding import StopFilter, compile_decode_step, generate_tokens, stream_text
 from studio.engine.resolve import library_path
 from studio.engine.sampling import SAMPLING_KEYS, RepetitionGuard, Sampler, SamplingParams, resolve_sampling
 from studio.models.llm import LLM
@@ -464,20 +464,8 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
             cm.compiled_step = None  # the manager moved the model: graphs captured on the old copy are stale
         with mem.use(name) if mem is not None else contextlib.nullcontext():
             sampler = Sampler(params, cm.model.config.vocab_size, device)
-            guard = RepetitionGuard()
-
-            decoder = IncrementalDecoder(cm.tokenizer, skip_special=True)
-            stops = StopFilter(list(job.stop))
-            pieces: list[str] = []
-
-            def emit(text: str) -> None:
-                if text:
-                    pieces.append(text)
-                    ctx.token(text)
-
             ctx.cancel.check()
             step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
-            finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
             if device.type == "cuda" and step is not None:
                 from studio.models.llm_decode import FusedDecoder
 
@@ -486,46 +474,17 @@ def run_chat(job: ChatJob, ctx: JobContext) -> ChatResult:
             ahead = bool(ctx.settings.get("chat_lookahead", True)) and device.type == "cuda"
             tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step, lookahead=ahead,
                                      on_fallback=lambda exc: step_failed(cm, exc))
-            cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
-            try:
-                for tok in tokens:
-                    t_last = time.perf_counter()
-                    sampled += 1
-                    started[0] = True
-                    if sampled == 1:
-                        t_first = t_last
-                        ttft = t_first - t_start
-                    if tok in cm.stop_ids:
-                        finish = "stop"
-                        break
-                    completion += 1
-                    text, cut = stops.feed(decoder.push(tok))
-                    emit(text)
-                    if cut:
-                        finish = "stop"
-                        break
-                    if guard.push(tok):  # a loop of the same phrase would otherwise run to max_tokens
-                        finish = "repetition"
-                        break
-                    if ctx.cancel.cancelled:
-                        emit(stops.flush())  # the text so far reaches the user before the job ends
-                        ctx.cancel.check()
-                if not cut:
-                    text, cut = stops.feed(decoder.flush())
-                    emit(text)
-                    finish = "stop" if cut else finish
-                    emit("" if cut else stops.flush())
-            finally:
-                tokens.close()
-            decode_time = t_last - t_first  # `sampled - 1` decode steps, prefill excluded
+            out = stream_text(tokens, cm.stop_ids, IncrementalDecoder(cm.tokenizer, skip_special=True),
+                              StopFilter(list(job.stop)), ctx.token, ctx.cancel, t_start, guard=RepetitionGuard(),
+                              on_sample=lambda: started.__setitem__(0, True))
             return ChatResult(
-                text="".join(pieces),
+                text=out.text,
                 prompt_tokens=len(prompt),
-                completion_tokens=completion,
-                ttft_s=round(ttft, 4),
-                tokens_per_s=round((sampled - 1) / decode_time, 2) if decode_time > 0 else 0.0,
+                completion_tokens=out.completion,
+                ttft_s=round(out.ttft, 4),
+                tokens_per_s=out.tokens_per_s,
                 model=cm.name,
-                finish_reason=finish,
+                finish_reason=out.finish,
                 context_length=cm.context_length,
                 seed=sampler.seed,
                 dropped_turns=dropped,

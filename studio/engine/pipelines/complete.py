@@ -25,7 +25,7 @@ from studio.engine.pipelines.chat import (
     resolve_model,
     step_failed,
 )
-from studio.engine.pipelines.decoding import StopFilter, generate_tokens
+from studio.engine.pipelines.decoding import StopFilter, generate_tokens, stream_text
 from studio.engine.sampling import Sampler, SamplingParams
 from studio.protocol import ChatResult, CompletionJob
 
@@ -126,46 +126,14 @@ def run_completion(job: CompletionJob, ctx: JobContext) -> ChatResult:
     max_new = min(job.max_tokens, cm.context_length - len(prompt))
     ensure_cache(cm, len(prompt) + max_new)
     sampler = Sampler(params, cm.model.config.vocab_size, cm.device)
-    decoder = IncrementalDecoder(cm.tokenizer, skip_special=True)
-    stops = StopFilter(list(job.stop))
-    pieces: list[str] = []
-
-    def emit(piece: str) -> None:
-        if piece:
-            pieces.append(piece)
-            ctx.token(piece)
-
     ctx.cancel.check()
     step = compiled_step(cm) if ctx.settings.get("chat_compile", True) else None
     tokens = generate_tokens(cm.model, prompt, max_new, sampler.pick, cm.stop_ids, step,
                              on_fallback=lambda exc: step_failed(cm, exc))
-    finish, completion, sampled, ttft, t_first, t_last, cut = "length", 0, 0, 0.0, 0.0, 0.0, False
-    try:
-        for tok in tokens:
-            t_last = time.perf_counter()
-            sampled += 1
-            if sampled == 1:
-                t_first, ttft = t_last, t_last - t_start
-            if tok in cm.stop_ids:
-                finish = "stop"
-                break
-            completion += 1
-            piece, cut = stops.feed(decoder.push(tok))
-            emit(piece)
-            if cut:
-                finish = "stop"
-                break
-            ctx.cancel.check()  # an HTTP client that went away must free the engine within one token
-        if not cut:
-            piece, cut = stops.feed(decoder.flush())
-            emit(piece)
-            finish = "stop" if cut else finish
-            emit("" if cut else stops.flush())
-    finally:
-        tokens.close()
-    decode_time = t_last - t_first
-    return ChatResult(text="".join(pieces), prompt_tokens=len(prompt), completion_tokens=completion,
-                      ttft_s=round(ttft, 4),
-                      tokens_per_s=round((sampled - 1) / decode_time, 2) if decode_time > 0 else 0.0,
-                      model=cm.name, finish_reason=finish, context_length=cm.context_length, seed=sampler.seed,
+    # an HTTP client that went away cancels the job: the stream ends within one token
+    out = stream_text(tokens, cm.stop_ids, IncrementalDecoder(cm.tokenizer, skip_special=True),
+                      StopFilter(list(job.stop)), ctx.token, ctx.cancel, t_start)
+    return ChatResult(text=out.text, prompt_tokens=len(prompt), completion_tokens=out.completion,
+                      ttft_s=round(out.ttft, 4), tokens_per_s=out.tokens_per_s,
+                      model=cm.name, finish_reason=out.finish, context_length=cm.context_length, seed=sampler.seed,
                       notes=(list(cm.notes) if fresh else []) + notes)

@@ -10,7 +10,9 @@ Split from chat.py, which loads models and answers chat jobs with these.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -177,3 +179,67 @@ class StopFilter:
 def _is_compile_error(exc: Exception) -> bool:
     """An error of building a fast step (torch.compile, or the fused step's FusedStepError)."""
     return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor", "studio.models.llm_decode"))
+
+
+@dataclass
+class Streamed:
+    """What streaming one answer gave: its text, counts and timings."""
+
+    text: str
+    finish: str  # "stop", "length" or "repetition"
+    completion: int  # tokens that became text (the stop token excluded)
+    sampled: int  # tokens sampled, the stop token included
+    ttft: float  # seconds from `t_start` to the first sampled token
+    decode_time: float  # seconds over the `sampled - 1` decode steps, prefill excluded
+
+    @property
+    def tokens_per_s(self) -> float:
+        return round((self.sampled - 1) / self.decode_time, 2) if self.decode_time > 0 else 0.0
+
+
+def stream_text(tokens: Iterator[int], stop_ids: set[int] | frozenset[int], decoder: Any, stops: StopFilter,
+                emit: Callable[[str], None], cancel: Any, t_start: float, guard: Any = None,
+                on_sample: Callable[[], None] | None = None) -> Streamed:
+    """Turn sampled tokens into streamed text: stop tokens and stop strings end it, `guard` (a
+    RepetitionGuard) ends a loop of the same phrase, and a cancel lets the text so far reach the user
+    before the job ends. `tokens` is closed whatever happens."""
+    pieces: list[str] = []
+
+    def out(text: str) -> None:
+        if text:
+            pieces.append(text)
+            emit(text)
+
+    finish, completion, sampled, ttft, t_first, t_last = "length", 0, 0, 0.0, 0.0, 0.0
+    cut = False  # stopped by a stop string: the decoder's tail is past it and never shown
+    try:
+        for tok in tokens:
+            t_last = time.perf_counter()
+            sampled += 1
+            if on_sample is not None:
+                on_sample()
+            if sampled == 1:
+                t_first, ttft = t_last, t_last - t_start
+            if tok in stop_ids:
+                finish = "stop"
+                break
+            completion += 1
+            text, cut = stops.feed(decoder.push(tok))
+            out(text)
+            if cut:
+                finish = "stop"
+                break
+            if guard is not None and guard.push(tok):  # a loop of the same phrase would run to max_tokens
+                finish = "repetition"
+                break
+            if cancel.cancelled:
+                out(stops.flush())
+                cancel.check()
+        if not cut:
+            text, cut = stops.feed(decoder.flush())
+            out(text)
+            finish = "stop" if cut else finish
+            out("" if cut else stops.flush())
+    finally:
+        tokens.close()
+    return Streamed("".join(pieces), finish, completion, sampled, ttft, t_last - t_first)
