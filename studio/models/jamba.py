@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from studio.errors import UserError
 from studio.models.llm import KVCache, RMSNorm
-from studio.models.mamba import LayerState, MambaConfig, MambaMixer, RecurrentState
+from studio.models.mamba import LayerState, MambaConfig, MambaMixer, RecurrentLM
 from studio.models.moe import Experts, Router, RouterSpec
 from studio.nn.attention import attention
 
@@ -217,26 +217,17 @@ class Backbone(nn.Module):
         self.final_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
 
 
-class JambaLM(nn.Module):
+class JambaLM(RecurrentLM):
     """The hybrid with LLM's calling convention; position 0 starts a new sequence, as in MambaLM."""
 
     def __init__(self, config: JambaConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.max_batch = -1
-        self.max_seq_len = -1
-        self.states: list[LayerState] = []
 
     @property
-    def device(self) -> torch.device:
-        return self.model.final_layernorm.weight.device
-
-    @property
-    def state(self) -> RecurrentState:
-        """The Mamba layers' state (the attention layers' KV cache is indexed by position)."""
-        return RecurrentState(self.states)
+    def final_norm(self) -> nn.Module:
+        return self.model.final_layernorm
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
@@ -258,9 +249,7 @@ class JambaLM(nn.Module):
                 last_only: bool = False) -> Tensor:
         """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) (or (B, 1, V) with last_only)."""
         assert self.max_seq_len > 0, "call setup_caches() before forward()"
-        if not torch.compiler.is_compiling() and int(input_pos[0]) == 0:
-            for s in self.states:
-                s.reset()
+        self.reset_at_sequence_start(input_pos)
         c = self.config
         x = self.model.embed_tokens(tokens).to(self.model.final_layernorm.weight.dtype)  # (B, T, C)
         T = tokens.shape[1]

@@ -392,25 +392,48 @@ class MambaBackbone(nn.Module):
         self.norm_f = RMSNorm(c.hidden_size, c.norm_eps)
 
 
-class MambaLM(nn.Module):
-    """A Mamba / Mamba-2 language model with LLM's calling convention (see the module docstring)."""
+class RecurrentLM(nn.Module):
+    """What MambaLM and JambaLM share: per-layer recurrent states behind LLM's calling convention."""
 
-    def __init__(self, config: MambaConfig) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.backbone = MambaBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_batch = -1
         self.max_seq_len = -1
         self.states: list[LayerState] = []
 
     @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
     def device(self) -> torch.device:
-        return self.backbone.norm_f.weight.device
+        return self.final_norm.weight.device
 
     @property
     def state(self) -> RecurrentState:
+        """The recurrent layers' state (a hybrid's attention layers keep a KV cache indexed by position)."""
         return RecurrentState(self.states)
+
+    def reset_at_sequence_start(self, input_pos: Tensor) -> None:
+        """Eager calls starting at position 0 zero the state (one host read of input_pos[0]);
+        the compiled one-token step always continues it."""
+        if not torch.compiler.is_compiling() and int(input_pos[0]) == 0:
+            for s in self.states:
+                s.reset()
+
+
+class MambaLM(RecurrentLM):
+    """A Mamba / Mamba-2 language model with LLM's calling convention (see the module docstring)."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__(config)
+        self.backbone = MambaBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.backbone.norm_f
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
@@ -431,13 +454,10 @@ class MambaLM(nn.Module):
                 last_only: bool = False) -> Tensor:
         """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) (or (B, 1, V) with last_only).
 
-        Eager calls starting at position 0 zero the state first (one host read of input_pos[0]);
-        the compiled one-token step always continues it. `kv_len` is accepted and ignored.
+        Position 0 starts a new sequence (reset_at_sequence_start). `kv_len` is accepted and ignored.
         """
         assert self.states, "call setup_caches() before forward()"
-        if not torch.compiler.is_compiling() and int(input_pos[0]) == 0:
-            for s in self.states:
-                s.reset()
+        self.reset_at_sequence_start(input_pos)
         x = self.backbone.embeddings(tokens).to(self.backbone.norm_f.weight.dtype)  # (B, T, C)
         for layer, s in zip(self.backbone.layers, self.states, strict=True):
             x = layer(x, s)
