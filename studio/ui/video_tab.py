@@ -10,7 +10,6 @@ on a timer: play, pause, scrub, loop.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from studio.ui.cluster_panel import ClusterPanel, ray_available
 from studio.ui.image.preview import ImageView, ProgressClock, format_seconds
 from studio.ui.job_runner import FETCH_ACTION, JobRunner, failure_text
 from studio.ui.job_widgets import GenerateBar, NaturalHeight, SeedField, guard_wheel
+from studio.ui.video_choices import PRESETS, Choice, library_choices, nearest_4n1, presets_for
 from studio.ui.video_player import VideoPlayer, thumbnail
 
 GALLERY_FILE = "video_gallery.json"
@@ -53,32 +53,6 @@ NO_MODEL = ("No Wan model installed yet. Drop a Wan 2.1 / 2.2 transformer (.safe
             "folder on this window, with its VAE and umT5 text encoder. Video wants a GPU with 8 GiB or more.")
 STATE_FILE = "video_tab.json"
 SAMPLERS = families.FLOW_SAMPLERS
-VIDEO_FAMILIES = families.ids(families.Kind.VIDEO, runnable=True)
-
-# name -> (width, height); which apply depends on the model (see presets_for)
-PRESETS = {"480p landscape": (832, 480), "480p portrait": (480, 832), "720p landscape": (1280, 720),
-           "720p portrait": (720, 1280), "704p landscape": (1280, 704), "704p portrait": (704, 1280)}
-
-
-def presets_for(variant: str) -> list[str]:
-    """Resolutions a Wan model was trained at: 1.3B at 480p, TI2V 5B at 1280x704, the 14B models at both."""
-    v = variant.lower()
-    if "1.3b" in v:
-        return ["480p landscape", "480p portrait"]
-    if "5b" in v:
-        return ["704p landscape", "704p portrait"]
-    return ["480p landscape", "480p portrait", "720p landscape", "720p portrait"]
-
-
-def nearest_4n1(frames: int) -> int:
-    return 1 + 4 * max(0, int((frames - 1) / 4 + 0.5))
-
-
-@dataclass
-class Choice:
-    label: str
-    path: str
-    variant: str = ""
 
 
 # ---------------------------------------------------------------------------------- the tab
@@ -295,16 +269,7 @@ class VideoTab(QWidget):
     # -- models ----------------------------------------------------------------------------------------------
     def refresh_models(self) -> None:
         """Wan transformers (files or diffusers folders), Wan VAEs and umT5 encoders from the library."""
-        models, vaes, encoders = [], [], []
-        if self.library is not None:
-            for e in self.library.list(include_missing=False):
-                family = e.effective_family
-                if family in VIDEO_FAMILIES and e.role in ("diffusion_model", "checkpoint"):
-                    models.append(Choice(f"{e.name}  ({e.variant})" if e.variant else e.name, str(e.path), e.variant))
-                elif family == "wan-vae":
-                    vaes.append(Choice(f"{e.name}  (Wan {e.variant})", str(e.path), e.variant))
-                elif family == "umt5":
-                    encoders.append(Choice(e.name, str(e.path), e.variant))
+        models, vaes, encoders = library_choices(self.library)
         current = self.model_path()
         self.model.blockSignals(True)
         self.model.clear()

@@ -17,18 +17,17 @@ from typing import Any
 from PySide6.QtCore import QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QFileDialog,
     QSplitter,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from studio.chatstore import INTERRUPTED_ON_EXIT, ChatStore, ChatStoreError, Thread, load_export, move_aside
+from studio.chatstore import INTERRUPTED_ON_EXIT, ChatStore, ChatStoreError, Thread, move_aside
 from studio.paths import Paths
 from studio.protocol import ChatJob
 from studio.settings import Settings
-from studio.ui.chat.chat_pane import ChatPane, ask_export_path
+from studio.ui.chat.chat_pane import ChatPane
 from studio.ui.chat.message_view import is_dark
 from studio.ui.chat.model_list import BUNDLED_LABEL, fill_models, select_model  # noqa: F401 (BUNDLED_LABEL: tests)
 from studio.ui.chat.problem_page import ProblemPage
@@ -37,6 +36,7 @@ from studio.ui.chat.settings_panel import SettingsPanel
 from studio.ui.chat.state import Stream, db_action
 from studio.ui.chat.style import stylesheet
 from studio.ui.chat.thread_list import ThreadList
+from studio.ui.chat.transfer import ChatTransfer
 from studio.ui.job_runner import ENGINE_GONE, JobRunner, failure_text
 
 PAINT_INTERVAL_MS = 30
@@ -44,7 +44,7 @@ SAVE_INTERVAL_S = 0.25
 JOB_FIELDS = {f.name for f in dataclasses.fields(ChatJob)}
 
 
-class ChatTab(QWidget):
+class ChatTab(ChatTransfer, QWidget):
     answer_finished = Signal(int, str)  # message id, final status (done / stopped / error / interrupted)
 
     def __init__(self, engine: Any, paths: Paths, settings: Settings, parent: QWidget | None = None,
@@ -557,38 +557,6 @@ class ChatTab(QWidget):
         self.open_thread(thread_id)
         # Layouts settle on the next turn of the event loop; scroll once the bubbles have their heights.
         QTimer.singleShot(30, self.view, lambda: self.view.jump_to(message_id))
-
-    # -- export / import -------------------------------------------------------------------------------------------
-    @db_action
-    def export_thread(self, thread_id: int, path: str | Path, fmt: str) -> Path:
-        return self.store.export_file(thread_id, Path(path), fmt)
-
-    @db_action
-    def import_file(self, path: str | Path) -> Thread | None:
-        """A JSON export becomes a new thread; a bad file leaves everything as it was and says why."""
-        try:
-            t = self.store.import_json(load_export(Path(path)))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            self.show_notice(f"Could not import {Path(path).name}: {exc}")
-            return None
-        self.thread_id = t.id
-        self._refresh_threads()
-        self.open_thread(t.id)
-        self.show_notice(f"Imported “{t.title}” as a new chat.")
-        return t
-
-    def _export_dialog(self, thread_id: int, fmt: str) -> None:
-        path = ask_export_path(self, self.store.thread(thread_id).title, fmt)
-        if path:
-            try:
-                self.show_notice(f"Exported to {self.export_thread(thread_id, path, fmt)}.")
-            except OSError as exc:
-                self.show_notice(f"Could not export: {exc}. Choose another folder.")
-
-    def _import_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import chat", str(Path.home()), "Studio chat (*.json)")
-        if path:
-            self.import_file(path)
 
     # -- closing ------------------------------------------------------------------------------------------------------
     def shutdown(self) -> None:
