@@ -247,7 +247,7 @@ def test_a_full_disk_while_saving_an_image_leaves_no_file(tmp_path, monkeypatch)
     from PIL import Image
 
     from studio.engine.context import UserError
-    from studio.engine.pipelines.diffusion.sd import save_png
+    from studio.engine.pipelines.diffusion.images import save_png
 
     def save_half(self, fp, *args, **kwargs):
         (open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else fp).write(b"\x89PNG half")

@@ -31,7 +31,7 @@ import torch
 from studio.engine.context import JobContext, UserError
 from studio.engine.flow_samplers import FLOW_SAMPLERS, get_flow_sampler
 from studio.engine.pipelines.diffusion.files import find_companion, read_state_dict
-from studio.engine.pipelines.diffusion.sd import (
+from studio.engine.pipelines.diffusion.images import (
     decode,
     encode_image,
     image_target,

@@ -34,7 +34,7 @@ from studio.engine.pipelines.diffusion.flux import (
     find_t5_tokenizer,
     img2img_sigmas,
 )
-from studio.engine.pipelines.diffusion.sd import (
+from studio.engine.pipelines.diffusion.images import (
     decode,
     encode_image,
     image_target,
